@@ -1,0 +1,15 @@
+"""calib_jax: calibration-aware training in JAX.
+
+Modules:
+  losses       -- focal loss, FLSD, scheduled gamma, CE, Brier, MMCE, label smoothing.
+  metrics      -- ECE, MCE, AdaECE, classwise ECE, NLL, accuracy, Brier; streaming stats.
+  calibration  -- temperature grid search (one compiled call) and continuous NLL fit.
+  ood          -- entropy / confidence scores, AUROC and ROC curves.
+  validation   -- the input checks every function runs.
+"""
+
+from calib_jax import calibration, losses, metrics, ood, validation
+
+__version__ = "0.1.0"
+
+__all__ = ["calibration", "losses", "metrics", "ood", "validation", "__version__"]

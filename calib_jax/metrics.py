@@ -1,0 +1,588 @@
+"""Calibration metrics: ECE, MCE, AdaECE, classwise ECE, NLL, accuracy, Brier.
+
+Every metric maps ``(logits [N, C], labels [N])`` to a float32 scalar
+**fraction** (the paper's tables print percentages). All are jittable (the bin
+count and convention are static) and vmappable over a leading axis, e.g. many
+temperatures or many models: ``jax.vmap(ece, in_axes=(0, None))``.
+
+Binning conventions (``convention=``):
+
+``"reference"`` (default) -- exactly what ``torrvision/focal_calibration``
+    reports (see ``shared/docs/reference-conventions.md``):
+
+    * edges are torch's float32 ``linspace(0, 1, num_bins + 1)``; for 15 bins
+      these are the tabulated values in :data:`REFERENCE_EDGES_15` (several are
+      not ``float32(k / 15)``); other counts reproduce torch's fused
+      multiply-add kernel (checked against torch for 1..300 bins);
+    * a sample is in bin ``b`` when ``edges[b] < value <= edges[b + 1]``,
+      compared in float32, so a value of exactly 0 is in no bin but still
+      counts in ``N``;
+    * AdaECE edges are ``np.interp(linspace(0, N, B + 1), arange(N),
+      sort(conf))`` rounded to float32 (so the minimum confidence is in no bin);
+    * classwise ECE averages over ``K = max(label) + 1`` classes.
+
+``"clean"`` -- the textbook variant: edges ``k / B``, every sample counted
+    (values at or below the first edge go to the first bin), classwise ECE
+    averages over all ``K = C`` classes.
+
+Streaming: :class:`CalibrationStats` is a small pytree of per-bin sums.
+:func:`update_stats` folds in a batch (with an optional mask for padding),
+:func:`merge_stats` adds two of them, and every leaf is a plain sum, so
+``jax.lax.psum(stats, axis_name)`` merges across devices and a host-side
+``merge_stats`` across hosts. :func:`metrics_from_stats` then gives ECE, MCE,
+classwise ECE, NLL, accuracy and Brier **equal to the whole-array values**
+(bin counts exactly; sums up to float32 rounding). AdaECE cannot stream in one
+pass, since its edges are quantiles of *all* confidences: collect the ``[N]``
+top-label confidences (4 bytes a sample), compute
+:func:`adaptive_bin_edges` once, then stream a second pass with
+``update_stats(..., edges=those_edges)`` and read ``ece`` off it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calib_jax import validation
+
+__all__ = [
+    "CONVENTIONS",
+    "REFERENCE_EDGES_15",
+    "CalibrationStats",
+    "ReliabilityBins",
+    "accuracy",
+    "adaptive_bin_edges",
+    "adaptive_ece",
+    "bin_edges",
+    "brier",
+    "classwise_ece",
+    "ece",
+    "init_stats",
+    "mce",
+    "merge_stats",
+    "metrics_from_stats",
+    "nll",
+    "reliability_bins",
+    "update_stats",
+]
+
+CONVENTIONS = ("reference", "clean")
+
+#: torch.linspace(0, 1, 16) in float32, the reference's 15-bin edges.
+REFERENCE_EDGES_15 = np.array([
+    0.0, 0.06666667014360428, 0.13333334028720856, 0.20000001788139343,
+    0.2666666805744171, 0.3333333432674408, 0.40000003576278687, 0.46666669845581055,
+    0.5333333015441895, 0.5999999642372131, 0.6666666269302368, 0.7333333492279053,
+    0.800000011920929, 0.8666666746139526, 0.9333333373069763, 1.0], dtype=np.float32)
+
+
+def _check_options(num_bins, convention):
+    if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
+        raise ValueError(f"`num_bins` must be a positive Python int, got {num_bins!r}.")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"`convention` must be one of {CONVENTIONS}, got {convention!r}.")
+
+
+@functools.lru_cache(maxsize=None)
+def _edges_cached(num_bins: int, convention: str) -> np.ndarray:
+    if convention == "clean":
+        return (np.arange(num_bins + 1, dtype=np.float64) / num_bins).astype(np.float32)
+    if num_bins == 15:
+        return REFERENCE_EDGES_15.copy()
+    # torch's CPU linspace: step = float32(1 / B); the first half is
+    # fma(step, i, 0), the second half fma(-step, B - i, 1), each rounded once.
+    # The product of a float32 and a small int is exact in float64, so a
+    # float64 evaluation followed by one rounding reproduces the fma.
+    n = num_bins + 1
+    step = float(np.float32(1.0) / np.float32(num_bins))
+    i = np.arange(n, dtype=np.float64)
+    values = np.where(i < n // 2, step * i, 1.0 - step * (n - 1 - i))
+    return values.astype(np.float32)
+
+
+def bin_edges(num_bins: int = 15, *, convention: str = "reference") -> np.ndarray:
+    """The ``num_bins + 1`` float32 equal-width bin edges of a convention.
+
+    >>> bin_edges(3, convention="clean").tolist()
+    [0.0, 0.3333333432674408, 0.6666666865348816, 1.0]
+    >>> float(bin_edges(15)[3])  # torch's float32 linspace, not float32(3 / 15)
+    0.20000001788139343
+    """
+    _check_options(num_bins, convention)
+    return _edges_cached(int(num_bins), convention).copy()
+
+
+def _bin_index(values, edges, convention):
+    """Bin of each value under the ``(lo, hi]`` rule; -1 for "in no bin"."""
+    num_bins = edges.shape[-1] - 1
+    # side="left" finds the first edge >= value, so edges[b] < value <= edges[b+1].
+    index = jnp.searchsorted(edges, values.astype(edges.dtype), side="left") - 1
+    if convention == "clean":
+        return jnp.clip(index, 0, num_bins - 1)
+    return jnp.where(index < num_bins, index, -1)
+
+
+class _BinSums(NamedTuple):
+    count: jax.Array      # int32 [..., B]
+    conf_sum: jax.Array   # float32 [..., B]
+    acc_sum: jax.Array    # float32 [..., B]
+
+
+def _bin_sums(values, hits, index, mask, num_bins):
+    """Per-bin count / value sum / hit sum over the leading axis of ``values``."""
+    count, conf_sum, acc_sum = [], [], []
+    # A loop over the (static, small) bin count keeps memory at O(N * K)
+    # instead of O(N * K * B) and lets XLA fuse each bin into one reduction.
+    for b in range(num_bins):
+        in_bin = (index == b) & mask
+        count.append(jnp.sum(in_bin, axis=0, dtype=jnp.int32))
+        conf_sum.append(jnp.sum(jnp.where(in_bin, values, 0.0), axis=0))
+        acc_sum.append(jnp.sum(jnp.where(in_bin, hits, 0.0), axis=0))
+    return _BinSums(*(jnp.stack(x, axis=-1) for x in (count, conf_sum, acc_sum)))
+
+
+def _weighted_gap(sums: _BinSums, num_samples):
+    """(n_b / N) |mean conf - mean acc| per bin, 0 for empty bins (reference order)."""
+    nonempty = sums.count > 0
+    safe = jnp.where(nonempty, sums.count, 1).astype(sums.conf_sum.dtype)
+    gap = jnp.abs(sums.conf_sum / safe - sums.acc_sum / safe)
+    prop = sums.count.astype(gap.dtype) / jnp.maximum(num_samples, 1).astype(gap.dtype)
+    return jnp.where(nonempty, gap * prop, 0.0), jnp.where(nonempty, gap, 0.0)
+
+
+class CalibrationStats(NamedTuple):
+    """Streaming sufficient statistics; every leaf is a sum over samples.
+
+    Attributes:
+      count, conf_sum, acc_sum: ``[B]`` top-label bins.
+      class_count, class_conf_sum, class_hit_sum: ``[C, B]`` classwise bins.
+      label_count: ``[C]`` samples per label (gives the reference's
+        ``K = max(label) + 1``).
+      num_samples: ``[]`` samples seen (binned or not, mask excluded).
+      correct: ``[]`` correct top-1 predictions.
+      nll_sum, brier_sum: ``[]`` summed per-sample NLL and Brier score.
+      edges: ``[B + 1]`` the top-label edges used (not summed: it is carried
+        unchanged by :func:`merge_stats`; psum it only as ``edges`` would be
+        multiplied, so use :func:`psum_stats`).
+    """
+    count: jax.Array
+    conf_sum: jax.Array
+    acc_sum: jax.Array
+    class_count: jax.Array
+    class_conf_sum: jax.Array
+    class_hit_sum: jax.Array
+    label_count: jax.Array
+    num_samples: jax.Array
+    correct: jax.Array
+    nll_sum: jax.Array
+    brier_sum: jax.Array
+    edges: jax.Array
+
+
+def init_stats(num_classes: int, num_bins: int = 15, *, convention: str = "reference",
+               edges=None) -> CalibrationStats:
+    """Empty :class:`CalibrationStats` for ``num_classes`` and ``num_bins``.
+
+    Args:
+      edges: optional ``[num_bins + 1]`` top-label edges (e.g. from
+        :func:`adaptive_bin_edges` for a streamed AdaECE); classwise bins always
+        use the convention's equal-width edges.
+    """
+    _check_options(num_bins, convention)
+    if edges is None:
+        edges = bin_edges(num_bins, convention=convention)
+    edges = jnp.asarray(edges, dtype=jnp.float32)
+    if edges.shape != (num_bins + 1,):
+        raise ValueError(f"`edges` must have shape ({num_bins + 1},), got {edges.shape}.")
+    zeros_b = jnp.zeros((num_bins,), jnp.float32)
+    zeros_cb = jnp.zeros((num_classes, num_bins), jnp.float32)
+    return CalibrationStats(
+        count=jnp.zeros((num_bins,), jnp.int32), conf_sum=zeros_b, acc_sum=zeros_b,
+        class_count=jnp.zeros((num_classes, num_bins), jnp.int32),
+        class_conf_sum=zeros_cb, class_hit_sum=zeros_cb,
+        label_count=jnp.zeros((num_classes,), jnp.int32),
+        num_samples=jnp.zeros((), jnp.int32), correct=jnp.zeros((), jnp.int32),
+        nll_sum=jnp.zeros((), jnp.float32), brier_sum=jnp.zeros((), jnp.float32),
+        edges=edges)
+
+
+def _softmax_parts(logits, labels, mask=None):
+    """Log-probs, probs, top confidence, prediction, and "every (unmasked) row is valid"."""
+    logits = logits.astype(validation.compute_dtype(logits.dtype))
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    probs = jnp.exp(log_probs)
+    # The reference bins max(softmax) and argmax(softmax) (first index on ties).
+    pred = jnp.argmax(probs, axis=-1)
+    conf = jnp.max(probs, axis=-1)
+    row_ok = validation.valid_rows(logits, labels)
+    if mask is not None:
+        row_ok |= ~mask
+    return log_probs, probs, conf, pred, jnp.all(row_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("convention",))
+def _update_stats(stats: CalibrationStats, logits, labels, mask, convention):
+    num_bins = stats.count.shape[-1]
+    num_classes = logits.shape[-1]
+    log_probs, probs, conf, pred, ok = _softmax_parts(logits, labels, mask)
+    hits = (pred == labels).astype(jnp.float32)
+    top = _bin_sums(conf.astype(jnp.float32), hits, _bin_index(conf, stats.edges, convention),
+                    mask, num_bins)
+    class_edges = jnp.asarray(bin_edges(num_bins, convention=convention))
+    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    cls = _bin_sums(probs.astype(jnp.float32), one_hot,
+                    _bin_index(probs, class_edges, convention), mask[:, None], num_bins)
+    nll_each = -jnp.take_along_axis(log_probs, jnp.clip(labels, 0, num_classes - 1)[:, None],
+                                    axis=-1)[:, 0]
+    brier_each = jnp.sum((one_hot - probs) ** 2, axis=-1)
+    fmask = mask.astype(jnp.float32)
+    poison = jnp.where(ok, 0.0, jnp.nan)  # NaN propagates into every float sum.
+    return CalibrationStats(
+        count=stats.count + top.count,
+        conf_sum=stats.conf_sum + top.conf_sum + poison,
+        acc_sum=stats.acc_sum + top.acc_sum,
+        class_count=stats.class_count + cls.count,
+        class_conf_sum=stats.class_conf_sum + cls.conf_sum + poison,
+        class_hit_sum=stats.class_hit_sum + cls.acc_sum,
+        label_count=stats.label_count + jnp.sum(one_hot * fmask[:, None], 0).astype(jnp.int32),
+        num_samples=stats.num_samples + jnp.sum(mask, dtype=jnp.int32),
+        correct=stats.correct + jnp.sum(hits * fmask).astype(jnp.int32),
+        nll_sum=stats.nll_sum + jnp.sum(nll_each.astype(jnp.float32) * fmask) + poison,
+        brier_sum=stats.brier_sum + jnp.sum(brier_each.astype(jnp.float32) * fmask) + poison,
+        edges=stats.edges)
+
+
+def update_stats(stats: CalibrationStats, logits, labels, *, mask=None,
+                 convention: str = "reference") -> CalibrationStats:
+    """Folds a batch into ``stats``.
+
+    Args:
+      stats: from :func:`init_stats` (or a previous update / merge).
+      logits: ``[n, C]``; labels: ``[n]``.
+      mask: optional bool ``[n]``; False rows (e.g. padding of the last
+        evaluation batch) are ignored entirely, not counted in ``N``.
+      convention: must match the one ``stats`` was initialised with.
+    """
+    _check_options(int(stats.count.shape[-1]), convention)
+    logits, labels = validation.check_logits_and_labels(logits, labels)
+    if logits.shape[-1] != stats.label_count.shape[-1]:
+        raise ValueError(
+            f"`logits` has {logits.shape[-1]} classes but `stats` was initialised for "
+            f"{stats.label_count.shape[-1]}.")
+    if mask is None:
+        mask = jnp.ones(labels.shape, bool)
+    mask = jnp.asarray(mask)
+    if mask.shape != labels.shape or mask.dtype != jnp.bool_:
+        raise ValueError(f"`mask` must be a bool array of shape {labels.shape}, got "
+                         f"{mask.dtype}{tuple(mask.shape)}.")
+    return _update_stats(stats, logits, labels, mask, convention)
+
+
+def merge_stats(a: CalibrationStats, b: CalibrationStats) -> CalibrationStats:
+    """Sum of two stats (e.g. from two hosts); both must use the same edges."""
+    merged = jax.tree_util.tree_map(jnp.add, a._replace(edges=None), b._replace(edges=None))
+    return merged._replace(edges=a.edges)
+
+
+def psum_stats(stats: CalibrationStats, axis_name) -> CalibrationStats:
+    """``lax.psum`` of every sum in ``stats`` over ``axis_name`` (inside shard_map)."""
+    summed = jax.lax.psum(stats._replace(edges=None), axis_name)
+    return summed._replace(edges=stats.edges)
+
+
+def _classwise_from_sums(class_sums: _BinSums, label_count, num_samples, convention):
+    per_class, _ = _weighted_gap(class_sums, num_samples)
+    per_class = jnp.sum(per_class, axis=-1)  # [C]
+    num_classes = per_class.shape[0]
+    if convention == "clean":
+        return jnp.mean(per_class)
+    present = jnp.arange(num_classes) * (label_count > 0)
+    k = jnp.max(present) + 1  # reference: K = max(label) + 1
+    return jnp.sum(jnp.where(jnp.arange(num_classes) < k, per_class, 0.0)) / k
+
+
+@functools.partial(jax.jit, static_argnames=("convention",))
+def metrics_from_stats(stats: CalibrationStats, convention: str = "reference") -> dict:
+    """All streamable metrics from :class:`CalibrationStats`, as a dict of scalars.
+
+    Keys: ``ece``, ``mce``, ``classwise_ece``, ``nll``, ``accuracy``,
+    ``error``, ``brier``, ``num_samples``.
+    """
+    top = _BinSums(stats.count, stats.conf_sum, stats.acc_sum)
+    weighted, gap = _weighted_gap(top, stats.num_samples)
+    cls = _BinSums(stats.class_count, stats.class_conf_sum, stats.class_hit_sum)
+    n = jnp.maximum(stats.num_samples, 1).astype(jnp.float32)
+    acc = stats.correct.astype(jnp.float32) / n
+    return {
+        "ece": jnp.sum(weighted),
+        "mce": jnp.max(gap),
+        "classwise_ece": _classwise_from_sums(cls, stats.label_count, stats.num_samples,
+                                              convention),
+        "nll": stats.nll_sum / n,
+        "accuracy": acc,
+        "error": 1.0 - acc,
+        "brier": stats.brier_sum / n,
+        "num_samples": stats.num_samples,
+    }
+
+
+# ----------------------------------------------------------------------------
+# Whole-array metrics.
+
+
+@functools.partial(jax.jit, static_argnames=("num_bins", "convention"))
+def _top_label_sums(logits, labels, num_bins, convention, edges=None):
+    _, _, conf, pred, ok = _softmax_parts(logits, labels)
+    if edges is None:
+        edges = jnp.asarray(bin_edges(num_bins, convention=convention))
+    hits = (pred == labels).astype(jnp.float32)
+    mask = jnp.ones(labels.shape, bool)
+    sums = _bin_sums(conf.astype(jnp.float32), hits, _bin_index(conf, edges, convention), mask,
+                     num_bins)
+    return sums, ok
+
+
+def _ece_impl(logits, labels, num_bins, convention, edges=None):
+    sums, ok = _top_label_sums(logits, labels, num_bins, convention, edges)
+    weighted, gap = _weighted_gap(sums, labels.shape[0])
+    nan = jnp.float32(jnp.nan)
+    return jnp.where(ok, jnp.sum(weighted), nan), jnp.where(ok, jnp.max(gap), nan)
+
+
+def ece(logits, labels, *, num_bins: int = 15, convention: str = "reference"):
+    r"""Expected calibration error of the top-label confidence (equal-width bins).
+
+    .. math:: \mathrm{ECE} = \sum_b \frac{n_b}{N}\,
+              \left|\overline{\mathrm{conf}}_b - \overline{\mathrm{acc}}_b\right|
+
+    Args:
+      logits: ``[N, C]`` unnormalised scores; labels: ``[N]`` integers.
+      num_bins: static bin count (15 in the paper).
+      convention: ``"reference"`` or ``"clean"`` (module docstring).
+
+    Returns:
+      float32 scalar in ``[0, 1]``.
+
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.log(jnp.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]]))
+    >>> # three bins: 0.9 right (gap 0.1), 0.6 wrong (0.6), 0.7 right (0.3); each n_b / N = 1/3
+    >>> round(float(ece(logits, jnp.array([0, 1, 1]))), 4)
+    0.3333
+
+    References:
+      Naeini, Cooper, Hauskrecht, *Obtaining Well Calibrated Probabilities
+      Using Bayesian Binning*, AAAI 2015. Guo et al., *On Calibration of Modern
+      Neural Networks*, ICML 2017.
+    """
+    _check_options(num_bins, convention)
+    logits, labels = validation.check_logits_and_labels(logits, labels)
+    return _ece_impl(logits, labels, int(num_bins), convention)[0]
+
+
+def mce(logits, labels, *, num_bins: int = 15, convention: str = "reference"):
+    r"""Maximum calibration error: the largest per-bin gap (empty bins count 0).
+
+    .. math:: \mathrm{MCE} = \max_b \left|\overline{\mathrm{conf}}_b -
+              \overline{\mathrm{acc}}_b\right|
+
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.log(jnp.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]]))
+    >>> round(float(mce(logits, jnp.array([0, 1, 1]))), 4)
+    0.6
+    """
+    _check_options(num_bins, convention)
+    logits, labels = validation.check_logits_and_labels(logits, labels)
+    return _ece_impl(logits, labels, int(num_bins), convention)[1]
+
+
+def adaptive_bin_edges(confidences, num_bins: int = 15):
+    """Equal-mass edges: ``np.interp(linspace(0, N, B+1), arange(N), sort(conf))``.
+
+    The interpolation is done without forming ``k * N / B`` in floating point:
+    the integer part and the fraction are taken from exact integer arithmetic,
+    so only the final interpolation rounds (in float32, or float64 under
+    ``jax_enable_x64``). Under float32 an edge can differ from the reference's
+    float64-then-float32 edge by an ulp; it only changes a result when two
+    sorted confidences are within a few ulp of each other.
+
+    Args:
+      confidences: ``[N]`` top-label confidences (e.g. all of a data set).
+      num_bins: static bin count.
+
+    Returns:
+      ``[num_bins + 1]`` float32 edges; the first is ``min(conf)``, the last
+      ``max(conf)``.
+    """
+    confidences = jnp.asarray(confidences)
+    n = confidences.shape[0]
+    if n == 0:
+        raise ValueError("`confidences` is empty; AdaECE needs at least one sample.")
+    dtype = validation.compute_dtype(confidences.dtype)
+    xs = jnp.sort(confidences.astype(dtype))
+    k = np.arange(num_bins + 1, dtype=np.int64) * n
+    base = np.minimum(k // num_bins, n - 1)
+    frac = np.where(k // num_bins >= n - 1, 0.0, (k % num_bins) / num_bins)
+    upper = np.minimum(base + 1, n - 1)
+    lo = xs[base]
+    edges = lo + (xs[upper] - lo) * jnp.asarray(frac, dtype)
+    return edges.astype(jnp.float32)
+
+
+def adaptive_ece(logits, labels, *, num_bins: int = 15, convention: str = "reference"):
+    r"""Adaptive (equal-mass) ECE, "AdaECE" of the paper.
+
+    Same formula as :func:`ece`, with bin edges at the quantiles of the
+    top-label confidence (:func:`adaptive_bin_edges`). Under the reference
+    convention every sample equal to the minimum confidence is in no bin but
+    still counts in ``N``; ``convention="clean"`` puts it in the first bin.
+
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.log(jnp.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]]))
+    >>> # edges [0.6, 0.8, 0.9]: the minimum (0.6) is in no bin but counts in N = 3
+    >>> round(float(adaptive_ece(logits, jnp.array([0, 1, 1]), num_bins=2)), 4)
+    0.1333
+
+    References:
+      Nguyen & O'Connor, *Posterior calibration and exploratory analysis for
+      natural language processing models*, EMNLP 2015; Mukhoti et al. 2020.
+    """
+    _check_options(num_bins, convention)
+    logits, labels = validation.check_logits_and_labels(logits, labels)
+    return _adaptive_ece_impl(logits, labels, int(num_bins), convention)
+
+
+@functools.partial(jax.jit, static_argnames=("num_bins", "convention"))
+def _adaptive_ece_impl(logits, labels, num_bins, convention):
+    conf = jnp.max(jax.nn.softmax(logits.astype(validation.compute_dtype(logits.dtype))), -1)
+    edges = adaptive_bin_edges(conf, num_bins)
+    return _ece_impl(logits, labels, num_bins, convention, edges)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("num_bins", "convention"))
+def _classwise_impl(logits, labels, num_bins, convention):
+    _, probs, _, _, ok = _softmax_parts(logits, labels)
+    num_classes = logits.shape[-1]
+    edges = jnp.asarray(bin_edges(num_bins, convention=convention))
+    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    mask = jnp.ones(probs.shape, bool)
+    sums = _bin_sums(probs.astype(jnp.float32), one_hot, _bin_index(probs, edges, convention),
+                     mask, num_bins)
+    label_count = jnp.sum(one_hot, axis=0)
+    value = _classwise_from_sums(sums, label_count, labels.shape[0], convention)
+    return jnp.where(ok, value, jnp.nan)
+
+
+def classwise_ece(logits, labels, *, num_bins: int = 15, convention: str = "reference"):
+    r"""Classwise ECE: the ECE of each class's probability, averaged over classes.
+
+    .. math:: \mathrm{CECE} = \frac{1}{K}\sum_{k<K}\sum_b \frac{n_{kb}}{N}
+              \left|\overline{p_k}_b - \overline{\mathbb{1}[y=k]}_b\right|
+
+    ``K = max(labels) + 1`` under the reference convention (trailing classes
+    that never occur as labels are dropped), ``K = C`` under ``"clean"``.
+
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.log(jnp.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]]))
+    >>> round(float(classwise_ece(logits, jnp.array([0, 1, 1]))), 4)
+    0.3333
+    """
+    _check_options(num_bins, convention)
+    logits, labels = validation.check_logits_and_labels(logits, labels)
+    return _classwise_impl(logits, labels, int(num_bins), convention)
+
+
+@jax.jit
+def _nll_acc_brier(logits, labels):
+    log_probs, probs, _, pred, ok = _softmax_parts(logits, labels)
+    nll_each = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+    one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=probs.dtype)
+    nan = jnp.float32(jnp.nan)
+    return (jnp.where(ok, jnp.mean(nll_each), nan),
+            jnp.where(ok, jnp.mean((pred == labels).astype(jnp.float32)), nan),
+            jnp.where(ok, jnp.mean(jnp.sum((one_hot - probs) ** 2, -1)), nan))
+
+
+def nll(logits, labels):
+    r"""Mean negative log-likelihood (cross-entropy) over samples.
+
+    >>> import jax.numpy as jnp
+    >>> round(float(nll(jnp.zeros((2, 4)), jnp.array([0, 3]))), 4)  # log 4
+    1.3863
+    """
+    logits, labels = validation.check_logits_and_labels(logits, labels)
+    return _nll_acc_brier(logits, labels)[0]
+
+
+def accuracy(logits, labels):
+    r"""Top-1 accuracy (first index wins ties); the error is ``1 - accuracy``.
+
+    >>> import jax.numpy as jnp
+    >>> float(accuracy(jnp.array([[1.0, 0.0], [1.0, 2.0]]), jnp.array([0, 0])))
+    0.5
+    """
+    logits, labels = validation.check_logits_and_labels(logits, labels)
+    return _nll_acc_brier(logits, labels)[1]
+
+
+def brier(logits, labels):
+    r"""Mean multi-class Brier score, :math:`\frac1N\sum_i\sum_k (\mathbb{1}[k=y_i]-p_{ik})^2`.
+
+    >>> import jax.numpy as jnp
+    >>> float(brier(jnp.zeros((1, 2)), jnp.array([0])))
+    0.5
+    """
+    logits, labels = validation.check_logits_and_labels(logits, labels)
+    return _nll_acc_brier(logits, labels)[2]
+
+
+class ReliabilityBins(NamedTuple):
+    """What a reliability diagram draws.
+
+    Attributes:
+      edges: ``[B + 1]`` float32 bin edges.
+      count: ``[B]`` int32 samples per bin.
+      mean_confidence: ``[B]`` mean top-label confidence (NaN for empty bins).
+      accuracy: ``[B]`` fraction correct (NaN for empty bins).
+      num_samples: ``[]`` N, including samples in no bin.
+    """
+    edges: jax.Array
+    count: jax.Array
+    mean_confidence: jax.Array
+    accuracy: jax.Array
+    num_samples: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("num_bins", "convention", "adaptive"))
+def _reliability_impl(logits, labels, num_bins, convention, adaptive):
+    if adaptive:
+        conf = jnp.max(jax.nn.softmax(logits.astype(validation.compute_dtype(logits.dtype))), -1)
+        edges = adaptive_bin_edges(conf, num_bins)
+    else:
+        edges = jnp.asarray(bin_edges(num_bins, convention=convention))
+    sums, ok = _top_label_sums(logits, labels, num_bins, convention, edges)
+    empty = sums.count == 0
+    safe = jnp.where(empty, 1, sums.count).astype(jnp.float32)
+    mean_conf = jnp.where(empty | ~ok, jnp.nan, sums.conf_sum / safe)
+    acc = jnp.where(empty | ~ok, jnp.nan, sums.acc_sum / safe)
+    return ReliabilityBins(edges, sums.count, mean_conf, acc, jnp.int32(labels.shape[0]))
+
+
+def reliability_bins(logits, labels, *, num_bins: int = 15, convention: str = "reference",
+                     adaptive: bool = False) -> ReliabilityBins:
+    """Per-bin count, mean confidence and accuracy (equal-width or equal-mass bins).
+
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.log(jnp.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]]))
+    >>> bins = reliability_bins(logits, jnp.array([0, 1, 1]), num_bins=5)
+    >>> bins.count.tolist()
+    [0, 0, 1, 1, 1]
+    >>> bins.accuracy.tolist()
+    [nan, nan, 0.0, 1.0, 1.0]
+    """
+    _check_options(num_bins, convention)
+    logits, labels = validation.check_logits_and_labels(logits, labels)
+    return _reliability_impl(logits, labels, int(num_bins), convention, bool(adaptive))

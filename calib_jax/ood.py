@@ -1,0 +1,177 @@
+"""Out-of-distribution detection scores and AUROC, with the reference's conventions.
+
+Two scores, as in the reference's ``Metrics/ood_test_utils.py``:
+
+* ``"entropy"``: the softmax entropy ``-sum_k p_k log p_k``; the **OOD set is
+  the positive class** (high entropy means "out of distribution").
+* ``"confidence"``: the max softmax probability; the **in-distribution set is
+  the positive class**.
+
+AUROC follows scikit-learn's ``roc_auc_score``: the probability that a random
+positive scores above a random negative, **ties counting 1/2**. It is computed
+exactly (sorting and counting) and is jittable; :func:`roc_curve` returns the
+plotting points on the host.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calib_jax import validation
+
+__all__ = ["RocCurve", "SCORES", "auroc", "auroc_from_scores", "confidence", "entropy",
+           "roc_curve"]
+
+SCORES = ("entropy", "confidence")
+
+
+def _probs(logits):
+    logits = logits.astype(validation.compute_dtype(logits.dtype))
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.exp(log_probs), log_probs
+
+
+@jax.jit
+def _entropy(logits):
+    probs, log_probs = _probs(logits)
+    # p * log p with the finite log_softmax: an underflowed p = 0 gives 0, not NaN.
+    value = -jnp.sum(probs * log_probs, axis=-1)
+    return jnp.where(validation.valid_rows(logits), value, jnp.nan)
+
+
+@jax.jit
+def _confidence(logits):
+    probs, _ = _probs(logits)
+    return jnp.where(validation.valid_rows(logits), jnp.max(probs, axis=-1), jnp.nan)
+
+
+def entropy(logits):
+    """Softmax entropy per example, ``[N, C] -> [N]`` (nats).
+
+    >>> import jax.numpy as jnp
+    >>> round(float(entropy(jnp.zeros((1, 4)))[0]), 4)  # log 4
+    1.3863
+    """
+    return _entropy(validation.check_logits(logits))
+
+
+def confidence(logits):
+    """Max softmax probability per example, ``[N, C] -> [N]``.
+
+    >>> import jax.numpy as jnp
+    >>> round(float(confidence(jnp.log(jnp.array([[0.2, 0.8]])))[0]), 4)
+    0.8
+    """
+    return _confidence(validation.check_logits(logits))
+
+
+@jax.jit
+def _auroc_from_scores(positive, negative):
+    neg_sorted = jnp.sort(negative)
+    below = jnp.searchsorted(neg_sorted, positive, side="left")
+    not_above = jnp.searchsorted(neg_sorted, positive, side="right")
+    # Per positive: (#negatives below + 1/2 #negatives tied) / #negatives.
+    wins = (below.astype(jnp.float32) + 0.5 * (not_above - below).astype(jnp.float32))
+    value = jnp.mean(wins / negative.shape[0])
+    ok = jnp.all(jnp.isfinite(positive)) & jnp.all(jnp.isfinite(negative))
+    return jnp.where(ok, value, jnp.nan)
+
+
+def _check_scores(x, name):
+    x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+    if x.ndim != 1 or x.shape[0] == 0:
+        raise ValueError(f"`{name}` must be a non-empty 1-D array of scores, got shape {x.shape}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"`{name}` must be floating point, got {x.dtype}.")
+    if validation.is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(f"`{name}` contains NaN or infinite scores.")
+    return x
+
+
+def auroc_from_scores(positive_scores, negative_scores):
+    """Area under the ROC curve for "positive scores higher", ties counting 1/2.
+
+    Equals ``sklearn.metrics.roc_auc_score`` on the concatenated scores.
+
+    >>> import jax.numpy as jnp
+    >>> float(auroc_from_scores(jnp.array([0.9, 0.5]), jnp.array([0.5, 0.1])))
+    0.875
+    """
+    positive = _check_scores(positive_scores, "positive_scores")
+    negative = _check_scores(negative_scores, "negative_scores")
+    return _auroc_from_scores(positive, negative)
+
+
+def _oriented_scores(in_logits, out_logits, score):
+    """(positive scores, negative scores) under the reference's orientation."""
+    if score not in SCORES:
+        raise ValueError(f"`score` must be one of {SCORES}, got {score!r}.")
+    in_logits = validation.check_logits(in_logits, name="in_logits")
+    out_logits = validation.check_logits(out_logits, name="out_logits")
+    if in_logits.shape[-1] != out_logits.shape[-1]:
+        raise ValueError(
+            f"`in_logits` and `out_logits` must have the same number of classes, got "
+            f"{in_logits.shape[-1]} and {out_logits.shape[-1]}.")
+    if score == "entropy":
+        return _entropy(out_logits), _entropy(in_logits)
+    return _confidence(in_logits), _confidence(out_logits)
+
+
+def auroc(in_logits, out_logits, *, score: str = "entropy"):
+    """OOD-detection AUROC of in-distribution vs OOD logits (a fraction).
+
+    Args:
+      in_logits: ``[N_in, C]`` logits on the in-distribution test set.
+      out_logits: ``[N_out, C]`` logits on the OOD set.
+      score: ``"entropy"`` (OOD positive; the paper's tables) or
+        ``"confidence"`` (in-distribution positive).
+
+    >>> import jax.numpy as jnp
+    >>> sure = jnp.array([[5.0, 0.0], [0.0, 4.0]])
+    >>> unsure = jnp.array([[0.1, 0.0], [0.0, 0.2]])
+    >>> float(auroc(sure, unsure, score="entropy")), float(auroc(sure, unsure, score="confidence"))
+    (1.0, 1.0)
+    """
+    positive, negative = _oriented_scores(in_logits, out_logits, score)
+    return _auroc_from_scores(positive, negative)
+
+
+class RocCurve(NamedTuple):
+    """ROC points, as ``sklearn.metrics.roc_curve(drop_intermediate=False)``.
+
+    Attributes:
+      fpr, tpr: ``[P]`` float64, from (0, 0) to (1, 1), one point per distinct
+        threshold (tied scores move diagonally).
+      thresholds: ``[P]`` score thresholds; the first is ``inf``.
+    """
+    fpr: np.ndarray
+    tpr: np.ndarray
+    thresholds: np.ndarray
+
+
+def roc_curve(in_logits, out_logits, *, score: str = "entropy") -> RocCurve:
+    """ROC curve of the OOD detector, for plotting (host-side NumPy; not jittable).
+
+    >>> import jax.numpy as jnp
+    >>> curve = roc_curve(jnp.array([[5.0, 0.0]]), jnp.array([[0.1, 0.0]]))
+    >>> curve.fpr.tolist(), curve.tpr.tolist()
+    ([0.0, 0.0, 1.0], [0.0, 1.0, 1.0])
+    """
+    positive, negative = (np.asarray(x, dtype=np.float64)
+                          for x in _oriented_scores(in_logits, out_logits, score))
+    scores = np.concatenate([positive, negative])
+    is_pos = np.concatenate([np.ones(positive.shape[0]), np.zeros(negative.shape[0])])
+    order = np.argsort(-scores, kind="stable")
+    scores, is_pos = scores[order], is_pos[order]
+    # The last index of each run of equal scores is a threshold.
+    last = np.r_[np.nonzero(np.diff(scores))[0], scores.shape[0] - 1]
+    tps = np.cumsum(is_pos)[last]
+    fps = (last + 1) - tps
+    tpr = np.r_[0.0, tps / positive.shape[0]]
+    fpr = np.r_[0.0, fps / negative.shape[0]]
+    return RocCurve(fpr=fpr, tpr=tpr, thresholds=np.r_[np.inf, scores[last]])

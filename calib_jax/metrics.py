@@ -33,7 +33,8 @@ Streaming: :class:`CalibrationStats` is a small pytree of per-bin sums.
 classwise ECE, NLL, accuracy and Brier **equal to the whole-array values**
 (bin counts exactly; sums up to float32 rounding). AdaECE cannot stream in one
 pass, since its edges are quantiles of *all* confidences: collect the ``[N]``
-top-label confidences (4 bytes a sample), compute
+top-label confidences (4 bytes a sample) with :func:`top_label_confidence`,
+compute
 :func:`adaptive_bin_edges` once, then stream a second pass with
 ``update_stats(..., edges=those_edges)`` and read ``ece`` off it.
 """
@@ -66,7 +67,9 @@ __all__ = [
     "merge_stats",
     "metrics_from_stats",
     "nll",
+    "psum_stats",
     "reliability_bins",
+    "top_label_confidence",
     "update_stats",
 ]
 
@@ -214,7 +217,9 @@ def _softmax_parts(logits, labels, mask=None):
     """Log-probs, probs, top confidence, prediction, and "every (unmasked) row is valid"."""
     logits = logits.astype(validation.compute_dtype(logits.dtype))
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    probs = jnp.exp(log_probs)
+    # softmax as torch computes it, exp(z - max) / sum, not exp(log_softmax):
+    # the two differ by an ulp, and equal-mass edges sit exactly on confidences.
+    probs = jax.nn.softmax(logits, axis=-1)
     # The reference bins max(softmax) and argmax(softmax) (first index on ties).
     pred = jnp.argmax(probs, axis=-1)
     conf = jnp.max(probs, axis=-1)
@@ -268,17 +273,19 @@ def update_stats(stats: CalibrationStats, logits, labels, *, mask=None,
       convention: must match the one ``stats`` was initialised with.
     """
     _check_options(int(stats.count.shape[-1]), convention)
-    logits, labels = validation.check_logits_and_labels(logits, labels)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.shape != np.shape(labels) or mask.dtype != jnp.bool_:
+            raise ValueError(f"`mask` must be a bool array of shape {np.shape(labels)}, got "
+                             f"{mask.dtype}{tuple(mask.shape)}.")
+    # Padding rows (mask False) are not value-checked: they may hold anything.
+    logits, labels = validation.check_logits_and_labels(logits, labels, where=mask)
     if logits.shape[-1] != stats.label_count.shape[-1]:
         raise ValueError(
             f"`logits` has {logits.shape[-1]} classes but `stats` was initialised for "
             f"{stats.label_count.shape[-1]}.")
     if mask is None:
         mask = jnp.ones(labels.shape, bool)
-    mask = jnp.asarray(mask)
-    if mask.shape != labels.shape or mask.dtype != jnp.bool_:
-        raise ValueError(f"`mask` must be a bool array of shape {labels.shape}, got "
-                         f"{mask.dtype}{tuple(mask.shape)}.")
     return _update_stats(stats, logits, labels, mask, convention)
 
 
@@ -334,20 +341,23 @@ def metrics_from_stats(stats: CalibrationStats, convention: str = "reference") -
 # Whole-array metrics.
 
 
-@functools.partial(jax.jit, static_argnames=("num_bins", "convention"))
-def _top_label_sums(logits, labels, num_bins, convention, edges=None):
+@functools.partial(jax.jit, static_argnames=("num_bins", "convention", "adaptive"))
+def _top_label_sums(logits, labels, num_bins, convention, adaptive=False):
+    """Top-label bin sums, the edges used, and the validity flag."""
     _, _, conf, pred, ok = _softmax_parts(logits, labels)
-    if edges is None:
+    if adaptive:
+        edges = adaptive_bin_edges(conf, num_bins)
+    else:
         edges = jnp.asarray(bin_edges(num_bins, convention=convention))
     hits = (pred == labels).astype(jnp.float32)
     mask = jnp.ones(labels.shape, bool)
     sums = _bin_sums(conf.astype(jnp.float32), hits, _bin_index(conf, edges, convention), mask,
                      num_bins)
-    return sums, ok
+    return sums, edges, ok
 
 
-def _ece_impl(logits, labels, num_bins, convention, edges=None):
-    sums, ok = _top_label_sums(logits, labels, num_bins, convention, edges)
+def _ece_impl(logits, labels, num_bins, convention, adaptive=False):
+    sums, _, ok = _top_label_sums(logits, labels, num_bins, convention, adaptive)
     weighted, gap = _weighted_gap(sums, labels.shape[0])
     nan = jnp.float32(jnp.nan)
     return jnp.where(ok, jnp.sum(weighted), nan), jnp.where(ok, jnp.max(gap), nan)
@@ -397,6 +407,21 @@ def mce(logits, labels, *, num_bins: int = 15, convention: str = "reference"):
     _check_options(num_bins, convention)
     logits, labels = validation.check_logits_and_labels(logits, labels)
     return _ece_impl(logits, labels, int(num_bins), convention)[1]
+
+
+@jax.jit
+def _top_label_confidence(logits):
+    return _softmax_parts(logits, jnp.zeros(logits.shape[:1], jnp.int32))[2]
+
+
+def top_label_confidence(logits):
+    """Max softmax probability ``[N, C] -> [N]``, computed exactly as the metrics do.
+
+    Use it for the first pass of a streamed AdaECE (see the module docstring):
+    equal-mass edges sit exactly on confidences, so both passes must compute
+    them identically.
+    """
+    return _top_label_confidence(validation.check_logits(logits))
 
 
 def adaptive_bin_edges(confidences, num_bins: int = 15):
@@ -452,14 +477,7 @@ def adaptive_ece(logits, labels, *, num_bins: int = 15, convention: str = "refer
     """
     _check_options(num_bins, convention)
     logits, labels = validation.check_logits_and_labels(logits, labels)
-    return _adaptive_ece_impl(logits, labels, int(num_bins), convention)
-
-
-@functools.partial(jax.jit, static_argnames=("num_bins", "convention"))
-def _adaptive_ece_impl(logits, labels, num_bins, convention):
-    conf = jnp.max(jax.nn.softmax(logits.astype(validation.compute_dtype(logits.dtype))), -1)
-    edges = adaptive_bin_edges(conf, num_bins)
-    return _ece_impl(logits, labels, num_bins, convention, edges)[0]
+    return _ece_impl(logits, labels, int(num_bins), convention, adaptive=True)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("num_bins", "convention"))
@@ -558,12 +576,7 @@ class ReliabilityBins(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("num_bins", "convention", "adaptive"))
 def _reliability_impl(logits, labels, num_bins, convention, adaptive):
-    if adaptive:
-        conf = jnp.max(jax.nn.softmax(logits.astype(validation.compute_dtype(logits.dtype))), -1)
-        edges = adaptive_bin_edges(conf, num_bins)
-    else:
-        edges = jnp.asarray(bin_edges(num_bins, convention=convention))
-    sums, ok = _top_label_sums(logits, labels, num_bins, convention, edges)
+    sums, edges, ok = _top_label_sums(logits, labels, num_bins, convention, adaptive)
     empty = sums.count == 0
     safe = jnp.where(empty, 1, sums.count).astype(jnp.float32)
     mean_conf = jnp.where(empty | ~ok, jnp.nan, sums.conf_sum / safe)

@@ -70,23 +70,31 @@ def _check_floating(x, name: str):
 
 
 @jax.jit
-def _logit_summary(logits):
-    finite = jnp.all(jnp.isfinite(logits))
-    in_unit = jnp.all((logits >= 0) & (logits <= 1))
+def _logit_summary(logits, where):
+    """(number of non-finite entries, every row looks like a probability vector)."""
+    where = where[..., None]
+    num_bad = jnp.sum(where & ~jnp.isfinite(logits))
+    in_unit = jnp.all(~where | ((logits >= 0) & (logits <= 1)))
     row_sums = jnp.sum(logits.astype(jnp.float32), axis=-1)
-    sums_to_one = jnp.all(jnp.abs(row_sums - 1.0) < 1e-3)
-    return finite, in_unit & sums_to_one
+    sums_to_one = jnp.all(~where[..., 0] | (jnp.abs(row_sums - 1.0) < 1e-3))
+    return num_bad, in_unit & sums_to_one & jnp.any(where)
 
 
 @jax.jit
-def _label_summary(labels):
-    return jnp.min(labels), jnp.max(labels)
+def _label_summary(labels, where):
+    info = jnp.iinfo(labels.dtype)
+    return jnp.min(jnp.where(where, labels, info.max)), jnp.max(jnp.where(where, labels, info.min))
 
 
-def _check_logit_values(logits, name: str):
-    finite, looks_like_probs = (bool(v) for v in _logit_summary(logits))
-    if not finite:
-        bad = int(np.sum(~np.isfinite(np.asarray(logits, dtype=np.float32))))
+def _rows(shape, where):
+    """The rows to value-check: all of them, or those where ``where`` is True."""
+    return jnp.ones(shape, bool) if where is None else jnp.asarray(where, bool)
+
+
+def _check_logit_values(logits, name: str, where=None):
+    num_bad, looks_like_probs = _logit_summary(logits, _rows(logits.shape[:-1], where))
+    bad, looks_like_probs = int(num_bad), bool(looks_like_probs)
+    if bad:
         raise ValueError(
             f"`{name}` contains {bad} NaN or infinite value(s); calibration metrics and "
             f"losses are undefined there. Remove those rows or fix the model output."
@@ -101,13 +109,15 @@ def _check_logit_values(logits, name: str):
         )
 
 
-def check_logits(logits, *, name: str = "logits", rank: int | None = 2):
+def check_logits(logits, *, name: str = "logits", rank: int | None = 2, where=None):
     """Validates a logits array and returns it as an array.
 
     Args:
       logits: ``[N, C]`` (``rank=2``) or ``[..., C]`` (``rank=None``) floats.
       name: the argument name used in error messages.
       rank: the required rank, or None for "at least 1".
+      where: optional bool ``[...]``; only these rows are value-checked (the
+        others are padding).
 
     Raises:
       TypeError: non-floating dtype.
@@ -128,14 +138,17 @@ def check_logits(logits, *, name: str = "logits", rank: int | None = 2):
         )
     if logits.size == 0:
         raise ValueError(f"`{name}` is empty (shape {tuple(logits.shape)}); pass at least one example.")
-    if is_concrete(logits):
-        _check_logit_values(logits, name)
+    if is_concrete(logits, where):
+        _check_logit_values(logits, name, where)
     return logits
 
 
 def check_logits_and_labels(logits, labels, *, rank: int | None = 2,
-                            logits_name: str = "logits", labels_name: str = "labels"):
+                            logits_name: str = "logits", labels_name: str = "labels",
+                            where=None):
     """Validates ``(logits [..., C], labels [...])`` and returns them as arrays.
+
+    ``where`` (optional bool ``[...]``) restricts the value checks to those rows.
 
     Raises:
       TypeError: logits not floating, or labels not integer (one-hot or float
@@ -144,7 +157,7 @@ def check_logits_and_labels(logits, labels, *, rank: int | None = 2,
         for concrete values, labels outside ``[0, C)`` or non-finite logits.
     """
     labels = _as_array(labels, labels_name)
-    logits = check_logits(logits, name=logits_name, rank=rank)
+    logits = check_logits(logits, name=logits_name, rank=rank, where=where)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         hint = (f"`{labels_name}.argmax(-1)`" if labels.ndim == logits.ndim
                 else f"`{labels_name}.astype(jnp.int32)`")
@@ -160,10 +173,10 @@ def check_logits_and_labels(logits, labels, *, rank: int | None = 2,
             f"`{labels_name}` must have shape {tuple(logits.shape[:-1])} (logits' shape "
             f"without the class axis), got {tuple(labels.shape)}.{extra}"
         )
-    if is_concrete(labels):
-        lo, hi = (int(v) for v in _label_summary(labels))
+    if is_concrete(labels, where) and labels.size:
+        lo, hi = (int(v) for v in _label_summary(labels, _rows(labels.shape, where)))
         num_classes = logits.shape[-1]
-        if lo < 0 or hi >= num_classes:
+        if lo <= hi and (lo < 0 or hi >= num_classes):  # lo > hi: no row selected
             raise ValueError(
                 f"`{labels_name}` must lie in [0, {num_classes}) for logits with "
                 f"{num_classes} classes, got values in [{lo}, {hi}]."

@@ -1,0 +1,142 @@
+"""Temperature scaling against the reference's loop, and the continuous fit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import numpy_reference as ref
+from calib_jax import calibration, metrics
+
+
+def overconfident_problem(n=300, c=10, seed=0, sharpness=4.0):
+    """Logits of a classifier that is right ~70% of the time but sure of itself."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, n).astype(np.int32)
+    logits = rng.standard_normal((n, c))
+    logits[np.arange(n), labels] += np.where(rng.random(n) < 0.7, 2.0, 0.0)
+    return (sharpness * logits).astype(np.float32), labels
+
+
+def test_reference_grid():
+    grid = calibration.reference_temperature_grid()
+    assert grid.shape == (100,) and grid.dtype == np.float64
+    assert grid[0] == 0.1 and grid[2] == 0.30000000000000004 and grid[-1] == 9.99999999999998
+    assert np.all(np.diff(grid) > 0)
+
+
+@pytest.mark.parametrize("criterion", ["ece", "nll"])
+def test_grid_search_equals_reference_loop(criterion):
+    logits, labels = overconfident_problem()
+    result = calibration.temperature_grid_search(logits, labels, criterion=criterion)
+    want_t, curve = ref.temperature_search(logits, labels, criterion=criterion)
+    assert float(result.temperature) == np.float32(want_t)
+    assert calibration.reference_temperature_grid()[int(result.index)] == want_t
+    np.testing.assert_allclose(result.ece, [e for _, e, _ in curve], atol=2e-6)
+    np.testing.assert_allclose(result.nll, [v for _, _, v in curve], rtol=2e-6)
+    assert result.temperatures.shape == result.ece.shape == result.nll.shape == (100,)
+
+
+def test_grid_search_prefers_larger_t_for_overconfident_model_and_reduces_ece():
+    logits, labels = overconfident_problem(seed=1)
+    result = calibration.temperature_grid_search(logits, labels)
+    assert float(result.temperature) > 1.5
+    before = float(metrics.ece(logits, labels))
+    after = float(metrics.ece(calibration.apply_temperature(logits, result.temperature), labels))
+    assert after < before / 2
+
+
+def test_first_minimum_wins_on_ties():
+    # Every sample correct with confidence exactly 1 at all T: ECE is 0 everywhere.
+    logits = np.array([[300.0, 0.0], [0.0, 300.0]], np.float32)
+    result = calibration.temperature_grid_search(logits, np.array([0, 1], np.int32))
+    assert int(result.index) == 0 and np.all(np.asarray(result.ece) == 0.0)
+
+
+def test_custom_grid_and_jit_vmap():
+    logits, labels = overconfident_problem(n=100, seed=2)
+    temps = jnp.array([0.5, 1.0, 2.0, 4.0])
+    result = calibration.temperature_grid_search(logits, labels, temperatures=temps,
+                                                 criterion="nll")
+    want = [float(metrics.nll(logits / t, labels)) for t in np.asarray(temps)]
+    np.testing.assert_allclose(result.nll, want, rtol=1e-6)
+    assert float(result.temperature) == float(temps[int(np.argmin(want))])
+    stacked = jnp.stack([logits, 0.5 * logits])
+    batched = jax.vmap(lambda z: calibration.temperature_grid_search(
+        z, labels, temperatures=temps).temperature)(stacked)
+    looped = [calibration.temperature_grid_search(z, labels, temperatures=temps).temperature
+              for z in stacked]
+    np.testing.assert_array_equal(batched, looped)
+
+
+def test_grid_search_chunks_large_problems(monkeypatch):
+    # Force a chunk size that does not divide the grid: same answer as unchunked.
+    logits, labels = overconfident_problem(n=64, seed=3)
+    full = calibration.temperature_grid_search(logits, labels)
+    monkeypatch.setattr(calibration, "_chunk_size", lambda *a: 7)
+    calibration._grid_search.clear_cache()
+    try:
+        chunked = calibration.temperature_grid_search(logits, labels)
+    finally:
+        calibration._grid_search.clear_cache()
+    np.testing.assert_allclose(chunked.ece, full.ece, atol=1e-7)
+    assert int(chunked.index) == int(full.index)
+
+
+def test_fit_temperature_minimises_nll():
+    logits, labels = overconfident_problem(seed=4)
+    fit = calibration.fit_temperature(logits, labels)
+    t = float(fit.temperature)
+    assert float(fit.grad_norm) < 1e-4 and int(fit.num_steps) < 100
+    nll = lambda tt: ref.nll(logits / np.float32(tt), labels)
+    np.testing.assert_allclose(float(fit.nll), nll(t), rtol=1e-5)
+    assert nll(t) <= min(nll(t * 0.98), nll(t * 1.02))
+    grid = calibration.temperature_grid_search(logits, labels, criterion="nll")
+    assert abs(t - float(grid.temperature)) <= 0.1
+    # Starting elsewhere converges to the same optimum.
+    np.testing.assert_allclose(float(calibration.fit_temperature(logits, labels, init=0.3)
+                                     .temperature), t, rtol=1e-3)
+
+
+@given(st.floats(0.2, 5.0), st.integers(0, 1000))
+def test_property_temperature_one_is_identity(scale, seed):
+    logits, labels = overconfident_problem(n=40, seed=seed, sharpness=scale)
+    scaled = calibration.apply_temperature(logits, 1.0)
+    np.testing.assert_array_equal(scaled, logits)
+    assert float(metrics.ece(scaled, labels)) == float(metrics.ece(logits, labels))
+
+
+@given(st.integers(0, 1000), st.sampled_from(["ece", "nll"]))
+def test_property_grid_search_equals_python_loop(seed, criterion):
+    logits, labels = overconfident_problem(n=40, seed=seed)
+    temps = calibration.reference_temperature_grid()[::10]
+    result = calibration.temperature_grid_search(logits, labels, criterion=criterion,
+                                                 temperatures=temps)
+    fn = metrics.ece if criterion == "ece" else metrics.nll
+    values = [float(fn(calibration.apply_temperature(logits, np.float32(t)), labels))
+              for t in temps]
+    np.testing.assert_allclose(result.ece if criterion == "ece" else result.nll, values,
+                               rtol=1e-6, atol=1e-7)
+    assert int(result.index) == int(np.argmin(values))
+
+
+def test_bad_inputs():
+    z, y = jnp.zeros((3, 4)).at[:, 0].set(2.0), jnp.array([0, 1, 2])
+    with pytest.raises(ValueError, match="`criterion`"):
+        calibration.temperature_grid_search(z, y, criterion="mce")
+    with pytest.raises(ValueError, match="`temperatures`"):
+        calibration.temperature_grid_search(z, y, temperatures=[1.0, 0.0])
+    with pytest.raises(ValueError, match="`temperatures`"):
+        calibration.temperature_grid_search(z, y, temperatures=[])
+    with pytest.raises(ValueError, match="`labels` must lie"):
+        calibration.temperature_grid_search(z, jnp.array([0, 1, 4]))
+    with pytest.raises(ValueError, match="`temperature`"):
+        calibration.apply_temperature(z, -1.0)
+    with pytest.raises(ValueError, match="`init`"):
+        calibration.fit_temperature(z, y, init=0.0)
+    with pytest.raises(ValueError, match="NaN"):
+        calibration.fit_temperature(z.at[0, 0].set(jnp.nan), y)
+    out = jax.jit(lambda a, b: calibration.fit_temperature(a, b).temperature)(z, jnp.array([0, 1, 9]))
+    assert np.isnan(float(out))

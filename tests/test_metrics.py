@@ -1,0 +1,336 @@
+"""calib_jax.metrics against float64 NumPy oracles, conventions, streaming, properties."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import numpy_reference as ref
+from calib_jax import metrics
+
+
+def random_problem(n=500, c=10, scale=3.0, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = (scale * rng.standard_normal((n, c))).astype(np.float32)
+    # Make the classifier better than chance so that bins are populated both ways.
+    labels = np.where(rng.random(n) < 0.6, logits.argmax(1), rng.integers(0, c, n)).astype(np.int32)
+    return logits, labels
+
+
+@pytest.mark.parametrize("seed,c", [(0, 10), (1, 2), (2, 100)])
+def test_reference_metrics_match_numpy(seed, c):
+    logits, labels = random_problem(n=400, c=c, seed=seed)
+    want_ece, want_mce = ref.ece_mce(logits, labels)
+    np.testing.assert_allclose(float(metrics.ece(logits, labels)), want_ece, atol=1e-6)
+    np.testing.assert_allclose(float(metrics.mce(logits, labels)), want_mce, atol=1e-6)
+    np.testing.assert_allclose(float(metrics.adaptive_ece(logits, labels)),
+                               ref.adaptive_ece(logits, labels), atol=1e-6)
+    np.testing.assert_allclose(float(metrics.classwise_ece(logits, labels)),
+                               ref.classwise_ece(logits, labels), atol=1e-6)
+    np.testing.assert_allclose(float(metrics.nll(logits, labels)), ref.nll(logits, labels),
+                               rtol=1e-6)
+    np.testing.assert_allclose(float(metrics.accuracy(logits, labels)),
+                               ref.accuracy(logits, labels), rtol=1e-7)
+    np.testing.assert_allclose(float(metrics.brier(logits, labels)),
+                               ref.brier(logits, labels).mean(), rtol=1e-5)
+
+
+def test_clean_convention_uses_k_over_b_edges():
+    logits, labels = random_problem(seed=3)
+    edges = np.arange(16) / 15
+    want, _ = ref.ece_mce(logits, labels, edges=edges.astype(np.float32))
+    np.testing.assert_allclose(float(metrics.ece(logits, labels, convention="clean")), want,
+                               atol=1e-6)
+
+
+def test_reference_edges_are_torch_linspace():
+    np.testing.assert_array_equal(metrics.bin_edges(15), ref.EDGES_15)
+    # Not float32(k/15) at several places.
+    assert np.sum(metrics.bin_edges(15) != (np.arange(16) / 15).astype(np.float32)) >= 3
+    # Values produced by torch.linspace(0, 1, B + 1) (torch 2.13, CPU), spot checks.
+    assert metrics.bin_edges(10)[3] == np.float32(0.30000001192092896)
+    assert metrics.bin_edges(20).tolist()[7] == 0.3499999940395355
+    for b in (1, 2, 7, 10, 20, 100):
+        e = metrics.bin_edges(b)
+        assert e[0] == 0.0 and e[-1] == 1.0 and np.all(np.diff(e) > 0)
+        assert np.max(np.abs(e - np.arange(b + 1) / b)) < 1e-6
+
+
+def test_bin_membership_at_exact_edges():
+    edges = jnp.asarray(metrics.bin_edges(15))
+    values = jnp.concatenate([edges, jnp.array([np.nextafter(edges[3], 1.0)])])
+    ref_idx = np.asarray(metrics._bin_index(values, edges, "reference"))
+    # (lo, hi]: 0 is in no bin, edge k (k >= 1) belongs to bin k - 1, 1.0 to the last bin.
+    assert ref_idx.tolist() == [-1] + list(range(15)) + [3]
+    clean_idx = np.asarray(metrics._bin_index(values, edges, "clean"))
+    assert clean_idx.tolist() == [0] + list(range(15)) + [3]
+
+
+def test_confidence_one_and_underflowed_probabilities():
+    # Row 0: softmax is exactly [1, 0] in float32 -> conf 1 in the last bin,
+    # and class 1's probability 0 is in no bin for classwise ECE.
+    logits = np.array([[200.0, 0.0], [0.0, 0.3], [0.5, 0.0]], np.float32)
+    labels = np.array([0, 1, 0], np.int32)
+    bins = metrics.reliability_bins(logits, labels)
+    assert int(bins.count[-1]) == 1 and int(bins.count.sum()) == 3
+    np.testing.assert_allclose(float(metrics.classwise_ece(logits, labels)),
+                               ref.classwise_ece(logits, labels), atol=1e-7)
+    clean = float(metrics.classwise_ece(logits, labels, convention="clean"))
+    assert clean >= 0
+
+
+def test_adaptive_ece_min_confidence_in_no_bin_and_ties():
+    # Duplicated rows give tied confidences; the minimum's copies are all in no bin.
+    logits = np.repeat(np.array([[0.1, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]], np.float32),
+                       [3, 2, 2, 1], axis=0)
+    labels = np.array([0, 1, 0, 0, 1, 0, 0, 0], np.int32)
+    got = float(metrics.adaptive_ece(logits, labels))
+    np.testing.assert_allclose(got, ref.adaptive_ece(logits, labels), atol=1e-7)
+    bins = metrics.reliability_bins(logits, labels, adaptive=True)
+    assert int(bins.count.sum()) == 5  # the 3 minimum-confidence rows are unbinned
+    clean = metrics.reliability_bins(logits, labels, adaptive=True, convention="clean")
+    assert int(clean.count.sum()) == 8
+    np.testing.assert_allclose(float(bins.edges[0]), float(jax.nn.softmax(logits[0])[0]))
+
+
+def test_adaptive_edges_match_numpy_interp():
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 7, 15, 16, 100, 1001):
+        conf = rng.random(n).astype(np.float32)
+        want = np.interp(np.linspace(0, n, 16), np.arange(n), np.sort(conf.astype(np.float64)))
+        got = np.asarray(metrics.adaptive_bin_edges(jnp.asarray(conf)))
+        np.testing.assert_allclose(got, want.astype(np.float32), rtol=2e-7, atol=0)
+
+
+def test_classwise_reference_k_drops_trailing_absent_classes():
+    logits, labels = random_problem(n=300, c=6, seed=6)
+    labels = np.minimum(labels, 3)  # classes 4 and 5 never occur as labels
+    ref_value = float(metrics.classwise_ece(logits, labels))
+    np.testing.assert_allclose(ref_value, ref.classwise_ece(logits, labels), atol=1e-6)
+    clean = float(metrics.classwise_ece(logits, labels, convention="clean"))
+    assert not np.isclose(ref_value, clean)
+
+
+def test_edge_cases_single_sample_and_two_classes():
+    logits = np.array([[0.3, -0.2]], np.float32)
+    for y in (0, 1):
+        labels = np.array([y], np.int32)
+        np.testing.assert_allclose(float(metrics.ece(logits, labels)),
+                                   ref.ece_mce(logits, labels)[0], atol=1e-7)
+        # One sample: AdaECE edges are all that sample's confidence; it is in no bin.
+        assert float(metrics.adaptive_ece(logits, labels)) == 0.0
+        np.testing.assert_allclose(float(metrics.classwise_ece(logits, labels)),
+                                   ref.classwise_ece(logits, labels), atol=1e-7)
+
+
+def test_reliability_bins_agree_with_ece():
+    logits, labels = random_problem(seed=7)
+    bins = metrics.reliability_bins(logits, labels)
+    nonempty = np.asarray(bins.count) > 0
+    gaps = np.abs(np.asarray(bins.mean_confidence) - np.asarray(bins.accuracy))[nonempty]
+    weights = np.asarray(bins.count)[nonempty] / 500
+    np.testing.assert_allclose(np.sum(gaps * weights), float(metrics.ece(logits, labels)),
+                               atol=1e-6)
+    assert np.all(np.isnan(np.asarray(bins.accuracy)[~nonempty]))
+
+
+def test_jit_and_vmap_over_leading_axis():
+    logits, labels = random_problem(n=200, seed=8)
+    stack = jnp.stack([logits, 2 * logits, 0.5 * logits])
+    for fn in (metrics.ece, metrics.adaptive_ece, metrics.classwise_ece, metrics.mce,
+               metrics.nll):
+        batched = jax.vmap(fn, in_axes=(0, None))(stack, labels)
+        looped = [fn(x, labels) for x in stack]
+        np.testing.assert_allclose(batched, looped, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(jax.jit(fn)(logits, labels), fn(logits, labels), rtol=1e-6)
+
+
+def test_bfloat16_logits_are_promoted():
+    logits, labels = random_problem(seed=9)
+    lo = jnp.asarray(logits, jnp.bfloat16)
+    np.testing.assert_allclose(float(metrics.ece(lo, labels)),
+                               float(metrics.ece(lo.astype(jnp.float32), labels)), atol=1e-7)
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def test_streamed_stats_equal_whole_array_metrics():
+    logits, labels = random_problem(n=1000, c=10, seed=10)
+    stats = metrics.init_stats(10)
+    for start in range(0, 1000, 128):  # last batch is padded + masked, like eval batches
+        z, y = logits[start:start + 128], labels[start:start + 128]
+        pad = 128 - len(y)
+        mask = np.r_[np.ones(len(y), bool), np.zeros(pad, bool)]
+        z = np.concatenate([z, np.full((pad, 10), np.nan, np.float32)])
+        y = np.concatenate([y, np.full(pad, 99, np.int32)])
+        stats = metrics.update_stats(stats, jnp.asarray(z), jnp.asarray(y), mask=jnp.asarray(mask))
+    got = metrics.metrics_from_stats(stats)
+    assert int(got["num_samples"]) == 1000
+    for name, fn in [("ece", metrics.ece), ("mce", metrics.mce),
+                     ("classwise_ece", metrics.classwise_ece), ("nll", metrics.nll),
+                     ("accuracy", metrics.accuracy), ("brier", metrics.brier)]:
+        np.testing.assert_allclose(float(got[name]), float(fn(logits, labels)), rtol=1e-5,
+                                   atol=1e-6, err_msg=name)
+    whole = metrics.update_stats(metrics.init_stats(10), logits, labels)
+    np.testing.assert_array_equal(whole.count, stats.count)
+    np.testing.assert_array_equal(whole.class_count, stats.class_count)
+
+
+def test_streamed_adaptive_ece_two_pass():
+    logits, labels = random_problem(n=600, c=5, seed=11)
+    conf = jnp.concatenate([metrics.top_label_confidence(logits[i:i + 200])
+                            for i in range(0, 600, 200)])
+    edges = metrics.adaptive_bin_edges(conf)
+    stats = metrics.init_stats(5, edges=edges)
+    for i in range(0, 600, 200):
+        stats = metrics.update_stats(stats, logits[i:i + 200], labels[i:i + 200])
+    np.testing.assert_allclose(float(metrics.metrics_from_stats(stats)["ece"]),
+                               float(metrics.adaptive_ece(logits, labels)), atol=1e-6)
+
+
+def test_merge_and_psum_stats_across_devices():
+    from jax.sharding import PartitionSpec as P
+    logits, labels = random_problem(n=64, c=4, seed=12)
+    halves = [metrics.update_stats(metrics.init_stats(4), logits[i::2], labels[i::2])
+              for i in range(2)]
+    merged = metrics.merge_stats(*halves)
+    whole = metrics.update_stats(metrics.init_stats(4), logits, labels)
+    np.testing.assert_array_equal(merged.count, whole.count)
+    np.testing.assert_allclose(merged.conf_sum, whole.conf_sum, rtol=1e-5)
+    n_dev = len(jax.devices())
+    assert n_dev >= 2, "conftest asks for several CPU devices"
+    mesh = jax.make_mesh((n_dev,), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, P("data"))
+
+    def per_device(z, y):
+        s = metrics.update_stats(metrics.init_stats(4), z, y)
+        return metrics.psum_stats(s, "data")
+
+    shard_map = getattr(jax, "shard_map", None)
+    if shard_map is None:  # pragma: no cover - older jax
+        from jax.experimental.shard_map import shard_map
+    z, y = jax.device_put(logits, sharding), jax.device_put(labels, sharding)
+    summed = jax.jit(shard_map(per_device, mesh=mesh, in_specs=(P("data"), P("data")),
+                               out_specs=P()))(z, y)
+    summed = jax.block_until_ready(summed)
+    np.testing.assert_array_equal(summed.count, whole.count)
+    np.testing.assert_array_equal(summed.class_count, whole.class_count)
+    np.testing.assert_array_equal(summed.edges, whole.edges)
+    got = metrics.metrics_from_stats(summed)
+    np.testing.assert_allclose(float(got["ece"]), float(metrics.ece(logits, labels)), atol=1e-6)
+
+
+def test_update_stats_rejects_mismatches():
+    stats = metrics.init_stats(4)
+    with pytest.raises(ValueError, match="initialised for 4"):
+        metrics.update_stats(stats, jnp.zeros((2, 5)), jnp.array([0, 1]))
+    with pytest.raises(ValueError, match="`mask`"):
+        metrics.update_stats(stats, jnp.zeros((2, 4)), jnp.array([0, 1]), mask=jnp.ones(3, bool))
+    with pytest.raises(ValueError, match="`edges`"):
+        metrics.init_stats(4, edges=jnp.zeros(5))
+
+
+# ---------------------------------------------------------------- properties
+
+
+# Few distinct shapes: every new shape is a new compilation.
+problems = st.tuples(st.sampled_from([1, 7, 40]), st.sampled_from([2, 5]), st.floats(0.1, 8.0),
+                     st.integers(0, 2 ** 16))
+
+
+@given(problems)
+def test_property_ece_family_in_unit_interval(p):
+    n, c, scale, seed = p
+    logits, labels = random_problem(n=n, c=c, scale=scale, seed=seed)
+    for conv in metrics.CONVENTIONS:
+        e = float(metrics.ece(logits, labels, convention=conv))
+        m = float(metrics.mce(logits, labels, convention=conv))
+        a = float(metrics.adaptive_ece(logits, labels, convention=conv))
+        k = float(metrics.classwise_ece(logits, labels, convention=conv))
+        assert 0 <= e <= 1 and 0 <= a <= 1 and 0 <= k <= 1
+        assert e <= m + 1e-6 <= 1 + 1e-6
+
+
+@given(problems, st.randoms(use_true_random=False))
+def test_property_invariant_to_row_permutation(p, rnd):
+    n, c, scale, seed = p
+    logits, labels = random_problem(n=n, c=c, scale=scale, seed=seed)
+    perm = list(range(n))
+    rnd.shuffle(perm)
+    for fn in (metrics.ece, metrics.adaptive_ece, metrics.classwise_ece, metrics.mce):
+        np.testing.assert_allclose(float(fn(logits[perm], labels[perm])),
+                                   float(fn(logits, labels)), atol=2e-6)
+
+
+@given(problems, st.sampled_from([3, 16]))
+def test_property_streamed_equals_whole(p, batch):
+    n, c, scale, seed = p
+    logits, labels = random_problem(n=n, c=c, scale=scale, seed=seed)
+    stats = metrics.init_stats(c)
+    for start in range(0, n, batch):  # fixed batch shape: pad and mask the tail
+        z, y = logits[start:start + batch], labels[start:start + batch]
+        mask = np.arange(batch) < len(y)
+        z = np.pad(z, ((0, batch - len(y)), (0, 0)))
+        y = np.pad(y, (0, batch - len(y)))
+        stats = metrics.update_stats(stats, z, y, mask=mask)
+    got = metrics.metrics_from_stats(stats)
+    np.testing.assert_allclose(float(got["ece"]), float(metrics.ece(logits, labels)), atol=2e-6)
+    np.testing.assert_allclose(float(got["classwise_ece"]),
+                               float(metrics.classwise_ece(logits, labels)), atol=2e-6)
+    np.testing.assert_allclose(float(got["mce"]), float(metrics.mce(logits, labels)), atol=2e-6)
+
+
+@given(problems)
+def test_property_matches_numpy_oracle(p):
+    n, c, scale, seed = p
+    logits, labels = random_problem(n=n, c=c, scale=scale, seed=seed)
+    # Allow one sample's worth of disagreement where a confidence sits within an
+    # ulp of an edge (float32 softmax vs float64-then-rounded).
+    tol = 2.0 / n
+    assert abs(float(metrics.ece(logits, labels)) - ref.ece_mce(logits, labels)[0]) <= tol
+    assert abs(float(metrics.classwise_ece(logits, labels))
+               - ref.classwise_ece(logits, labels)) <= tol
+    assert abs(float(metrics.adaptive_ece(logits, labels)) - ref.adaptive_ece(logits, labels)) <= tol
+
+
+# ---------------------------------------------------------------- bad input
+
+METRIC_FNS = [metrics.ece, metrics.mce, metrics.adaptive_ece, metrics.classwise_ece,
+              metrics.nll, metrics.accuracy, metrics.brier, metrics.reliability_bins]
+
+
+@pytest.mark.parametrize("fn", METRIC_FNS)
+def test_metric_bad_inputs(fn):
+    z = jnp.zeros((3, 4))
+    with pytest.raises(ValueError, match="`labels` must lie"):
+        fn(z, jnp.array([0, 1, 4]))
+    with pytest.raises(TypeError, match="integer"):
+        fn(z, jnp.array([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"\[num_examples, num_classes\]"):
+        fn(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3), jnp.int32))
+    with pytest.raises(ValueError, match="empty"):
+        fn(jnp.zeros((0, 4)), jnp.zeros((0,), jnp.int32))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fn(z.at[0, 0].set(jnp.inf), jnp.array([0, 1, 2]))
+    with pytest.warns(UserWarning, match="probabilities"):
+        fn(jnp.full((3, 4), 0.25), jnp.array([0, 1, 2]))
+
+
+@pytest.mark.parametrize("fn", METRIC_FNS[:7])
+def test_metric_under_jit_is_nan_on_bad_values(fn):
+    z = jnp.zeros((3, 4))
+    assert np.isnan(float(jax.jit(fn)(z, jnp.array([0, 1, 7]))))
+    assert np.isnan(float(jax.jit(fn)(z.at[1, 1].set(jnp.nan), jnp.array([0, 1, 2]))))
+
+
+def test_bad_options():
+    z, y = jnp.zeros((3, 4)), jnp.array([0, 1, 2])
+    with pytest.raises(ValueError, match="`num_bins`"):
+        metrics.ece(z, y, num_bins=0)
+    with pytest.raises(ValueError, match="`num_bins`"):
+        metrics.ece(z, y, num_bins=2.5)
+    with pytest.raises(ValueError, match="`convention`"):
+        metrics.ece(z, y, convention="torch")

@@ -86,14 +86,21 @@ def _label_summary(labels, where):
     return jnp.min(jnp.where(where, labels, info.max)), jnp.max(jnp.where(where, labels, info.min))
 
 
+@jax.jit
+def _joint_summary(logits, labels, where):
+    # One compiled call and one device-to-host transfer for every value check.
+    return (*_logit_summary(logits, where), *_label_summary(labels, where))
+
+
 def _rows(shape, where):
     """The rows to value-check: all of them, or those where ``where`` is True."""
     return jnp.ones(shape, bool) if where is None else jnp.asarray(where, bool)
 
 
-def _check_logit_values(logits, name: str, where=None):
-    num_bad, looks_like_probs = _logit_summary(logits, _rows(logits.shape[:-1], where))
-    bad, looks_like_probs = int(num_bad), bool(looks_like_probs)
+def _check_logit_values(logits, name: str, where=None, summary=None):
+    if summary is None:
+        summary = _logit_summary(logits, _rows(logits.shape[:-1], where))
+    bad, looks_like_probs = int(summary[0]), bool(summary[1])
     if bad:
         raise ValueError(
             f"`{name}` contains {bad} NaN or infinite value(s); calibration metrics and "
@@ -109,7 +116,8 @@ def _check_logit_values(logits, name: str, where=None):
         )
 
 
-def check_logits(logits, *, name: str = "logits", rank: int | None = 2, where=None):
+def check_logits(logits, *, name: str = "logits", rank: int | None = 2, where=None,
+                 _check_values: bool = True):
     """Validates a logits array and returns it as an array.
 
     Args:
@@ -138,7 +146,7 @@ def check_logits(logits, *, name: str = "logits", rank: int | None = 2, where=No
         )
     if logits.size == 0:
         raise ValueError(f"`{name}` is empty (shape {tuple(logits.shape)}); pass at least one example.")
-    if is_concrete(logits, where):
+    if _check_values and is_concrete(logits, where):
         _check_logit_values(logits, name, where)
     return logits
 
@@ -157,7 +165,7 @@ def check_logits_and_labels(logits, labels, *, rank: int | None = 2,
         for concrete values, labels outside ``[0, C)`` or non-finite logits.
     """
     labels = _as_array(labels, labels_name)
-    logits = check_logits(logits, name=logits_name, rank=rank, where=where)
+    logits = check_logits(logits, name=logits_name, rank=rank, where=where, _check_values=False)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         hint = (f"`{labels_name}.argmax(-1)`" if labels.ndim == logits.ndim
                 else f"`{labels_name}.astype(jnp.int32)`")
@@ -173,8 +181,10 @@ def check_logits_and_labels(logits, labels, *, rank: int | None = 2,
             f"`{labels_name}` must have shape {tuple(logits.shape[:-1])} (logits' shape "
             f"without the class axis), got {tuple(labels.shape)}.{extra}"
         )
-    if is_concrete(labels, where) and labels.size:
-        lo, hi = (int(v) for v in _label_summary(labels, _rows(labels.shape, where)))
+    if is_concrete(logits, labels, where):
+        summary = jax.device_get(_joint_summary(logits, labels, _rows(labels.shape, where)))
+        _check_logit_values(logits, logits_name, summary=summary[:2])
+        lo, hi = int(summary[2]), int(summary[3])
         num_classes = logits.shape[-1]
         if lo <= hi and (lo < 0 or hi >= num_classes):  # lo > hi: no row selected
             raise ValueError(

@@ -1,0 +1,9 @@
+"""Data sets by name (:mod:`.datasets`), their sources (:mod:`.sources`) and the
+on-device training input pipeline (:mod:`.pipeline`)."""
+
+from calib_jax.data import datasets, pipeline, sources
+from calib_jax.data.datasets import Dataset, load, names, normalization
+from calib_jax.data.sources import DataNotFoundError
+
+__all__ = ["DataNotFoundError", "Dataset", "datasets", "load", "names", "normalization",
+           "pipeline", "sources"]

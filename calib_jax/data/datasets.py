@@ -1,0 +1,296 @@
+"""Data sets by name, split as the reference splits them.
+
+``load(name, split)`` returns a :class:`Dataset`: uint8 ``[N, H, W, 3]`` images
+(or int32 token ids / trees for text) and int32 labels.
+
+| name | splits | notes |
+| --- | --- | --- |
+| ``cifar10``, ``cifar100`` | train 45,000 / val 5,000 / test 10,000 | val = first 5,000 of ``np.random.seed(1); shuffle(range(50000))`` |
+| ``svhn`` | test 26,032 | OOD set (TFDS ``svhn_cropped``) |
+| ``cifar10_c`` | test 10,000 | Gaussian noise, severity 5: official files if present, else generated from the CIFAR-10 test set |
+| ``tiny_imagenet`` | train 100,000 / val = test 10,000 | the reference tunes T on the official val split, which is also its test set (``Dataset.val_is_test``) |
+| ``20news`` | train / val / test | reference split: shuffle with seed 1, last 20 % test, 900 before it val |
+| ``sst`` | train / val / test | binary: neutral roots dropped; trees in ``Dataset.trees`` |
+
+Sources (``source=``): ``"local"`` reads ``<data_dir>/<folder>`` (see
+:mod:`calib_jax.data.sources`), ``"tfds"`` a prepared TFDS data set,
+``"auto"`` (default) tries local then TFDS. Missing data raises
+:class:`~calib_jax.data.sources.DataNotFoundError` saying what to get.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+from typing import Any
+
+import numpy as np
+
+from calib_jax.data import sources
+from calib_jax.data.sources import DataNotFoundError
+
+__all__ = ["Dataset", "DataNotFoundError", "cifar_split_indices", "gaussian_noise", "load",
+           "names", "normalization"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """One split of a data set.
+
+    Attributes:
+      name, split: what was loaded.
+      inputs: uint8 ``[N, H, W, 3]`` images, or int32 ``[N, L]`` token ids.
+      labels: int32 ``[N]``.
+      num_classes: label count of the data set.
+      source: where it came from (a path, or ``tfds:<name>``, or ``generated``).
+      val_is_test: the validation split is the test split (Tiny-ImageNet, as the
+        reference evaluates it); reported numbers must say so.
+      extra: anything else (class names, trees, vocabulary).
+    """
+    name: str
+    split: str
+    inputs: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    source: str
+    val_is_test: bool = False
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def __len__(self):
+        return int(self.labels.shape[0])
+
+
+# Reference normalisation constants (mean, std) per channel.
+CIFAR10_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def normalization(name: str, split: str, *, reference_cifar100_test: bool = True):
+    """Per-channel ``(mean, std)`` the reference normalises ``name/split`` with.
+
+    CIFAR-10, SVHN and CIFAR-10-C use the CIFAR-10 constants; so do CIFAR-100
+    train/val. The reference normalises the **CIFAR-100 test set with ImageNet
+    constants** (``Data/cifar100.py``); ``reference_cifar100_test=True`` (the
+    default) copies that, ``False`` uses the CIFAR-10 constants everywhere.
+    Tiny-ImageNet uses ImageNet constants.
+    """
+    if name == "cifar100" and split == "test" and reference_cifar100_test:
+        return IMAGENET_MEAN_STD
+    if name == "tiny_imagenet":
+        return IMAGENET_MEAN_STD
+    if name in ("cifar10", "cifar100", "svhn", "cifar10_c"):
+        return CIFAR10_MEAN_STD
+    raise ValueError(f"no image normalisation for {name!r}")
+
+
+def cifar_split_indices(num_train: int = 50000, num_val: int = 5000):
+    """(train, val) indices of the reference: seed 1 shuffle, first 5,000 are val."""
+    indices = list(range(num_train))
+    rng = np.random.RandomState(1)  # the global np.random.seed(1) stream
+    rng.shuffle(indices)
+    indices = np.asarray(indices)
+    return indices[num_val:], indices[:num_val]
+
+
+def gaussian_noise(images: np.ndarray, *, severity: int = 5, seed: int = 0) -> np.ndarray:
+    """CIFAR-10-C Gaussian noise (Hendrycks & Dietterich 2019), deterministic given ``seed``.
+
+    ``x / 255 + N(0, c^2)``, clipped to [0, 1], back to uint8, with
+    ``c = [0.04, 0.06, 0.08, 0.09, 0.10][severity - 1]`` (the published CIFAR
+    constants; severity 5 is the paper's OOD set).
+    """
+    if severity not in (1, 2, 3, 4, 5):
+        raise ValueError(f"`severity` must be in 1..5, got {severity}.")
+    c = [0.04, 0.06, 0.08, 0.09, 0.10][severity - 1]
+    rng = np.random.default_rng(seed)
+    x = images.astype(np.float32) / 255.0
+    noisy = np.clip(x + rng.normal(size=x.shape, scale=c).astype(np.float32), 0.0, 1.0)
+    # The published code casts with np.uint8(x * 255), i.e. truncation.
+    return (noisy * 255).astype(np.uint8)
+
+
+_TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped"}
+_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "cifar10_c": 10,
+                "tiny_imagenet": 200, "20news": 20, "sst": 2}
+
+
+def names() -> list[str]:
+    return sorted(_NUM_CLASSES)
+
+
+def _images(folder: str, tfds_name: str | None, split: str, data_dir, source: str, what: str):
+    """(images, labels, origin, extra) from the local folder or TFDS."""
+    errors = []
+    if source in ("auto", "local"):
+        path = sources.find_folder(folder, data_dir)
+        if path is not None:
+            try:
+                images, labels, extra = sources.read_local_images(path, split)
+                return images, labels, str(path), extra
+            except DataNotFoundError as e:
+                errors.append(str(e))
+        else:
+            errors.append(f"no {folder}/ folder in {[str(d) for d in sources.candidate_data_dirs(data_dir)]}")
+    if source in ("auto", "tfds") and tfds_name is not None:
+        try:
+            images, labels = sources.read_tfds(tfds_name, split, data_dir=None if source == "auto"
+                                               else data_dir)
+            return images, labels, f"tfds:{tfds_name}", {}
+        except DataNotFoundError as e:
+            errors.append(str(e))
+    raise DataNotFoundError(
+        f"{what} ({split}) not found. Either put it in <data_dir>/{folder}/ as "
+        f"{split}_NNN.npz chunks or a {split}/<class>/*.png tree (data_dir = the `data_dir` "
+        f"argument or ${sources.ENV_DATA_DIR})"
+        + (f", or prepare TFDS '{tfds_name}'" if tfds_name else "")
+        + ". Details: " + " | ".join(errors))
+
+
+def _check_split(name, split, allowed):
+    if split not in allowed:
+        raise ValueError(f"`split` of {name!r} must be one of {allowed}, got {split!r}.")
+
+
+def _cifar(name, split, data_dir, source):
+    _check_split(name, split, ("train", "val", "test"))
+    images, labels, origin, extra = _images(name, _TFDS_NAMES[name],
+                                            "test" if split == "test" else "train", data_dir,
+                                            source, name.upper())
+    if split != "test":
+        if images.shape[0] != 50000:
+            raise ValueError(f"{name} train must have 50,000 images, got {images.shape[0]} "
+                             f"from {origin}.")
+        train_idx, val_idx = cifar_split_indices()
+        idx = train_idx if split == "train" else val_idx
+        images, labels = images[idx], labels[idx]
+    return Dataset(name, split, images, labels, _NUM_CLASSES[name], origin, extra=extra)
+
+
+def _cifar10_c(split, data_dir, source, severity=5, seed=0):
+    _check_split("cifar10_c", split, ("test",))
+    path = sources.find_folder("cifar10_c", data_dir)
+    if path is not None and (path / "gaussian_noise.npy").exists():
+        # The official release: 5 severities x 10,000 images, labels in labels.npy.
+        images = np.load(path / "gaussian_noise.npy")[(severity - 1) * 10000:severity * 10000]
+        labels = np.load(path / "labels.npy")[:10000].astype(np.int32)
+        return Dataset("cifar10_c", split, images, labels, 10, str(path))
+    clean = load("cifar10", "test", data_dir=data_dir, source=source)
+    return Dataset("cifar10_c", split, gaussian_noise(clean.inputs, severity=severity, seed=seed),
+                   clean.labels, 10, f"generated from {clean.source} (gaussian_noise, "
+                   f"severity {severity}, seed {seed})", extra={"generated": True})
+
+
+def _tiny_imagenet(split, data_dir, source):
+    _check_split("tiny_imagenet", split, ("train", "val", "test"))
+    folder_split = "train" if split == "train" else "val"
+    images, labels, origin, extra = _images("tinyimagenet", None, folder_split, data_dir, source,
+                                            "Tiny-ImageNet-200")
+    return Dataset("tiny_imagenet", split, images, labels, 200, origin,
+                   val_is_test=split != "train", extra=extra)
+
+
+def _20news(split, data_dir, max_words=20000, max_len=1000):
+    _check_split("20news", split, ("train", "val", "test"))
+    path = sources.find_folder("20news", data_dir)
+    if path is None:
+        raise DataNotFoundError(
+            f"20 Newsgroups not found: put the 'bydate' posts as <data_dir>/20news/"
+            f"20news_bydate_{{train,test}}_NNN.jsonl.gz (one JSON {{id, label, text}} a line) "
+            f"and classes.json, with data_dir the argument or ${sources.ENV_DATA_DIR}.")
+    posts = []
+    for file in sorted(path.glob("*.jsonl.gz")):
+        with gzip.open(file, "rt", encoding="utf-8") as f:
+            posts.extend(json.loads(line) for line in f)
+    texts = [p["text"] for p in posts]
+    labels = np.asarray([p["label"] for p in posts], np.int32)
+    # The reference: shuffle everything with seed 1, last 20 % test, 900 before it val.
+    order = np.arange(len(texts))
+    np.random.RandomState(1).shuffle(order)
+    n_test = int(0.2 * len(order))
+    test_idx = order[len(order) - n_test:]
+    val_idx = order[len(order) - n_test - 900:len(order) - n_test]
+    train_idx = order[:len(order) - n_test - 900]
+    vocab = _build_vocab([texts[i] for i in train_idx], max_words)
+    idx = {"train": train_idx, "val": val_idx, "test": test_idx}[split]
+    tokens = np.stack([_encode(texts[i], vocab, max_len) for i in idx])
+    return Dataset("20news", split, tokens, labels[idx], 20, str(path),
+                   extra={"vocab": vocab, "max_len": max_len})
+
+
+def _tokenize(text: str) -> list[str]:
+    import re
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def _build_vocab(texts, max_words):
+    counts: dict[str, int] = {}
+    for t in texts:
+        for w in _tokenize(t):
+            counts[w] = counts.get(w, 0) + 1
+    # 0 = padding, 1 = unknown; then the most frequent words (ties by word).
+    ranked = sorted(counts, key=lambda w: (-counts[w], w))[:max_words - 2]
+    return {w: i + 2 for i, w in enumerate(ranked)}
+
+
+def _encode(text, vocab, max_len):
+    ids = [vocab.get(w, 1) for w in _tokenize(text)][:max_len]
+    out = np.zeros(max_len, np.int32)
+    out[max_len - len(ids):] = ids  # left-padded, as Keras' pad_sequences
+    return out
+
+
+def _sst(split, data_dir):
+    from calib_jax.models.text import parse_ptb_tree
+    _check_split("sst", split, ("train", "val", "test"))
+    path = sources.find_folder("sst", data_dir)
+    if path is None:
+        raise DataNotFoundError(
+            f"SST not found: put PTB-style trees as <data_dir>/sst/{{train,dev,test}}.txt.")
+    file = {"train": "train.txt", "val": "dev.txt", "test": "test.txt"}[split]
+    parsed = []
+    for line in (path / file).read_text().splitlines():
+        if line.strip():
+            tree = parse_ptb_tree(line)
+            if tree[0] != 2:  # binary task: drop neutral roots
+                parsed.append(tree)
+    labels = np.asarray([int(t[0] > 2) for t in parsed], np.int32)
+    train_words = set()
+    for line in (path / "train.txt").read_text().splitlines():
+        if line.strip():
+            train_words.update(w for w in parse_ptb_tree(line)[1] if w is not None)
+    vocab = {w: i + 1 for i, w in enumerate(sorted(train_words))}  # 0 = unknown
+    lengths = np.asarray([len(t[1]) for t in parsed], np.int32)
+    return Dataset("sst", split, lengths, labels, 2, str(path),
+                   extra={"trees": parsed, "vocab": vocab})
+
+
+def load(name: str, split: str, *, data_dir=None, source: str = "auto", **options) -> Dataset:
+    """Loads one split of a data set by name (see the module docstring).
+
+    Args:
+      name: one of :func:`names`.
+      split: ``"train"``, ``"val"`` or ``"test"`` (what the data set has).
+      data_dir: a directory holding the local copies (else ``$CALIB_JAX_DATA_DIR``,
+        else ``../shared/data`` beside the repository).
+      source: ``"auto"``, ``"local"`` or ``"tfds"`` (images only).
+      options: ``cifar10_c``: ``severity`` (5), ``seed`` (0) for the generated set.
+    """
+    if source not in ("auto", "local", "tfds"):
+        raise ValueError(f"`source` must be 'auto', 'local' or 'tfds', got {source!r}.")
+    if name in ("cifar10", "cifar100"):
+        return _cifar(name, split, data_dir, source)
+    if name == "svhn":
+        _check_split(name, split, ("test",))
+        images, labels, origin, extra = _images("svhn", _TFDS_NAMES["svhn"], "test", data_dir,
+                                                source, "SVHN")
+        return Dataset("svhn", split, images, labels, 10, origin, extra=extra)
+    if name == "cifar10_c":
+        return _cifar10_c(split, data_dir, source, **options)
+    if name == "tiny_imagenet":
+        return _tiny_imagenet(split, data_dir, source)
+    if name == "20news":
+        return _20news(split, data_dir)
+    if name == "sst":
+        return _sst(split, data_dir)
+    raise ValueError(f"unknown data set {name!r}; choose one of {names()}.")

@@ -1,0 +1,165 @@
+"""The training input pipeline: data on the device(s), augmentation in JAX.
+
+CIFAR-scale data lives on the accelerator as uint8 (150 MB for CIFAR-10), so
+the host only hands out step numbers. Every function here is pure:
+
+* :func:`epoch_order` -- the permutation of epoch ``e``: ``permutation(fold_in(key(seed), e))``.
+* :func:`train_batch` -- the ``step``-th global batch of that order, randomly
+  cropped (zero padding 4) and flipped per example, from keys derived from the
+  example's position in the global batch. One jitted call; with a ``sharding``
+  its output is laid out over the mesh's data axis, each device computing only
+  its own rows.
+* :func:`eval_batches` -- index batches covering every example exactly once,
+  the last one padded and masked.
+
+Determinism: the batch contents depend only on ``(seed, epoch, step)`` and the
+global batch size, never on the device or host count (random bits come from
+``fold_in`` on global positions, and ``jax_threefry_partitionable`` makes
+sharded random numbers equal to unsharded ones).
+
+Epochs have ``len(data) // batch_size`` steps (static shapes); the few
+examples left over are a different random subset each epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["EvalBatch", "augment_crop_flip", "data_mesh", "epoch_order", "eval_batches",
+           "normalize",
+           "put_on_device", "steps_per_epoch", "train_batch"]
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full batches per epoch; raises if there is not even one."""
+    if batch_size < 1 or num_examples < batch_size:
+        raise ValueError(f"`batch_size` must be in [1, {num_examples}] for {num_examples} "
+                         f"examples, got {batch_size}.")
+    return num_examples // batch_size
+
+
+def put_on_device(images: np.ndarray, labels: np.ndarray, sharding=None):
+    """Copies a split to the device(s) once, replicated (``sharding`` = a replicated
+    ``NamedSharding`` over the mesh, or None for the default device)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise TypeError(f"`images` must be uint8 (normalise on device), got {images.dtype}.")
+    return jax.device_put(images, sharding), jax.device_put(np.asarray(labels, np.int32), sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("num_examples",))
+def epoch_order(seed, epoch, num_examples: int):
+    """The example order of ``epoch``: a permutation of ``range(num_examples)``."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch)
+    return jax.random.permutation(key, num_examples)
+
+
+def augment_crop_flip(keys, images, padding: int = 4):
+    """Random crop with zero padding and random horizontal flip, one key per image.
+
+    Args:
+      keys: ``[B]`` PRNG keys (one per example, so that results do not depend on
+        how the batch is split over devices).
+      images: ``[B, H, W, C]`` (any dtype; uint8 stays uint8).
+      padding: zero padding on each side; crop offsets are uniform in
+        ``[0, 2 * padding]``.
+    """
+    _, h, w, _ = images.shape
+
+    def one(key, image):
+        k_y, k_x, k_flip = jax.random.split(key, 3)
+        oy = jax.random.randint(k_y, (), 0, 2 * padding + 1)
+        ox = jax.random.randint(k_x, (), 0, 2 * padding + 1)
+        padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+        crop = jax.lax.dynamic_slice(padded, (oy, ox, 0), (h, w, image.shape[-1]))
+        return jnp.where(jax.random.bernoulli(k_flip), crop[:, ::-1], crop)
+
+    return jax.vmap(one)(keys, images)
+
+
+def normalize(images, mean, std, dtype=jnp.float32):
+    """``(uint8 / 255 - mean) / std`` per channel, in ``dtype``."""
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+
+
+def _train_batch(images, labels, order, step, key, batch_size, augment, padding):
+    index = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size)
+    x = jnp.take(images, index, axis=0)
+    y = jnp.take(labels, index, axis=0)
+    if augment:
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch_size))
+        x = augment_crop_flip(keys, x, padding)
+    return x, y
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_train_batch(sharding):
+    # Output sharding fixed at jit time: XLA partitions the gather and the
+    # augmentation so that each device computes only its own rows.
+    out = None if sharding is None else (sharding, sharding)
+    return jax.jit(_train_batch, static_argnames=("batch_size", "augment", "padding"),
+                   out_shardings=out)
+
+
+def data_mesh(devices=None):
+    """A 1-D ``('data',)`` mesh over ``devices`` (default: all), with an Auto axis
+    so that jit propagates shardings (jax >= 0.10 makes Explicit axes by default)."""
+    devices = list(jax.devices() if devices is None else devices)
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if axis_type is None:  # pragma: no cover - older jax
+        return jax.sharding.Mesh(np.asarray(devices), ("data",))
+    return jax.make_mesh((len(devices),), ("data",), devices=devices,
+                         axis_types=(axis_type.Auto,))
+
+
+def train_batch(images, labels, order, step, *, seed: int, epoch: int, batch_size: int,
+                augment: bool = True, padding: int = 4, sharding=None):
+    """The ``step``-th global training batch of an epoch, as uint8 images and labels.
+
+    Args:
+      images, labels: the split on the device(s) (:func:`put_on_device`).
+      order: :func:`epoch_order` of this epoch.
+      step: batch index within the epoch.
+      seed, epoch: give the augmentation key ``fold_in(fold_in(key(seed + 1), epoch), step)``.
+      batch_size: the **global** batch size (divisible by the data-axis size).
+      augment: random crop + flip (training); False for plain batches.
+      sharding: e.g. ``NamedSharding(mesh, P("data"))`` to split rows over devices.
+    """
+    if sharding is not None:
+        n_shards = sharding.mesh.shape[sharding.spec[0]] if sharding.spec else 1
+        if batch_size % n_shards:
+            raise ValueError(f"`batch_size` {batch_size} must be divisible by the {n_shards} "
+                             f"devices of the data axis.")
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed + 1), epoch), step)
+    return _compiled_train_batch(sharding)(images, labels, order, step, key,
+                                           batch_size=batch_size, augment=augment,
+                                           padding=padding)
+
+
+class EvalBatch(NamedTuple):
+    """Indices of one evaluation batch and which of them are real (not padding)."""
+    index: np.ndarray   # int32 [batch_size]
+    mask: np.ndarray    # bool [batch_size]
+
+
+def eval_batches(num_examples: int, batch_size: int) -> Iterator[EvalBatch]:
+    """Fixed-size batches covering ``range(num_examples)`` exactly once.
+
+    The last batch is padded with index 0 and masked, so every batch has the
+    same shape (one compilation) and masked rows must be ignored (e.g.
+    ``metrics.update_stats(..., mask=batch.mask)``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    for start in range(0, num_examples, batch_size):
+        index = np.arange(start, min(start + batch_size, num_examples), dtype=np.int32)
+        mask = np.ones(batch_size, bool)
+        mask[index.shape[0]:] = False
+        yield EvalBatch(np.pad(index, (0, batch_size - index.shape[0])), mask)

@@ -1,0 +1,175 @@
+"""Where data sets come from: local chunk files, image folders, or TFDS.
+
+Resolution of the data directory (first that exists wins):
+
+1. the ``data_dir`` argument;
+2. the ``CALIB_JAX_DATA_DIR`` environment variable;
+3. ``../shared/data`` next to the repository (the project's offline copies).
+
+A local data set lives in ``<data_dir>/<folder>/`` as either
+
+* **chunks**: ``*.npz`` files holding ``blob`` (concatenated JPEG/PNG bytes),
+  ``offsets`` (``n + 1`` int64), ``labels`` and ``names``; a file's split is
+  the part of its name before the trailing ``_NNN`` (``cifar10_train_003.npz``
+  is split ``train``); or
+* **an image tree**: ``<folder>/<split>/<class name>/*.{png,jpg,jpeg}``, class
+  indices in sorted class-name order.
+
+TFDS (``source="tfds"``) reads a prepared data set through
+``tfds.data_source`` (array_record files), which does not need TensorFlow.
+Preparing it the first time (``tfds.builder(name).download_and_prepare()``)
+does need TensorFlow and network: ``pip install 'calib_jax[tfds]' tensorflow``.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+ENV_DATA_DIR = "CALIB_JAX_DATA_DIR"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set is not where we looked; the message says what to fetch and where."""
+
+
+def candidate_data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The directories searched, in order (see the module docstring)."""
+    dirs = []
+    if data_dir is not None:
+        dirs.append(Path(data_dir))
+    if os.environ.get(ENV_DATA_DIR):
+        dirs.append(Path(os.environ[ENV_DATA_DIR]))
+    dirs.append(Path(__file__).resolve().parents[3] / "shared" / "data")
+    return dirs
+
+
+def find_folder(folder: str, data_dir=None) -> Path | None:
+    """The first ``<dir>/<folder>`` that exists among :func:`candidate_data_dirs`."""
+    for d in candidate_data_dirs(data_dir):
+        if (d / folder).is_dir():
+            return d / folder
+    return None
+
+
+def decode_images(blobs: Iterable[bytes]) -> np.ndarray:
+    """Decodes encoded images (JPEG, PNG) into one uint8 ``[N, H, W, 3]`` array."""
+    from PIL import Image  # Pillow: a matplotlib dependency, always present with it.
+
+    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]
+    if not arrays:
+        raise ValueError("no images to decode")
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"images have different shapes {sorted(shapes)[:3]}; resize them first.")
+    return np.stack(arrays)
+
+
+_CHUNK_RE = re.compile(r"^(?P<split>.+)_\d+\.npz$")
+
+
+def chunk_files(folder: Path, split: str) -> list[Path]:
+    """The ``*.npz`` chunks of ``split`` in ``folder``, in name order."""
+    files = []
+    for path in sorted(folder.glob("*.npz")):
+        m = _CHUNK_RE.match(path.name)
+        if m and (m.group("split") == split or m.group("split").endswith("_" + split)):
+            files.append(path)
+    return files
+
+
+def read_chunks(files: list[Path]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Images, int32 labels and extra arrays (e.g. ``wnids``) from chunk files."""
+    images, labels, extra = [], [], {}
+    for path in files:
+        with np.load(path, allow_pickle=False) as chunk:
+            blob, offsets = chunk["blob"], chunk["offsets"]
+            if offsets.shape[0] != chunk["labels"].shape[0] + 1:
+                raise ValueError(f"{path}: `offsets` must have len(labels) + 1 entries.")
+            images.append(decode_images(blob[offsets[i]:offsets[i + 1]].tobytes()
+                                        for i in range(offsets.shape[0] - 1)))
+            labels.append(chunk["labels"].astype(np.int32))
+            for key in chunk.files:
+                if key not in ("blob", "offsets", "labels", "names"):
+                    extra[key] = chunk[key]
+    return np.concatenate(images), np.concatenate(labels), extra
+
+
+def read_image_tree(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images and labels from ``folder/split/<class>/*.png``; classes in sorted order."""
+    root = folder / split
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    blobs, labels = [], []
+    for index, name in enumerate(classes):
+        for path in sorted((root / name).iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                blobs.append(path.read_bytes())
+                labels.append(index)
+    if not blobs:
+        raise DataNotFoundError(f"no images under {root}/<class>/*.png|jpg")
+    return decode_images(blobs), np.asarray(labels, np.int32), classes
+
+
+def read_local_images(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A split from a local folder in either layout; raises DataNotFoundError if absent.
+
+    Decoded once per process (decoding CIFAR-10 takes seconds); the returned
+    arrays are read-only views of that cache.
+    """
+    images, labels, extra = _read_local_images_cached(str(folder), split)
+    return images, labels, dict(extra)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_local_images_cached(folder: str, split: str):
+    images, labels, extra = _read_local_images(Path(folder), split)
+    for array in (images, labels, *extra.values()):
+        array.flags.writeable = False
+    return images, labels, extra
+
+
+def _read_local_images(folder: Path, split: str):
+    files = chunk_files(folder, split)
+    if files:
+        return read_chunks(files)
+    if (folder / split).is_dir():
+        images, labels, classes = read_image_tree(folder, split)
+        return images, labels, {"classes": np.asarray(classes)}
+    raise DataNotFoundError(f"split {split!r} not found in {folder} (looked for "
+                            f"{split}_NNN.npz chunks and a {split}/<class>/ image tree)")
+
+
+def read_tfds(name: str, split: str, data_dir=None, image_key="image", label_key="label"):
+    """All examples of a prepared TFDS split as NumPy arrays, without TensorFlow."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise DataNotFoundError(
+            f"TFDS source for {name!r} needs tensorflow-datasets: pip install 'calib_jax[tfds]'"
+        ) from e
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # TFDS raises several types for "not prepared"
+        raise DataNotFoundError(
+            f"TFDS data set {name!r} split {split!r} is not prepared in "
+            f"{data_dir or '~/tensorflow_datasets'} ({type(e).__name__}: {e}). Prepare it once "
+            f"with network access: pip install 'calib_jax[tfds]' tensorflow && python -c "
+            f"\"import tensorflow_datasets as tfds; tfds.builder('{name}').download_and_prepare()\""
+        ) from e
+    n = len(source)
+    examples = [source[i] for i in range(n)]
+    images = np.stack([np.asarray(ex[image_key], np.uint8) for ex in examples])
+    labels = np.asarray([int(ex[label_key]) for ex in examples], np.int32)
+    return images, labels
+
+
+def list_files(pattern: str) -> list[str]:
+    return sorted(glob.glob(pattern))

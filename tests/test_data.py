@@ -1,0 +1,155 @@
+"""calib_jax.data: data sets by name, local sources, TFDS, splits and normalisation."""
+
+import gzip
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calib_jax.data import datasets, sources
+from calib_jax.data.sources import DataNotFoundError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not (SHARED / "cifar10").is_dir(),
+                                  reason=f"offline data copy not found at {SHARED}")
+
+
+def png_bytes(array):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_chunks(folder: Path, split: str, images, labels, per_chunk=3):
+    folder.mkdir(parents=True, exist_ok=True)
+    for c, start in enumerate(range(0, len(labels), per_chunk)):
+        blobs = [png_bytes(im) for im in images[start:start + per_chunk]]
+        offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+        np.savez(folder / f"{folder.name}_{split}_{c:03d}.npz",
+                 blob=np.frombuffer(b"".join(blobs), np.uint8), offsets=offsets,
+                 labels=np.asarray(labels[start:start + per_chunk], np.uint8),
+                 names=np.asarray([f"{i}.png" for i in range(len(blobs))]))
+
+
+def random_images(n, size=8, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_chunk_source_round_trip(tmp_path):
+    images, labels = random_images(7), np.arange(7) % 3
+    write_chunks(tmp_path / "svhn", "test", images, labels)
+    ds = datasets.load("svhn", "test", data_dir=tmp_path, source="local")
+    np.testing.assert_array_equal(ds.inputs, images)  # PNG is lossless
+    np.testing.assert_array_equal(ds.labels, labels)
+    assert ds.labels.dtype == np.int32 and ds.source == str(tmp_path / "svhn")
+    assert not ds.inputs.flags.writeable  # the cached copy cannot be corrupted
+
+
+def test_image_tree_source(tmp_path):
+    from PIL import Image
+    images = random_images(4, seed=1)
+    for i, (cls, im) in enumerate(zip(["cat", "ant", "cat", "bee"], images)):
+        d = tmp_path / "svhn" / "test" / cls
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(d / f"{i}.png")
+    ds = datasets.load("svhn", "test", data_dir=tmp_path, source="local")
+    assert ds.labels.tolist() == [0, 1, 2, 2]  # ant, bee, cat, cat (sorted class names)
+    assert ds.extra["classes"].tolist() == ["ant", "bee", "cat"]
+
+
+def test_data_dir_from_environment(tmp_path, monkeypatch):
+    write_chunks(tmp_path / "svhn", "test", random_images(2), [0, 1])
+    monkeypatch.setenv(sources.ENV_DATA_DIR, str(tmp_path))
+    assert len(datasets.load("svhn", "test", source="local")) == 2
+
+
+def test_missing_data_says_what_to_do(tmp_path):
+    with pytest.raises(DataNotFoundError) as info:
+        datasets.load("cifar100", "test", data_dir=tmp_path / "nowhere", source="local")
+    message = str(info.value)
+    assert "cifar100/" in message and "CALIB_JAX_DATA_DIR" in message and "TFDS" in message
+    with pytest.raises(ValueError, match="`split`"):
+        datasets.load("svhn", "train", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown data set"):
+        datasets.load("mnist", "test")
+    with pytest.raises(ValueError, match="`source`"):
+        datasets.load("svhn", "test", source="web")
+
+
+def test_tfds_source_without_tensorflow(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        ds = datasets.load("svhn", "test", source="tfds")
+    assert ds.inputs.shape == (12, 32, 32, 3) and ds.inputs.dtype == np.uint8
+    assert ds.labels.shape == (12,) and ds.source == "tfds:svhn_cropped"
+    # CIFAR through TFDS: the reference split needs the 50,000 training images.
+    with tfds.testing.mock_data(num_examples=50000, policy=tfds.testing.MockPolicy.USE_CODE):
+        train = datasets.load("cifar10", "val", source="tfds")
+    assert len(train) == 5000
+
+
+def test_cifar_split_indices_match_reference():
+    train, val = datasets.cifar_split_indices()
+    assert val[:3].tolist() == [26247, 35067, 34590]  # shared/docs/paper.md
+    assert len(train) == 45000 and len(val) == 5000
+    assert len(np.intersect1d(train, val)) == 0
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(50000))
+
+
+def test_normalization_constants():
+    assert datasets.normalization("cifar10", "test") == datasets.CIFAR10_MEAN_STD
+    assert datasets.normalization("cifar100", "train") == datasets.CIFAR10_MEAN_STD
+    # The reference's CIFAR-100 test-set mismatch is the default, behind a switch.
+    assert datasets.normalization("cifar100", "test") == datasets.IMAGENET_MEAN_STD
+    assert datasets.normalization("cifar100", "test", reference_cifar100_test=False) == \
+        datasets.CIFAR10_MEAN_STD
+    assert datasets.normalization("tiny_imagenet", "val") == datasets.IMAGENET_MEAN_STD
+    with pytest.raises(ValueError):
+        datasets.normalization("20news", "test")
+
+
+def test_gaussian_noise_corruption():
+    clean = np.full((200, 32, 32, 3), 128, np.uint8)
+    a = datasets.gaussian_noise(clean, severity=5, seed=3)
+    np.testing.assert_array_equal(a, datasets.gaussian_noise(clean, severity=5, seed=3))
+    assert not np.array_equal(a, datasets.gaussian_noise(clean, severity=5, seed=4))
+    noise = a.astype(np.float64) / 255 - 128 / 255
+    assert abs(noise.std() - 0.10) < 0.005  # severity 5: sigma = 0.10 (no clipping at mid-grey)
+    assert abs(noise.mean() + 0.5 / 255) < 0.002  # truncation to uint8 shifts by half a level
+    with pytest.raises(ValueError, match="`severity`"):
+        datasets.gaussian_noise(clean, severity=6)
+
+
+@needs_shared
+def test_real_cifar10_splits():
+    train = datasets.load("cifar10", "train")
+    val = datasets.load("cifar10", "val")
+    test = datasets.load("cifar10", "test")
+    assert (len(train), len(val), len(test)) == (45000, 5000, 10000)
+    assert train.inputs.shape[1:] == (32, 32, 3) and train.inputs.dtype == np.uint8
+    assert np.bincount(test.labels).tolist() == [1000] * 10
+    assert np.bincount(np.concatenate([train.labels, val.labels])).tolist() == [5000] * 10
+    # Disjoint: no validation image equals a training image (pixel hashes).
+    hashes = lambda x: {hash(im.tobytes()) for im in x}  # noqa: E731
+    assert not hashes(val.inputs) & hashes(train.inputs[:20000])
+    mean = train.inputs.reshape(-1, 3).mean(0) / 255
+    np.testing.assert_allclose(mean, datasets.CIFAR10_MEAN_STD[0], atol=0.003)
+    corrupted = datasets.load("cifar10_c", "test")
+    assert corrupted.extra["generated"] and len(corrupted) == 10000
+    np.testing.assert_array_equal(corrupted.labels, test.labels)
+
+
+@needs_shared
+def test_real_tiny_imagenet_and_text():
+    tin = datasets.load("tiny_imagenet", "val")
+    assert tin.inputs.shape == (10000, 64, 64, 3) and tin.val_is_test and tin.labels.max() == 199
+    news = {s: datasets.load("20news", s) for s in ("train", "val", "test")}
+    assert len(news["val"]) == 900
+    assert sum(len(d) for d in news.values()) == 11314 + 7532
+    assert news["train"].inputs.shape[1] == 1000 and news["train"].inputs.max() < 20000
+    sst = {s: datasets.load("sst", s) for s in ("train", "val", "test")}
+    assert [len(sst[s]) for s in ("train", "val", "test")] == [6920, 872, 1821]

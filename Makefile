@@ -11,6 +11,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+demo: $(VENV)/.installed
+	$(BIN)/python experiments/demo.py
+
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 

@@ -1,0 +1,92 @@
+"""Matplotlib figures of calibration results. Functions return the figure and
+never call ``show()``; they take the outputs of :mod:`calib_jax.metrics`.
+
+Uses the non-interactive Agg backend unless another one was chosen already,
+so that scripts and CI can save figures without a display.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib
+
+if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+    matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from calib_jax import metrics  # noqa: E402
+
+__all__ = ["reliability_diagram", "reliability_panel"]
+
+
+def _draw_reliability(ax, bins: metrics.ReliabilityBins, title: str, ece: float | None):
+    edges = np.asarray(bins.edges, np.float64)
+    count = np.asarray(bins.count)
+    acc = np.asarray(bins.accuracy, np.float64)
+    conf = np.asarray(bins.mean_confidence, np.float64)
+    filled = count > 0
+    widths = np.diff(edges)
+    lefts = edges[:-1]
+    ax.bar(lefts[filled], acc[filled], widths[filled], align="edge", color="#3b75af",
+           edgecolor="black", linewidth=0.6, label="accuracy")
+    # The gap between accuracy and mean confidence, hatched.
+    gap_bottom = np.minimum(acc, conf)[filled]
+    ax.bar(lefts[filled], np.abs(conf - acc)[filled], widths[filled], bottom=gap_bottom,
+           align="edge", color="#e8a0a0", alpha=0.7, edgecolor="#b03030", hatch="//",
+           linewidth=0.6, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="perfect calibration")
+    for left, width, c, n in zip(lefts[filled], widths[filled], acc[filled], count[filled]):
+        ax.text(left + width / 2, min(c + 0.02, 0.97), str(int(n)), ha="center", va="bottom",
+                fontsize=6, rotation=90)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    label = title if ece is None else f"{title}\nECE = {100 * ece:.2f}%"
+    ax.set_title(label, fontsize=9)
+    ax.legend(loc="upper left", fontsize=7, frameon=False)
+
+
+def reliability_diagram(bins: metrics.ReliabilityBins, *, title: str = "", ece: float | None = None,
+                        ax=None):
+    """Per-bin accuracy bars, the gap to mean confidence, and bin counts.
+
+    Args:
+      bins: from :func:`calib_jax.metrics.reliability_bins` (equal-width or
+        ``adaptive=True`` equal-mass bins).
+      title: axes title; ``ece`` (a fraction) is appended when given.
+      ax: an existing axes to draw on; a new figure otherwise.
+
+    Returns:
+      The matplotlib figure.
+    """
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(3.6, 3.6), constrained_layout=True)
+    else:
+        fig = ax.figure
+    _draw_reliability(ax, bins, title, ece)
+    return fig
+
+
+def reliability_panel(entries: Sequence[tuple[str, metrics.ReliabilityBins, float | None]], *,
+                      columns: int | None = None):
+    """Several reliability diagrams side by side, e.g. CE vs FLSD-53, before / after T.
+
+    Args:
+      entries: ``(title, bins, ece)`` per panel.
+      columns: panels per row (default: all in one row).
+    """
+    if not entries:
+        raise ValueError("`entries` is empty; pass at least one (title, bins, ece).")
+    columns = columns or len(entries)
+    rows = -(-len(entries) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 3.4 * rows),
+                             constrained_layout=True, squeeze=False)
+    for ax, (title, bins, ece) in zip(axes.flat, entries):
+        _draw_reliability(ax, bins, title, ece)
+    for ax in list(axes.flat)[len(entries):]:
+        ax.set_visible(False)
+    return fig

@@ -1,0 +1,82 @@
+"""calib_jax.train: loss names and reductions, optimiser recipe, a real step on tiny data."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from calib_jax import losses, models, train
+from calib_jax.data import pipeline
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def test_batch_loss_reductions_follow_reference():
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.standard_normal((16, 5)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 5, 16))
+    ce = losses.cross_entropy(z, y)
+    np.testing.assert_allclose(train.batch_loss("ce", z, y, 0), ce.sum(), rtol=1e-6)
+    np.testing.assert_allclose(train.batch_loss("brier", z, y, 0),
+                               losses.brier_score(z, y).mean(), rtol=1e-6)
+    np.testing.assert_allclose(train.batch_loss("mmce_weighted", z, y, 0),
+                               16 * (ce.mean() + 2 * losses.mmce_weighted(z, y)), rtol=1e-6)
+    np.testing.assert_allclose(train.batch_loss("flsc531", z, y, 120),
+                               losses.focal_loss(z, y, gamma=3.0).sum(), rtol=1e-6)
+    np.testing.assert_allclose(train.batch_loss("flsc531", z, y, 260),
+                               losses.focal_loss(z, y, gamma=1.0).sum(), rtol=1e-6)
+    for name in train.LOSS_NAMES:
+        assert np.isfinite(float(train.batch_loss(name, z, y, 0)))
+    with pytest.raises(ValueError, match="unknown loss"):
+        train.batch_loss("nll", z, y, 0)
+
+
+def test_learning_rate_schedule_and_early_decay():
+    lr = train.piecewise_lr(0.1, steps_per_epoch=10)
+    assert np.isclose(lr(1499), 0.1) and np.isclose(lr(1500), 0.01) and np.isclose(lr(2500), 0.001)
+    early = train.piecewise_lr(0.1, steps_per_epoch=10, early_decay=True)
+    assert np.isclose(early(1489), 0.1) and np.isclose(early(1490), 0.01)
+    assert np.isclose(early(2490), 0.001)
+
+
+def test_optimizer_is_clip_then_weight_decay_then_momentum():
+    tx = train.make_optimizer(0.1, momentum=0.9, weight_decay=0.5, clip_norm=1.0)
+    params = {"w": jnp.array([1.0, -2.0])}
+    grads = {"w": jnp.array([3.0, 4.0])}  # norm 5 -> clipped to [0.6, 0.8]
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)
+    np.testing.assert_allclose(updates["w"], -0.1 * (np.array([0.6, 0.8]) + 0.5 * np.array([1, -2])),
+                               rtol=1e-6)
+    updates, _ = tx.update(grads, state, params)  # momentum buffer: 0.9 * b + d
+    d = np.array([0.6, 0.8]) + 0.5 * np.array([1, -2])
+    np.testing.assert_allclose(updates["w"], -0.1 * (0.9 * d + d), rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss_name", train.LOSS_NAMES)
+def test_one_epoch_on_tiny_data_for_every_loss(loss_name):
+    rng = np.random.default_rng(0)
+    n, bs = 64, 16
+    # Learnable toy task: the label is which quadrant is brightest.
+    labels = rng.integers(0, 4, n)
+    images = rng.integers(0, 60, (n, 32, 32, 3)).astype(np.uint8)
+    for i, y in enumerate(labels):
+        images[i, (y // 2) * 16:(y // 2 + 1) * 16, (y % 2) * 16:(y % 2 + 1) * 16] += 150
+    model = models.get("resnet8", 4)
+    tx = train.make_optimizer(0.05)
+    state = train.create_train_state(jax.random.PRNGKey(0), model, tx, (1, 32, 32, 3))
+    x, y = pipeline.put_on_device(images, labels)
+    first = None
+    for epoch in range(1):
+        order = pipeline.epoch_order(0, epoch, n)
+        for step in range(pipeline.steps_per_epoch(n, bs)):
+            xb, yb = pipeline.train_batch(x, y, order, step, seed=0, epoch=epoch, batch_size=bs,
+                                          augment=False)
+            state, m = train.train_step(state, xb, yb, epoch, loss_name=loss_name, mean=MEAN,
+                                        std=STD)
+            m = jax.device_get(m)
+            assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])
+            first = m["loss"] if first is None else first
+    assert int(state.step) == 4
+    logits = train.predict(state, images, mean=MEAN, std=STD, batch_size=24)
+    assert logits.shape == (n, 4) and np.all(np.isfinite(logits))

@@ -1,9 +1,13 @@
 """Training building blocks: the paper's losses by name, the reference optimiser,
 a jitted train step over a Flax model, and batched evaluation.
 
-This module is single-process and single-device for now: the data-parallel
-mesh step, Orbax checkpoints and the experiment CLI are the training issue's
-work. What is here is already the reference recipe:
+Data parallelism is plain ``jax.jit`` over a ``('data',)`` mesh: put the
+state on the mesh replicated (:func:`replicate`) and the batch split over the
+data axis (:func:`batch_sharding`, e.g. from ``pipeline.train_batch``); XLA
+then all-reduces the gradients, and BatchNorm statistics and batch-coupled
+losses (MMCE) are computed over the **global** batch, exactly as on one
+device. Orbax checkpoints and the experiment CLI are the training issue's
+remaining work. What is here is already the reference recipe:
 
 * losses reduced as the reference does (sum for CE / focal / FLSD / FLSc /
   label smoothing, mean for Brier, ``N * (mean CE + lambda * MMCE_w)`` for MMCE);
@@ -28,8 +32,8 @@ import optax
 from calib_jax import losses
 from calib_jax.data import pipeline
 
-__all__ = ["LOSS_NAMES", "TrainState", "batch_loss", "create_train_state", "make_optimizer",
-           "piecewise_lr", "predict", "train_step"]
+__all__ = ["LOSS_NAMES", "TrainState", "batch_loss", "batch_sharding", "create_train_state",
+           "make_optimizer", "piecewise_lr", "predict", "replicate", "replicated", "train_step"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")
@@ -101,6 +105,21 @@ def create_train_state(rng, model, tx, input_shape) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                       apply_fn=model.apply, tx=tx)
+
+
+def replicated(mesh):
+    """Sharding that keeps a full copy on every device of ``mesh``."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def batch_sharding(mesh):
+    """Sharding that splits the leading (batch) axis over the mesh's ``data`` axis."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def replicate(state: TrainState, mesh) -> TrainState:
+    """``state`` with every array replicated over ``mesh``."""
+    return jax.device_put(state, replicated(mesh))
 
 
 @functools.partial(jax.jit, static_argnames=("loss_name", "mean", "std", "dtype"),

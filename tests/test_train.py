@@ -80,3 +80,39 @@ def test_one_epoch_on_tiny_data_for_every_loss(loss_name):
     assert int(state.step) == 4
     logits = train.predict(state, images, mean=MEAN, std=STD, batch_size=24)
     assert logits.shape == (n, 4) and np.all(np.isfinite(logits))
+
+
+def test_data_parallel_step_equals_single_device():
+    """jit + NamedSharding: replicated state, batch split over 4 CPU devices. Gradients,
+    BatchNorm statistics (global batch) and MMCE (global batch) must match one device."""
+    n_dev = len(jax.devices())
+    assert n_dev >= 2
+    rng = np.random.default_rng(1)
+    n, bs = 64, 32
+    images = rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8)
+    labels = rng.integers(0, 4, n)
+    model = models.get("resnet8", 4)
+    mesh = pipeline.data_mesh()
+    results = []
+    for sharded in (False, True):
+        tx = train.make_optimizer(0.05)
+        state = train.create_train_state(jax.random.PRNGKey(0), model, tx, (1, 32, 32, 3))
+        if sharded:
+            state = train.replicate(state, mesh)
+            x, y = pipeline.put_on_device(images, labels, train.replicated(mesh))
+            batch_sharding = train.batch_sharding(mesh)
+        else:
+            x, y = pipeline.put_on_device(images, labels)
+            batch_sharding = None
+        order = pipeline.epoch_order(0, 0, n)
+        for step in range(2):
+            xb, yb = pipeline.train_batch(x, y, order, step, seed=0, epoch=0, batch_size=bs,
+                                          sharding=batch_sharding)
+            state, m = train.train_step(state, xb, yb, 0, loss_name="mmce_weighted", mean=MEAN,
+                                        std=STD)
+            m = jax.device_get(m)  # wait for each sharded step (2-core CPU collectives)
+        results.append((jax.device_get(state.params), jax.device_get(state.batch_stats), m))
+    (p1, b1, m1), (p2, b2, m2) = results
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves((p1, b1)), jax.tree_util.tree_leaves((p2, b2))):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)

@@ -159,3 +159,215 @@ def predict(state: TrainState, images: np.ndarray, *, mean, std, batch_size: int
                                 jnp.asarray(images[batch.index]), tuple(mean), tuple(std), dtype)
         out.append(np.asarray(logits)[batch.mask])
     return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------
+# The training loop: config -> checkpoints in a work directory.
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def validate_config(config, num_devices: int) -> None:
+    """Raises ``ValueError`` naming the field for any bad value, before any compute."""
+    from calib_jax import models as model_zoo
+    from calib_jax.data import datasets
+
+    def bad(field, why):
+        raise ValueError(f"config.{field} = {config.get(field)!r}: {why}")
+
+    if config.loss not in LOSS_NAMES:
+        bad("loss", f"unknown loss; choose one of {LOSS_NAMES}")
+    if config.model not in model_zoo.names():
+        bad("model", f"unknown model; choose one of {model_zoo.names()}")
+    if config.dataset not in ("cifar10", "cifar100", "tiny_imagenet", "synthetic"):
+        bad("dataset", "image training supports cifar10, cifar100, tiny_imagenet, synthetic")
+    if not config.learning_rate > 0:
+        bad("learning_rate", "must be > 0")
+    if config.num_epochs < 1:
+        bad("num_epochs", "must be >= 1")
+    if config.batch_size < 1 or config.batch_size % num_devices:
+        bad("batch_size", f"must be a positive multiple of the {num_devices} devices")
+    if config.dtype not in _DTYPES:
+        bad("dtype", f"must be one of {sorted(_DTYPES)}")
+    if config.weight_decay < 0 or config.clip_norm < 0 or not 0 <= config.momentum < 1:
+        bad("weight_decay/clip_norm/momentum", "must be >= 0 (momentum in [0, 1))")
+    if config.gamma < 0:
+        bad("gamma", "must be >= 0")
+    if config.checkpoint_every_epochs < 1:
+        bad("checkpoint_every_epochs", "must be >= 1")
+    if list(config.lr_boundaries) != sorted(config.lr_boundaries):
+        bad("lr_boundaries", "must be increasing")
+    if config.train_subset < 0:
+        bad("train_subset", "must be >= 0 (0 = all)")
+    del datasets
+
+
+def maybe_initialize_distributed(force: bool = False) -> None:
+    """``jax.distributed.initialize()`` when the environment describes a cluster.
+
+    Triggered by ``force`` or by ``JAX_COORDINATOR_ADDRESS`` (with
+    ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``) in the environment; on TPU pods
+    and SLURM, ``initialize()`` finds the rest itself.
+    """
+    import os
+    if force or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs = {}
+        if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+            kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                          num_processes=int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+                          process_id=int(os.environ.get("JAX_PROCESS_ID", "0")))
+        jax.distributed.initialize(**kwargs)
+
+
+def _atomic_write_text(path, text: str) -> None:
+    import os
+    import tempfile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def _validation_metrics(state, images, labels, mean, std, dtype, batch_size) -> dict:
+    from calib_jax import metrics as cmetrics
+    logits = predict(state, images, mean=mean, std=std, dtype=dtype, batch_size=batch_size)
+    stats = cmetrics.update_stats(cmetrics.init_stats(logits.shape[1]), logits, labels)
+    values = cmetrics.metrics_from_stats(stats)
+    return {"val_accuracy": float(values["accuracy"]), "val_nll": float(values["nll"]),
+            "val_ece": float(values["ece"])}
+
+
+def state_for_config(config, num_classes: int, image_size: int, steps_per_epoch: int = 1):
+    """The initial :class:`TrainState` of a run (model, schedule and optimiser from ``config``).
+
+    Also the template to restore a run's checkpoints with (the evaluation pass).
+    """
+    from calib_jax import models as model_zoo
+    model = model_zoo.get(config.model, num_classes, dtype=_DTYPES[config.dtype])
+    tx = make_optimizer(piecewise_lr(config.learning_rate, steps_per_epoch,
+                                     tuple(config.lr_boundaries), config.lr_factor,
+                                     config.early_decay),
+                        momentum=config.momentum, weight_decay=config.weight_decay,
+                        clip_norm=config.clip_norm)
+    return create_train_state(jax.random.PRNGKey(config.seed), model, tx,
+                              (1, image_size, image_size, 3))
+
+
+def train_and_evaluate(config, workdir) -> TrainState:
+    """Trains ``config`` into ``workdir``, resuming from its latest checkpoint.
+
+    Writes ``config.json``, ``log.jsonl`` (one line per epoch: loss, train
+    accuracy, validation accuracy / NLL / ECE, images/s) and checkpoints
+    (:class:`calib_jax.checkpoints.RunCheckpoints`): every
+    ``checkpoint_every_epochs``, the final epoch, and the best validation
+    accuracy. Only process 0 writes logs. The run is deterministic given the
+    config: a restarted run continues with the same data order and random
+    numbers, so it ends with exactly the parameters of an uninterrupted run.
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    from calib_jax import checkpoints
+    from calib_jax.data import datasets
+
+    workdir = Path(workdir)
+    mesh = pipeline.data_mesh()
+    validate_config(config, mesh.size)
+    dtype = _DTYPES[config.dtype]
+    is_chief = jax.process_index() == 0
+    data_dir = config.data_dir or None
+    train_split = datasets.load(config.dataset, "train", data_dir=data_dir)
+    val_split = datasets.load(config.dataset, "val", data_dir=data_dir)
+    images, labels = train_split.inputs, train_split.labels
+    if config.train_subset:
+        subset = np.random.default_rng(config.seed).permutation(len(labels))[:config.train_subset]
+        images, labels = images[subset], labels[subset]
+    mean, std = (tuple(v) for v in datasets.normalization(config.dataset, "train"))
+    steps = pipeline.steps_per_epoch(len(labels), config.batch_size)
+    state = state_for_config(config, train_split.num_classes, images.shape[1], steps)
+    state = replicate(state, mesh)
+    ckpt = checkpoints.RunCheckpoints(workdir, keep=config.keep_checkpoints)
+    restored = ckpt.restore(state)
+    start_epoch, best_acc = 0, -1.0
+    if restored is not None:
+        state, meta = restored
+        start_epoch, best_acc = int(meta["epoch"]), float(meta.get("best_val_accuracy", -1.0))
+        if is_chief:
+            print(f"resumed from {workdir}/checkpoints/{start_epoch} (epoch {start_epoch})")
+    if is_chief:
+        _atomic_write_text(workdir / "config.json", config.to_json(indent=2))
+    x_dev, y_dev = pipeline.put_on_device(images, labels, replicated(mesh))
+    sharding = batch_sharding(mesh)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    for epoch in range(start_epoch, config.num_epochs):
+        order = pipeline.epoch_order(config.seed, epoch, len(labels))
+        start, loss_sum, correct = time.perf_counter(), 0.0, 0
+        pending = []
+        for step in range(steps):
+            xb, yb = pipeline.train_batch(x_dev, y_dev, order, step, seed=config.seed,
+                                          epoch=epoch, batch_size=config.batch_size,
+                                          augment=config.augment, sharding=sharding)
+            state, m = train_step(state, xb, yb, epoch, loss_name=config.loss, mean=mean, std=std,
+                                  dtype=dtype)
+            pending.append(m)
+            # On CPU, wait for each sharded step (unwaited collectives can deadlock);
+            # elsewhere, only at logging points so the host runs ahead of the device.
+            if on_cpu or (step + 1) % config.log_every_steps == 0 or step + 1 == steps:
+                for done in jax.device_get(pending):
+                    loss_sum += float(done["loss"])
+                    correct += int(done["correct"])
+                pending = []
+            if is_chief and ((step + 1) % config.log_every_steps == 0 or step + 1 == steps):
+                rate = (step + 1) * config.batch_size / (time.perf_counter() - start)
+                eta = (steps - step - 1 + steps * (config.num_epochs - epoch - 1)) \
+                    * config.batch_size / max(rate, 1e-9)
+                print(f"\repoch {epoch + 1}/{config.num_epochs} step {step + 1}/{steps} "
+                      f"{rate:,.0f} img/s, ETA {eta / 60:.1f} min", end="", flush=True)
+        seconds = time.perf_counter() - start
+        val = _validation_metrics(state, val_split.inputs, val_split.labels, mean, std, dtype,
+                                  config.eval_batch_size)
+        record = {"epoch": epoch + 1, "train_loss_per_image": loss_sum / (steps * config.batch_size),
+                  "train_accuracy": correct / (steps * config.batch_size),
+                  "images_per_second": steps * config.batch_size / seconds, **val}
+        improved = val["val_accuracy"] > best_acc
+        best_acc = max(best_acc, val["val_accuracy"])
+        done_epochs = epoch + 1
+        periodic = done_epochs % config.checkpoint_every_epochs == 0 or \
+            done_epochs == config.num_epochs
+        meta = {"best_val_accuracy": best_acc, "final": done_epochs == config.num_epochs}
+        if periodic or improved:
+            ckpt.save(done_epochs, state, meta, periodic=periodic,
+                      best_metrics={"val_accuracy": val["val_accuracy"]} if improved else None)
+        if is_chief:
+            print(f"\repoch {done_epochs}/{config.num_epochs}: loss/img "
+                  f"{record['train_loss_per_image']:.4f} train acc {record['train_accuracy']:.4f} "
+                  f"val acc {val['val_accuracy']:.4f} val NLL {val['val_nll']:.4f} "
+                  f"val ECE {val['val_ece']:.4f} ({record['images_per_second']:,.0f} img/s)")
+            with open(workdir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+    ckpt.close()
+    return state
+
+
+def main(argv=None):
+    """``python -m calib_jax.train --config path.py[:k=v,...] --workdir DIR [--config.k=v]``."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    flags_ = flags.FLAGS
+    config_flags.DEFINE_config_file("config", None, "Training config file (path[:overrides]).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def run(_):
+        maybe_initialize_distributed(flags_.distributed)
+        train_and_evaluate(flags_.config, flags_.workdir)
+
+    app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -116,3 +116,92 @@ def test_data_parallel_step_equals_single_device():
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves((p1, b1)), jax.tree_util.tree_leaves((p2, b2))):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+# ---------------------------------------------------------------- the training loop
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "experiments" / "configs" / "cifar10.py")
+SMOKE = "dataset=synthetic,model=resnet8,num_epochs=3,batch_size=64,checkpoint_every_epochs=1"
+
+
+def load_config(arg):
+    sys.path.insert(0, str(REPO / "experiments" / "configs"))
+    try:
+        import cifar10
+        return cifar10.get_config(arg)
+    finally:
+        sys.path.pop(0)
+
+
+def run_cli(workdir, *extra, wait=True):
+    cmd = [sys.executable, "-m", "calib_jax.train", f"--config={CONFIG}:{SMOKE}",
+           f"--workdir={workdir}", *extra]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    if wait:
+        return subprocess.run(["timeout", "-k", "10", "300", *cmd], env=env, capture_output=True,
+                              text=True, cwd=REPO)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=REPO)
+
+
+def final_params(workdir):
+    config = load_config(SMOKE)
+    from calib_jax import checkpoints
+    state = train.state_for_config(config, 4, 32)
+    restored, meta = checkpoints.RunCheckpoints(workdir).restore(state)
+    assert meta["epoch"] == config.num_epochs and meta["final"]
+    return jax.device_get(restored.params), jax.device_get(restored.opt_state)
+
+
+def test_sigkill_and_restart_gives_exactly_the_uninterrupted_parameters(tmp_path):
+    whole = run_cli(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = tmp_path / "killed"
+    proc = run_cli(killed, wait=False)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "1").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "1").exists()
+    resumed = run_cli(killed)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a, b = final_params(tmp_path / "whole"), final_params(killed)
+    from calib_jax import checkpoints
+    assert checkpoints.tree_equal(a, b)
+    log = (killed / "log.jsonl").read_text().splitlines()
+    assert json_epochs(log)[-1] == 3
+
+
+def json_epochs(lines):
+    import json
+    return [json.loads(line)["epoch"] for line in lines]
+
+
+@pytest.mark.parametrize("override,field", [
+    ("loss=focal_loss", "loss"), ("model=resnet51", "model"), ("learning_rate=-0.1", "learning_rate"),
+    ("batch_size=6", "batch_size"), ("dtype=float16", "dtype"), ("num_epochs=0", "num_epochs"),
+])
+def test_bad_config_fails_before_any_compute(override, field, tmp_path, monkeypatch):
+    config = load_config(SMOKE + "," + override)
+    from calib_jax.data import datasets
+    monkeypatch.setattr(datasets, "load", lambda *a, **k: pytest.fail("data was loaded"))
+    with pytest.raises(ValueError, match=f"config.{field}"):
+        train.train_and_evaluate(config, tmp_path)  # 4 CPU devices: batch 6 is not divisible
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_config_field_is_rejected():
+    with pytest.raises(ValueError, match="unknown config field 'lossy'"):
+        load_config("lossy=ce")

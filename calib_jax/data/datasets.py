@@ -10,7 +10,8 @@
 | ``cifar10_c`` | test 10,000 | Gaussian noise, severity 5: official files if present, else generated from the CIFAR-10 test set |
 | ``tiny_imagenet`` | train 100,000 / val = test 10,000 | the reference tunes T on the official val split, which is also its test set (``Dataset.val_is_test``) |
 | ``20news`` | train / val / test | reference split: shuffle with seed 1, last 20 % test, 900 before it val |
-| ``sst`` | train / val / test | binary: neutral roots dropped; trees in ``Dataset.trees`` |
+| ``sst`` | train / val / test | binary: neutral roots dropped; trees in ``Dataset.extra["trees"]`` |
+| ``synthetic`` | train 512 / val 128 / test 256 | a generated 4-class image task for smoke tests |
 
 Sources (``source=``): ``"local"`` reads ``<data_dir>/<folder>`` (see
 :mod:`calib_jax.data.sources`), ``"tfds"`` a prepared TFDS data set,
@@ -79,7 +80,7 @@ def normalization(name: str, split: str, *, reference_cifar100_test: bool = True
         return IMAGENET_MEAN_STD
     if name == "tiny_imagenet":
         return IMAGENET_MEAN_STD
-    if name in ("cifar10", "cifar100", "svhn", "cifar10_c"):
+    if name in ("cifar10", "cifar100", "svhn", "cifar10_c", "synthetic"):
         return CIFAR10_MEAN_STD
     raise ValueError(f"no image normalisation for {name!r}")
 
@@ -112,7 +113,7 @@ def gaussian_noise(images: np.ndarray, *, severity: int = 5, seed: int = 0) -> n
 
 _TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped"}
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "cifar10_c": 10,
-                "tiny_imagenet": 200, "20news": 20, "sst": 2}
+                "tiny_imagenet": 200, "20news": 20, "sst": 2, "synthetic": 4}
 
 
 def names() -> list[str]:
@@ -265,6 +266,28 @@ def _sst(split, data_dir):
                    extra={"trees": parsed, "vocab": vocab})
 
 
+_SYNTHETIC_SIZES = {"train": 512, "val": 128, "test": 256}
+
+
+def _synthetic(split, num_classes=4, seed=0):
+    """A small learnable image task for smoke tests and CPU checks (not a benchmark).
+
+    32x32 RGB noise with the class written as a bright quadrant / stripe pattern;
+    deterministic given ``seed`` and the split.
+    """
+    _check_split("synthetic", split, tuple(_SYNTHETIC_SIZES))
+    n = _SYNTHETIC_SIZES[split]
+    rng = np.random.default_rng([seed, ("train", "val", "test").index(split)])
+    labels = rng.integers(0, num_classes, n).astype(np.int32)
+    images = rng.integers(0, 80, (n, 32, 32, 3)).astype(np.uint8)
+    for i, y in enumerate(labels):
+        rows = slice((y % 2) * 16, (y % 2 + 1) * 16)
+        cols = slice((y // 2 % 2) * 16, (y // 2 % 2 + 1) * 16)
+        images[i, rows, cols, y % 3] += 150
+    return Dataset("synthetic", split, images, labels, num_classes, "generated",
+                   extra={"generated": True})
+
+
 def load(name: str, split: str, *, data_dir=None, source: str = "auto", **options) -> Dataset:
     """Loads one split of a data set by name (see the module docstring).
 
@@ -291,6 +314,8 @@ def load(name: str, split: str, *, data_dir=None, source: str = "auto", **option
         return _tiny_imagenet(split, data_dir, source)
     if name == "20news":
         return _20news(split, data_dir)
+    if name == "synthetic":
+        return _synthetic(split, **options)
     if name == "sst":
         return _sst(split, data_dir)
     raise ValueError(f"unknown data set {name!r}; choose one of {names()}.")

@@ -1,0 +1,131 @@
+"""Orbax checkpoints of a training run: periodic + final, and the best by validation accuracy.
+
+Layout under a run's work directory::
+
+    checkpoints/<epoch>/   state (params, batch_stats, opt_state, step) + meta (JSON)
+    best/<epoch>/          the checkpoint with the highest validation accuracy
+
+``<epoch>`` counts *completed* epochs. Orbax writes each checkpoint into a
+temporary directory and renames it when complete, so a run killed at any
+moment leaves either a whole checkpoint or none; unfinished temporary
+directories are ignored. A finished checkpoint that cannot be read back
+(truncated or corrupted files) is skipped with a warning and the previous one
+is used: it is never loaded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+__all__ = ["RunCheckpoints", "state_to_tree"]
+
+
+def state_to_tree(state) -> dict:
+    """The checkpointed part of a :class:`calib_jax.train.TrainState`."""
+    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state}
+
+
+def _manager(directory: Path, **options) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        directory.resolve(),
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False,
+                                             **options),
+        item_names=("state", "meta"))
+
+
+class RunCheckpoints:
+    """Saves and restores a run's checkpoints (see the module docstring).
+
+    Args:
+      workdir: the run's directory.
+      keep: periodic checkpoints to keep (the final one is one of them).
+    """
+
+    def __init__(self, workdir, *, keep: int = 3):
+        self.workdir = Path(workdir)
+        self.latest = _manager(self.workdir / "checkpoints", max_to_keep=keep)
+        self.best = _manager(self.workdir / "best", max_to_keep=1,
+                             best_fn=lambda m: m["val_accuracy"], best_mode="max",
+                             keep_checkpoints_without_metrics=False)
+
+    def save(self, epoch: int, state, meta: dict, *, best_metrics: dict | None = None,
+             periodic: bool = True):
+        """Writes the state after ``epoch`` completed epochs.
+
+        ``periodic`` saves under ``checkpoints/``; ``best_metrics`` (with a
+        ``val_accuracy``) offers it to ``best/``, which keeps the highest.
+        """
+        tree = state_to_tree(state)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                  meta=ocp.args.JsonSave(dict(meta, epoch=epoch)))
+        if periodic:
+            self.latest.save(epoch, args=args, force=True)
+            self.latest.wait_until_finished()
+        if best_metrics is not None:
+            self.best.save(epoch, args=args, metrics=best_metrics, force=True)
+            self.best.wait_until_finished()
+
+    def _restore_from(self, manager, step, template_state):
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                          state_to_tree(template_state))
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        tree = restored["state"]
+        state = template_state.replace(step=tree["step"], params=tree["params"],
+                                       batch_stats=tree["batch_stats"],
+                                       opt_state=tree["opt_state"])
+        return state, dict(restored["meta"])
+
+    def restore(self, template_state, which: str | int = "latest"):
+        """Restores ``(state, meta)`` or returns None when there is nothing to restore.
+
+        Args:
+          template_state: a freshly created state: gives structure, shapes,
+            dtypes and shardings.
+          which: ``"latest"`` (newest readable periodic checkpoint), ``"best"``,
+            or an epoch number.
+        """
+        manager = self.best if which == "best" else self.latest
+        steps = sorted(manager.all_steps(), reverse=True)
+        if isinstance(which, int) or (isinstance(which, str) and which.isdigit()):
+            if int(which) not in steps:
+                raise FileNotFoundError(
+                    f"no checkpoint for epoch {which} in {self.latest.directory}; have {sorted(steps)}")
+            steps = [int(which)]
+        for step in steps:
+            try:
+                return self._restore_from(manager, step, template_state)
+            except ValueError as e:
+                if "tree structures do not match" in str(e) or "shape" in str(e).lower() and \
+                        "mismatch" in str(e).lower():
+                    # Not damage: the run directory belongs to another configuration.
+                    # Refuse rather than skip, so that nothing saved is overwritten.
+                    raise ValueError(
+                        f"checkpoint {manager.directory}/{step} was written by a different "
+                        f"model / optimiser configuration than the one being restored; use a "
+                        f"new work directory (or the original config). Details: {str(e)[:300]}"
+                    ) from e
+                warnings.warn(f"checkpoint {manager.directory}/{step} could not be read "
+                              f"({type(e).__name__}: {str(e)[:200]}); skipping it.", RuntimeWarning)
+            except Exception as e:  # a corrupt or partial checkpoint: never load it
+                warnings.warn(f"checkpoint {manager.directory}/{step} could not be read "
+                              f"({type(e).__name__}: {str(e)[:200]}); skipping it.", RuntimeWarning)
+        return None
+
+    def close(self):
+        self.latest.close()
+        self.best.close()
+
+
+def tree_equal(a: Any, b: Any) -> bool:
+    """Exact equality of two pytrees of arrays (for resume tests and checks)."""
+    import numpy as np
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
+                                      for x, y in zip(la, lb))

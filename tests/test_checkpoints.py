@@ -1,0 +1,71 @@
+"""calib_jax.checkpoints: round trip, best tracking, corrupt checkpoints never loaded."""
+
+import jax
+import numpy as np
+import pytest
+
+from calib_jax import checkpoints, models, train
+
+
+def small_state(seed=0):
+    model = models.get("resnet8", 4)
+    return train.create_train_state(jax.random.PRNGKey(seed), model, train.make_optimizer(0.1),
+                                    (1, 32, 32, 3))
+
+
+def test_round_trip_and_best(tmp_path):
+    ckpt = checkpoints.RunCheckpoints(tmp_path, keep=2)
+    template = small_state(0)
+    states = {e: small_state(e) for e in (1, 2, 3)}
+    ckpt.save(1, states[1], {"note": "a"}, best_metrics={"val_accuracy": 0.5})
+    ckpt.save(2, states[2], {"note": "b"}, best_metrics={"val_accuracy": 0.7})
+    ckpt.save(3, states[3], {"note": "c"}, best_metrics={"val_accuracy": 0.6})
+    state, meta = ckpt.restore(template)
+    assert meta == {"note": "c", "epoch": 3}
+    assert checkpoints.tree_equal(checkpoints.state_to_tree(state),
+                                  checkpoints.state_to_tree(states[3]))
+    best, meta = ckpt.restore(template, "best")
+    assert meta["epoch"] == 2
+    assert checkpoints.tree_equal(best.params, states[2].params)
+    assert sorted(ckpt.latest.all_steps()) == [2, 3]  # keep=2
+    with pytest.raises(FileNotFoundError, match="epoch 1"):
+        ckpt.restore(template, 1)
+    ckpt.close()
+
+
+def test_nothing_to_restore(tmp_path):
+    assert checkpoints.RunCheckpoints(tmp_path).restore(small_state()) is None
+
+
+def test_corrupt_checkpoint_is_skipped_with_warning(tmp_path):
+    ckpt = checkpoints.RunCheckpoints(tmp_path, keep=5)
+    ckpt.save(1, small_state(1), {})
+    ckpt.save(2, small_state(2), {})
+    ckpt.close()
+    # Damage every data file of the newest checkpoint.
+    damaged = 0
+    for path in (tmp_path / "checkpoints" / "2").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0 and "meta" not in str(path):
+            path.write_bytes(b"\0garbage" * 3)
+            damaged += 1
+    assert damaged
+    # A half-written checkpoint (Orbax temporary directory) is ignored as well.
+    (tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-123").mkdir()
+    ckpt = checkpoints.RunCheckpoints(tmp_path, keep=5)
+    with pytest.warns(RuntimeWarning, match="could not be read"):
+        restored = ckpt.restore(small_state(0))
+    state, meta = restored
+    assert meta["epoch"] == 1
+    assert checkpoints.tree_equal(state.params, small_state(1).params)
+    ckpt.close()
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path):
+    ckpt = checkpoints.RunCheckpoints(tmp_path)
+    ckpt.save(1, small_state(), {})
+    other = train.create_train_state(jax.random.PRNGKey(0), models.get("resnet8", 4),
+                                     train.make_optimizer(train.piecewise_lr(0.1, 10)),
+                                     (1, 32, 32, 3))
+    with pytest.raises(ValueError, match="different model / optimiser configuration"):
+        ckpt.restore(other)
+    ckpt.close()

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["RunCheckpoints", "state_to_tree"]
+__all__ = ["RunCheckpoints", "state_to_tree", "tree_equal"]
 
 
 def state_to_tree(state) -> dict:

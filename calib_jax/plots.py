@@ -19,7 +19,8 @@ import numpy as np  # noqa: E402
 
 from calib_jax import metrics  # noqa: E402
 
-__all__ = ["reliability_diagram", "reliability_panel"]
+__all__ = ["confidence_histogram", "reliability_diagram", "reliability_panel", "roc_curves",
+           "temperature_curves"]
 
 
 def _draw_reliability(ax, bins: metrics.ReliabilityBins, title: str, ece: float | None):
@@ -89,4 +90,67 @@ def reliability_panel(entries: Sequence[tuple[str, metrics.ReliabilityBins, floa
         _draw_reliability(ax, bins, title, ece)
     for ax in list(axes.flat)[len(entries):]:
         ax.set_visible(False)
+    return fig
+
+
+def confidence_histogram(confidences, correct, *, num_bins: int = 15, title: str = "", ax=None):
+    """Histogram of top-label confidences, with the accuracy and mean-confidence lines.
+
+    Args:
+      confidences: ``[N]`` max softmax probabilities.
+      correct: ``[N]`` booleans (prediction == label).
+    """
+    conf = np.asarray(confidences, np.float64)
+    acc = float(np.mean(np.asarray(correct, bool)))
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(3.6, 3.0), constrained_layout=True)
+    else:
+        fig = ax.figure
+    ax.hist(conf, bins=np.linspace(0, 1, num_bins + 1), weights=np.full(conf.shape, 1 / conf.size),
+            color="#3b75af", edgecolor="black", linewidth=0.6)
+    ax.axvline(acc, color="black", linestyle="--", label=f"accuracy {acc:.3f}")
+    ax.axvline(conf.mean(), color="#b03030", linestyle="-",
+               label=f"mean confidence {conf.mean():.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("fraction of samples")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, frameon=False, loc="upper left")
+    return fig
+
+
+def roc_curves(curves, *, title: str = "", ax=None):
+    """ROC curves from :func:`calib_jax.ood.roc_curve`: ``{label: (RocCurve, auroc)}``."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(3.6, 3.6), constrained_layout=True)
+    else:
+        fig = ax.figure
+    for label, (curve, auroc) in curves.items():
+        ax.plot(curve.fpr, curve.tpr, label=f"{label} (AUROC {100 * auroc:.2f}%)", linewidth=1.2)
+    ax.plot([0, 1], [0, 1], ":", color="gray", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    return fig
+
+
+def temperature_curves(search, *, title: str = ""):
+    """ECE and NLL against temperature from :func:`calib_jax.calibration.temperature_grid_search`."""
+    temps = np.asarray(search.temperatures, np.float64)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3), constrained_layout=True)
+    for ax, values, name in ((left, search.ece, "ECE"), (right, search.nll, "NLL")):
+        values = np.asarray(values, np.float64)
+        ax.plot(temps, values, color="#3b75af")
+        best = int(np.argmin(values))
+        ax.axvline(temps[best], color="#b03030", linestyle="--",
+                   label=f"min at T = {temps[best]:.1f}")
+        ax.axvline(float(search.temperature), color="black", linestyle=":",
+                   label=f"chosen T = {float(search.temperature):.1f}")
+        ax.set_xlabel("temperature")
+        ax.set_ylabel(name)
+        ax.legend(fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=9)
     return fig

@@ -80,7 +80,7 @@ def normalization(name: str, split: str, *, reference_cifar100_test: bool = True
         return IMAGENET_MEAN_STD
     if name == "tiny_imagenet":
         return IMAGENET_MEAN_STD
-    if name in ("cifar10", "cifar100", "svhn", "cifar10_c", "synthetic"):
+    if name in ("cifar10", "cifar100", "svhn", "cifar10_c", "synthetic", "synthetic_c"):
         return CIFAR10_MEAN_STD
     raise ValueError(f"no image normalisation for {name!r}")
 
@@ -113,7 +113,7 @@ def gaussian_noise(images: np.ndarray, *, severity: int = 5, seed: int = 0) -> n
 
 _TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped"}
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "cifar10_c": 10,
-                "tiny_imagenet": 200, "20news": 20, "sst": 2, "synthetic": 4}
+                "tiny_imagenet": 200, "20news": 20, "sst": 2, "synthetic": 4, "synthetic_c": 4}
 
 
 def names() -> list[str]:
@@ -316,6 +316,10 @@ def load(name: str, split: str, *, data_dir=None, source: str = "auto", **option
         return _20news(split, data_dir)
     if name == "synthetic":
         return _synthetic(split, **options)
+    if name == "synthetic_c":  # OOD partner of "synthetic": its test set with Gaussian noise
+        clean = _synthetic(split, **options)
+        return Dataset("synthetic_c", split, gaussian_noise(clean.inputs, severity=5),
+                       clean.labels, clean.num_classes, "generated", extra={"generated": True})
     if name == "sst":
         return _sst(split, data_dir)
     raise ValueError(f"unknown data set {name!r}; choose one of {names()}.")

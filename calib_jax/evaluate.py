@@ -1,0 +1,211 @@
+"""The evaluation pass: checkpoint -> logits -> temperature search -> calibration report.
+
+``python -m calib_jax.evaluate --workdir runs/X [--checkpoint final|best|latest|EPOCH]
+[--criterion ece|nll] [--out DIR] [--data_dir DIR]``
+
+Reads the run's ``config.json``, restores the requested checkpoint, computes
+logits on the validation, test and OOD sets (SVHN test and CIFAR-10-C Gaussian
+noise for CIFAR runs; a set that is not available is skipped and recorded as
+such), picks the temperature on the validation split (the reference's
+100-point grid by ECE by default; the NLL grid and the continuous NLL fit are
+reported too), and reports on the test split before and after scaling:
+error, NLL, ECE, AdaECE, classwise ECE, MCE, and OOD AUROC with the entropy
+and confidence scores. Writes ``results.json``, ``results.md``, reliability
+diagrams, confidence histograms, temperature curves and ROC curves (PNG) to
+``--out`` (default ``<workdir>/eval_<checkpoint>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from calib_jax import calibration, checkpoints, metrics, ood, plots, train
+from calib_jax.data import datasets
+
+__all__ = ["evaluate_run", "markdown_report", "main"]
+
+OOD_SETS = {"cifar10": ("svhn", "cifar10_c"), "cifar100": ("svhn", "cifar10_c"),
+            "synthetic": ("synthetic_c",)}
+METRIC_NAMES = ("error", "nll", "ece", "adaptive_ece", "classwise_ece", "mce")
+
+
+def load_run_config(workdir) -> ml_collections.ConfigDict:
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a calib_jax training run?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_checkpoint(config, workdir, which: str, num_classes: int, image_size: int):
+    template = train.state_for_config(config, num_classes, image_size)
+    ckpt = checkpoints.RunCheckpoints(workdir)
+    try:
+        which_key = "latest" if which == "final" else which
+        restored = ckpt.restore(template, int(which_key) if which_key.isdigit() else which_key)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no readable {which!r} checkpoint in {workdir}")
+    state, meta = restored
+    if which == "final" and not meta.get("final"):
+        raise ValueError(f"the run in {workdir} has not finished (latest checkpoint: epoch "
+                         f"{meta['epoch']} of {config.num_epochs}); pass --checkpoint latest "
+                         f"to evaluate it anyway.")
+    return state, meta
+
+
+def _ood_scores(test_logits, ood_logits):
+    return {"entropy": float(ood.auroc(test_logits, ood_logits, score="entropy")),
+            "confidence": float(ood.auroc(test_logits, ood_logits, score="confidence"))}
+
+
+def evaluate_run(workdir, *, which: str = "final", criterion: str = "ece", out=None,
+                 data_dir=None) -> dict:
+    """Runs the evaluation pass (see the module docstring) and returns the results dict."""
+    if criterion not in calibration.CRITERIA:
+        raise ValueError(f"`criterion` must be one of {calibration.CRITERIA}, got {criterion!r}.")
+    workdir = Path(workdir)
+    config = load_run_config(workdir)
+    data_dir = data_dir or config.get("data_dir") or None
+    dtype = train._DTYPES[config.dtype]
+    val = datasets.load(config.dataset, "val", data_dir=data_dir)
+    test = datasets.load(config.dataset, "test", data_dir=data_dir)
+    state, meta = restore_checkpoint(config, workdir, which, val.num_classes, val.inputs.shape[1])
+
+    def logits_of(ds, split_for_norm):
+        mean, std = datasets.normalization(
+            config.dataset if ds.name == config.dataset else ds.name, split_for_norm,
+            reference_cifar100_test=config.get("reference_cifar100_test_norm", True))
+        return train.predict(state, ds.inputs, mean=tuple(mean), std=tuple(std), dtype=dtype,
+                             batch_size=config.eval_batch_size)
+
+    val_logits = logits_of(val, "train")  # val is part of the training images
+    test_logits = logits_of(test, "test")
+    ood_logits, skipped = {}, {}
+    for name in OOD_SETS.get(config.dataset, ()):
+        try:
+            ood_ds = datasets.load(name, "test", data_dir=data_dir)
+        except datasets.DataNotFoundError as e:
+            skipped[name] = str(e).splitlines()[0][:300]
+            continue
+        ood_logits[name] = logits_of(ood_ds, "test")
+
+    search = calibration.temperature_grid_search(val_logits, val.labels, criterion=criterion)
+    search_other = calibration.temperature_grid_search(
+        val_logits, val.labels, criterion="nll" if criterion == "ece" else "ece")
+    fit = calibration.fit_temperature(val_logits, val.labels)
+    t = float(search.temperature)
+    report = {}
+    for tag, scale in (("before", 1.0), ("after", t)):
+        z = calibration.apply_temperature(test_logits, scale)
+        values = {k: float(v) for k, v in metrics.summary(z, test.labels).items()}
+        values["ood_auroc"] = {name: _ood_scores(z, calibration.apply_temperature(o, scale))
+                               for name, o in ood_logits.items()}
+        report[tag] = values
+    results = {
+        "workdir": str(workdir), "checkpoint": which, "epoch": meta["epoch"],
+        "config": json.loads(config.to_json()),
+        "data": {"val": val.source, "test": test.source, "val_is_test": val.val_is_test,
+                 "ood_skipped": skipped},
+        "temperature": {"criterion": criterion, "value": t, "grid_index": int(search.index),
+                        f"grid_{'nll' if criterion == 'ece' else 'ece'}":
+                            float(search_other.temperature),
+                        "nll_fit": float(fit.temperature)},
+        "test": report,
+    }
+    out = Path(out) if out else workdir / f"eval_{which}"
+    out.mkdir(parents=True, exist_ok=True)
+    train._atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    train._atomic_write_text(out / "results.md", markdown_report(results) + "\n")
+    _write_plots(out, test_logits, test.labels, t, search, ood_logits)
+    return results
+
+
+def _write_plots(out: Path, test_logits, labels, t, search, ood_logits):
+    import matplotlib.pyplot as plt
+
+    entries, scaled = [], {}
+    for tag, scale in (("T = 1", 1.0), (f"T = {t:.1f}", t)):
+        z = calibration.apply_temperature(test_logits, scale)
+        scaled[tag] = z
+        entries.append((tag, metrics.reliability_bins(z, labels), float(metrics.ece(z, labels))))
+    for adaptive, name in ((False, "reliability.png"), (True, "reliability_equal_mass.png")):
+        panel = [(f"{title} ({'equal mass' if adaptive else 'equal width'})",
+                  metrics.reliability_bins(scaled[title], labels, adaptive=adaptive), ece)
+                 for title, _, ece in entries]
+        fig = plots.reliability_panel(panel)
+        fig.savefig(out / name, dpi=130)
+        plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3), constrained_layout=True)
+    for ax, (tag, z) in zip(axes, scaled.items()):
+        conf = np.asarray(ood.confidence(z))
+        plots.confidence_histogram(conf, np.argmax(np.asarray(z), 1) == np.asarray(labels),
+                                   title=tag, ax=ax)
+    fig.savefig(out / "confidence_histogram.png", dpi=130)
+    plt.close(fig)
+    fig = plots.temperature_curves(search, title="validation set")
+    fig.savefig(out / "temperature_curves.png", dpi=130)
+    plt.close(fig)
+    for name, o in ood_logits.items():
+        curves = {}
+        for tag, scale in (("T = 1", 1.0), (f"T = {t:.1f}", t)):
+            zi = calibration.apply_temperature(test_logits, scale)
+            zo = calibration.apply_temperature(o, scale)
+            curves[tag] = (ood.roc_curve(zi, zo, score="entropy"),
+                           float(ood.auroc(zi, zo, score="entropy")))
+        fig = plots.roc_curves(curves, title=f"OOD: {name} (entropy score)")
+        fig.savefig(out / f"roc_{name}.png", dpi=130)
+        plt.close(fig)
+
+
+def markdown_report(results: dict) -> str:
+    """The results as a markdown table (percent; NLL as is)."""
+    before, after = results["test"]["before"], results["test"]["after"]
+    t = results["temperature"]
+    lines = [f"Run `{results['workdir']}`, checkpoint {results['checkpoint']} (epoch "
+             f"{results['epoch']}); T = {t['value']:.2f} chosen on the validation split by "
+             f"{t['criterion'].upper()} (NLL-fit T = {t['nll_fit']:.3f}).",
+             "", "| metric | before T | after T |", "| --- | --- | --- |"]
+    for name in METRIC_NAMES:
+        scale = 1.0 if name == "nll" else 100.0
+        fmt = "{:.4f}" if name == "nll" else "{:.2f}"
+        lines.append(f"| {name} | {fmt.format(scale * before[name])} | "
+                     f"{fmt.format(scale * after[name])} |")
+    for ood_name, scores in before["ood_auroc"].items():
+        for score in ("entropy", "confidence"):
+            lines.append(f"| OOD AUROC {ood_name} ({score}) | {100 * scores[score]:.2f} | "
+                         f"{100 * after['ood_auroc'][ood_name][score]:.2f} |")
+    if results["data"]["val_is_test"]:
+        lines.append("\nNote: the validation split is the test split (as in the reference).")
+    for name, why in results["data"]["ood_skipped"].items():
+        lines.append(f"\nOOD set {name} skipped: {why}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--checkpoint", default="final",
+                        help="final (default), best, latest, or an epoch number")
+    parser.add_argument("--criterion", default="ece", choices=list(calibration.CRITERIA))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--data_dir", default=None)
+    args = parser.parse_args(argv)
+    if args.checkpoint not in ("final", "best", "latest") and not args.checkpoint.isdigit():
+        parser.error("--checkpoint must be final, best, latest or an epoch number")
+    results = evaluate_run(args.workdir, which=args.checkpoint, criterion=args.criterion,
+                           out=args.out, data_dir=args.data_dir)
+    print(markdown_report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

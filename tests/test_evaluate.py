@@ -1,0 +1,83 @@
+"""calib_jax.evaluate: the evaluation pass on a saved checkpoint of a tiny run."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calib_jax import evaluate, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+    sys.path.insert(0, str(REPO / "experiments" / "configs"))
+    try:
+        import cifar10
+        config = cifar10.get_config("dataset=synthetic,model=resnet8,num_epochs=2,batch_size=64,"
+                                    "checkpoint_every_epochs=1,eval_batch_size=128")
+    finally:
+        sys.path.pop(0)
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    train.train_and_evaluate(tiny_config(), workdir)
+    return workdir
+
+
+def test_evaluation_pass_writes_report(run_dir):
+    results = evaluate.evaluate_run(run_dir, which="final")
+    out = run_dir / "eval_final"
+    for name in ("results.json", "results.md", "reliability.png", "reliability_equal_mass.png",
+                 "confidence_histogram.png", "temperature_curves.png", "roc_synthetic_c.png"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["epoch"] == 2 and saved["temperature"]["criterion"] == "ece"
+    for tag in ("before", "after"):
+        values = saved["test"][tag]
+        for key in evaluate.METRIC_NAMES:
+            assert 0 <= values[key] < 10 and np.isfinite(values[key])
+        assert set(values["ood_auroc"]["synthetic_c"]) == {"entropy", "confidence"}
+    assert saved["test"]["before"]["error"] == saved["test"]["after"]["error"]
+    t = saved["temperature"]["value"]
+    assert 0.1 <= t <= 10 and saved["temperature"]["nll_fit"] > 0
+    assert results["test"]["after"]["ece"] <= results["test"]["before"]["ece"] + 0.05
+    assert "| ece |" in (out / "results.md").read_text()
+
+
+def test_evaluate_best_and_epoch_checkpoints(run_dir, tmp_path):
+    best = evaluate.evaluate_run(run_dir, which="best", out=tmp_path / "best", criterion="nll")
+    assert best["temperature"]["criterion"] == "nll" and best["epoch"] in (1, 2)
+    first = evaluate.evaluate_run(run_dir, which="1", out=tmp_path / "one")
+    assert first["epoch"] == 1
+    with pytest.raises(FileNotFoundError, match="epoch 7"):
+        evaluate.evaluate_run(run_dir, which="7", out=tmp_path / "seven")
+
+
+def test_unfinished_run_needs_latest(tmp_path):
+    config = tiny_config(num_epochs=3)
+    from calib_jax import checkpoints
+    state = train.state_for_config(config, 4, 32)
+    (tmp_path / "config.json").write_text(config.to_json())
+    ckpt = checkpoints.RunCheckpoints(tmp_path)
+    ckpt.save(1, state, {"final": False})
+    ckpt.close()
+    with pytest.raises(ValueError, match="has not finished"):
+        evaluate.evaluate_run(tmp_path, which="final")
+    assert evaluate.evaluate_run(tmp_path, which="latest")["epoch"] == 1
+
+
+def test_cli_and_bad_arguments(run_dir, tmp_path, capsys):
+    assert evaluate.main(["--workdir", str(run_dir), "--out", str(tmp_path / "cli")]) == 0
+    assert "| error |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluate.main(["--workdir", str(run_dir), "--checkpoint", "newest"])
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        evaluate.evaluate_run(tmp_path / "empty")

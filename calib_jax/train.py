@@ -153,11 +153,17 @@ def _predict_batch(apply_fn, params, batch_stats, images, mean, std, dtype):
 def predict(state: TrainState, images: np.ndarray, *, mean, std, batch_size: int = 500,
             dtype=jnp.float32) -> np.ndarray:
     """Logits ``[N, C]`` of every image (fixed-size padded batches, one compilation)."""
+    # Put each batch where the parameters are (replicated over the mesh in a
+    # data-parallel run, which also works across hosts), not on a default device.
+    leaf = jax.tree_util.tree_leaves(state.params)[0]
+    sharding = leaf.sharding if isinstance(leaf.sharding, jax.sharding.NamedSharding) else None
     out = []
     for batch in pipeline.eval_batches(images.shape[0], batch_size):
-        logits = _predict_batch(state.apply_fn, state.params, state.batch_stats,
-                                jnp.asarray(images[batch.index]), tuple(mean), tuple(std), dtype)
-        out.append(np.asarray(logits)[batch.mask])
+        x = images[batch.index]
+        x = jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
+        logits = _predict_batch(state.apply_fn, state.params, state.batch_stats, x,
+                                tuple(mean), tuple(std), dtype)
+        out.append(np.asarray(jax.device_get(logits))[batch.mask])
     return np.concatenate(out)
 
 
@@ -211,6 +217,9 @@ def maybe_initialize_distributed(force: bool = False) -> None:
     """
     import os
     if force or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            # Cross-process collectives on CPU need gloo (set before the backend starts).
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         kwargs = {}
         if os.environ.get("JAX_COORDINATOR_ADDRESS"):
             kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
@@ -257,7 +266,8 @@ def train_and_evaluate(config, workdir) -> TrainState:
     """Trains ``config`` into ``workdir``, resuming from its latest checkpoint.
 
     Writes ``config.json``, ``log.jsonl`` (one line per epoch: loss, train
-    accuracy, validation accuracy / NLL / ECE, images/s) and checkpoints
+    accuracy, validation accuracy / NLL / ECE, images/s), the same scalars as
+    TensorBoard event files under ``tensorboard/``, and checkpoints
     (:class:`calib_jax.checkpoints.RunCheckpoints`): every
     ``checkpoint_every_epochs``, the final epoch, and the best validation
     accuracy. Only process 0 writes logs. The run is deterministic given the
@@ -297,6 +307,11 @@ def train_and_evaluate(config, workdir) -> TrainState:
             print(f"resumed from {workdir}/checkpoints/{start_epoch} (epoch {start_epoch})")
     if is_chief:
         _atomic_write_text(workdir / "config.json", config.to_json(indent=2))
+    writer = None
+    if is_chief:
+        # TensorBoard event files (tensorboardX needs no TensorFlow), beside log.jsonl.
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(str(workdir / "tensorboard"))
     x_dev, y_dev = pipeline.put_on_device(images, labels, replicated(mesh))
     sharding = batch_sharding(mesh)
     on_cpu = jax.devices()[0].platform == "cpu"
@@ -346,6 +361,12 @@ def train_and_evaluate(config, workdir) -> TrainState:
                   f"val ECE {val['val_ece']:.4f} ({record['images_per_second']:,.0f} img/s)")
             with open(workdir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for key, value in record.items():
+                if key != "epoch":
+                    writer.add_scalar(key, value, global_step=done_epochs)
+            writer.flush()
+    if writer is not None:
+        writer.close()
     ckpt.close()
     return state
 

@@ -32,6 +32,13 @@ def run_dir(tmp_path_factory):
     return workdir
 
 
+def test_training_logs(run_dir):
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((run_dir / "config.json").read_text())["model"] == "resnet8"
+
+
 def test_evaluation_pass_writes_report(run_dir):
     results = evaluate.evaluate_run(run_dir, which="final")
     out = run_dir / "eval_final"

@@ -1,0 +1,64 @@
+"""Two processes on 127.0.0.1 (jax.distributed, CPU, gloo) train exactly like one process
+with the same two devices. Each process runs under `timeout -k`: JAX can ignore SIGTERM
+in a hung collective."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+
+from calib_jax import checkpoints, train
+
+REPO = Path(__file__).resolve().parents[1]
+OVERRIDES = "dataset=synthetic,model=resnet8,num_epochs=1,batch_size=64,checkpoint_every_epochs=1"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(workdir):
+    config = REPO / "experiments" / "configs" / "cifar10.py"
+    return ["timeout", "-k", "10", "300", sys.executable, "-m", "calib_jax.train",
+            f"--config={config}:{OVERRIDES}", f"--workdir={workdir}"]
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env.update(JAX_PLATFORMS="cpu", **extra)
+    return env
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    port = free_port()
+    procs = [subprocess.Popen(
+        command(tmp_path / "multi"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=clean_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                 JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+        for i in range(2)]
+    outputs = [p.communicate()[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    single = subprocess.run(command(tmp_path / "single"), cwd=REPO, capture_output=True,
+                            text=True,
+                            env=clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    # Only process 0 writes the log.
+    assert len((tmp_path / "multi" / "log.jsonl").read_text().splitlines()) == 1
+
+    sys.path.insert(0, str(REPO / "experiments" / "configs"))
+    try:
+        import cifar10
+        config = cifar10.get_config(OVERRIDES)
+    finally:
+        sys.path.pop(0)
+    template = train.state_for_config(config, 4, 32)
+    multi, _ = checkpoints.RunCheckpoints(tmp_path / "multi").restore(template)
+    one, _ = checkpoints.RunCheckpoints(tmp_path / "single").restore(template)
+    assert checkpoints.tree_equal(jax.device_get(multi.params), jax.device_get(one.params))
+    assert checkpoints.tree_equal(jax.device_get(multi.batch_stats), jax.device_get(one.batch_stats))

@@ -1,0 +1,65 @@
+"""experiments/: per-cell configs, the sweep runner and the table builder."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+sys.path.insert(0, str(REPO / "experiments" / "configs"))
+
+import build_tables  # noqa: E402
+import paper  # noqa: E402
+import sweep  # noqa: E402
+import tiny_imagenet  # noqa: E402
+
+from calib_jax import train  # noqa: E402
+
+
+def test_every_paper_cell_has_a_valid_config():
+    cells = paper.cells()
+    numbers = json.loads((REPO / "experiments" / "paper_numbers.json").read_text())
+    assert {(c["dataset"], c["model"], c["loss"]) for c in numbers["ece"]} - {
+        ("20news", "global_pooling_cnn", loss) for loss in paper.PAPER_LOSSES} <= set(cells)
+    assert len(cells) == 54
+    for dataset, model, loss in cells:
+        config = paper.get_config(f"cell={dataset}/{model}/{loss}")
+        train.validate_config(config, num_devices=1)
+        assert (config.dataset, config.model, config.loss) == (dataset, model, loss)
+
+
+def test_reference_exceptions_and_recipes():
+    assert paper.get_config("cell=cifar10/wide_resnet_26_10/brier").num_epochs == 550
+    assert paper.get_config("cell=cifar100/resnet110/brier").num_epochs == 430
+    assert paper.get_config("cell=cifar10/resnet110/brier").num_epochs == 350
+    c = paper.get_config("cell=cifar10/resnet50/ce")
+    assert (c.learning_rate, tuple(c.lr_boundaries), c.batch_size, c.weight_decay, c.clip_norm,
+            c.momentum) == (0.1, (150, 250), 128, 5e-4, 2.0, 0.9)
+    t = tiny_imagenet.get_config("loss=brier")
+    assert (t.learning_rate, t.num_epochs, tuple(t.lr_boundaries), t.batch_size) == \
+        (0.035, 100, (40, 60), 64)
+    assert tiny_imagenet.get_config("loss=ce").learning_rate == 0.1
+    assert paper.get_config("cell=cifar10/resnet50/ce,num_epochs=2").num_epochs == 2
+    with pytest.raises(ValueError, match="cell="):
+        paper.get_config("model=resnet50")
+
+
+def test_sweep_and_tables_end_to_end(tmp_path, capsys):
+    # One real cell, shrunk to the synthetic task so that it runs in seconds.
+    args = ["--cells", "cifar10/resnet50/ce", "--workroot", str(tmp_path),
+            "--set", "dataset=synthetic,model=resnet8,num_epochs=1,batch_size=64"]
+    assert sweep.main(args) == 0
+    results = tmp_path / "cifar10" / "resnet50" / "ce" / "eval_final" / "results.json"
+    assert results.exists()
+    assert sweep.main(args) == 0  # restart: the finished cell is skipped
+    assert "done  cell=cifar10/resnet50/ce" in capsys.readouterr().out
+    text = build_tables.build(tmp_path)
+    row = next(line for line in text.splitlines()
+               if line.startswith("| cifar10 | resnet50 | ce | ") and "4.35" in line)
+    ours = json.loads(results.read_text())["test"]["before"]["ece"] * 100
+    assert f"{ours:.2f}" in row and f"{ours - 4.35:+.2f}" in row
+    assert "(1 cells evaluated)" in text
+    with pytest.raises(SystemExit):
+        sweep.main(["--cells", "mnist/*/*", "--workroot", str(tmp_path)])

@@ -28,7 +28,7 @@ __all__ = ["RunCheckpoints", "state_to_tree", "tree_equal"]
 def state_to_tree(state) -> dict:
     """The checkpointed part of a :class:`calib_jax.train.TrainState`."""
     return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state}
+            "opt_state": state.opt_state, "rng": state.rng}
 
 
 def _manager(directory: Path, **options) -> ocp.CheckpointManager:
@@ -79,7 +79,7 @@ class RunCheckpoints:
         tree = restored["state"]
         state = template_state.replace(step=tree["step"], params=tree["params"],
                                        batch_stats=tree["batch_stats"],
-                                       opt_state=tree["opt_state"])
+                                       opt_state=tree["opt_state"], rng=tree["rng"])
         return state, dict(restored["meta"])
 
     def restore(self, template_state, which: str | int = "latest"):

@@ -81,10 +81,11 @@ def evaluate_run(workdir, *, which: str = "final", criterion: str = "ece", out=N
     state, meta = restore_checkpoint(config, workdir, which, val.num_classes, val.inputs.shape[1])
 
     def logits_of(ds, split_for_norm):
-        mean, std = datasets.normalization(
-            config.dataset if ds.name == config.dataset else ds.name, split_for_norm,
-            reference_cifar100_test=config.get("reference_cifar100_test_norm", True))
-        return train.predict(state, ds.inputs, mean=tuple(mean), std=tuple(std), dtype=dtype,
+        if ds.name == config.dataset:
+            mean, std = train.input_normalization(config, split_for_norm)
+        else:  # OOD images are normalised with their own (CIFAR-10) constants
+            mean, std = (tuple(v) for v in datasets.normalization(ds.name, split_for_norm))
+        return train.predict(state, ds.inputs, mean=mean, std=std, dtype=dtype,
                              batch_size=config.eval_batch_size)
 
     val_logits = logits_of(val, "train")  # val is part of the training images

@@ -20,6 +20,7 @@ remaining work. What is here is already the reference recipe:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -32,38 +33,71 @@ import optax
 from calib_jax import losses
 from calib_jax.data import pipeline
 
-__all__ = ["LOSS_NAMES", "TrainState", "batch_loss", "batch_sharding", "create_train_state",
+__all__ = ["LOSS_NAMES", "LossSpec", "TrainState", "batch_loss", "batch_sharding", "create_train_state",
            "make_optimizer", "piecewise_lr", "predict", "replicate", "replicated", "train_step"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")
 
 
-def batch_loss(name: str, logits, labels, epoch, *, gamma: float = 3.0, mmce_lambda: float = 2.0,
-               smoothing: float = 0.05):
-    """The reference's batch objective for loss ``name`` (a scalar).
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """A training objective: the loss name and its hyper-parameters (hashable, static).
 
-    ``epoch`` is used by ``flsc531`` only (gamma 5 / 3 / 1 from epochs 0 / 100 / 250).
+    Attributes:
+      name: one of :data:`LOSS_NAMES`.
+      gamma: for ``focal``.
+      mmce_lambda: for ``mmce_weighted``.
+      smoothing: for ``label_smoothing``.
+      flsd_threshold: the lower FLSD tier bound (0.2; the reference's text runs use 0.19).
+      mean_reduction: divide the reference's batch *sums* by the batch size (the
+        reference's text runs); Brier is a mean either way.
     """
-    if name == "ce":
-        return jnp.sum(losses.cross_entropy(logits, labels))
-    if name == "focal":
-        return jnp.sum(losses.focal_loss(logits, labels, gamma=gamma))
-    if name == "flsd53":
-        return jnp.sum(losses.adaptive_focal_loss(logits, labels, gamma=3.0))
-    if name == "flsd52":
-        return jnp.sum(losses.adaptive_focal_loss(logits, labels, gamma=2.0))
-    if name == "flsc531":
-        return jnp.sum(losses.focal_loss(logits, labels, gamma=losses.focal_gamma_schedule(epoch)))
-    if name == "brier":
+    name: str = "ce"
+    gamma: float = 3.0
+    mmce_lambda: float = 2.0
+    smoothing: float = 0.05
+    flsd_threshold: float = 0.2
+    mean_reduction: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> "LossSpec":
+        return cls(config.loss, float(config.gamma), float(config.mmce_lambda),
+                   float(config.smoothing), float(config.get("flsd_threshold", 0.2)),
+                   bool(config.get("loss_mean", False)))
+
+
+def batch_loss(name, logits, labels, epoch, **options):
+    """The reference's batch objective (a scalar).
+
+    Args:
+      name: a loss name or a :class:`LossSpec`; with a name, ``options`` are
+        LossSpec fields (``gamma``, ``mmce_lambda``, ``smoothing``, ...).
+      epoch: used by ``flsc531`` (gamma 5 / 3 / 1 from epochs 0 / 100 / 250).
+    """
+    spec = name if isinstance(name, LossSpec) else LossSpec(name, **options)
+    tiers = dict(thresholds=(spec.flsd_threshold, 0.5), gammas=(5.0, 3.0))
+    per_example = {
+        "ce": lambda: losses.cross_entropy(logits, labels),
+        "focal": lambda: losses.focal_loss(logits, labels, gamma=spec.gamma),
+        "flsd53": lambda: losses.adaptive_focal_loss(logits, labels, gamma=3.0, **tiers),
+        "flsd52": lambda: losses.adaptive_focal_loss(logits, labels, gamma=2.0, **tiers),
+        "flsc531": lambda: losses.focal_loss(logits, labels,
+                                             gamma=losses.focal_gamma_schedule(epoch)),
+        "label_smoothing": lambda: losses.label_smoothing_cross_entropy(
+            logits, labels, smoothing=spec.smoothing),
+    }
+    n = logits.shape[0]
+    if spec.name in per_example:
+        total = jnp.sum(per_example[spec.name]())
+    elif spec.name == "brier":
         return jnp.mean(losses.brier_score(logits, labels))
-    if name == "mmce_weighted":
-        n = logits.shape[0]
-        return n * (jnp.mean(losses.cross_entropy(logits, labels))
-                    + mmce_lambda * losses.mmce_weighted(logits, labels))
-    if name == "label_smoothing":
-        return jnp.sum(losses.label_smoothing_cross_entropy(logits, labels, smoothing=smoothing))
-    raise ValueError(f"unknown loss {name!r}; choose one of {LOSS_NAMES}.")
+    elif spec.name == "mmce_weighted":
+        total = n * (jnp.mean(losses.cross_entropy(logits, labels))
+                     + spec.mmce_lambda * losses.mmce_weighted(logits, labels))
+    else:
+        raise ValueError(f"unknown loss {spec.name!r}; choose one of {LOSS_NAMES}.")
+    return total / n if spec.mean_reduction else total
 
 
 def piecewise_lr(base_lr: float, steps_per_epoch: int, boundaries=(150, 250), factor=0.1,
@@ -74,12 +108,26 @@ def piecewise_lr(base_lr: float, steps_per_epoch: int, boundaries=(150, 250), fa
         base_lr, {max(0, (b - shift)) * steps_per_epoch: factor for b in boundaries})
 
 
-def make_optimizer(learning_rate, *, momentum=0.9, weight_decay=5e-4, clip_norm=2.0):
-    """clip(global norm) -> + weight_decay * params -> SGD momentum, as the reference."""
+def make_optimizer(learning_rate, *, momentum=0.9, weight_decay=5e-4, clip_norm=2.0,
+                   name: str = "sgd"):
+    """clip(global norm) -> + weight_decay * params -> SGD momentum, as the reference.
+
+    ``name="adam"`` (the reference's 20 Newsgroups runs: PyTorch Adam defaults) or
+    ``"adagrad"`` (its SST runs) replace the last stage.
+    """
+    if name == "sgd":
+        last = optax.sgd(learning_rate, momentum=momentum or None)
+    elif name == "adam":
+        last = optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8)
+    elif name == "adagrad":
+        # PyTorch's Adagrad: accumulator starts at 0, eps 1e-10.
+        last = optax.adagrad(learning_rate, initial_accumulator_value=0.0, eps=1e-10)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; choose sgd, adam or adagrad.")
     return optax.chain(
         optax.clip_by_global_norm(clip_norm) if clip_norm else optax.identity(),
         optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
-        optax.sgd(learning_rate, momentum=momentum or None),
+        last,
     )
 
 
@@ -89,22 +137,27 @@ _tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global
 
 @flax.struct.dataclass
 class TrainState:
+    """Everything a run needs to continue: step, parameters, BatchNorm statistics,
+    optimiser state and the dropout key (the data order and augmentation come
+    from ``(seed, epoch, step)``)."""
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
+    rng: jax.Array
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
-def create_train_state(rng, model, tx, input_shape) -> TrainState:
-    """Initialises parameters, BatchNorm statistics and optimiser state."""
+def create_train_state(rng, model, tx, input_shape, input_dtype=jnp.float32) -> TrainState:
+    """Initialises parameters, BatchNorm statistics, optimiser state and the dropout key."""
+    init_rng, dropout_rng = jax.random.split(rng)
     variables = jax.jit(model.init, static_argnames="train")(
-        rng, jnp.zeros(input_shape, jnp.float32), train=False)
+        init_rng, jnp.zeros(input_shape, input_dtype), train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      apply_fn=model.apply, tx=tx)
+                      rng=dropout_rng, apply_fn=model.apply, tx=tx)
 
 
 def replicated(mesh):
@@ -122,17 +175,31 @@ def replicate(state: TrainState, mesh) -> TrainState:
     return jax.device_put(state, replicated(mesh))
 
 
+def _model_inputs(inputs, mean, std, dtype):
+    """Images are normalised on device; token ids (``mean=None``) pass through."""
+    return inputs if mean is None else pipeline.normalize(inputs, mean, std, dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("loss_name", "mean", "std", "dtype"),
                    donate_argnums=(0,))
-def train_step(state: TrainState, images, labels, epoch, *, loss_name: str, mean, std,
+def train_step(state: TrainState, images, labels, epoch, *, loss_name, mean, std,
                dtype=jnp.float32):
-    """One SGD step on a batch of uint8 images (already augmented); returns (state, metrics)."""
-    x = pipeline.normalize(images, mean, std, dtype)
+    """One optimiser step on a batch; returns ``(state, metrics)``.
+
+    Args:
+      images: uint8 images (already augmented), or token ids with ``mean=None``.
+      loss_name: a loss name (reference hyper-parameters) or a :class:`LossSpec`.
+      mean, std: per-channel normalisation (tuples: static), or None.
+    """
+    x = _model_inputs(images, mean, std, dtype)
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
 
     def objective(params):
         logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x,
-                                         train=True, mutable=["batch_stats"])
-        return batch_loss(loss_name, logits, labels, epoch), (logits, updates["batch_stats"])
+                                         train=True, mutable=["batch_stats"],
+                                         rngs={"dropout": dropout_rng})
+        return batch_loss(loss_name, logits, labels, epoch), (logits,
+                                                              updates.get("batch_stats", {}))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params)
@@ -146,13 +213,15 @@ def train_step(state: TrainState, images, labels, epoch, *, loss_name: str, mean
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "mean", "std", "dtype"))
 def _predict_batch(apply_fn, params, batch_stats, images, mean, std, dtype):
-    x = pipeline.normalize(images, mean, std, dtype)
+    x = _model_inputs(images, mean, std, dtype)
     return apply_fn({"params": params, "batch_stats": batch_stats}, x, train=False)
 
 
 def predict(state: TrainState, images: np.ndarray, *, mean, std, batch_size: int = 500,
             dtype=jnp.float32) -> np.ndarray:
-    """Logits ``[N, C]`` of every image (fixed-size padded batches, one compilation)."""
+    """Logits ``[N, C]`` of every example (fixed-size padded batches, one compilation).
+
+    ``mean=None`` for token inputs (no normalisation)."""
     # Put each batch where the parameters are (replicated over the mesh in a
     # data-parallel run, which also works across hosts), not on a default device.
     leaf = jax.tree_util.tree_leaves(state.params)[0]
@@ -162,7 +231,8 @@ def predict(state: TrainState, images: np.ndarray, *, mean, std, batch_size: int
         x = images[batch.index]
         x = jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
         logits = _predict_batch(state.apply_fn, state.params, state.batch_stats, x,
-                                tuple(mean), tuple(std), dtype)
+                                None if mean is None else tuple(mean),
+                                None if std is None else tuple(std), dtype)
         out.append(np.asarray(jax.device_get(logits))[batch.mask])
     return np.concatenate(out)
 
@@ -171,6 +241,10 @@ def predict(state: TrainState, images: np.ndarray, *, mean, std, batch_size: int
 # The training loop: config -> checkpoints in a work directory.
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+IMAGE_DATASETS = ("cifar10", "cifar100", "tiny_imagenet", "synthetic")
+# Token-id data sets and their models. SST's Tree-LSTM needs tree batches: not wired yet.
+TEXT_DATASETS = ("20news",)
+TEXT_MODELS = ("global_pooling_cnn",)
 
 
 def validate_config(config, num_devices: int) -> None:
@@ -185,8 +259,12 @@ def validate_config(config, num_devices: int) -> None:
         bad("loss", f"unknown loss; choose one of {LOSS_NAMES}")
     if config.model not in model_zoo.names():
         bad("model", f"unknown model; choose one of {model_zoo.names()}")
-    if config.dataset not in ("cifar10", "cifar100", "tiny_imagenet", "synthetic"):
-        bad("dataset", "image training supports cifar10, cifar100, tiny_imagenet, synthetic")
+    if config.dataset not in IMAGE_DATASETS + TEXT_DATASETS:
+        bad("dataset", f"training supports {IMAGE_DATASETS + TEXT_DATASETS}")
+    if (config.dataset in TEXT_DATASETS) != (config.model in TEXT_MODELS):
+        bad("model", f"{config.dataset!r} needs a {'text' if config.dataset in TEXT_DATASETS else 'image'} model")
+    if config.get("optimizer", "sgd") not in ("sgd", "adam", "adagrad"):
+        bad("optimizer", "must be sgd, adam or adagrad")
     if not config.learning_rate > 0:
         bad("learning_rate", "must be > 0")
     if config.num_epochs < 1:
@@ -246,20 +324,41 @@ def _validation_metrics(state, images, labels, mean, std, dtype, batch_size) -> 
             "val_ece": float(values["ece"])}
 
 
-def state_for_config(config, num_classes: int, image_size: int, steps_per_epoch: int = 1):
+def state_for_config(config, num_classes: int, input_size: int, steps_per_epoch: int = 1):
     """The initial :class:`TrainState` of a run (model, schedule and optimiser from ``config``).
 
+    ``input_size`` is the image side, or the token sequence length for text.
     Also the template to restore a run's checkpoints with (the evaluation pass).
     """
     from calib_jax import models as model_zoo
-    model = model_zoo.get(config.model, num_classes, dtype=_DTYPES[config.dtype])
+    dtype = _DTYPES[config.dtype]
+    if config.model in TEXT_MODELS:
+        embeddings = np.load(config.embeddings_path) if config.get("embeddings_path") else None
+        model = model_zoo.get(config.model, num_classes, dtype=dtype,
+                              vocab_size=config.vocab_size, embed_dim=config.embed_dim,
+                              embeddings=embeddings,
+                              train_embeddings=config.get("train_embeddings", True))
+        shape, input_dtype = (1, input_size), jnp.int32
+    else:
+        model = model_zoo.get(config.model, num_classes, dtype=dtype)
+        shape, input_dtype = (1, input_size, input_size, 3), jnp.float32
     tx = make_optimizer(piecewise_lr(config.learning_rate, steps_per_epoch,
                                      tuple(config.lr_boundaries), config.lr_factor,
                                      config.early_decay),
                         momentum=config.momentum, weight_decay=config.weight_decay,
-                        clip_norm=config.clip_norm)
-    return create_train_state(jax.random.PRNGKey(config.seed), model, tx,
-                              (1, image_size, image_size, 3))
+                        clip_norm=config.clip_norm, name=config.get("optimizer", "sgd"))
+    return create_train_state(jax.random.PRNGKey(config.seed), model, tx, shape, input_dtype)
+
+
+def input_normalization(config, split: str):
+    """``(mean, std)`` tuples for an image data set's split, ``(None, None)`` for text."""
+    from calib_jax.data import datasets
+    if config.dataset in TEXT_DATASETS:
+        return None, None
+    mean, std = datasets.normalization(
+        config.dataset, split,
+        reference_cifar100_test=config.get("reference_cifar100_test_norm", True))
+    return tuple(mean), tuple(std)
 
 
 def train_and_evaluate(config, workdir) -> TrainState:
@@ -293,7 +392,8 @@ def train_and_evaluate(config, workdir) -> TrainState:
     if config.train_subset:
         subset = np.random.default_rng(config.seed).permutation(len(labels))[:config.train_subset]
         images, labels = images[subset], labels[subset]
-    mean, std = (tuple(v) for v in datasets.normalization(config.dataset, "train"))
+    mean, std = input_normalization(config, "train")
+    loss_spec = LossSpec.from_config(config)
     steps = pipeline.steps_per_epoch(len(labels), config.batch_size)
     state = state_for_config(config, train_split.num_classes, images.shape[1], steps)
     state = replicate(state, mesh)
@@ -322,8 +422,9 @@ def train_and_evaluate(config, workdir) -> TrainState:
         for step in range(steps):
             xb, yb = pipeline.train_batch(x_dev, y_dev, order, step, seed=config.seed,
                                           epoch=epoch, batch_size=config.batch_size,
-                                          augment=config.augment, sharding=sharding)
-            state, m = train_step(state, xb, yb, epoch, loss_name=config.loss, mean=mean, std=std,
+                                          augment=config.augment and mean is not None,
+                                          sharding=sharding)
+            state, m = train_step(state, xb, yb, epoch, loss_name=loss_spec, mean=mean, std=std,
                                   dtype=dtype)
             pending.append(m)
             # On CPU, wait for each sharded step (unwaited collectives can deadlock);

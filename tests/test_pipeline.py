@@ -124,7 +124,7 @@ def test_normalize_and_input_errors():
     out = pipeline.normalize(x, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0), jnp.bfloat16)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out[0, 0, 0], np.float32), [2.0, 1.0, 0.5])
-    with pytest.raises(TypeError, match="uint8"):
+    with pytest.raises(TypeError, match="uint8 images"):
         pipeline.put_on_device(np.zeros((2, 2, 2, 3), np.float32), np.zeros(2))
     with pytest.raises(ValueError, match="`batch_size`"):
         pipeline.steps_per_epoch(10, 11)

@@ -205,3 +205,39 @@ def test_bad_config_fails_before_any_compute(override, field, tmp_path, monkeypa
 def test_unknown_config_field_is_rejected():
     with pytest.raises(ValueError, match="unknown config field 'lossy'"):
         load_config("lossy=ce")
+
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "20news").is_dir(), reason=f"no 20news copy at {SHARED}")
+def test_text_run_on_20_newsgroups(tmp_path):
+    sys.path.insert(0, str(REPO / "experiments" / "configs"))
+    try:
+        import news20
+        config = news20.get_config("train_subset=256,num_epochs=1,batch_size=64,loss=flsd53")
+    finally:
+        sys.path.pop(0)
+    assert (config.optimizer, config.loss_mean, config.flsd_threshold) == ("adam", True, 0.19)
+    state = train.train_and_evaluate(config, tmp_path)
+    assert int(state.step) == 4
+    from calib_jax import evaluate
+    results = evaluate.evaluate_run(tmp_path, which="best")
+    assert results["test"]["before"]["ood_auroc"] == {}
+    assert 0 <= results["test"]["before"]["ece"] <= 1
+
+
+def test_loss_spec_options_reach_the_objective():
+    rng = np.random.default_rng(3)
+    z = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 8))
+    spec = train.LossSpec("focal", gamma=1.5, mean_reduction=True)
+    np.testing.assert_allclose(train.batch_loss(spec, z, y, 0),
+                               losses.focal_loss(z, y, gamma=1.5).mean(), rtol=1e-6)
+    spec = train.LossSpec("flsd53", flsd_threshold=0.19)
+    want = losses.adaptive_focal_loss(z, y, thresholds=(0.19, 0.5), gammas=(5.0, 3.0)).sum()
+    np.testing.assert_allclose(train.batch_loss(spec, z, y, 0), want, rtol=1e-6)
+    spec = train.LossSpec("label_smoothing", smoothing=0.2)
+    np.testing.assert_allclose(
+        train.batch_loss(spec, z, y, 0),
+        losses.label_smoothing_cross_entropy(z, y, smoothing=0.2).sum(), rtol=1e-6)

@@ -44,11 +44,13 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def put_on_device(images: np.ndarray, labels: np.ndarray, sharding=None):
-    """Copies a split to the device(s) once, replicated (``sharding`` = a replicated
-    ``NamedSharding`` over the mesh, or None for the default device)."""
+    """Copies a split (uint8 images or int token ids) to the device(s) once, replicated
+    (``sharding`` = a replicated ``NamedSharding`` over the mesh, or None for the
+    default device)."""
     images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise TypeError(f"`images` must be uint8 (normalise on device), got {images.dtype}.")
+    if not np.issubdtype(images.dtype, np.integer):
+        raise TypeError(f"`images` must be uint8 images (normalised on device) or integer token "
+                        f"ids, got {images.dtype}.")
     return jax.device_put(images, sharding), jax.device_put(np.asarray(labels, np.int32), sharding)
 
 

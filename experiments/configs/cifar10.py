@@ -37,6 +37,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.log_every_steps = 50
     c.reference_cifar100_test_norm = True
+    c.optimizer = "sgd"          # sgd | adam | adagrad
+    c.loss_mean = False          # True: mean instead of the reference's batch sums
+    c.flsd_threshold = 0.2       # lower FLSD tier bound (the reference's text runs: 0.19)
+    # Text models only.
+    c.vocab_size = 20000
+    c.embed_dim = 100
+    c.embeddings_path = ""       # a [vocab_size, embed_dim] .npy (e.g. GloVe); "" = random
+    c.train_embeddings = True
     return c
 
 

@@ -250,7 +250,6 @@ TEXT_MODELS = ("global_pooling_cnn",)
 def validate_config(config, num_devices: int) -> None:
     """Raises ``ValueError`` naming the field for any bad value, before any compute."""
     from calib_jax import models as model_zoo
-    from calib_jax.data import datasets
 
     def bad(field, why):
         raise ValueError(f"config.{field} = {config.get(field)!r}: {why}")
@@ -262,7 +261,8 @@ def validate_config(config, num_devices: int) -> None:
     if config.dataset not in IMAGE_DATASETS + TEXT_DATASETS:
         bad("dataset", f"training supports {IMAGE_DATASETS + TEXT_DATASETS}")
     if (config.dataset in TEXT_DATASETS) != (config.model in TEXT_MODELS):
-        bad("model", f"{config.dataset!r} needs a {'text' if config.dataset in TEXT_DATASETS else 'image'} model")
+        kind = "text" if config.dataset in TEXT_DATASETS else "image"
+        bad("model", f"{config.dataset!r} needs a {kind} model")
     if config.get("optimizer", "sgd") not in ("sgd", "adam", "adagrad"):
         bad("optimizer", "must be sgd, adam or adagrad")
     if not config.learning_rate > 0:
@@ -273,8 +273,11 @@ def validate_config(config, num_devices: int) -> None:
         bad("batch_size", f"must be a positive multiple of the {num_devices} devices")
     if config.dtype not in _DTYPES:
         bad("dtype", f"must be one of {sorted(_DTYPES)}")
-    if config.weight_decay < 0 or config.clip_norm < 0 or not 0 <= config.momentum < 1:
-        bad("weight_decay/clip_norm/momentum", "must be >= 0 (momentum in [0, 1))")
+    for field in ("weight_decay", "clip_norm"):
+        if config[field] < 0:
+            bad(field, "must be >= 0")
+    if not 0 <= config.momentum < 1:
+        bad("momentum", "must be in [0, 1)")
     if config.gamma < 0:
         bad("gamma", "must be >= 0")
     if config.checkpoint_every_epochs < 1:
@@ -283,7 +286,6 @@ def validate_config(config, num_devices: int) -> None:
         bad("lr_boundaries", "must be increasing")
     if config.train_subset < 0:
         bad("train_subset", "must be >= 0 (0 = all)")
-    del datasets
 
 
 def maybe_initialize_distributed(force: bool = False) -> None:

@@ -120,6 +120,7 @@ def test_data_parallel_step_equals_single_device():
 
 # ---------------------------------------------------------------- the training loop
 
+import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -185,7 +186,6 @@ def test_sigkill_and_restart_gives_exactly_the_uninterrupted_parameters(tmp_path
 
 
 def json_epochs(lines):
-    import json
     return [json.loads(line)["epoch"] for line in lines]
 
 
@@ -221,10 +221,10 @@ def test_text_run_on_20_newsgroups(tmp_path):
     assert (config.optimizer, config.loss_mean, config.flsd_threshold) == ("adam", True, 0.19)
     state = train.train_and_evaluate(config, tmp_path)
     assert int(state.step) == 4
-    from calib_jax import evaluate
-    results = evaluate.evaluate_run(tmp_path, which="best")
-    assert results["test"]["before"]["ood_auroc"] == {}
-    assert 0 <= results["test"]["before"]["ece"] <= 1
+    record = json.loads((tmp_path / "log.jsonl").read_text())
+    assert 0 <= record["val_ece"] <= 1 and np.isfinite(record["val_nll"])
+    # (The evaluation pass over the 3,766 test posts is left to the evaluate tests:
+    # a 1,000-token CNN over them takes a minute on the CI's 2 CPU cores.)
 
 
 def test_loss_spec_options_reach_the_objective():

@@ -1,8 +1,8 @@
 """Matplotlib figures of calibration results. Functions return the figure and
 never call ``show()``; they take the outputs of :mod:`calib_jax.metrics`.
 
-Uses the non-interactive Agg backend unless another one was chosen already,
-so that scripts and CI can save figures without a display.
+The backend is left to matplotlib (inline in notebooks; Agg without a
+display, so scripts and CI save figures headless).
 """
 
 from __future__ import annotations
@@ -10,14 +10,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-    matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from calib_jax import metrics  # noqa: E402
+from calib_jax import metrics
 
 __all__ = ["confidence_histogram", "reliability_diagram", "reliability_panel", "roc_curves",
            "temperature_curves"]

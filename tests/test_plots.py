@@ -37,3 +37,33 @@ def test_reliability_panel():
     assert len(visible) == 3
     with pytest.raises(ValueError, match="`entries`"):
         plots.reliability_panel([])
+
+
+def test_confidence_histogram():
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0.2, 1.0, 400)
+    correct = rng.random(400) < conf
+    fig = plots.confidence_histogram(conf, correct, title="toy")
+    ax = fig.axes[0]
+    heights = np.array([p.get_height() for p in ax.patches])
+    assert len(heights) == 15 and np.isclose(heights.sum(), 1.0) and np.all(np.isfinite(heights))
+    assert len(ax.lines) == 2  # accuracy and mean-confidence lines
+    assert "accuracy" in ax.get_legend_handles_labels()[1][0]
+
+
+def test_roc_and_temperature_curves():
+    from calib_jax import calibration, ood
+    rng = np.random.default_rng(2)
+    z_in = rng.standard_normal((100, 4)).astype(np.float32) * 4
+    z_out = rng.standard_normal((80, 4)).astype(np.float32)
+    curve = ood.roc_curve(z_in, z_out)
+    fig = plots.roc_curves({"T = 1": (curve, float(ood.auroc(z_in, z_out)))})
+    ax = fig.axes[0]
+    assert len(ax.lines) == 2 and "AUROC" in ax.get_legend_handles_labels()[1][0]
+    assert all(np.all(np.isfinite(line.get_ydata())) for line in ax.lines)
+    labels = rng.integers(0, 4, 100)
+    search = calibration.temperature_grid_search(z_in, labels)
+    fig = plots.temperature_curves(search)
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        assert np.all(np.isfinite(ax.lines[0].get_ydata())) and len(ax.lines[0].get_xdata()) == 100

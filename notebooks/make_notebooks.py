@@ -1,0 +1,188 @@
+"""Writes the notebooks from the cell sources below (so that they stay reviewable as code).
+
+Usage: python notebooks/make_notebooks.py    (then run them with Jupyter, or `make test`)
+"""
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).parent
+
+NB01 = [
+    ("md", """# 01 — The focal-loss family and calibration metrics
+
+Toy logits only, runs in seconds. We look at
+
+1. loss and gradient magnitude against the probability of the true class `p_t`, for
+   cross-entropy, focal loss with gamma 1, 2, 3, and the sample-dependent FLSD-53 (the
+   paper's figure on gradient norms);
+2. calibration metrics of a toy classifier that is right 70% of the time but too sure of itself;
+3. temperature scaling of that classifier."""),
+    ("code", """import jax, jax.numpy as jnp, numpy as np
+import matplotlib.pyplot as plt
+from calib_jax import calibration, losses, metrics, plots"""),
+    ("md", """## 1. Loss and gradient norm against p_t
+
+Two-class logits `[log p, log(1 - p)]` put exactly `p_t = p` on the label. The gradient
+norm with respect to the logits shows focal loss down-weighting confident samples, and
+FLSD-53 switching from gamma 5 to gamma 3 at `p_t = 0.2`."""),
+    ("code", """p = jnp.linspace(0.01, 0.99, 199)
+logits = jnp.stack([jnp.log(p), jnp.log1p(-p)], axis=1)
+labels = jnp.zeros(p.shape[0], jnp.int32)
+family = {
+    "CE": lambda z: losses.cross_entropy(z, labels),
+    "FL-1": lambda z: losses.focal_loss(z, labels, gamma=1.0),
+    "FL-2": lambda z: losses.focal_loss(z, labels, gamma=2.0),
+    "FL-3": lambda z: losses.focal_loss(z, labels, gamma=3.0),
+    "FLSD-53": lambda z: losses.adaptive_focal_loss(z, labels),
+}
+fig, (ax_loss, ax_grad) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+for name, fn in family.items():
+    value = fn(logits)
+    grad = jax.grad(lambda z: fn(z).sum())(logits)      # rows are independent
+    ax_loss.plot(p, value, label=name)
+    ax_grad.plot(p, jnp.linalg.norm(grad, axis=1), label=name)
+ax_loss.set(xlabel="p_t", ylabel="loss", ylim=(0, 5)); ax_loss.legend()
+ax_grad.set(xlabel="p_t", ylabel="|d loss / d logits|"); ax_grad.legend()
+grad_norms = {name: np.asarray(jnp.linalg.norm(jax.grad(lambda z: fn(z).sum())(logits), axis=1))
+              for name, fn in family.items()}
+# Focal loss pushes less than CE on confident samples, but *more* on very wrong ones
+# (the paper's g(p, gamma) > 1 region): FLSD's gamma = 5 below p_t = 0.2 uses that.
+confident = np.asarray(p) >= 0.3
+assert np.all(grad_norms["FL-3"][confident] < grad_norms["CE"][confident])
+assert grad_norms["FL-3"][0] > grad_norms["CE"][0]"""),
+    ("md", """## 2. Metrics of a toy over-confident classifier"""),
+    ("code", """rng = np.random.default_rng(0)
+n, c = 5000, 10
+y = rng.integers(0, c, n)
+z = rng.standard_normal((n, c))
+z[np.arange(n), y] += np.where(rng.random(n) < 0.7, 2.5, 0.0)
+z = jnp.asarray(4.0 * z, jnp.float32)        # x4: sharper than its accuracy warrants
+val, test = (z[:2500], y[:2500]), (z[2500:], y[2500:])
+summary = {k: round(float(v), 4) for k, v in metrics.summary(*test).items()}
+summary"""),
+    ("code", """bins = metrics.reliability_bins(*test)
+plots.reliability_diagram(bins, title="toy classifier", ece=summary["ece"]);"""),
+    ("md", """## 3. Temperature scaling
+
+The grid search runs all 100 temperatures in one compiled call; the continuous fit finds
+the NLL optimum."""),
+    ("code", """search = calibration.temperature_grid_search(*val)
+fit = calibration.fit_temperature(*val)
+print(f"T by ECE grid: {float(search.temperature):.2f}, NLL fit: {float(fit.temperature):.3f}")
+scaled = calibration.apply_temperature(test[0], search.temperature)
+after = metrics.summary(scaled, test[1])
+print(f"test ECE {summary['ece']:.4f} -> {float(after['ece']):.4f}")
+assert float(after["ece"]) < summary["ece"]
+plots.temperature_curves(search, title="validation half");"""),
+    ("code", """plots.reliability_panel([
+    ("T = 1", bins, summary["ece"]),
+    (f"T = {float(search.temperature):.1f}", metrics.reliability_bins(scaled, test[1]),
+     float(after["ece"])),
+]);"""),
+]
+
+NB02 = [
+    ("md", """# 02 — Explore evaluation results
+
+Point `RESULTS_ROOT` at a directory of runs laid out as `<dataset>/<model>/<loss>/` with
+`eval_final/results.json` inside (what `experiments/sweep.py` writes). Left unset, the
+notebook makes its own: two one-epoch runs (CE and FLSD-53) of a ResNet-8 on the generated
+`synthetic` task, then the evaluation pass, in about a minute on a laptop CPU. It then
+builds the paper-style tables (ours beside the paper's), reliability diagrams and
+temperature curves."""),
+    ("code", """import json, os, sys, tempfile
+from pathlib import Path
+import matplotlib.pyplot as plt
+from IPython.display import Markdown, display
+
+REPO = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
+sys.path.insert(0, str(REPO / "experiments")); sys.path.insert(0, str(REPO / "experiments" / "configs"))
+import build_tables, paper
+from calib_jax import calibration, evaluate, metrics, plots, train
+
+RESULTS_ROOT = os.environ.get("RESULTS_ROOT")"""),
+    ("code", """if RESULTS_ROOT is None:
+    RESULTS_ROOT = tempfile.mkdtemp(prefix="calib_jax_nb02_")
+    for loss in ("ce", "flsd53"):
+        workdir = Path(RESULTS_ROOT) / "cifar10" / "resnet50" / loss   # table key, tiny stand-in
+        config = paper.get_config(f"cell=cifar10/resnet50/{loss},dataset=synthetic,"
+                                  "model=resnet8,num_epochs=1,batch_size=64")
+        train.train_and_evaluate(config, workdir)
+        evaluate.evaluate_run(workdir, which="final")
+root = Path(RESULTS_ROOT)
+runs = build_tables.load_results(root)
+print(f"{len(runs)} evaluated runs under {root}")"""),
+    ("md", """## Tables: ours beside the paper's (percent)"""),
+    ("code", """text = build_tables.build(root)
+display(Markdown(text.split("## Test error")[0]))"""),
+    ("md", """## Reliability diagrams and temperature curves of each run"""),
+    ("code", """for (dataset, model, loss), result in sorted(runs.items()):
+    out = root / dataset / model / loss / "eval_final"
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), constrained_layout=True)
+    for ax, name in zip(axes, ("reliability.png", "temperature_curves.png", "confidence_histogram.png")):
+        ax.imshow(plt.imread(out / name)); ax.axis("off")
+    fig.suptitle(f"{dataset} / {model} / {loss}: ECE {100 * result['test']['before']['ece']:.2f}% -> "
+                 f"{100 * result['test']['after']['ece']:.2f}% at T = {result['temperature']['value']:.1f}")
+    plt.show()"""),
+]
+
+NB03 = [
+    ("md", """# 03 — Out-of-distribution detection before and after temperature scaling
+
+A simulated classifier: in-distribution inputs get one dominant logit, OOD inputs flatter
+logits. We compute AUROC with the two scores of the reference — entropy (OOD positive) and
+max probability (in-distribution positive) — and draw ROC curves at T = 1 and at the T chosen
+on a validation split."""),
+    ("code", """import jax.numpy as jnp, numpy as np
+from calib_jax import calibration, ood, plots
+
+rng = np.random.default_rng(0)
+def classifier_logits(n, peak, noise):
+    y = rng.integers(0, 10, n)
+    z = noise * rng.standard_normal((n, 10))
+    z[np.arange(n), y] += peak
+    return jnp.asarray(z, jnp.float32), y
+val_logits, val_labels = classifier_logits(2000, 6.0, 2.0)
+in_logits, _ = classifier_logits(3000, 6.0, 2.0)
+out_logits, _ = classifier_logits(3000, 2.0, 2.0)
+t = float(calibration.temperature_grid_search(val_logits, val_labels).temperature)
+t"""),
+    ("code", """rows = []
+for tag, scale in (("T = 1", 1.0), (f"T = {t:.1f}", t)):
+    zi = calibration.apply_temperature(in_logits, scale)
+    zo = calibration.apply_temperature(out_logits, scale)
+    rows.append((tag, float(ood.auroc(zi, zo, score="entropy")),
+                 float(ood.auroc(zi, zo, score="confidence"))))
+for tag, ent, conf in rows:
+    print(f"{tag:8s}  AUROC entropy {100 * ent:.2f}%   AUROC confidence {100 * conf:.2f}%")
+assert all(0.5 < ent <= 1 for _, ent, _ in rows)"""),
+    ("code", """curves = {}
+for tag, scale in (("T = 1", 1.0), (f"T = {t:.1f}", t)):
+    zi = calibration.apply_temperature(in_logits, scale)
+    zo = calibration.apply_temperature(out_logits, scale)
+    curves[tag] = (ood.roc_curve(zi, zo, score="entropy"), float(ood.auroc(zi, zo, score="entropy")))
+plots.roc_curves(curves, title="simulated OOD, entropy score");"""),
+]
+
+
+def build(cells):
+    nb = new_notebook()
+    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src)
+                for kind, src in cells]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    return nb
+
+
+def main():
+    for name, cells in (("01_losses_and_metrics", NB01), ("02_explore_results", NB02),
+                        ("03_ood", NB03)):
+        nbformat.write(build(cells), HERE / f"{name}.ipynb")
+        print(f"wrote notebooks/{name}.ipynb")
+
+
+if __name__ == "__main__":
+    main()

@@ -44,8 +44,8 @@ def load_run_config(workdir) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def restore_checkpoint(config, workdir, which: str, num_classes: int, image_size: int):
-    template = train.state_for_config(config, num_classes, image_size)
+def restore_checkpoint(config, workdir, which: str, num_classes: int, example_shape):
+    template = train.state_for_config(config, num_classes, example_shape)
     ckpt = checkpoints.RunCheckpoints(workdir)
     try:
         which_key = "latest" if which == "final" else which
@@ -76,9 +76,10 @@ def evaluate_run(workdir, *, which: str = "final", criterion: str = "ece", out=N
     config = load_run_config(workdir)
     data_dir = data_dir or config.get("data_dir") or None
     dtype = train._DTYPES[config.dtype]
-    val = datasets.load(config.dataset, "val", data_dir=data_dir)
-    test = datasets.load(config.dataset, "test", data_dir=data_dir)
-    state, meta = restore_checkpoint(config, workdir, which, val.num_classes, val.inputs.shape[1])
+    options = train.dataset_options(config)
+    val = datasets.load(config.dataset, "val", data_dir=data_dir, **options)
+    test = datasets.load(config.dataset, "test", data_dir=data_dir, **options)
+    state, meta = restore_checkpoint(config, workdir, which, val.num_classes, val.inputs.shape[1:])
 
     def logits_of(ds, split_for_norm):
         if ds.name == config.dataset:

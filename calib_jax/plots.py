@@ -19,6 +19,23 @@ __all__ = ["confidence_histogram", "reliability_diagram", "reliability_panel", "
            "temperature_curves"]
 
 
+def _figure_and_axes(ax, figsize):
+    """``(figure, axes)``: a new figure, or the figure of the axes given."""
+    if ax is None:
+        return plt.subplots(figsize=figsize, constrained_layout=True)
+    return ax.figure, ax
+
+
+def _finish_axes(ax, xlabel, ylabel, title, legend_loc, ylim=None):
+    ax.set_xlim(0, 1)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc=legend_loc, fontsize=7, frameon=False)
+
+
 def _draw_reliability(ax, bins: metrics.ReliabilityBins, title: str, ece: float | None):
     edges = np.asarray(bins.edges, np.float64)
     count = np.asarray(bins.count)
@@ -38,13 +55,8 @@ def _draw_reliability(ax, bins: metrics.ReliabilityBins, title: str, ece: float 
     for left, width, c, n in zip(lefts[filled], widths[filled], acc[filled], count[filled]):
         ax.text(left + width / 2, min(c + 0.02, 0.97), str(int(n)), ha="center", va="bottom",
                 fontsize=6, rotation=90)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
     label = title if ece is None else f"{title}\nECE = {100 * ece:.2f}%"
-    ax.set_title(label, fontsize=9)
-    ax.legend(loc="upper left", fontsize=7, frameon=False)
+    _finish_axes(ax, "confidence", "accuracy", label, "upper left", ylim=(0, 1))
 
 
 def reliability_diagram(bins: metrics.ReliabilityBins, *, title: str = "", ece: float | None = None,
@@ -60,10 +72,7 @@ def reliability_diagram(bins: metrics.ReliabilityBins, *, title: str = "", ece: 
     Returns:
       The matplotlib figure.
     """
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(3.6, 3.6), constrained_layout=True)
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax, (3.6, 3.6))
     _draw_reliability(ax, bins, title, ece)
     return fig
 
@@ -98,38 +107,24 @@ def confidence_histogram(confidences, correct, *, num_bins: int = 15, title: str
     """
     conf = np.asarray(confidences, np.float64)
     acc = float(np.mean(np.asarray(correct, bool)))
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(3.6, 3.0), constrained_layout=True)
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax, (3.6, 3.0))
     ax.hist(conf, bins=np.linspace(0, 1, num_bins + 1), weights=np.full(conf.shape, 1 / conf.size),
             color="#3b75af", edgecolor="black", linewidth=0.6)
     ax.axvline(acc, color="black", linestyle="--", label=f"accuracy {acc:.3f}")
     ax.axvline(conf.mean(), color="#b03030", linestyle="-",
                label=f"mean confidence {conf.mean():.3f}")
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("fraction of samples")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, frameon=False, loc="upper left")
+    _finish_axes(ax, "confidence", "fraction of samples", title, "upper left")
     return fig
 
 
 def roc_curves(curves, *, title: str = "", ax=None):
     """ROC curves from :func:`calib_jax.ood.roc_curve`: ``{label: (RocCurve, auroc)}``."""
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(3.6, 3.6), constrained_layout=True)
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax, (3.6, 3.6))
     for label, (curve, auroc) in curves.items():
         ax.plot(curve.fpr, curve.tpr, label=f"{label} (AUROC {100 * auroc:.2f}%)", linewidth=1.2)
     ax.plot([0, 1], [0, 1], ":", color="gray", linewidth=1)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    _finish_axes(ax, "false positive rate", "true positive rate", title, "lower right",
+                 ylim=(0, 1))
     return fig
 
 

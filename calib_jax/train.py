@@ -52,6 +52,7 @@ class LossSpec:
       flsd_threshold: the lower FLSD tier bound (0.2; the reference's text runs use 0.19).
       mean_reduction: divide the reference's batch *sums* by the batch size (the
         reference's text runs); Brier is a mean either way.
+      gamma_boundaries: epochs where FLSc-531's gamma goes 5 -> 3 -> 1 (SST: (3, 7)).
     """
     name: str = "ce"
     gamma: float = 3.0
@@ -59,12 +60,14 @@ class LossSpec:
     smoothing: float = 0.05
     flsd_threshold: float = 0.2
     mean_reduction: bool = False
+    gamma_boundaries: tuple = (100, 250)
 
     @classmethod
     def from_config(cls, config) -> "LossSpec":
         return cls(config.loss, float(config.gamma), float(config.mmce_lambda),
                    float(config.smoothing), float(config.get("flsd_threshold", 0.2)),
-                   bool(config.get("loss_mean", False)))
+                   bool(config.get("loss_mean", False)),
+                   tuple(int(b) for b in config.get("gamma_boundaries", (100, 250))))
 
 
 def batch_loss(name, logits, labels, epoch, **options):
@@ -82,8 +85,9 @@ def batch_loss(name, logits, labels, epoch, **options):
         "focal": lambda: losses.focal_loss(logits, labels, gamma=spec.gamma),
         "flsd53": lambda: losses.adaptive_focal_loss(logits, labels, gamma=3.0, **tiers),
         "flsd52": lambda: losses.adaptive_focal_loss(logits, labels, gamma=2.0, **tiers),
-        "flsc531": lambda: losses.focal_loss(logits, labels,
-                                             gamma=losses.focal_gamma_schedule(epoch)),
+        "flsc531": lambda: losses.focal_loss(
+            logits, labels,
+            gamma=losses.focal_gamma_schedule(epoch, boundaries=spec.gamma_boundaries)),
         "label_smoothing": lambda: losses.label_smoothing_cross_entropy(
             logits, labels, smoothing=spec.smoothing),
     }
@@ -242,9 +246,9 @@ def predict(state: TrainState, images: np.ndarray, *, mean, std, batch_size: int
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 IMAGE_DATASETS = ("cifar10", "cifar100", "tiny_imagenet", "synthetic")
-# Token-id data sets and their models. SST's Tree-LSTM needs tree batches: not wired yet.
-TEXT_DATASETS = ("20news",)
-TEXT_MODELS = ("global_pooling_cnn",)
+# Token-id data sets (SST: packed trees, models.text.pack_trees) and their models.
+TEXT_DATASETS = ("20news", "sst")
+TEXT_MODELS = ("global_pooling_cnn", "tree_lstm")
 
 
 def validate_config(config, num_devices: int) -> None:
@@ -326,30 +330,38 @@ def _validation_metrics(state, images, labels, mean, std, dtype, batch_size) -> 
             "val_ece": float(values["ece"])}
 
 
-def state_for_config(config, num_classes: int, input_size: int, steps_per_epoch: int = 1):
+def state_for_config(config, num_classes: int, example_shape, steps_per_epoch: int = 1):
     """The initial :class:`TrainState` of a run (model, schedule and optimiser from ``config``).
 
-    ``input_size`` is the image side, or the token sequence length for text.
-    Also the template to restore a run's checkpoints with (the evaluation pass).
+    ``example_shape`` is one example's shape: ``(H, W, 3)`` images, ``(L,)`` token
+    ids, ``(3, M)`` packed trees. Also the template to restore a run's
+    checkpoints with (the evaluation pass).
     """
     from calib_jax import models as model_zoo
     dtype = _DTYPES[config.dtype]
+    shape = (1, *tuple(example_shape))
     if config.model in TEXT_MODELS:
         embeddings = np.load(config.embeddings_path) if config.get("embeddings_path") else None
+        extra = {"mem_dim": config.mem_dim} if config.model == "tree_lstm" else {}
         model = model_zoo.get(config.model, num_classes, dtype=dtype,
                               vocab_size=config.vocab_size, embed_dim=config.embed_dim,
                               embeddings=embeddings,
-                              train_embeddings=config.get("train_embeddings", True))
-        shape, input_dtype = (1, input_size), jnp.int32
+                              train_embeddings=config.get("train_embeddings", True), **extra)
+        input_dtype = jnp.int32
     else:
         model = model_zoo.get(config.model, num_classes, dtype=dtype)
-        shape, input_dtype = (1, input_size, input_size, 3), jnp.float32
+        input_dtype = jnp.float32
     tx = make_optimizer(piecewise_lr(config.learning_rate, steps_per_epoch,
                                      tuple(config.lr_boundaries), config.lr_factor,
                                      config.early_decay),
                         momentum=config.momentum, weight_decay=config.weight_decay,
                         clip_norm=config.clip_norm, name=config.get("optimizer", "sgd"))
     return create_train_state(jax.random.PRNGKey(config.seed), model, tx, shape, input_dtype)
+
+
+def dataset_options(config) -> dict:
+    """Loader options a config implies (vocabulary size for text)."""
+    return {"vocab_size": config.vocab_size} if config.dataset in TEXT_DATASETS else {}
 
 
 def input_normalization(config, split: str):
@@ -388,8 +400,9 @@ def train_and_evaluate(config, workdir) -> TrainState:
     dtype = _DTYPES[config.dtype]
     is_chief = jax.process_index() == 0
     data_dir = config.data_dir or None
-    train_split = datasets.load(config.dataset, "train", data_dir=data_dir)
-    val_split = datasets.load(config.dataset, "val", data_dir=data_dir)
+    options = dataset_options(config)
+    train_split = datasets.load(config.dataset, "train", data_dir=data_dir, **options)
+    val_split = datasets.load(config.dataset, "val", data_dir=data_dir, **options)
     images, labels = train_split.inputs, train_split.labels
     if config.train_subset:
         subset = np.random.default_rng(config.seed).permutation(len(labels))[:config.train_subset]
@@ -397,7 +410,7 @@ def train_and_evaluate(config, workdir) -> TrainState:
     mean, std = input_normalization(config, "train")
     loss_spec = LossSpec.from_config(config)
     steps = pipeline.steps_per_epoch(len(labels), config.batch_size)
-    state = state_for_config(config, train_split.num_classes, images.shape[1], steps)
+    state = state_for_config(config, train_split.num_classes, images.shape[1:], steps)
     state = replicate(state, mesh)
     ckpt = checkpoints.RunCheckpoints(workdir, keep=config.keep_checkpoints)
     restored = ckpt.restore(state)
@@ -445,7 +458,11 @@ def train_and_evaluate(config, workdir) -> TrainState:
         seconds = time.perf_counter() - start
         val = _validation_metrics(state, val_split.inputs, val_split.labels, mean, std, dtype,
                                   config.eval_batch_size)
-        record = {"epoch": epoch + 1, "train_loss_per_image": loss_sum / (steps * config.batch_size),
+        # Batch losses are sums per batch, or already means (mean reduction, Brier).
+        per_image = loss_spec.mean_reduction or loss_spec.name == "brier"
+        record = {"epoch": epoch + 1,
+                  "train_loss_per_image": loss_sum / (steps if per_image else
+                                                      steps * config.batch_size),
                   "train_accuracy": correct / (steps * config.batch_size),
                   "images_per_second": steps * config.batch_size / seconds, **val}
         improved = val["val_accuracy"] > best_acc

@@ -29,32 +29,30 @@ def tables(text):
     return blocks + ([current] if current else [])
 
 
-def ece_rows(table, dataset=None):
-    header, out = table[0], []
+def loss_cells(table, dataset=None):
+    """(dataset, model, loss, paper column name, row cells) for every loss column of a table."""
+    header = table[0]
     for row in table[1:]:
         cells = dict(zip(header, row))
         ds = DATASET[cells["Dataset"]] if "Dataset" in cells else dataset
         model = "resnet50_tiny_imagenet" if ds == "tiny_imagenet" else MODEL[cells["Model"]]
         for name, loss in LOSS.items():
             if name in cells:
-                m = re.match(r"([\d.]+) \(([\d.]+)\)", cells[f"{name} (T)"])
-                out.append({"dataset": ds, "model": model, "loss": loss,
-                            "ece": float(cells[name]), "ece_t": float(m.group(1)),
-                            "temperature": float(m.group(2))})
+                yield ds, model, loss, name, cells
+
+
+def ece_rows(table, dataset=None):
+    out = []
+    for ds, model, loss, name, cells in loss_cells(table, dataset):
+        m = re.match(r"([\d.]+) \(([\d.]+)\)", cells[f"{name} (T)"])
+        out.append({"dataset": ds, "model": model, "loss": loss, "ece": float(cells[name]),
+                    "ece_t": float(m.group(1)), "temperature": float(m.group(2))})
     return out
 
 
 def error_rows(table, dataset=None):
-    header, out = table[0], []
-    for row in table[1:]:
-        cells = dict(zip(header, row))
-        ds = DATASET[cells["Dataset"]] if "Dataset" in cells else dataset
-        model = "resnet50_tiny_imagenet" if ds == "tiny_imagenet" else MODEL[cells["Model"]]
-        for name, loss in LOSS.items():
-            if name in cells:
-                out.append({"dataset": ds, "model": model, "loss": loss,
-                            "error": float(cells[name])})
-    return out
+    return [{"dataset": ds, "model": model, "loss": loss, "error": float(cells[name])}
+            for ds, model, loss, name, cells in loss_cells(table, dataset)]
 
 
 def ood_rows(table):

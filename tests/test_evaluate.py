@@ -71,7 +71,7 @@ def test_evaluate_best_and_epoch_checkpoints(run_dir, tmp_path):
 def test_unfinished_run_needs_latest(tmp_path):
     config = tiny_config(num_epochs=3)
     from calib_jax import checkpoints
-    state = train.state_for_config(config, 4, 32)
+    state = train.state_for_config(config, 4, (32, 32, 3))
     (tmp_path / "config.json").write_text(config.to_json())
     ckpt = checkpoints.RunCheckpoints(tmp_path)
     ckpt.save(1, state, {"final": False})

@@ -57,7 +57,7 @@ def test_two_processes_equal_one_process(tmp_path):
         config = cifar10.get_config(OVERRIDES)
     finally:
         sys.path.pop(0)
-    template = train.state_for_config(config, 4, 32)
+    template = train.state_for_config(config, 4, (32, 32, 3))
     multi, _ = checkpoints.RunCheckpoints(tmp_path / "multi").restore(template)
     one, _ = checkpoints.RunCheckpoints(tmp_path / "single").restore(template)
     assert checkpoints.tree_equal(jax.device_get(multi.params), jax.device_get(one.params))

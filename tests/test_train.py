@@ -157,7 +157,7 @@ def run_cli(workdir, *extra, wait=True):
 def final_params(workdir):
     config = load_config(SMOKE)
     from calib_jax import checkpoints
-    state = train.state_for_config(config, 4, 32)
+    state = train.state_for_config(config, 4, (32, 32, 3))
     restored, meta = checkpoints.RunCheckpoints(workdir).restore(state)
     assert meta["epoch"] == config.num_epochs and meta["final"]
     return jax.device_get(restored.params), jax.device_get(restored.opt_state)
@@ -241,3 +241,21 @@ def test_loss_spec_options_reach_the_objective():
     np.testing.assert_allclose(
         train.batch_loss(spec, z, y, 0),
         losses.label_smoothing_cross_entropy(z, y, smoothing=0.2).sum(), rtol=1e-6)
+
+
+@pytest.mark.skipif(not (SHARED / "sst").is_dir(), reason=f"no SST copy at {SHARED}")
+def test_tree_lstm_run_on_sst(tmp_path):
+    sys.path.insert(0, str(REPO / "experiments" / "configs"))
+    try:
+        import sst
+        config = sst.get_config("train_subset=64,num_epochs=1,batch_size=16,loss=flsc531,"
+                                "mem_dim=8,embed_dim=8,eval_batch_size=436")
+    finally:
+        sys.path.pop(0)
+    assert (config.optimizer, tuple(config.gamma_boundaries)) == ("adagrad", (3, 7))
+    state = train.train_and_evaluate(config, tmp_path)
+    assert int(state.step) == 4
+    record = json.loads((tmp_path / "log.jsonl").read_text())
+    # Epoch 0 of FLSc-531 is focal loss with gamma 5: about 0.5 ** 5 * log 2 per sentence.
+    assert 0.005 < record["train_loss_per_image"] < 0.2
+    assert 0 <= record["val_ece"] <= 1

@@ -191,7 +191,7 @@ def _tiny_imagenet(split, data_dir, source):
                    val_is_test=split != "train", extra=extra)
 
 
-def _20news(split, data_dir, max_words=20000, max_len=1000):
+def _20news(split, data_dir, vocab_size=20000, max_len=1000):
     _check_split("20news", split, ("train", "val", "test"))
     path = sources.find_folder("20news", data_dir)
     if path is None:
@@ -212,7 +212,7 @@ def _20news(split, data_dir, max_words=20000, max_len=1000):
     test_idx = order[len(order) - n_test:]
     val_idx = order[len(order) - n_test - 900:len(order) - n_test]
     train_idx = order[:len(order) - n_test - 900]
-    vocab = _build_vocab([texts[i] for i in train_idx], max_words)
+    vocab = _build_vocab([texts[i] for i in train_idx], vocab_size)
     idx = {"train": train_idx, "val": val_idx, "test": test_idx}[split]
     tokens = np.stack([_encode(texts[i], vocab, max_len) for i in idx])
     return Dataset("20news", split, tokens, labels[idx], 20, str(path),
@@ -241,29 +241,35 @@ def _encode(text, vocab, max_len):
     return out
 
 
-def _sst(split, data_dir):
-    from calib_jax.models.text import parse_ptb_tree
+def _sst(split, data_dir, vocab_size=20000, max_nodes=None):
+    """SST binary as packed trees: ``inputs`` int32 ``[N, 3, M]`` (see models.text.pack_trees)."""
+    from calib_jax.models.text import make_trees, pack_trees, parse_ptb_tree
     _check_split("sst", split, ("train", "val", "test"))
     path = sources.find_folder("sst", data_dir)
     if path is None:
         raise DataNotFoundError(
             f"SST not found: put PTB-style trees as <data_dir>/sst/{{train,dev,test}}.txt.")
+
+    def read(file):
+        return [parse_ptb_tree(line) for line in (path / file).read_text().splitlines()
+                if line.strip()]
+
     file = {"train": "train.txt", "val": "dev.txt", "test": "test.txt"}[split]
-    parsed = []
-    for line in (path / file).read_text().splitlines():
-        if line.strip():
-            tree = parse_ptb_tree(line)
-            if tree[0] != 2:  # binary task: drop neutral roots
-                parsed.append(tree)
+    parsed = [t for t in read(file) if t[0] != 2]  # binary task: drop neutral roots
     labels = np.asarray([int(t[0] > 2) for t in parsed], np.int32)
-    train_words = set()
-    for line in (path / "train.txt").read_text().splitlines():
-        if line.strip():
-            train_words.update(w for w in parse_ptb_tree(line)[1] if w is not None)
-    vocab = {w: i + 1 for i, w in enumerate(sorted(train_words))}  # 0 = unknown
-    lengths = np.asarray([len(t[1]) for t in parsed], np.int32)
-    return Dataset("sst", split, lengths, labels, 2, str(path),
-                   extra={"trees": parsed, "vocab": vocab})
+    counts: dict[str, int] = {}
+    for tree in read("train.txt"):
+        for w in tree[1]:
+            if w is not None:
+                counts[w] = counts.get(w, 0) + 1
+    # 0 = unknown; then the most frequent training words (ties by word).
+    ranked = sorted(counts, key=lambda w: (-counts[w], w))[:vocab_size - 1]
+    vocab = {w: i + 1 for i, w in enumerate(ranked)}
+    if max_nodes is None:
+        max_nodes = max(len(t[1]) for t in read("train.txt") + read("dev.txt") + read("test.txt"))
+    packed = pack_trees(make_trees(parsed, vocab, max_nodes=max_nodes))
+    return Dataset("sst", split, packed, labels, 2, str(path),
+                   extra={"trees": parsed, "vocab": vocab, "max_nodes": max_nodes})
 
 
 _SYNTHETIC_SIZES = {"train": 512, "val": 128, "test": 256}
@@ -297,7 +303,9 @@ def load(name: str, split: str, *, data_dir=None, source: str = "auto", **option
       data_dir: a directory holding the local copies (else ``$CALIB_JAX_DATA_DIR``,
         else ``../shared/data`` beside the repository).
       source: ``"auto"``, ``"local"`` or ``"tfds"`` (images only).
-      options: ``cifar10_c``: ``severity`` (5), ``seed`` (0) for the generated set.
+      options: ``cifar10_c``: ``severity`` (5), ``seed`` (0) for the generated set;
+        ``20news``: ``vocab_size`` (20000), ``max_len`` (1000); ``sst``:
+        ``vocab_size`` (20000), ``max_nodes`` (default: the largest tree).
     """
     if source not in ("auto", "local", "tfds"):
         raise ValueError(f"`source` must be 'auto', 'local' or 'tfds', got {source!r}.")
@@ -313,7 +321,7 @@ def load(name: str, split: str, *, data_dir=None, source: str = "auto", **option
     if name == "tiny_imagenet":
         return _tiny_imagenet(split, data_dir, source)
     if name == "20news":
-        return _20news(split, data_dir)
+        return _20news(split, data_dir, **options)
     if name == "synthetic":
         return _synthetic(split, **options)
     if name == "synthetic_c":  # OOD partner of "synthetic": its test set with Gaussian noise
@@ -321,5 +329,5 @@ def load(name: str, split: str, *, data_dir=None, source: str = "auto", **option
         return Dataset("synthetic_c", split, gaussian_noise(clean.inputs, severity=5),
                        clean.labels, clean.num_classes, "generated", extra={"generated": True})
     if name == "sst":
-        return _sst(split, data_dir)
+        return _sst(split, data_dir, **options)
     raise ValueError(f"unknown data set {name!r}; choose one of {names()}.")

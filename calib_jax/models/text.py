@@ -211,6 +211,23 @@ class _TreeStep(nn.Module):
         return (c_all, h_all), None
 
 
+def pack_trees(trees: Trees) -> np.ndarray:
+    """Trees as one int32 ``[B, 3, M]`` array (tokens, left, right; padding nodes have
+    ``left = -2``), so that a data pipeline can gather them like images."""
+    left = np.array(trees.left)
+    m = left.shape[1]
+    left[np.arange(m)[None, :] >= np.asarray(trees.num_nodes)[:, None]] = -2
+    return np.stack([np.asarray(trees.tokens), left, np.asarray(trees.right)], axis=1).astype(
+        np.int32)
+
+
+def unpack_trees(packed) -> Trees:
+    """Inverse of :func:`pack_trees` (works on traced arrays)."""
+    tokens, left, right = packed[:, 0], packed[:, 1], packed[:, 2]
+    num = jnp.sum(left != -2, axis=1).astype(jnp.int32)
+    return Trees(tokens, jnp.where(left == -2, -1, left), right, num - 1, num)
+
+
 class BinaryTreeLSTM(nn.Module):
     """Reference ``treeLSTM/model.py`` (constituency): leaves ``c = W_c x``,
     ``h = sigmoid(W_o x) * tanh(c)``; inner nodes gate their two children,
@@ -218,6 +235,7 @@ class BinaryTreeLSTM(nn.Module):
     goes through dropout and a linear layer. The reference also puts a loss
     on every labelled node; this module returns root logits ``[B, C]`` (the
     SST sentence-level task) and, with ``all_nodes=True``, ``[B, M, C]``.
+    Input: :class:`Trees`, or their packed ``[B, 3, M]`` array.
     The nodes are visited by one ``nn.scan`` (compiled once for any depth)."""
     num_classes: int = 2
     vocab_size: int = 20000
@@ -229,7 +247,9 @@ class BinaryTreeLSTM(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, trees: Trees, train: bool = False, all_nodes: bool = False):
+    def __call__(self, trees, train: bool = False, all_nodes: bool = False):
+        if not isinstance(trees, Trees):  # packed [B, 3, M] (pack_trees)
+            trees = unpack_trees(trees)
         emb = _Embedding(self.vocab_size, self.embed_dim, self.embeddings,
                          self.train_embeddings)(trees.tokens).astype(self.dtype)
         leaf_c = TorchDense(self.mem_dim, dtype=self.dtype, name="leaf_c")(emb)

@@ -40,11 +40,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = "sgd"          # sgd | adam | adagrad
     c.loss_mean = False          # True: mean instead of the reference's batch sums
     c.flsd_threshold = 0.2       # lower FLSD tier bound (the reference's text runs: 0.19)
+    c.gamma_boundaries = (100, 250)  # FLSc-531 switches (the reference's SST runs: 3, 7)
     # Text models only.
     c.vocab_size = 20000
     c.embed_dim = 100
     c.embeddings_path = ""       # a [vocab_size, embed_dim] .npy (e.g. GloVe); "" = random
     c.train_embeddings = True
+    c.mem_dim = 168              # Tree-LSTM memory size
     return c
 
 

@@ -33,8 +33,9 @@ import optax
 from calib_jax import losses
 from calib_jax.data import pipeline
 
-__all__ = ["LOSS_NAMES", "LossSpec", "TrainState", "batch_loss", "batch_sharding", "create_train_state",
-           "make_optimizer", "piecewise_lr", "predict", "replicate", "replicated", "train_step"]
+__all__ = ["LOSS_NAMES", "LossSpec", "TrainState", "batch_loss", "batch_sharding",
+           "create_train_state", "make_optimizer", "multi_train_step", "piecewise_lr", "predict",
+           "replicate", "replicated", "stack_states", "train_step", "unstack_state"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")
@@ -184,6 +185,26 @@ def _model_inputs(inputs, mean, std, dtype):
     return inputs if mean is None else pipeline.normalize(inputs, mean, std, dtype)
 
 
+def _apply_step(state: TrainState, x, labels, loss_fn):
+    """The optimiser step shared by :func:`train_step` and :func:`multi_train_step`."""
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+    def objective(params):
+        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x,
+                                         train=True, mutable=["batch_stats"],
+                                         rngs={"dropout": dropout_rng})
+        return loss_fn(logits), (logits, updates.get("batch_stats", {}))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, {"loss": loss, "correct": correct, "grad_norm": _tree_norm(grads)}
+
+
 @functools.partial(jax.jit, static_argnames=("loss_name", "mean", "std", "dtype"),
                    donate_argnums=(0,))
 def train_step(state: TrainState, images, labels, epoch, *, loss_name, mean, std,
@@ -196,23 +217,44 @@ def train_step(state: TrainState, images, labels, epoch, *, loss_name, mean, std
       mean, std: per-channel normalisation (tuples: static), or None.
     """
     x = _model_inputs(images, mean, std, dtype)
-    dropout_rng = jax.random.fold_in(state.rng, state.step)
+    return _apply_step(state, x, labels,
+                       lambda logits: batch_loss(loss_name, logits, labels, epoch))
 
-    def objective(params):
-        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x,
-                                         train=True, mutable=["batch_stats"],
-                                         rngs={"dropout": dropout_rng})
-        return batch_loss(loss_name, logits, labels, epoch), (logits,
-                                                              updates.get("batch_stats", {}))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
-    return new_state, {"loss": loss, "correct": correct, "grad_norm": _tree_norm(grads)}
+def stack_states(states) -> TrainState:
+    """K states of the same model and optimiser, stacked on a new leading axis."""
+    # The members' static fields (model, optimiser) are equal but not identical
+    # objects, so stack leaves under the first member's tree structure.
+    treedef = jax.tree_util.tree_structure(states[0])
+    leaves = [jax.tree_util.tree_leaves(s) for s in states]
+    if any(len(member) != len(leaves[0]) for member in leaves):
+        raise ValueError("`states` must share one model and optimiser structure.")
+    return jax.tree_util.tree_unflatten(treedef, [jnp.stack(xs) for xs in zip(*leaves)])
+
+
+def unstack_state(stacked: TrainState, index: int) -> TrainState:
+    """Member ``index`` of :func:`stack_states`."""
+    return jax.tree_util.tree_map(lambda x: x[index], stacked)
+
+
+@functools.partial(jax.jit, static_argnames=("losses_", "mean", "std", "dtype"),
+                   donate_argnums=(0,))
+def multi_train_step(stacked: TrainState, images, labels, epoch, *, losses_, mean, std,
+                     dtype=jnp.float32):
+    """K runs that differ in loss (or seed) as one vmapped step over stacked states.
+
+    Every member sees the same batch; member ``k`` uses ``losses_[k]`` (names or
+    :class:`LossSpec`). A batch of 128 leaves an accelerator idle; K members
+    fill it with one program. Returns ``(stacked_state, metrics)`` with ``[K]`` metrics.
+    """
+    x = _model_inputs(images, mean, std, dtype)
+    branches = [functools.partial(batch_loss, spec) for spec in losses_]
+
+    def member(state, k):
+        return _apply_step(state, x, labels,
+                           lambda logits: jax.lax.switch(k, branches, logits, labels, epoch))
+
+    return jax.vmap(member)(stacked, jnp.arange(len(losses_)))
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "mean", "std", "dtype"))

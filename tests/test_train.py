@@ -259,3 +259,37 @@ def test_tree_lstm_run_on_sst(tmp_path):
     # Epoch 0 of FLSc-531 is focal loss with gamma 5: about 0.5 ** 5 * log 2 per sentence.
     assert 0.005 < record["train_loss_per_image"] < 0.2
     assert 0 <= record["val_ece"] <= 1
+
+
+def test_vmapped_runs_equal_their_single_runs():
+    """K runs that differ in loss, as one vmapped program, match K separate runs."""
+    rng = np.random.default_rng(5)
+    n, bs = 32, 16
+    images = rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8)
+    labels = rng.integers(0, 4, n)
+    model = models.get("resnet8", 4)
+    names = ("ce", "flsd53", "mmce_weighted")
+    x, y = pipeline.put_on_device(images, labels)
+    order = pipeline.epoch_order(0, 0, n)
+    batches = [pipeline.train_batch(x, y, order, s, seed=0, epoch=0, batch_size=bs)
+               for s in range(2)]
+
+    def fresh(seed):
+        return train.create_train_state(jax.random.PRNGKey(seed), model, train.make_optimizer(0.05),
+                                        (1, 32, 32, 3))
+
+    singles = []
+    for k, name in enumerate(names):
+        state = fresh(k)
+        for xb, yb in batches:
+            state, m = train.train_step(state, xb, yb, 0, loss_name=name, mean=MEAN, std=STD)
+        singles.append((jax.device_get(state.params), float(m["loss"])))
+    stacked = train.stack_states([fresh(k) for k in range(len(names))])
+    for xb, yb in batches:
+        stacked, m = train.multi_train_step(stacked, xb, yb, 0, losses_=names, mean=MEAN, std=STD)
+    assert m["loss"].shape == (len(names),)
+    for k, (params, loss) in enumerate(singles):
+        member = jax.device_get(train.unstack_state(stacked, k).params)
+        np.testing.assert_allclose(float(m["loss"][k]), loss, rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(member), jax.tree_util.tree_leaves(params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -182,8 +182,8 @@ def main():
         rows.extend(bench_size(n, c, args.repeats, args.numpy_repeats))
     print(f"machine: {platform.machine()} {platform.processor() or ''}, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.local_device_count()} device(s)")
-    header = (f"| size | what | calib_jax (s) | compile (s) | NumPy loop port (s) | speed-up "
-              f"| max abs diff |")
+    header = ("| size | what | calib_jax (s) | compile (s) | NumPy loop port (s) | speed-up "
+              "| max abs diff |")
     print(header)
     print("|" + "---|" * 7)
     for r in rows:

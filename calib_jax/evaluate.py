@@ -22,8 +22,6 @@ import json
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

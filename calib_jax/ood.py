@@ -15,7 +15,6 @@ plotting points on the host.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax

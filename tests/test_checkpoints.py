@@ -1,7 +1,6 @@
 """calib_jax.checkpoints: round trip, best tracking, corrupt checkpoints never loaded."""
 
 import jax
-import numpy as np
 import pytest
 
 from calib_jax import checkpoints, models, train

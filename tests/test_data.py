@@ -1,9 +1,6 @@
 """calib_jax.data: data sets by name, local sources, TFDS, splits and normalisation."""
 
-import gzip
 import io
-import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-from typing import Any
 
 import numpy as np
 
@@ -248,7 +247,7 @@ def _sst(split, data_dir, vocab_size=20000, max_nodes=None):
     path = sources.find_folder("sst", data_dir)
     if path is None:
         raise DataNotFoundError(
-            f"SST not found: put PTB-style trees as <data_dir>/sst/{{train,dev,test}}.txt.")
+            "SST not found: put PTB-style trees as <data_dir>/sst/{train,dev,test}.txt.")
 
     def read(file):
         return [parse_ptb_tree(line) for line in (path / file).read_text().splitlines()

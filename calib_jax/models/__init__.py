@@ -36,7 +36,8 @@ from calib_jax.models import densenet, resnet, text, wide_resnet
 from calib_jax.models.layers import BatchNorm
 from calib_jax.models.text import BinaryTreeLSTM, GlobalPoolingCNN, Trees
 
-__all__ = ["BatchNorm", "BinaryTreeLSTM", "GlobalPoolingCNN", "Trees", "get", "input_shape",
+__all__ = ["BatchNorm", "BinaryTreeLSTM", "GlobalPoolingCNN", "Trees", "densenet", "get",
+           "input_shape", "resnet", "text", "wide_resnet",
            "names", "param_count"]
 
 _IMAGE_MODELS: dict[str, tuple[Callable, int]] = {

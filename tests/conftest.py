@@ -11,7 +11,33 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 4)
 
 settings.register_profile(
-    "ci", max_examples=20, deadline=None, derandomize=True,
+    "ci", max_examples=10, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("dev", max_examples=200, deadline=None)
+settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def evaluated_runs(tmp_path_factory):
+    """A results root with one tiny trained + evaluated run at cifar10/resnet50/ce (the
+    layout of experiments/sweep.py), shared by the evaluation and notebook tests."""
+    import sys
+    from pathlib import Path
+
+    from calib_jax import evaluate, train
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "experiments" / "configs"))
+    try:
+        import cifar10
+        config = cifar10.get_config("dataset=synthetic,model=resnet8,num_epochs=2,batch_size=64,"
+                                    "checkpoint_every_epochs=1,eval_batch_size=128")
+    finally:
+        sys.path.pop(0)
+    root = tmp_path_factory.mktemp("results")
+    workdir = root / "cifar10" / "resnet50" / "ce"
+    train.train_and_evaluate(config, workdir)
+    evaluate.evaluate_run(workdir, which="final")
+    return root

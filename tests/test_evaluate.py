@@ -26,10 +26,8 @@ def tiny_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    train.train_and_evaluate(tiny_config(), workdir)
-    return workdir
+def run_dir(evaluated_runs):
+    return evaluated_runs / "cifar10" / "resnet50" / "ce"  # tiny_config(), trained in conftest
 
 
 def test_training_logs(run_dir):

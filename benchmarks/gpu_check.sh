@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_results}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || true
-python -m pip install --quiet --no-deps -e . 2>/dev/null || true
-timeout -k 10 420 python benchmarks/train_throughput.py --models resnet50 \
+# The repo is on PYTHONPATH below; the lent machine has jax, flax, optax and orbax already.
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 420 python benchmarks/train_throughput.py --models resnet50 \
     --batch-sizes 128,1024 --dtypes bfloat16,float32 --losses ce,flsd53 --steps 30 \
     --multi ce,brier,mmce_weighted,label_smoothing,focal,flsd53 --eval \
     --json "$OUT/train_throughput.json" | tee "$OUT/train_throughput.txt"

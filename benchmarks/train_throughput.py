@@ -109,8 +109,8 @@ def main():
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--losses", default="ce,flsd53")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--multi", default="", help="losses of a vmapped multi-run, e.g. "
-                        "ce,brier,mmce_weighted,label_smoothing,focal,flsd53")
+    parser.add_argument("--multi", default="", help="losses of a vmapped multi-run at the first "
+                        "batch size, e.g. ce,brier,mmce_weighted,label_smoothing,focal,flsd53")
     parser.add_argument("--eval", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -132,7 +132,7 @@ def main():
                     rows.append(r)
                     print(f"| {name} | {bs} | {dtype} | {loss} | {r['img_per_s']:,.0f} | "
                           f"{r['compile_s']:.1f} |", flush=True)
-            if args.multi:
+            if args.multi and bs == int(args.batch_sizes.split(",")[0]):  # the first batch only
                 r = bench_multi(name, bs, args.dtypes.split(",")[0], args.multi.split(","),
                                 args.steps, x_dev, y_dev, order)
                 rows.append(r)

@@ -27,8 +27,9 @@ import numpy as np
 
 from calib_jax import calibration, checkpoints, metrics, ood, plots, train
 from calib_jax.data import datasets
+from calib_jax.files import atomic_write_text
 
-__all__ = ["evaluate_run", "markdown_report", "main"]
+__all__ = ["evaluate_run", "markdown_report", "main", "test_report"]
 
 OOD_SETS = {"cifar10": ("svhn", "cifar10_c"), "cifar100": ("svhn", "cifar10_c"),
             "synthetic": ("synthetic_c",)}
@@ -63,6 +64,20 @@ def restore_checkpoint(config, workdir, which: str, num_classes: int, example_sh
 def _ood_scores(test_logits, ood_logits):
     return {"entropy": float(ood.auroc(test_logits, ood_logits, score="entropy")),
             "confidence": float(ood.auroc(test_logits, ood_logits, score="confidence"))}
+
+
+def test_report(test_logits, test_labels, temperature: float, ood_logits: dict) -> dict:
+    """Every metric of :func:`calib_jax.metrics.summary` plus OOD AUROC (entropy and
+    confidence, per OOD set) on the test logits, ``{"before": ..., "after": ...}``
+    temperature scaling."""
+    report = {}
+    for tag, scale in (("before", 1.0), ("after", temperature)):
+        z = calibration.apply_temperature(test_logits, scale)
+        values = {k: float(v) for k, v in metrics.summary(z, test_labels).items()}
+        values["ood_auroc"] = {name: _ood_scores(z, calibration.apply_temperature(o, scale))
+                               for name, o in ood_logits.items()}
+        report[tag] = values
+    return report
 
 
 def evaluate_run(workdir, *, which: str = "final", criterion: str = "ece", out=None,
@@ -103,13 +118,7 @@ def evaluate_run(workdir, *, which: str = "final", criterion: str = "ece", out=N
         val_logits, val.labels, criterion="nll" if criterion == "ece" else "ece")
     fit = calibration.fit_temperature(val_logits, val.labels)
     t = float(search.temperature)
-    report = {}
-    for tag, scale in (("before", 1.0), ("after", t)):
-        z = calibration.apply_temperature(test_logits, scale)
-        values = {k: float(v) for k, v in metrics.summary(z, test.labels).items()}
-        values["ood_auroc"] = {name: _ood_scores(z, calibration.apply_temperature(o, scale))
-                               for name, o in ood_logits.items()}
-        report[tag] = values
+    report = test_report(test_logits, test.labels, t, ood_logits)
     results = {
         "workdir": str(workdir), "checkpoint": which, "epoch": meta["epoch"],
         "config": json.loads(config.to_json()),
@@ -123,8 +132,8 @@ def evaluate_run(workdir, *, which: str = "final", criterion: str = "ece", out=N
     }
     out = Path(out) if out else workdir / f"eval_{which}"
     out.mkdir(parents=True, exist_ok=True)
-    train._atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    train._atomic_write_text(out / "results.md", markdown_report(results) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(out / "results.md", markdown_report(results) + "\n")
     _write_plots(out, test_logits, test.labels, t, search, ood_logits)
     return results
 

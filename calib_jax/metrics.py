@@ -243,21 +243,36 @@ def _softmax_parts(logits, labels, mask=None):
     return log_probs, probs, conf, pred, jnp.all(row_ok)
 
 
+def _top_label_bin_sums(conf, hits, edges, convention, mask):
+    """Top-label bins of the confidences under ``edges``."""
+    return _bin_sums(conf.astype(jnp.float32), hits, _bin_index(conf, edges, convention), mask,
+                     edges.shape[-1] - 1)
+
+
+def _classwise_bin_sums(probs, one_hot, num_bins, convention, mask):
+    """``[C, B]`` bins of every class's probability (equal-width edges), ``mask`` ``[N]``."""
+    edges = jnp.asarray(bin_edges(num_bins, convention=convention))
+    return _bin_sums(probs.astype(jnp.float32), one_hot, _bin_index(probs, edges, convention),
+                     mask[:, None], num_bins)
+
+
+def _nll_and_brier(log_probs, probs, labels, one_hot):
+    """Per-example NLL and Brier score ``([N], [N])``."""
+    safe = jnp.clip(labels, 0, log_probs.shape[-1] - 1)
+    nll_each = -jnp.take_along_axis(log_probs, safe[:, None], axis=-1)[:, 0]
+    return nll_each, jnp.sum((one_hot - probs) ** 2, axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=("convention",))
 def _update_stats(stats: CalibrationStats, logits, labels, mask, convention):
     num_bins = stats.count.shape[-1]
     num_classes = logits.shape[-1]
     log_probs, probs, conf, pred, ok = _softmax_parts(logits, labels, mask)
     hits = (pred == labels).astype(jnp.float32)
-    top = _bin_sums(conf.astype(jnp.float32), hits, _bin_index(conf, stats.edges, convention),
-                    mask, num_bins)
-    class_edges = jnp.asarray(bin_edges(num_bins, convention=convention))
+    top = _top_label_bin_sums(conf, hits, stats.edges, convention, mask)
     one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    cls = _bin_sums(probs.astype(jnp.float32), one_hot,
-                    _bin_index(probs, class_edges, convention), mask[:, None], num_bins)
-    nll_each = -jnp.take_along_axis(log_probs, jnp.clip(labels, 0, num_classes - 1)[:, None],
-                                    axis=-1)[:, 0]
-    brier_each = jnp.sum((one_hot - probs) ** 2, axis=-1)
+    cls = _classwise_bin_sums(probs, one_hot, num_bins, convention, mask)
+    nll_each, brier_each = _nll_and_brier(log_probs, probs, labels, one_hot)
     fmask = mask.astype(jnp.float32)
     poison = jnp.where(ok, 0.0, jnp.nan)  # NaN propagates into every float sum.
     return CalibrationStats(
@@ -364,9 +379,7 @@ def _top_label_sums(logits, labels, num_bins, convention, adaptive=False):
     else:
         edges = jnp.asarray(bin_edges(num_bins, convention=convention))
     hits = (pred == labels).astype(jnp.float32)
-    mask = jnp.ones(labels.shape, bool)
-    sums = _bin_sums(conf.astype(jnp.float32), hits, _bin_index(conf, edges, convention), mask,
-                     num_bins)
+    sums = _top_label_bin_sums(conf, hits, edges, convention, jnp.ones(labels.shape, bool))
     return sums, edges, ok
 
 
@@ -498,12 +511,9 @@ def adaptive_ece(logits, labels, *, num_bins: int = 15, convention: str = "refer
 @functools.partial(jax.jit, static_argnames=("num_bins", "convention"))
 def _classwise_impl(logits, labels, num_bins, convention):
     _, probs, _, _, ok = _softmax_parts(logits, labels)
-    num_classes = logits.shape[-1]
-    edges = jnp.asarray(bin_edges(num_bins, convention=convention))
-    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    mask = jnp.ones(probs.shape, bool)
-    sums = _bin_sums(probs.astype(jnp.float32), one_hot, _bin_index(probs, edges, convention),
-                     mask, num_bins)
+    one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    sums = _classwise_bin_sums(probs, one_hot, num_bins, convention,
+                               jnp.ones(labels.shape, bool))
     label_count = jnp.sum(one_hot, axis=0)
     value = _classwise_from_sums(sums, label_count, labels.shape[0], convention)
     return jnp.where(ok, value, jnp.nan)
@@ -531,12 +541,12 @@ def classwise_ece(logits, labels, *, num_bins: int = 15, convention: str = "refe
 @jax.jit
 def _nll_acc_brier(logits, labels):
     log_probs, probs, _, pred, ok = _softmax_parts(logits, labels)
-    nll_each = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
     one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=probs.dtype)
+    nll_each, brier_each = _nll_and_brier(log_probs, probs, labels, one_hot)
     nan = jnp.float32(jnp.nan)
     return (jnp.where(ok, jnp.mean(nll_each), nan),
             jnp.where(ok, jnp.mean((pred == labels).astype(jnp.float32)), nan),
-            jnp.where(ok, jnp.mean(jnp.sum((one_hot - probs) ** 2, -1)), nan))
+            jnp.where(ok, jnp.mean(brier_each), nan))
 
 
 def nll(logits, labels):
@@ -578,18 +588,14 @@ def _summary_impl(logits, labels, num_bins, convention):
     n = labels.shape[0]
     num_classes = logits.shape[-1]
     hits = (pred == labels).astype(jnp.float32)
-    conf32 = conf.astype(jnp.float32)
     everyone = jnp.ones(labels.shape, bool)
     edges = jnp.asarray(bin_edges(num_bins, convention=convention))
-    top = _bin_sums(conf32, hits, _bin_index(conf, edges, convention), everyone, num_bins)
+    top = _top_label_bin_sums(conf, hits, edges, convention, everyone)
     weighted, gap = _weighted_gap(top, n)
-    ada_edges = adaptive_bin_edges(conf, num_bins)
-    ada = _bin_sums(conf32, hits, _bin_index(conf, ada_edges, convention), everyone, num_bins)
+    ada = _top_label_bin_sums(conf, hits, adaptive_bin_edges(conf, num_bins), convention, everyone)
     one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    cls = _bin_sums(probs.astype(jnp.float32), one_hot, _bin_index(probs, edges, convention),
-                    everyone[:, None], num_bins)
-    nll_each = -jnp.take_along_axis(log_probs, jnp.clip(labels, 0, num_classes - 1)[:, None],
-                                    axis=-1)[:, 0]
+    cls = _classwise_bin_sums(probs, one_hot, num_bins, convention, everyone)
+    nll_each, brier_each = _nll_and_brier(log_probs, probs, labels, one_hot)
     acc = jnp.mean(hits)
     values = {
         "ece": jnp.sum(weighted),
@@ -599,7 +605,7 @@ def _summary_impl(logits, labels, num_bins, convention):
         "nll": jnp.mean(nll_each),
         "accuracy": acc,
         "error": 1.0 - acc,
-        "brier": jnp.mean(jnp.sum((one_hot - probs) ** 2, axis=-1)),
+        "brier": jnp.mean(brier_each),
     }
     return {k: jnp.where(ok, v.astype(jnp.float32), jnp.nan) for k, v in values.items()}
 

@@ -82,7 +82,7 @@ def _auroc_from_scores(positive, negative):
 
 
 def _check_scores(x, name):
-    x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+    x = validation._as_array(x, name)
     if x.ndim != 1 or x.shape[0] == 0:
         raise ValueError(f"`{name}` must be a non-empty 1-D array of scores, got shape {x.shape}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):

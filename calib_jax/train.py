@@ -32,6 +32,7 @@ import optax
 
 from calib_jax import losses
 from calib_jax.data import pipeline
+from calib_jax.files import atomic_write_text
 
 __all__ = ["LOSS_NAMES", "LossSpec", "TrainState", "batch_loss", "batch_sharding",
            "create_train_state", "make_optimizer", "multi_train_step", "piecewise_lr", "predict",
@@ -354,15 +355,6 @@ def maybe_initialize_distributed(force: bool = False) -> None:
         jax.distributed.initialize(**kwargs)
 
 
-def _atomic_write_text(path, text: str) -> None:
-    import os
-    import tempfile
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
 def _validation_metrics(state, images, labels, mean, std, dtype, batch_size) -> dict:
     from calib_jax import metrics as cmetrics
     logits = predict(state, images, mean=mean, std=std, dtype=dtype, batch_size=batch_size)
@@ -463,7 +455,7 @@ def train_and_evaluate(config, workdir) -> TrainState:
         if is_chief:
             print(f"resumed from {workdir}/checkpoints/{start_epoch} (epoch {start_epoch})")
     if is_chief:
-        _atomic_write_text(workdir / "config.json", config.to_json(indent=2))
+        atomic_write_text(workdir / "config.json", config.to_json(indent=2))
     writer = None
     if is_chief:
         # TensorBoard event files (tensorboardX needs no TensorFlow), beside log.jsonl.

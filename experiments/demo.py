@@ -22,28 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from calib_jax import calibration, metrics, models, ood, plots, train
+from calib_jax import calibration, evaluate, metrics, models, plots, train
 from calib_jax.data import datasets, pipeline
+from calib_jax.files import atomic_write_text
 
 LOSSES = {"ce": "Cross-entropy", "flsd53": "FLSD-53"}
-
-
-def atomic_write(path: Path, text: str):
-    """Writes through a temporary file in the same folder, then renames."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-        tmp = f.name
-    os.replace(tmp, path)
 
 
 def train_one(loss_name, data, args, mean, std):
@@ -74,22 +64,21 @@ def train_one(loss_name, data, args, mean, std):
     return state
 
 
-def evaluate(state, data, mean, std):
+def evaluate_state(state, data, mean, std):
     logits = {split: train.predict(state, data[f"{split}_images"], mean=mean, std=std)
               for split in ("val", "test", "ood")}
     search = calibration.temperature_grid_search(logits["val"], data["val_labels"])
     t = float(search.temperature)
-    rows = {}
-    for tag, scale in (("before", 1.0), ("after", t)):
-        test = calibration.apply_temperature(logits["test"], scale)
-        values = {k: float(v) for k, v in metrics.summary(test, data["test_labels"]).items()}
-        values["ood_auroc_entropy"] = float(ood.auroc(
-            test, calibration.apply_temperature(logits["ood"], scale), score="entropy"))
-        rows[tag] = values
+    rows = evaluate.test_report(logits["test"], data["test_labels"], t,
+                                {"cifar10_c": logits["ood"]})
     bins = {tag: metrics.reliability_bins(calibration.apply_temperature(logits["test"], s),
                                           data["test_labels"])
             for tag, s in (("before", 1.0), ("after", t))}
     return {"temperature": t, "metrics": rows}, bins
+
+
+def ood_entropy(values) -> float:
+    return values["ood_auroc"]["cifar10_c"]["entropy"]
 
 
 def table(results) -> str:
@@ -103,8 +92,8 @@ def table(results) -> str:
             f"| {LOSSES[name]} | {r['temperature']:.1f} | {pct(b['error'])} | {b['nll']:.3f} | "
             f"{pct(b['ece'])} | {pct(a['ece'])} | {pct(b['adaptive_ece'])} | "
             f"{pct(a['adaptive_ece'])} | {pct(b['classwise_ece'])} | {pct(a['classwise_ece'])} | "
-            f"{pct(b['mce'])} | {pct(a['mce'])} | {pct(b['ood_auroc_entropy'])} | "
-            f"{pct(a['ood_auroc_entropy'])} |")
+            f"{pct(b['mce'])} | {pct(a['mce'])} | {pct(ood_entropy(b))} | "
+            f"{pct(ood_entropy(a))} |")
     return "\n".join(lines)
 
 
@@ -148,7 +137,7 @@ def main(argv=None):
     results, all_bins = {}, {}
     for loss_name in LOSSES:
         state = train_one(loss_name, data, args, mean, std)
-        results[loss_name], all_bins[loss_name] = evaluate(state, data, mean, std)
+        results[loss_name], all_bins[loss_name] = evaluate_state(state, data, mean, std)
     md = table(results)
     print("\nTest-set calibration (percent; T chosen on the validation split by ECE):\n")
     print(md)
@@ -162,8 +151,8 @@ def main(argv=None):
     fig.savefig(out / "reliability.png", dpi=130)
     payload = {"config": vars(args), "data_source": splits["train"].source,
                "wall_seconds": time.perf_counter() - started, "results": results}
-    atomic_write(out / "results.json", json.dumps(payload, indent=2))
-    atomic_write(out / "results.md", md + "\n")
+    atomic_write_text(out / "results.json", json.dumps(payload, indent=2))
+    atomic_write_text(out / "results.md", md + "\n")
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'reliability.png'} "
           f"({payload['wall_seconds']:.0f} s)")
     return 0

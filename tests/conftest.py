@@ -24,18 +24,9 @@ import pytest  # noqa: E402
 def evaluated_runs(tmp_path_factory):
     """A results root with one tiny trained + evaluated run at cifar10/resnet50/ce (the
     layout of experiments/sweep.py), shared by the evaluation and notebook tests."""
-    import sys
-    from pathlib import Path
-
+    import experiment_configs
     from calib_jax import evaluate, train
-    repo = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(repo / "experiments" / "configs"))
-    try:
-        import cifar10
-        config = cifar10.get_config("dataset=synthetic,model=resnet8,num_epochs=2,batch_size=64,"
-                                    "checkpoint_every_epochs=1,eval_batch_size=128")
-    finally:
-        sys.path.pop(0)
+    config = experiment_configs.load("cifar10", experiment_configs.TINY_RUN)
     root = tmp_path_factory.mktemp("results")
     workdir = root / "cifar10" / "resnet50" / "ce"
     train.train_and_evaluate(config, workdir)

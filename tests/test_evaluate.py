@@ -1,25 +1,16 @@
 """calib_jax.evaluate: the evaluation pass on a saved checkpoint of a tiny run."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+import experiment_configs
 from calib_jax import evaluate, train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**overrides):
-    sys.path.insert(0, str(REPO / "experiments" / "configs"))
-    try:
-        import cifar10
-        config = cifar10.get_config("dataset=synthetic,model=resnet8,num_epochs=2,batch_size=64,"
-                                    "checkpoint_every_epochs=1,eval_batch_size=128")
-    finally:
-        sys.path.pop(0)
+    config = experiment_configs.load("cifar10", experiment_configs.TINY_RUN)
     for key, value in overrides.items():
         config[key] = value
     return config

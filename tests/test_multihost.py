@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 
+import experiment_configs
 from calib_jax import checkpoints, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,12 +52,7 @@ def test_two_processes_equal_one_process(tmp_path):
     # Only process 0 writes the log.
     assert len((tmp_path / "multi" / "log.jsonl").read_text().splitlines()) == 1
 
-    sys.path.insert(0, str(REPO / "experiments" / "configs"))
-    try:
-        import cifar10
-        config = cifar10.get_config(OVERRIDES)
-    finally:
-        sys.path.pop(0)
+    config = experiment_configs.load("cifar10", OVERRIDES)
     template = train.state_for_config(config, 4, (32, 32, 3))
     multi, _ = checkpoints.RunCheckpoints(tmp_path / "multi").restore(template)
     one, _ = checkpoints.RunCheckpoints(tmp_path / "single").restore(template)

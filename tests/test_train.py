@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import experiment_configs
 from calib_jax import losses, models, train
 from calib_jax.data import pipeline
 
@@ -133,12 +134,7 @@ SMOKE = "dataset=synthetic,model=resnet8,num_epochs=2,batch_size=64,checkpoint_e
 
 
 def load_config(arg):
-    sys.path.insert(0, str(REPO / "experiments" / "configs"))
-    try:
-        import cifar10
-        return cifar10.get_config(arg)
-    finally:
-        sys.path.pop(0)
+    return experiment_configs.load("cifar10", arg)
 
 
 def run_cli(workdir, *extra, wait=True):
@@ -211,12 +207,8 @@ SHARED = REPO.parent / "shared" / "data"
 
 @pytest.mark.skipif(not (SHARED / "20news").is_dir(), reason=f"no 20news copy at {SHARED}")
 def test_text_run_on_20_newsgroups(tmp_path):
-    sys.path.insert(0, str(REPO / "experiments" / "configs"))
-    try:
-        import news20
-        config = news20.get_config("train_subset=256,num_epochs=1,batch_size=64,loss=flsd53")
-    finally:
-        sys.path.pop(0)
+    config = experiment_configs.load("news20",
+                                     "train_subset=256,num_epochs=1,batch_size=64,loss=flsd53")
     assert (config.optimizer, config.loss_mean, config.flsd_threshold) == ("adam", True, 0.19)
     state = train.train_and_evaluate(config, tmp_path)
     assert int(state.step) == 4
@@ -244,13 +236,8 @@ def test_loss_spec_options_reach_the_objective():
 
 @pytest.mark.skipif(not (SHARED / "sst").is_dir(), reason=f"no SST copy at {SHARED}")
 def test_tree_lstm_run_on_sst(tmp_path):
-    sys.path.insert(0, str(REPO / "experiments" / "configs"))
-    try:
-        import sst
-        config = sst.get_config("train_subset=64,num_epochs=1,batch_size=16,loss=flsc531,"
-                                "mem_dim=8,embed_dim=8,eval_batch_size=436")
-    finally:
-        sys.path.pop(0)
+    config = experiment_configs.load("sst", "train_subset=64,num_epochs=1,batch_size=16,"
+                                     "loss=flsc531,mem_dim=8,embed_dim=8,eval_batch_size=436")
     assert (config.optimizer, tuple(config.gamma_boundaries)) == ("adagrad", (3, 7))
     state = train.train_and_evaluate(config, tmp_path)
     assert int(state.step) == 4

@@ -1,17 +1,31 @@
-"""Images/s of the real training step, including on-device batching and augmentation.
+"""Images/s of the real training loop's compiled call, including on-device batching and
+augmentation.
 
-For each model x batch size x dtype x loss: one jitted step of
-``calib_jax.train.train_step`` fed by ``calib_jax.data.pipeline.train_batch``
-(gather from device-resident uint8 data + per-example crop and flip), waited
-for once per measured window. Compile time (first call) is reported
-separately. ``--multi K`` also times K runs with different losses as one
-vmapped program (``train.multi_train_step``), and ``--eval`` times the
-evaluation pass (``metrics.summary`` + the 100-temperature search) on 10,000
-x C logits.
+Each row times ``calib_jax.train.train_steps`` -- the unit ``train_and_evaluate``
+runs: ``--steps-per-call`` steps in one compiled call, each batch gathered from
+device-resident uint8 data, cropped and flipped per example, normalised, then
+forward + backward + clipped SGD -- for one model x batch size x dtype x loss.
+Compile time (the first call) is reported apart. Optional rows:
 
-Usage (GPU):  python benchmarks/train_throughput.py --models resnet50 --json out.json
+* ``--per-step``: the old loop (``pipeline.train_batch`` + ``train.train_step``
+  dispatched from Python every step) at the first configuration, for before/after;
+* ``--multi``: K runs with different losses as one program
+  (``train.multi_train_steps``, shared batches as in a table row; members
+  vmapped and / or sequential, ``--multi-modes``), with the row's time
+  relative to one single run;
+* ``--eval``: the evaluation pass (``metrics.summary`` + the 100-temperature
+  search) on 10,000 x C logits.
+
+Rows run in priority order (CE first, bfloat16 first, small batch first; the
+evaluation pass, the per-step baseline and the multi-run early) and the JSON is
+rewritten after every row, so a run cut short still leaves its figures.
+The full-run estimate is 350 epochs x 351 steps x 128 images at the measured
+rate (plus the compile time).
+
+Usage (GPU):  python benchmarks/train_throughput.py --models resnet50 --per-step \
+    --multi ce,brier,mmce_weighted,label_smoothing,focal,flsd53 --eval --json out.json
 Usage (CPU smoke): python benchmarks/train_throughput.py --models resnet8 \
-    --batch-sizes 32 --steps 3 --dtypes float32 --losses ce
+    --batch-sizes 32 --steps-per-call 1 --calls 3 --dtypes float32 --losses ce
 Data are synthetic device-resident uint8 images (45,000 x 32 x 32 x 3), so the
 input files are not counted; the augmentation and batching are.
 """
@@ -32,55 +46,107 @@ from calib_jax.data import pipeline
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+NUM_TRAIN, EPOCHS = 45000, 350
 
 
-def _timed_steps(step_fn, state, x_dev, y_dev, order, batch_size, steps):
-    """(state, compile seconds, steady img/s) for ``steps`` steps after the first."""
-    def batch(i):
-        return pipeline.train_batch(x_dev, y_dev, order, i % (len(order) // batch_size), seed=0,
-                                    epoch=0, batch_size=batch_size)
-
+def _timed_calls(call, state, calls):
+    """(compile seconds, steady seconds per call, first call's metrics) of
+    ``state, metrics = call(state)``."""
     start = time.perf_counter()
-    state, m = step_fn(state, *batch(0))
-    jax.block_until_ready(m)
+    state, first = call(state)
+    first = jax.device_get(first)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    for i in range(1, steps + 1):
-        state, m = step_fn(state, *batch(i))
+    for _ in range(calls):
+        state, m = call(state)
     jax.block_until_ready(m)
-    return state, compile_s, steps * batch_size / (time.perf_counter() - start)
+    return compile_s, (time.perf_counter() - start) / calls, first
 
 
-def bench_model(name, batch_size, dtype, loss, steps, x_dev, y_dev, order):
+def _state(name, dtype, seed=0):
     model = models.get(name, 10, dtype=DTYPES[dtype])
-    state = train.create_train_state(jax.random.PRNGKey(0), model,
-                                     train.make_optimizer(train.piecewise_lr(0.1, 351)),
-                                     models.input_shape(name))
+    tx = train.make_optimizer(train.piecewise_lr(0.1, NUM_TRAIN // 128))
+    return model, tx, train.create_train_state(jax.random.PRNGKey(seed), model, tx,
+                                               models.input_shape(name))
 
-    def step(s, x, y):
-        return train.train_step(s, x, y, 0, loss_name=loss, mean=MEAN, std=STD,
-                                dtype=DTYPES[dtype])
 
-    _, compile_s, rate = _timed_steps(step, state, x_dev, y_dev, order, batch_size, steps)
+def _steps_per_call(args, batch_size):
+    return max(1, min(args.steps_per_call, NUM_TRAIN // batch_size))
+
+
+def bench_model(args, name, batch_size, dtype, loss, data):
+    x_dev, y_dev, order = data
+    _, _, state = _state(name, dtype)
+    n = _steps_per_call(args, batch_size)
+
+    def call(s):
+        return train.train_steps(s, x_dev, y_dev, order, 0, 0, 0, num_steps=n, loss_name=loss,
+                                 batch_size=batch_size, mean=MEAN, std=STD, dtype=DTYPES[dtype])
+
+    compile_s, per_call, first = _timed_calls(call, state, args.calls)
+    rate = n * batch_size / per_call
     return {"model": name, "batch": batch_size, "dtype": dtype, "loss": loss,
-            "img_per_s": rate, "compile_s": compile_s}
+            "steps_per_call": n, "img_per_s": rate, "compile_s": compile_s,
+            "first_call_losses": [float(v) for v in first["loss"]],
+            "full_run_min": EPOCHS * (NUM_TRAIN // batch_size) * batch_size / rate / 60}
 
 
-def bench_multi(name, batch_size, dtype, losses, steps, x_dev, y_dev, order):
-    model = models.get(name, 10, dtype=DTYPES[dtype])
-    tx = train.make_optimizer(train.piecewise_lr(0.1, 351))
-    states = [train.create_train_state(jax.random.PRNGKey(k), model, tx, models.input_shape(name))
-              for k in range(len(losses))]
-    stacked = train.stack_states(states)
+def bench_per_step(args, name, batch_size, dtype, loss, data, chunk_losses):
+    """The per-step Python loop (what the training loop did before train_steps), and the
+    largest relative difference of its first ``n`` losses to ``train_steps``' (same
+    initial state, same batches: the correctness check of the chunked loop)."""
+    x_dev, y_dev, order = data
+    _, _, state = _state(name, dtype)
+    n = _steps_per_call(args, batch_size)
 
-    def step(s, x, y):
-        return train.multi_train_step(s, x, y, 0, losses_=tuple(losses), mean=MEAN, std=STD,
-                                      dtype=DTYPES[dtype])
+    def call(s):
+        losses = []
+        for i in range(n):
+            xb, yb = pipeline.train_batch(x_dev, y_dev, order, i, seed=0, epoch=0,
+                                          batch_size=batch_size)
+            s, m = train.train_step(s, xb, yb, 0, loss_name=loss, mean=MEAN, std=STD,
+                                    dtype=DTYPES[dtype])
+            losses.append(m["loss"])
+        return s, {"loss": jnp.stack(losses)}
 
-    _, compile_s, rate = _timed_steps(step, stacked, x_dev, y_dev, order, batch_size, steps)
+    compile_s, per_call, first = _timed_calls(call, state, args.calls)
+    diff = np.abs(np.asarray(first["loss"]) - chunk_losses) / np.abs(chunk_losses)
+    return {"model": name, "batch": batch_size, "dtype": dtype, "loss": loss,
+            "mode": "per-step loop", "img_per_s": n * batch_size / per_call,
+            "compile_s": compile_s, "max_rel_loss_diff_vs_train_steps": float(diff.max())}
+
+
+def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
+    """K members with ``losses`` as one program; its member with the single row's loss
+    (same initialisation, same batches) is compared with that row's losses."""
+    x_dev, y_dev, order = data
+    model, tx, _ = _state(name, dtype)
+    stacked = train.stack_states([
+        train.create_train_state(jax.random.PRNGKey(0), model, tx, models.input_shape(name))
+        for _ in losses])
+    orders = jnp.stack([order] * len(losses))
+    seeds = jnp.zeros(len(losses), jnp.int32)
+    n = _steps_per_call(args, batch_size)
+
+    def call(s):
+        return train.multi_train_steps(s, x_dev, y_dev, orders, 0, 0, seeds, num_steps=n,
+                                       losses_=tuple(losses), shared_batch=True,
+                                       batch_size=batch_size, mean=MEAN, std=STD,
+                                       dtype=DTYPES[dtype], members=mode)
+
+    compile_s, per_call, first = _timed_calls(call, stacked, args.calls)
+    rate = n * batch_size / per_call  # images per second seen by each member
+    single_rate = single_row["img_per_s"]
+    diff = None
+    if single_row["loss"] in losses:
+        want = np.asarray(single_row["first_call_losses"])
+        got = np.asarray(first["loss"])[:, losses.index(single_row["loss"])]
+        diff = float((np.abs(got - want) / np.abs(want)).max())
     return {"model": name, "batch": batch_size, "dtype": dtype, "loss": "+".join(losses),
-            "img_per_s": rate, "compile_s": compile_s, "runs": len(losses),
-            "run_img_per_s": rate * len(losses)}
+            "runs": len(losses), "members": mode, "img_per_s": rate,
+            "max_rel_loss_diff_vs_single_run": diff, "compile_s": compile_s,
+            "row_time_over_single_run": (single_rate / rate) if single_rate else None,
+            "full_row_min": EPOCHS * (NUM_TRAIN // batch_size) * batch_size / rate / 60}
 
 
 def bench_eval(num_classes=10, n=10000, repeats=5):
@@ -102,15 +168,40 @@ def bench_eval(num_classes=10, n=10000, repeats=5):
             "logits": f"{n}x{num_classes}"}
 
 
+def _print_row(r):
+    if "eval_pass_s" in r:
+        print(f"evaluation pass (summary + 100-T search) on {r['logits']}: "
+              f"{r['eval_pass_s'] * 1000:.1f} ms after {r['compile_s']:.1f} s compile", flush=True)
+    elif "runs" in r:
+        ratio = r["row_time_over_single_run"]
+        print(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['runs']} runs ({r['members']}) | "
+              f"{r['img_per_s']:,.0f} per run ({r['img_per_s'] * r['runs']:,.0f} in all; row = "
+              f"{'-' if ratio is None else f'{ratio:.2f}x'} one run; {r['full_row_min']:.1f} "
+              f"min for 350 epochs; losses within {r['max_rel_loss_diff_vs_single_run'] or 0:.1e} "
+              f"of the single run) | {r['compile_s']:.1f} |", flush=True)
+    else:
+        extra = (f" ({r['mode']}; losses within {r['max_rel_loss_diff_vs_train_steps']:.1e} "
+                 f"of train_steps')") if "mode" in r else \
+            f" ({r['steps_per_call']}/call; 350 epochs: {r['full_run_min']:.1f} min)"
+        print(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['loss']}{extra} | "
+              f"{r['img_per_s']:,.0f} | {r['compile_s']:.1f} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50")
     parser.add_argument("--batch-sizes", default="128,1024")
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--losses", default="ce,flsd53")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps-per-call", type=int, default=50,
+                        help="steps per compiled call (1 on CPU: jax-ml/jax#12868)")
+    parser.add_argument("--calls", type=int, default=2, help="timed calls after the compiling one")
+    parser.add_argument("--per-step", action="store_true",
+                        help="also time the per-step Python loop at the first configuration")
     parser.add_argument("--multi", default="", help="losses of a vmapped multi-run at the first "
                         "batch size, e.g. ce,brier,mmce_weighted,label_smoothing,focal,flsd53")
+    parser.add_argument("--multi-modes", default="vmap,sequential",
+                        help="how the multi-run's members share the program")
     parser.add_argument("--eval", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -119,35 +210,42 @@ def main():
           f"{platform.machine()}")
     rng = np.random.default_rng(0)
     x_dev, y_dev = pipeline.put_on_device(
-        rng.integers(0, 256, (45000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 45000))
-    order = pipeline.epoch_order(0, 0, 45000)
+        rng.integers(0, 256, (NUM_TRAIN, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 10, NUM_TRAIN))
+    data = (x_dev, y_dev, pipeline.epoch_order(0, 0, NUM_TRAIN))
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    dtypes, losses = args.dtypes.split(","), args.losses.split(",")
     rows = []
+
+    def record(r):
+        rows.append(r)
+        _print_row(r)
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump({"device": device.device_kind, "jax": jax.__version__, "rows": rows}, f,
+                          indent=2)
+            import os
+            os.replace(args.json + ".tmp", args.json)
+
+    if args.eval:
+        record(bench_eval())
     print("| model | batch | dtype | loss | img/s | compile (s) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name in args.models.split(","):
-        for bs in (int(b) for b in args.batch_sizes.split(",")):
-            for dtype in args.dtypes.split(","):
-                for loss in args.losses.split(","):
-                    r = bench_model(name, bs, dtype, loss, args.steps, x_dev, y_dev, order)
-                    rows.append(r)
-                    print(f"| {name} | {bs} | {dtype} | {loss} | {r['img_per_s']:,.0f} | "
-                          f"{r['compile_s']:.1f} |", flush=True)
-            if args.multi and bs == int(args.batch_sizes.split(",")[0]):  # the first batch only
-                r = bench_multi(name, bs, args.dtypes.split(",")[0], args.multi.split(","),
-                                args.steps, x_dev, y_dev, order)
-                rows.append(r)
-                print(f"| {name} | {bs} | {r['dtype']} | {r['runs']} runs vmapped | "
-                      f"{r['img_per_s']:,.0f} per run ({r['run_img_per_s']:,.0f} in all) | "
-                      f"{r['compile_s']:.1f} |", flush=True)
-    if args.eval:
-        r = bench_eval()
-        rows.append(r)
-        print(f"evaluation pass (summary + 100-T search) on {r['logits']}: "
-              f"{r['eval_pass_s'] * 1000:.1f} ms after {r['compile_s']:.1f} s compile")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device.device_kind, "jax": jax.__version__, "rows": rows}, f,
-                      indent=2)
+        # Priority order: loss, then dtype, then batch size (the headline row first).
+        for li, loss in enumerate(losses):
+            for di, dtype in enumerate(dtypes):
+                for bi, bs in enumerate(batches):
+                    r = bench_model(args, name, bs, dtype, loss, data)
+                    record(r)
+                    first = li == di == bi == 0
+                    if first and args.per_step:
+                        record(bench_per_step(args, name, bs, dtype, loss, data,
+                                              np.asarray(r["first_call_losses"])))
+                    if first and args.multi:
+                        for mode in args.multi_modes.split(","):
+                            record(bench_multi(args, name, bs, dtype, args.multi.split(","),
+                                               data, r, mode))
 
 
 if __name__ == "__main__":

@@ -60,14 +60,17 @@ class RunCheckpoints:
 
         ``periodic`` saves under ``checkpoints/``; ``best_metrics`` (with a
         ``val_accuracy``) offers it to ``best/``, which keeps the highest.
+        An epoch that already has a checkpoint is left as it is: training is
+        deterministic, so a resumed multi-member run that recomputes an epoch
+        some members had already saved produces the same state again.
         """
         tree = state_to_tree(state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                   meta=ocp.args.JsonSave(dict(meta, epoch=epoch)))
-        if periodic:
+        if periodic and epoch not in self.latest.all_steps():
             self.latest.save(epoch, args=args, force=True)
             self.latest.wait_until_finished()
-        if best_metrics is not None:
+        if best_metrics is not None and epoch not in self.best.all_steps():
             self.best.save(epoch, args=args, metrics=best_metrics, force=True)
             self.best.wait_until_finished()
 

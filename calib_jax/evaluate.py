@@ -3,6 +3,10 @@
 ``python -m calib_jax.evaluate --workdir runs/X [--checkpoint final|best|latest|EPOCH]
 [--criterion ece|nll] [--out DIR] [--data_dir DIR]``
 
+A work directory of several runs trained as one program (``members.json``,
+see ``calib_jax.train.run_members``) evaluates every member in its own
+directory.
+
 Reads the run's ``config.json``, restores the requested checkpoint, computes
 logits on the validation, test and OOD sets (SVHN test and CIFAR-10-C Gaussian
 noise for CIFAR runs; a set that is not available is skipped and recorded as
@@ -29,7 +33,7 @@ from calib_jax import calibration, checkpoints, metrics, ood, plots, train
 from calib_jax.data import datasets
 from calib_jax.files import atomic_write_text
 
-__all__ = ["evaluate_run", "markdown_report", "main", "test_report"]
+__all__ = ["evaluate_run", "markdown_report", "main", "member_dirs", "test_report"]
 
 OOD_SETS = {"cifar10": ("svhn", "cifar10_c"), "cifar100": ("svhn", "cifar10_c"),
             "synthetic": ("synthetic_c",)}
@@ -210,10 +214,24 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.checkpoint not in ("final", "best", "latest") and not args.checkpoint.isdigit():
         parser.error("--checkpoint must be final, best, latest or an epoch number")
-    results = evaluate_run(args.workdir, which=args.checkpoint, criterion=args.criterion,
-                           out=args.out, data_dir=args.data_dir)
-    print(markdown_report(results))
+    run_dirs = member_dirs(args.workdir)
+    if args.out and len(run_dirs) > 1:
+        parser.error("--out names one directory; a multi-member work directory writes each "
+                     "member's results into <member>/eval_<checkpoint>")
+    for run_dir in run_dirs:
+        results = evaluate_run(run_dir, which=args.checkpoint, criterion=args.criterion,
+                               out=args.out, data_dir=args.data_dir)
+        print(markdown_report(results) + "\n")
     return 0
+
+
+def member_dirs(workdir) -> list[Path]:
+    """The run directories under ``workdir``: its members (``members.json``) or itself."""
+    workdir = Path(workdir)
+    listing = workdir / "members.json"
+    if listing.exists() and not (workdir / "config.json").exists():
+        return [workdir / name for name in json.loads(listing.read_text())["members"]]
+    return [workdir]
 
 
 if __name__ == "__main__":

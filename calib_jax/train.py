@@ -1,13 +1,21 @@
-"""Training building blocks: the paper's losses by name, the reference optimiser,
-a jitted train step over a Flax model, and batched evaluation.
+"""Training: the paper's losses by name, the reference optimiser, jitted train
+steps over a Flax model, several runs as one vmapped program, and the
+config-driven training loop with Orbax checkpoints (:func:`train_and_evaluate`).
+
+The compiled units, from small to large:
+
+* :func:`train_step` -- one step on a given batch (for your own loops);
+* :func:`train_steps` -- many steps in one call, each batch gathered, cropped
+  and flipped on the device (the training loop's unit: no host work per step);
+* :func:`multi_train_steps` -- the same for K runs (losses, gammas, seeds) as
+  one vmapped program over stacked states (:func:`stack_states`).
 
 Data parallelism is plain ``jax.jit`` over a ``('data',)`` mesh: put the
 state on the mesh replicated (:func:`replicate`) and the batch split over the
 data axis (:func:`batch_sharding`, e.g. from ``pipeline.train_batch``); XLA
 then all-reduces the gradients, and BatchNorm statistics and batch-coupled
 losses (MMCE) are computed over the **global** batch, exactly as on one
-device. Orbax checkpoints and the experiment CLI are the training issue's
-remaining work. What is here is already the reference recipe:
+device. The recipe is the reference's:
 
 * losses reduced as the reference does (sum for CE / focal / FLSD / FLSc /
   label smoothing, mean for Brier, ``N * (mean CE + lambda * MMCE_w)`` for MMCE);
@@ -35,8 +43,9 @@ from calib_jax.data import pipeline
 from calib_jax.files import atomic_write_text
 
 __all__ = ["LOSS_NAMES", "LossSpec", "TrainState", "batch_loss", "batch_sharding",
-           "create_train_state", "make_optimizer", "multi_train_step", "piecewise_lr", "predict",
-           "replicate", "replicated", "stack_states", "train_step", "unstack_state"]
+           "create_train_state", "make_optimizer", "multi_train_steps",
+           "piecewise_lr", "predict", "replicate", "replicated", "stack_states", "train_step",
+           "train_steps", "unstack_state"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")
@@ -155,11 +164,26 @@ class TrainState:
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_variables(model, rng, input_shape, input_dtype):
+    # One compilation per (model, shape): K members (or K tests) initialise without
+    # recompiling (a fresh jax.jit(model.init) per call would compile every time).
+    return model.init(rng, jnp.zeros(input_shape, input_dtype), train=False)
+
+
 def create_train_state(rng, model, tx, input_shape, input_dtype=jnp.float32) -> TrainState:
     """Initialises parameters, BatchNorm statistics, optimiser state and the dropout key."""
     init_rng, dropout_rng = jax.random.split(rng)
-    variables = jax.jit(model.init, static_argnames="train")(
-        init_rng, jnp.zeros(input_shape, input_dtype), train=False)
+    try:
+        hash(model)
+        cached = True
+    except TypeError:  # e.g. a module holding a NumPy array (pretrained embeddings)
+        cached = False
+    if cached:
+        variables = _init_variables(model, init_rng, tuple(input_shape), jnp.dtype(input_dtype))
+    else:
+        variables = jax.jit(model.init, static_argnames="train")(
+            init_rng, jnp.zeros(input_shape, input_dtype), train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
@@ -187,7 +211,8 @@ def _model_inputs(inputs, mean, std, dtype):
 
 
 def _apply_step(state: TrainState, x, labels, loss_fn):
-    """The optimiser step shared by :func:`train_step` and :func:`multi_train_step`."""
+    """The optimiser step shared by :func:`train_step`, :func:`train_steps` and
+    :func:`multi_train_steps`."""
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
     def objective(params):
@@ -238,24 +263,155 @@ def unstack_state(stacked: TrainState, index: int) -> TrainState:
     return jax.tree_util.tree_map(lambda x: x[index], stacked)
 
 
-@functools.partial(jax.jit, static_argnames=("losses_", "mean", "std", "dtype"),
-                   donate_argnums=(0,))
-def multi_train_step(stacked: TrainState, images, labels, epoch, *, losses_, mean, std,
-                     dtype=jnp.float32):
-    """K runs that differ in loss (or seed) as one vmapped step over stacked states.
+def _loop_batch(images, labels, order, seed, epoch, step, batch_size, augment, sharding):
+    """Batch ``step`` built inside a compiled loop, laid out like :func:`pipeline.train_batch`."""
+    x, y = pipeline.gather_batch(images, labels, order, step,
+                                 pipeline.batch_key(seed, epoch, step), batch_size, augment)
+    if sharding is not None:
+        # Without the constraint the loop body would gather the whole batch on every
+        # device; with it each device builds (and trains on) its own rows.
+        x = jax.lax.with_sharding_constraint(x, sharding)
+        y = jax.lax.with_sharding_constraint(y, sharding)
+    return x, y
 
-    Every member sees the same batch; member ``k`` uses ``losses_[k]`` (names or
-    :class:`LossSpec`). A batch of 128 leaves an accelerator idle; K members
-    fill it with one program. Returns ``(stacked_state, metrics)`` with ``[K]`` metrics.
+
+def _scan_steps(body, state, first_step, num_steps, unroll):
+    """``lax.scan`` of ``body`` over steps ``first_step ...``; one step is called directly:
+    XLA:CPU runs a length-1 scan (a one-trip loop) ~15x slower than the plain step."""
+    if num_steps == 1:
+        state, metrics = body(state, jnp.asarray(first_step))
+        return state, jax.tree_util.tree_map(lambda v: v[None], metrics)
+    return jax.lax.scan(body, state, first_step + jnp.arange(num_steps), unroll=unroll)
+
+
+_LOOP_STATIC = ("num_steps", "batch_size", "augment", "mean", "std", "dtype", "sharding",
+                "unroll")
+
+
+@functools.partial(jax.jit, static_argnames=("loss_name",) + _LOOP_STATIC, donate_argnums=(0,))
+def train_steps(state: TrainState, images, labels, order, first_step, epoch, seed, *,
+                num_steps: int, loss_name, batch_size: int, augment: bool = True, mean, std,
+                dtype=jnp.float32, sharding=None, unroll: int | bool = 1):
+    """``num_steps`` optimiser steps in one compiled call, batches built on the device.
+
+    Step ``first_step + i`` trains on ``pipeline.train_batch(images, labels, order,
+    first_step + i, seed=seed, epoch=epoch, ...)``, exactly the batches of a
+    per-step loop, so the result equals ``num_steps`` calls of :func:`train_step`
+    (up to float rounding of a differently fused program). The host hands out
+    only chunk boundaries: no per-step dispatch, no per-step transfer, which is
+    what keeps an accelerator busy at batch 128.
+
+    Args:
+      state: donated.
+      images, labels: the training split on the device(s) (``pipeline.put_on_device``).
+      order: ``pipeline.epoch_order(seed, epoch, N)``.
+      first_step, epoch, seed: integers (traced: no recompilation per chunk or epoch).
+      num_steps: steps in this call (static: each distinct value compiles once).
+      loss_name: a loss name or :class:`LossSpec` (static).
+      batch_size: the global batch size; ``sharding`` (e.g. :func:`batch_sharding`)
+        splits it over the mesh's data axis.
+      mean, std: normalisation (static tuples), or None for token ids.
+      unroll: ``lax.scan``'s unroll. XLA:CPU runs convolutions inside a loop body
+        through a slow path (about 15x slower, jax-ml/jax#12868), so on CPU use
+        ``num_steps=1`` (no loop at all) or a full unroll; on GPU / TPU a rolled
+        loop of many steps.
+
+    Returns:
+      ``(state, {"loss": [num_steps] batch losses, "correct": [num_steps] counts})``.
     """
-    x = _model_inputs(images, mean, std, dtype)
+    def body(state, step):
+        images_b, labels_b = _loop_batch(images, labels, order, seed, epoch, step, batch_size,
+                                         augment, sharding)
+        state, m = _apply_step(
+            state, _model_inputs(images_b, mean, std, dtype), labels_b,
+            lambda logits: batch_loss(loss_name, logits, labels_b, epoch))
+        return state, {"loss": m["loss"].astype(jnp.float32), "correct": m["correct"]}
+
+    return _scan_steps(body, state, first_step, num_steps, unroll)
+
+
+MEMBER_MODES = ("vmap", "sequential")
+
+
+@functools.partial(jax.jit, static_argnames=("losses_", "shared_batch", "members")
+                   + _LOOP_STATIC, donate_argnums=(0,))
+def multi_train_steps(stacked: TrainState, images, labels, orders, first_step, epoch, seeds, *,
+                      num_steps: int, losses_, shared_batch: bool, batch_size: int,
+                      augment: bool = True, mean, std, dtype=jnp.float32, sharding=None,
+                      unroll: int | bool = 1, members: str = "vmap"):
+    """:func:`train_steps` for K runs at once: one program over stacked states.
+
+    Member ``k`` trains with ``losses_[k]`` on the batches of seed ``seeds[k]``
+    (order ``orders[k]``), i.e. exactly the batches its single run would see, so
+    each member equals its single run (up to float rounding of batched
+    convolutions). ``shared_batch=True`` (all seeds equal) builds every batch once
+    for all members.
+
+    Args:
+      stacked: :func:`stack_states` of the K members (donated).
+      orders: ``[K, N]`` epoch orders; seeds: ``[K]`` integers.
+      losses_: K loss names / :class:`LossSpec` (static).
+      members: ``"vmap"`` batches the members' computations (each convolution
+        becomes one grouped convolution over K weight sets: what fills an
+        accelerator that a batch of 128 leaves idle); ``"sequential"`` runs the
+        K steps one after another inside the program (plain convolutions; on CPU,
+        whose grouped convolutions are slow, it is the faster of the two).
+
+    Returns:
+      ``(stacked, {"loss": [num_steps, K], "correct": [num_steps, K]})``.
+    """
+    num_members = len(losses_)
     branches = [functools.partial(batch_loss, spec) for spec in losses_]
+    member_sharding = None
+    if sharding is not None and not shared_batch:
+        member_sharding = jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
 
-    def member(state, k):
-        return _apply_step(state, x, labels,
-                           lambda logits: jax.lax.switch(k, branches, logits, labels, epoch))
+    def member(state, x, y, k):
+        return _apply_step(state, x, y,
+                           lambda logits: jax.lax.switch(k, branches, logits, y, epoch))
 
-    return jax.vmap(member)(stacked, jnp.arange(len(losses_)))
+    if members not in MEMBER_MODES:
+        raise ValueError(f"`members` must be one of {MEMBER_MODES}, got {members!r}.")
+
+    def sequential_body(stacked, step):
+        shared = None
+        if shared_batch:
+            shared = _loop_batch(images, labels, orders[0], seeds[0], epoch, step, batch_size,
+                                 augment, sharding)
+        new_members, metrics = [], []
+        for k, spec in enumerate(losses_):
+            x, y = shared or _loop_batch(images, labels, orders[k], seeds[k], epoch, step,
+                                         batch_size, augment, sharding)
+            state, m = _apply_step(unstack_state(stacked, k), _model_inputs(x, mean, std, dtype),
+                                   y, lambda logits, y=y, spec=spec: batch_loss(spec, logits, y,
+                                                                                epoch))
+            new_members.append(state)
+            metrics.append(m)
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *new_members)
+        return stacked, {"loss": jnp.stack([m["loss"] for m in metrics]).astype(jnp.float32),
+                         "correct": jnp.stack([m["correct"] for m in metrics])}
+
+    def body(stacked, step):
+        if members == "sequential":
+            return sequential_body(stacked, step)
+        if shared_batch:
+            x, y = _loop_batch(images, labels, orders[0], seeds[0], epoch, step, batch_size,
+                               augment, sharding)
+            batch_axis = None
+        else:
+            x, y = jax.vmap(lambda o, s: _loop_batch(images, labels, o, s, epoch, step,
+                                                     batch_size, augment, None))(orders, seeds)
+            if member_sharding is not None:
+                x = jax.lax.with_sharding_constraint(x, member_sharding)
+                y = jax.lax.with_sharding_constraint(y, member_sharding)
+            batch_axis = 0
+        x = _model_inputs(x, mean, std, dtype)
+        stacked, m = jax.vmap(member, in_axes=(0, batch_axis, batch_axis, 0))(
+            stacked, x, y, jnp.arange(num_members))
+        return stacked, {"loss": m["loss"].astype(jnp.float32), "correct": m["correct"]}
+
+    return _scan_steps(body, stacked, first_step, num_steps, unroll)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "mean", "std", "dtype"))
@@ -294,6 +450,58 @@ TEXT_DATASETS = ("20news", "sst")
 TEXT_MODELS = ("global_pooling_cnn", "tree_lstm")
 
 
+def loss_tokens(loss) -> list[str]:
+    """The member losses of ``config.loss``: ``"ce"`` -> ``["ce"]``;
+    ``"[ce,brier,focal3]"`` (or without brackets, or a list) -> three names."""
+    if isinstance(loss, (list, tuple)):
+        return [str(t).strip() for t in loss]
+    text = str(loss).strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _member_loss_fields(token: str):
+    """``(loss, gamma or None)`` of one member token: a loss name, or ``focal<gamma>``
+    (e.g. ``focal3``, ``focal1.5``) for focal loss with that gamma."""
+    if token in LOSS_NAMES:
+        return token, None
+    if token.startswith("focal"):
+        try:
+            return "focal", float(token[len("focal"):])
+        except ValueError:
+            pass
+    raise ValueError(token)
+
+
+def run_members(config) -> list[tuple[str, Any]]:
+    """The runs one config describes, as ``(name, single-run config)`` pairs.
+
+    ``config.loss`` may list several losses (``"[ce,brier,focal3]"``, ``focal<g>``
+    meaning focal loss with gamma ``g``) and ``config.seeds`` several seeds; the
+    members are every (loss, seed) pair, named ``<loss>`` or ``<loss>-seed<s>``
+    (several seeds). Each member's config is an ordinary single-run config
+    (one loss, ``gamma``, ``seed``), so a member's work directory is a normal run
+    directory. One loss and no ``seeds`` give one member named ``""``.
+    """
+    tokens = loss_tokens(config.loss)
+    seeds = tuple(int(s) for s in config.get("seeds", ())) or (int(config.seed),)
+    if len(tokens) == 1 and len(seeds) == 1:
+        return [("", config)]
+    members = []
+    for token in tokens:
+        loss, gamma = _member_loss_fields(token)
+        for seed in seeds:
+            member = config.copy_and_resolve_references()
+            member.loss, member.seed = loss, seed
+            if "seeds" in member:
+                member.seeds = ()
+            if gamma is not None:
+                member.gamma = gamma
+            members.append((token + (f"-seed{seed}" if len(seeds) > 1 else ""), member))
+    return members
+
+
 def validate_config(config, num_devices: int) -> None:
     """Raises ``ValueError`` naming the field for any bad value, before any compute."""
     from calib_jax import models as model_zoo
@@ -301,8 +509,20 @@ def validate_config(config, num_devices: int) -> None:
     def bad(field, why):
         raise ValueError(f"config.{field} = {config.get(field)!r}: {why}")
 
-    if config.loss not in LOSS_NAMES:
-        bad("loss", f"unknown loss; choose one of {LOSS_NAMES}")
+    tokens = loss_tokens(config.loss)
+    if not tokens:
+        bad("loss", f"no loss given; choose from {LOSS_NAMES}")
+    for token in tokens:
+        try:
+            _member_loss_fields(token)
+        except ValueError:
+            bad("loss", f"unknown loss {token!r}; choose from {LOSS_NAMES}, or focal<gamma> "
+                        f"(e.g. focal3) in a list such as [ce,flsd53]")
+    if len(set(tokens)) != len(tokens):
+        bad("loss", "lists a loss twice; each member needs its own name")
+    seeds = tuple(config.get("seeds", ()))
+    if len(set(seeds)) != len(seeds) or not all(isinstance(x, int) for x in seeds):
+        bad("seeds", "must be distinct integers (or empty for config.seed alone)")
     if config.model not in model_zoo.names():
         bad("model", f"unknown model; choose one of {model_zoo.names()}")
     if config.dataset not in IMAGE_DATASETS + TEXT_DATASETS:
@@ -329,6 +549,12 @@ def validate_config(config, num_devices: int) -> None:
         bad("gamma", "must be >= 0")
     if config.checkpoint_every_epochs < 1:
         bad("checkpoint_every_epochs", "must be >= 1")
+    if config.log_every_steps < 1:
+        bad("log_every_steps", "must be >= 1")
+    if config.get("multi_mode", "auto") not in ("auto",) + MEMBER_MODES:
+        bad("multi_mode", f"must be auto or one of {MEMBER_MODES}")
+    if config.get("steps_per_call", 0) < 0:
+        bad("steps_per_call", "must be >= 0 (0 = automatic: 1 on CPU, log_every_steps elsewhere)")
     if list(config.lr_boundaries) != sorted(config.lr_boundaries):
         bad("lr_boundaries", "must be increasing")
     if config.train_subset < 0:
@@ -409,7 +635,39 @@ def input_normalization(config, split: str):
     return tuple(mean), tuple(std)
 
 
-def train_and_evaluate(config, workdir) -> TrainState:
+def _truncate_log(path, epochs_done: int) -> None:
+    """Drops ``log.jsonl`` records of epochs after the restored checkpoint (a resumed
+    run writes them again), atomically."""
+    import json
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines()
+             if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _restore_members(ckpts, templates):
+    """``(states, metas)`` of the newest epoch that every member can restore, or None.
+
+    Members are saved one after another, so a run killed mid-save has some
+    members one checkpoint ahead; all restart from the newest common epoch (the
+    later checkpoints are recomputed identically, see ``RunCheckpoints.save``).
+    """
+    if len(ckpts) == 1:
+        restored = ckpts[0].restore(templates[0])
+        return None if restored is None else ([restored[0]], [restored[1]])
+    common = set.intersection(*(set(c.latest.all_steps()) for c in ckpts))
+    for epoch in sorted(common, reverse=True):
+        restored = [c.restore(t, epoch) for c, t in zip(ckpts, templates)]
+        if all(r is not None for r in restored):
+            return [r[0] for r in restored], [r[1] for r in restored]
+    for c, t in zip(ckpts, templates):  # fresh start: still refuse a foreign run's checkpoints
+        if c.latest.all_steps():
+            c.restore(t)
+    return None
+
+
+def train_and_evaluate(config, workdir):
     """Trains ``config`` into ``workdir``, resuming from its latest checkpoint.
 
     Writes ``config.json``, ``log.jsonl`` (one line per epoch: loss, train
@@ -420,6 +678,23 @@ def train_and_evaluate(config, workdir) -> TrainState:
     accuracy. Only process 0 writes logs. The run is deterministic given the
     config: a restarted run continues with the same data order and random
     numbers, so it ends with exactly the parameters of an uninterrupted run.
+
+    Steps run ``steps_per_call`` at a time in one compiled call
+    (:func:`train_steps`: batches built on the device, no per-step host work;
+    default ``log_every_steps`` on GPU / TPU and 1 on CPU, see its ``unroll``).
+
+    **Several runs in one program**: when ``config.loss`` lists losses
+    (``"[ce,brier,mmce_weighted,label_smoothing,focal,flsd53]"``, ``focal<g>`` for
+    other gammas) and / or ``config.seeds`` lists seeds, the members of
+    :func:`run_members` train together as one program (:func:`multi_train_steps`;
+    ``config.multi_mode``: ``vmap`` on GPU / TPU and ``sequential`` on CPU by
+    default), each with the batches, initialisation and
+    random numbers of its single run. Member ``m`` lives in ``workdir/m/``, a
+    complete run directory (its own single-run ``config.json``, log,
+    TensorBoard files and checkpoints) that ``calib_jax.evaluate`` reads like
+    any other; ``workdir/members.json`` lists them.
+
+    Returns the final state (a stacked state for several members).
     """
     import json
     import time
@@ -431,6 +706,11 @@ def train_and_evaluate(config, workdir) -> TrainState:
     workdir = Path(workdir)
     mesh = pipeline.data_mesh()
     validate_config(config, mesh.size)
+    members = run_members(config)
+    names = [name for name, _ in members]
+    member_dirs = [workdir / name if name else workdir for name in names]
+    specs = tuple(LossSpec.from_config(c) for _, c in members)
+    seeds = tuple(int(c.seed) for _, c in members)
     dtype = _DTYPES[config.dtype]
     is_chief = jax.process_index() == 0
     data_dir = config.data_dir or None
@@ -439,89 +719,132 @@ def train_and_evaluate(config, workdir) -> TrainState:
     val_split = datasets.load(config.dataset, "val", data_dir=data_dir, **options)
     images, labels = train_split.inputs, train_split.labels
     if config.train_subset:
+        # The subset follows config.seed (not the member seeds): all members see one subset.
         subset = np.random.default_rng(config.seed).permutation(len(labels))[:config.train_subset]
         images, labels = images[subset], labels[subset]
     mean, std = input_normalization(config, "train")
-    loss_spec = LossSpec.from_config(config)
     steps = pipeline.steps_per_epoch(len(labels), config.batch_size)
-    state = state_for_config(config, train_split.num_classes, images.shape[1:], steps)
-    state = replicate(state, mesh)
-    ckpt = checkpoints.RunCheckpoints(workdir, keep=config.keep_checkpoints)
-    restored = ckpt.restore(state)
-    start_epoch, best_acc = 0, -1.0
+    templates = [replicate(state_for_config(c, train_split.num_classes, images.shape[1:], steps),
+                           mesh) for _, c in members]
+    ckpts = [checkpoints.RunCheckpoints(d, keep=config.keep_checkpoints) for d in member_dirs]
+    restored = _restore_members(ckpts, templates)
+    start_epoch, best_accs, member_states = 0, [-1.0] * len(members), templates
     if restored is not None:
-        state, meta = restored
-        start_epoch, best_acc = int(meta["epoch"]), float(meta.get("best_val_accuracy", -1.0))
+        member_states, metas = restored
+        start_epoch = int(metas[0]["epoch"])
+        best_accs = [float(m.get("best_val_accuracy", -1.0)) for m in metas]
         if is_chief:
-            print(f"resumed from {workdir}/checkpoints/{start_epoch} (epoch {start_epoch})")
-    if is_chief:
-        atomic_write_text(workdir / "config.json", config.to_json(indent=2))
-    writer = None
+            print(f"resumed from {member_dirs[0]}/checkpoints/{start_epoch} (epoch {start_epoch})"
+                  + (f" with {len(members)} members" if len(members) > 1 else ""))
+    writers = []
     if is_chief:
         # TensorBoard event files (tensorboardX needs no TensorFlow), beside log.jsonl.
         from tensorboardX import SummaryWriter
-        writer = SummaryWriter(str(workdir / "tensorboard"))
+        if len(members) > 1:
+            atomic_write_text(workdir / "members.json", json.dumps(
+                {"members": names, "config": json.loads(config.to_json())}, indent=2))
+        for d, (_, c) in zip(member_dirs, members):
+            d.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(d / "config.json", c.to_json(indent=2))
+            _truncate_log(d / "log.jsonl", start_epoch)
+            writers.append(SummaryWriter(str(d / "tensorboard")))
+    state = member_states[0] if len(members) == 1 else \
+        jax.device_put(stack_states(member_states), replicated(mesh))
+    del member_states, templates
     x_dev, y_dev = pipeline.put_on_device(images, labels, replicated(mesh))
     sharding = batch_sharding(mesh)
     on_cpu = jax.devices()[0].platform == "cpu"
+    loop_options = dict(batch_size=config.batch_size, augment=config.augment and mean is not None,
+                        mean=mean, std=std, dtype=dtype, sharding=sharding)
+
+    # Steps per compiled call: a rolled loop on accelerators; one straight-line step on
+    # CPU, where XLA runs convolutions inside loops slowly (jax-ml/jax#12868).
+    per_call = config.get("steps_per_call", 0) or (1 if on_cpu else config.log_every_steps)
+    member_mode = config.get("multi_mode", "auto")
+    if member_mode == "auto":  # grouped convolutions are slow on CPU (benchmarks/NOTES.md)
+        member_mode = "sequential" if on_cpu else "vmap"
+
+    def run_chunk(state, orders, first, count, epoch):
+        if len(members) == 1:
+            return train_steps(state, x_dev, y_dev, orders[0], first, epoch, seeds[0],
+                               num_steps=count, loss_name=specs[0], **loop_options)
+        return multi_train_steps(state, x_dev, y_dev, orders, first, epoch,
+                                 jnp.asarray(seeds, jnp.int32), num_steps=count, losses_=specs,
+                                 shared_batch=len(set(seeds)) == 1, members=member_mode,
+                                 **loop_options)
+
+    def add(sums, metrics):
+        done = jax.device_get(metrics)
+        sums[0] += np.asarray(done["loss"], np.float64).reshape(-1, len(members)).sum(0)
+        sums[1] += np.asarray(done["correct"], np.int64).reshape(-1, len(members)).sum(0)
+
     for epoch in range(start_epoch, config.num_epochs):
-        order = pipeline.epoch_order(config.seed, epoch, len(labels))
-        start, loss_sum, correct = time.perf_counter(), 0.0, 0
-        pending = []
-        for step in range(steps):
-            xb, yb = pipeline.train_batch(x_dev, y_dev, order, step, seed=config.seed,
-                                          epoch=epoch, batch_size=config.batch_size,
-                                          augment=config.augment and mean is not None,
-                                          sharding=sharding)
-            state, m = train_step(state, xb, yb, epoch, loss_name=loss_spec, mean=mean, std=std,
-                                  dtype=dtype)
-            pending.append(m)
-            # On CPU, wait for each sharded step (unwaited collectives can deadlock);
-            # elsewhere, only at logging points so the host runs ahead of the device.
-            if on_cpu or (step + 1) % config.log_every_steps == 0 or step + 1 == steps:
-                for done in jax.device_get(pending):
-                    loss_sum += float(done["loss"])
-                    correct += int(done["correct"])
-                pending = []
-            if is_chief and ((step + 1) % config.log_every_steps == 0 or step + 1 == steps):
-                rate = (step + 1) * config.batch_size / (time.perf_counter() - start)
-                eta = (steps - step - 1 + steps * (config.num_epochs - epoch - 1)) \
+        orders = jax.device_put(
+            jnp.stack([pipeline.epoch_order(s, epoch, len(labels)) for s in seeds]),
+            replicated(mesh))
+        start = time.perf_counter()
+        sums = [np.zeros(len(members)), np.zeros(len(members), np.int64)]
+        pending = None
+        for first in range(0, steps, per_call):
+            count = min(per_call, steps - first)  # an epoch's last chunk may compile once more
+            state, m = run_chunk(state, orders, first, count, epoch)
+            # Read the previous chunk's losses while this one runs (the host stays one
+            # call ahead); on CPU, wait for each call (unwaited collectives can deadlock).
+            if on_cpu:
+                jax.block_until_ready(m)
+            if pending is not None:
+                add(sums, pending)
+            pending = m
+            logged = (first + count) // config.log_every_steps > first // config.log_every_steps
+            if is_chief and first and (logged or first + count == steps):
+                rate = first * config.batch_size / max(time.perf_counter() - start, 1e-9)
+                eta = (steps - first + steps * (config.num_epochs - epoch - 1)) \
                     * config.batch_size / max(rate, 1e-9)
-                print(f"\repoch {epoch + 1}/{config.num_epochs} step {step + 1}/{steps} "
+                print(f"\repoch {epoch + 1}/{config.num_epochs} step {first + count}/{steps} "
                       f"{rate:,.0f} img/s, ETA {eta / 60:.1f} min", end="", flush=True)
+        add(sums, pending)
+        loss_sum, correct = sums
         seconds = time.perf_counter() - start
-        val = _validation_metrics(state, val_split.inputs, val_split.labels, mean, std, dtype,
-                                  config.eval_batch_size)
-        # Batch losses are sums per batch, or already means (mean reduction, Brier).
-        per_image = loss_spec.mean_reduction or loss_spec.name == "brier"
-        record = {"epoch": epoch + 1,
-                  "train_loss_per_image": loss_sum / (steps if per_image else
-                                                      steps * config.batch_size),
-                  "train_accuracy": correct / (steps * config.batch_size),
-                  "images_per_second": steps * config.batch_size / seconds, **val}
-        improved = val["val_accuracy"] > best_acc
-        best_acc = max(best_acc, val["val_accuracy"])
         done_epochs = epoch + 1
         periodic = done_epochs % config.checkpoint_every_epochs == 0 or \
             done_epochs == config.num_epochs
-        meta = {"best_val_accuracy": best_acc, "final": done_epochs == config.num_epochs}
-        if periodic or improved:
-            ckpt.save(done_epochs, state, meta, periodic=periodic,
-                      best_metrics={"val_accuracy": val["val_accuracy"]} if improved else None)
         if is_chief:
-            print(f"\repoch {done_epochs}/{config.num_epochs}: loss/img "
-                  f"{record['train_loss_per_image']:.4f} train acc {record['train_accuracy']:.4f} "
-                  f"val acc {val['val_accuracy']:.4f} val NLL {val['val_nll']:.4f} "
-                  f"val ECE {val['val_ece']:.4f} ({record['images_per_second']:,.0f} img/s)")
-            with open(workdir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            for key, value in record.items():
-                if key != "epoch":
-                    writer.add_scalar(key, value, global_step=done_epochs)
-            writer.flush()
-    if writer is not None:
+            print()
+        for k, name in enumerate(names):
+            member = state if len(members) == 1 else unstack_state(state, k)
+            val = _validation_metrics(member, val_split.inputs, val_split.labels, mean, std,
+                                      dtype, config.eval_batch_size)
+            # Batch losses are sums per batch, or already means (mean reduction, Brier).
+            per_image = specs[k].mean_reduction or specs[k].name == "brier"
+            record = {"epoch": done_epochs,
+                      "train_loss_per_image": loss_sum[k] / (steps if per_image else
+                                                             steps * config.batch_size),
+                      "train_accuracy": correct[k] / (steps * config.batch_size),
+                      "images_per_second": steps * config.batch_size / seconds, **val}
+            improved = val["val_accuracy"] > best_accs[k]
+            best_accs[k] = max(best_accs[k], val["val_accuracy"])
+            meta = {"best_val_accuracy": best_accs[k], "final": done_epochs == config.num_epochs}
+            if periodic or improved:
+                ckpts[k].save(done_epochs, member, meta, periodic=periodic,
+                              best_metrics={"val_accuracy": val["val_accuracy"]} if improved
+                              else None)
+            if is_chief:
+                print(f"epoch {done_epochs}/{config.num_epochs}{' ' + name if name else ''}: "
+                      f"loss/img {record['train_loss_per_image']:.4f} "
+                      f"train acc {record['train_accuracy']:.4f} "
+                      f"val acc {val['val_accuracy']:.4f} val NLL {val['val_nll']:.4f} "
+                      f"val ECE {val['val_ece']:.4f} ({record['images_per_second']:,.0f} img/s"
+                      f"{' per member' if len(members) > 1 else ''})")
+                with open(member_dirs[k] / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                for key, value in record.items():
+                    if key != "epoch":
+                        writers[k].add_scalar(key, value, global_step=done_epochs)
+                writers[k].flush()
+    for writer in writers:
         writer.close()
-    ckpt.close()
+    for ckpt in ckpts:
+        ckpt.close()
     return state
 
 

@@ -8,6 +8,11 @@ Usage:
 separated); a cell whose ``eval_final/results.json`` exists is skipped, and a
 half-trained cell resumes from its checkpoint, so the sweep can be restarted
 at any time. Each cell's work directory is ``<workroot>/<dataset>/<model>/<loss>``.
+
+``--vmap-rows`` trains the selected, unfinished cells of one row (dataset and
+model) that share a recipe as one vmapped program
+(``cell=<dataset>/<model>/[loss,...]``); every member still lands in its own
+cell directory, so the results and ``build_tables.py`` do not change.
 """
 
 import argparse
@@ -30,20 +35,46 @@ def main(argv=None):
     parser.add_argument("--workroot", default="runs/paper")
     parser.add_argument("--set", default="", help="config overrides, key=value,...")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--vmap-rows", action="store_true",
+                        help="train each row's cells that share a recipe as one program")
     args = parser.parse_args(argv)
     cells = selected(args.cells.split(","))
     if not cells:
         parser.error(f"no cell matches {args.cells!r}")
+    jobs = []  # (config spec, work directory, [(loss, cell directory)])
+    rest = f",{args.set}" if args.set else ""
+    todo = []
     for dataset, model, loss in cells:
         workdir = Path(args.workroot) / dataset / model / loss
         done = (workdir / "eval_final" / "results.json").exists()
-        spec = f"cell={dataset}/{model}/{loss}" + (f",{args.set}" if args.set else "")
-        print(f"{'done ' if done else 'run  '} {spec} -> {workdir}", flush=True)
-        if done or args.dry_run:
+        print(f"{'done ' if done else 'todo '} cell={dataset}/{model}/{loss} -> {workdir}",
+              flush=True)
+        if not done:
+            todo.append((dataset, model, loss))
+    if args.vmap_rows:
+        rows = {}
+        for dataset, model, loss in todo:
+            rows.setdefault((dataset, model), []).append(loss)
+        for (dataset, model), losses in rows.items():
+            for group in paper.row_groups(dataset, model, losses):
+                row_dir = Path(args.workroot) / dataset / model
+                if len(group) == 1:
+                    jobs.append((f"cell={dataset}/{model}/{group[0]}", row_dir / group[0],
+                                 [row_dir / group[0]]))
+                else:
+                    jobs.append((f"cell={dataset}/{model}/[{','.join(group)}]", row_dir,
+                                 [row_dir / loss for loss in group]))
+    else:
+        jobs = [(f"cell={d}/{m}/{l}", Path(args.workroot) / d / m / l,
+                 [Path(args.workroot) / d / m / l]) for d, m, l in todo]
+    for spec, workdir, run_dirs in jobs:
+        print(f"run   {spec + rest} -> {workdir}", flush=True)
+        if args.dry_run:
             continue
         from calib_jax import evaluate, train
-        train.train_and_evaluate(paper.get_config(spec), workdir)
-        evaluate.evaluate_run(workdir, which="final")
+        train.train_and_evaluate(paper.get_config(spec + rest), workdir)
+        for run_dir in run_dirs:
+            evaluate.evaluate_run(run_dir, which="final")
     return 0
 
 

@@ -62,3 +62,16 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     assert "(1 cells evaluated)" in text
     with pytest.raises(SystemExit):
         sweep.main(["--cells", "mnist/*/*", "--workroot", str(tmp_path)])
+
+
+def test_sweep_trains_a_row_as_one_program_except_its_exception_cells(tmp_path, capsys):
+    assert sweep.main(["--cells", "cifar10/wide_resnet_26_10/*", "--workroot", str(tmp_path),
+                       "--vmap-rows", "--dry-run"]) == 0
+    runs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run")]
+    row = tmp_path / "cifar10" / "wide_resnet_26_10"
+    assert runs == [
+        f"run   cell=cifar10/wide_resnet_26_10/[ce,mmce_weighted,label_smoothing,focal,flsd53] "
+        f"-> {row}",
+        f"run   cell=cifar10/wide_resnet_26_10/brier -> {row / 'brier'}"]  # 550 epochs
+    config = paper.get_config("cell=cifar10/wide_resnet_26_10/[ce,mmce_weighted,flsd53]")
+    assert [name for name, _ in train.run_members(config)] == ["ce", "mmce_weighted", "flsd53"]

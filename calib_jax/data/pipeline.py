@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["EvalBatch", "augment_crop_flip", "data_mesh", "epoch_order", "eval_batches",
-           "normalize",
-           "put_on_device", "steps_per_epoch", "train_batch"]
+__all__ = ["EvalBatch", "augment_crop_flip", "batch_key", "data_mesh", "epoch_order",
+           "eval_batches", "gather_batch", "normalize", "put_on_device", "steps_per_epoch",
+           "train_batch"]
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -91,7 +91,21 @@ def normalize(images, mean, std, dtype=jnp.float32):
     return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
 
 
-def _train_batch(images, labels, order, step, key, batch_size, augment, padding):
+def batch_key(seed, epoch, step):
+    """The augmentation key of one global batch: ``fold_in(fold_in(key(seed + 1), epoch), step)``.
+
+    Traceable (``seed``, ``epoch``, ``step`` may be traced integers)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed + 1), epoch), step)
+
+
+def gather_batch(images, labels, order, step, key, batch_size: int, augment: bool = True,
+                 padding: int = 4):
+    """The traceable body of :func:`train_batch`: rows ``order[step * B : (step + 1) * B]``,
+    cropped and flipped with per-example keys ``fold_in(key, position)``.
+
+    For use inside a jitted training loop (``train.train_steps``); ``key`` is
+    :func:`batch_key`. Equal to :func:`train_batch` for the same arguments.
+    """
     index = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size)
     x = jnp.take(images, index, axis=0)
     y = jnp.take(labels, index, axis=0)
@@ -106,7 +120,7 @@ def _compiled_train_batch(sharding):
     # Output sharding fixed at jit time: XLA partitions the gather and the
     # augmentation so that each device computes only its own rows.
     out = None if sharding is None else (sharding, sharding)
-    return jax.jit(_train_batch, static_argnames=("batch_size", "augment", "padding"),
+    return jax.jit(gather_batch, static_argnames=("batch_size", "augment", "padding"),
                    out_shardings=out)
 
 
@@ -139,7 +153,7 @@ def train_batch(images, labels, order, step, *, seed: int, epoch: int, batch_siz
         if batch_size % n_shards:
             raise ValueError(f"`batch_size` {batch_size} must be divisible by the {n_shards} "
                              f"devices of the data axis.")
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed + 1), epoch), step)
+    key = batch_key(seed, epoch, step)
     return _compiled_train_batch(sharding)(images, labels, order, step, key,
                                            batch_size=batch_size, augment=augment,
                                            padding=padding)

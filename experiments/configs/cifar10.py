@@ -15,7 +15,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = "cifar10"
     c.data_dir = ""              # "" = $CALIB_JAX_DATA_DIR, then ../shared/data, then TFDS
     c.model = "resnet50"
-    c.loss = "ce"                # ce focal flsd53 flsd52 flsc531 brier mmce_weighted label_smoothing
+    # ce focal flsd53 flsd52 flsc531 brier mmce_weighted label_smoothing, or a list trained
+    # as one vmapped program, each member in <workdir>/<loss>: "[ce,brier,focal3,flsd53]"
+    # (focal<g> = focal loss with gamma g).
+    c.loss = "ce"
     c.gamma = 3.0                # for loss=focal
     c.mmce_lambda = 2.0
     c.smoothing = 0.05
@@ -33,9 +36,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment = True
     c.train_subset = 0           # 0 = the whole training split; N = a seeded subset of N
     c.seed = 1
+    c.seeds = ()                 # several seeds: members <loss>-seed<s> in one program
+    # How several members share the program: vmap (batched: fills a GPU), sequential (one
+    # after another), auto = vmap on GPU / TPU, sequential on CPU.
+    c.multi_mode = "auto"
     c.checkpoint_every_epochs = 10
     c.keep_checkpoints = 3
     c.log_every_steps = 50
+    # Training steps per compiled call (lax.scan, batches built on the device, no host work
+    # in between). 0 = log_every_steps on GPU / TPU, 1 on CPU (XLA:CPU runs convolutions
+    # inside loops slowly, jax-ml/jax#12868).
+    c.steps_per_call = 0
     c.reference_cifar100_test_norm = True
     c.optimizer = "sgd"          # sgd | adam | adagrad
     c.loss_mean = False          # True: mean instead of the reference's batch sums
@@ -50,11 +61,30 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def split_overrides(arg: str) -> list[str]:
+    """``"a=1,loss=[ce,brier],b=2"`` -> ``["a=1", "loss=[ce,brier]", "b=2"]`` (commas inside
+    brackets belong to the value)."""
+    items, depth, current = [], 0, ""
+    for char in arg:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    if depth != 0:
+        raise ValueError(f"config overrides {arg!r}: unbalanced brackets")
+    return items + [current]
+
+
 def parse_overrides(config: ml_collections.ConfigDict, arg: str | None):
-    """Applies ``"key=value,key=value"`` with each value cast to the field's type."""
+    """Applies ``"key=value,key=value"`` with each value cast to the field's type.
+
+    Tuples take ``a:b:c`` or ``[a,b,c]``; ``loss=[ce,brier]`` lists member losses.
+    """
     if not arg:
         return config
-    for item in arg.split(","):
+    for item in split_overrides(arg):
         if "=" not in item:
             raise ValueError(f"config override {item!r} must look like key=value")
         key, value = item.split("=", 1)
@@ -68,7 +98,8 @@ def parse_overrides(config: ml_collections.ConfigDict, arg: str | None):
         elif isinstance(current, float):
             value = float(value)
         elif isinstance(current, tuple):
-            value = tuple(int(v) for v in value.split(":"))
+            parts = value.strip("[]").replace(",", ":").split(":")
+            value = tuple(int(v) for v in parts if v.strip())
         config[key] = value
     return config
 

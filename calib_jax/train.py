@@ -482,11 +482,13 @@ def run_members(config) -> list[tuple[str, Any]]:
     members are every (loss, seed) pair, named ``<loss>`` or ``<loss>-seed<s>``
     (several seeds). Each member's config is an ordinary single-run config
     (one loss, ``gamma``, ``seed``), so a member's work directory is a normal run
-    directory. One loss and no ``seeds`` give one member named ``""``.
+    directory. A single (loss, seed) pair gives one member named ``""`` (the
+    work directory itself).
     """
     tokens = loss_tokens(config.loss)
     seeds = tuple(int(s) for s in config.get("seeds", ())) or (int(config.seed),)
-    if len(tokens) == 1 and len(seeds) == 1:
+    if len(tokens) == 1 and len(seeds) == 1 and tokens[0] in LOSS_NAMES \
+            and seeds[0] == int(config.seed):
         return [("", config)]
     members = []
     for token in tokens:
@@ -499,6 +501,8 @@ def run_members(config) -> list[tuple[str, Any]]:
             if gamma is not None:
                 member.gamma = gamma
             members.append((token + (f"-seed{seed}" if len(seeds) > 1 else ""), member))
+    if len(members) == 1:  # one run written as a list (loss=[focal2] or seeds=[5]): no subfolder
+        return [("", members[0][1])]
     return members
 
 
@@ -559,6 +563,10 @@ def validate_config(config, num_devices: int) -> None:
         bad("lr_boundaries", "must be increasing")
     if config.train_subset < 0:
         bad("train_subset", "must be >= 0 (0 = all)")
+    if config.train_subset and len(seeds) > 1:
+        # The subset is drawn with the seed, so members would not match their single runs.
+        bad("train_subset", "cannot be combined with several config.seeds (each seed draws "
+                            "its own subset); train the seeds as separate runs")
 
 
 def maybe_initialize_distributed(force: bool = False) -> None:
@@ -641,9 +649,14 @@ def _truncate_log(path, epochs_done: int) -> None:
     import json
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines()
-             if line.strip() and json.loads(line)["epoch"] <= epochs_done]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= epochs_done:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line torn by a kill mid-write
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _restore_members(ckpts, templates):
@@ -719,7 +732,7 @@ def train_and_evaluate(config, workdir):
     val_split = datasets.load(config.dataset, "val", data_dir=data_dir, **options)
     images, labels = train_split.inputs, train_split.labels
     if config.train_subset:
-        # The subset follows config.seed (not the member seeds): all members see one subset.
+        # Drawn with config.seed: members share it (validate_config refuses several seeds).
         subset = np.random.default_rng(config.seed).permutation(len(labels))[:config.train_subset]
         images, labels = images[subset], labels[subset]
     mean, std = input_normalization(config, "train")
@@ -823,11 +836,6 @@ def train_and_evaluate(config, workdir):
                       "images_per_second": steps * config.batch_size / seconds, **val}
             improved = val["val_accuracy"] > best_accs[k]
             best_accs[k] = max(best_accs[k], val["val_accuracy"])
-            meta = {"best_val_accuracy": best_accs[k], "final": done_epochs == config.num_epochs}
-            if periodic or improved:
-                ckpts[k].save(done_epochs, member, meta, periodic=periodic,
-                              best_metrics={"val_accuracy": val["val_accuracy"]} if improved
-                              else None)
             if is_chief:
                 print(f"epoch {done_epochs}/{config.num_epochs}{' ' + name if name else ''}: "
                       f"loss/img {record['train_loss_per_image']:.4f} "
@@ -841,6 +849,14 @@ def train_and_evaluate(config, workdir):
                     if key != "epoch":
                         writers[k].add_scalar(key, value, global_step=done_epochs)
                 writers[k].flush()
+            # The log line goes first: a run killed in between resumes from the previous
+            # checkpoint and drops the extra line (_truncate_log); the other order would
+            # lose this epoch's line.
+            meta = {"best_val_accuracy": best_accs[k], "final": done_epochs == config.num_epochs}
+            if periodic or improved:
+                ckpts[k].save(done_epochs, member, meta, periodic=periodic,
+                              best_metrics={"val_accuracy": val["val_accuracy"]} if improved
+                              else None)
     for writer in writers:
         writer.close()
     for ckpt in ckpts:

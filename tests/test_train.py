@@ -367,7 +367,8 @@ def test_vmapped_mmce_member_matches_within_its_conditioning():
 
 def test_log_of_a_resumed_run_drops_epochs_after_the_checkpoint(tmp_path):
     log = tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps({"epoch": e, "val_ece": 0.1}) + "\n" for e in (1, 2, 3)))
+    log.write_text("".join(json.dumps({"epoch": e, "val_ece": 0.1}) + "\n" for e in (1, 2, 3))
+                   + '{"epoch": 4, "val_')  # torn by a kill mid-write
     train._truncate_log(log, 2)
     assert json_epochs(log.read_text().splitlines()) == [1, 2]
     train._truncate_log(tmp_path / "missing.jsonl", 0)  # nothing to do
@@ -441,8 +442,11 @@ def test_member_lists_in_configs():
     assert (members["focal2.5-seed2"].loss, members["focal2.5-seed2"].gamma,
             members["focal2.5-seed2"].seed) == ("focal", 2.5, 2)
     assert train.run_members(load_config("loss=flsd53")) == [("", load_config("loss=flsd53"))]
+    [(name, one)] = train.run_members(load_config("loss=[focal2],seeds=[5]"))
+    assert (name, one.loss, one.gamma, one.seed) == ("", "focal", 2.0, 5)
     for bad, why in (("loss=[ce,foo]", "unknown loss 'foo'"), ("loss=[ce,ce]", "twice"),
-                     ("seeds=[1,1]", "distinct")):
+                     ("seeds=[1,1]", "distinct"),
+                     ("seeds=[1,2],train_subset=100", "own subset")):
         with pytest.raises(ValueError, match=why):
             train.validate_config(load_config(bad), 1)
     row = experiment_configs.load("paper", "cell=cifar10/resnet50/[ce,brier,focal],num_epochs=3")

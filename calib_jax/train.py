@@ -242,9 +242,13 @@ def train_step(state: TrainState, images, labels, epoch, *, loss_name, mean, std
       loss_name: a loss name (reference hyper-parameters) or a :class:`LossSpec`.
       mean, std: per-channel normalisation (tuples: static), or None.
     """
-    x = _model_inputs(images, mean, std, dtype)
-    return _apply_step(state, x, labels,
-                       lambda logits: batch_loss(loss_name, logits, labels, epoch))
+    return _train_on_batch(state, images, labels, epoch, loss_name, mean, std, dtype)
+
+
+def _train_on_batch(state, images, labels, epoch, loss, mean, std, dtype):
+    """One step of one run on a raw batch: normalise, then the loss's optimiser step."""
+    return _apply_step(state, _model_inputs(images, mean, std, dtype), labels,
+                       lambda logits: batch_loss(loss, logits, labels, epoch))
 
 
 def stack_states(states) -> TrainState:
@@ -322,9 +326,8 @@ def train_steps(state: TrainState, images, labels, order, first_step, epoch, see
     def body(state, step):
         images_b, labels_b = _loop_batch(images, labels, order, seed, epoch, step, batch_size,
                                          augment, sharding)
-        state, m = _apply_step(
-            state, _model_inputs(images_b, mean, std, dtype), labels_b,
-            lambda logits: batch_loss(loss_name, logits, labels_b, epoch))
+        state, m = _train_on_batch(state, images_b, labels_b, epoch, loss_name, mean, std,
+                                   dtype)
         return state, {"loss": m["loss"].astype(jnp.float32), "correct": m["correct"]}
 
     return _scan_steps(body, state, first_step, num_steps, unroll)
@@ -383,9 +386,8 @@ def multi_train_steps(stacked: TrainState, images, labels, orders, first_step, e
         for k, spec in enumerate(losses_):
             x, y = shared or _loop_batch(images, labels, orders[k], seeds[k], epoch, step,
                                          batch_size, augment, sharding)
-            state, m = _apply_step(unstack_state(stacked, k), _model_inputs(x, mean, std, dtype),
-                                   y, lambda logits, y=y, spec=spec: batch_loss(spec, logits, y,
-                                                                                epoch))
+            state, m = _train_on_batch(unstack_state(stacked, k), x, y, epoch, spec, mean, std,
+                                       dtype)
             new_members.append(state)
             metrics.append(m)
         stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *new_members)

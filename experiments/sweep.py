@@ -41,32 +41,27 @@ def main(argv=None):
     cells = selected(args.cells.split(","))
     if not cells:
         parser.error(f"no cell matches {args.cells!r}")
-    jobs = []  # (config spec, work directory, [(loss, cell directory)])
     rest = f",{args.set}" if args.set else ""
-    todo = []
+    rows = {}  # (dataset, model) -> unfinished losses, in cell order
     for dataset, model, loss in cells:
         workdir = Path(args.workroot) / dataset / model / loss
         done = (workdir / "eval_final" / "results.json").exists()
         print(f"{'done ' if done else 'todo '} cell={dataset}/{model}/{loss} -> {workdir}",
               flush=True)
         if not done:
-            todo.append((dataset, model, loss))
-    if args.vmap_rows:
-        rows = {}
-        for dataset, model, loss in todo:
             rows.setdefault((dataset, model), []).append(loss)
-        for (dataset, model), losses in rows.items():
-            for group in paper.row_groups(dataset, model, losses):
-                row_dir = Path(args.workroot) / dataset / model
-                if len(group) == 1:
-                    jobs.append((f"cell={dataset}/{model}/{group[0]}", row_dir / group[0],
-                                 [row_dir / group[0]]))
-                else:
-                    jobs.append((f"cell={dataset}/{model}/[{','.join(group)}]", row_dir,
-                                 [row_dir / loss for loss in group]))
-    else:
-        jobs = [(f"cell={d}/{m}/{l}", Path(args.workroot) / d / m / l,
-                 [Path(args.workroot) / d / m / l]) for d, m, l in todo]
+    jobs = []  # (config spec, work directory, the cell directories it writes)
+    for (dataset, model), losses in rows.items():
+        row_dir = Path(args.workroot) / dataset / model
+        groups = paper.row_groups(dataset, model, losses) if args.vmap_rows else \
+            [[loss] for loss in losses]
+        for group in groups:
+            if len(group) == 1:
+                jobs.append((f"cell={dataset}/{model}/{group[0]}", row_dir / group[0],
+                             [row_dir / group[0]]))
+            else:
+                jobs.append((f"cell={dataset}/{model}/[{','.join(group)}]", row_dir,
+                             [row_dir / loss for loss in group]))
     for spec, workdir, run_dirs in jobs:
         print(f"run   {spec + rest} -> {workdir}", flush=True)
         if args.dry_run:

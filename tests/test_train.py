@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import experiment_configs
-from calib_jax import losses, models, train
+from calib_jax import losses, train
 from calib_jax.data import pipeline
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

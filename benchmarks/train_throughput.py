@@ -14,11 +14,18 @@ Compile time (the first call) is reported apart. Optional rows:
   vmapped and / or sequential, ``--multi-modes``), with the row's time
   relative to one single run;
 * ``--eval``: the evaluation pass (``metrics.summary`` + the 100-temperature
-  search) on 10,000 x C logits.
+  search) on 10,000 x C logits;
+* ``--epoch-overhead``: what the training loop does besides training, per epoch
+  (the validation pass over 5,000 images, as ``train_and_evaluate`` runs it) and per
+  checkpoint (``RunCheckpoints.save`` synchronous, and asynchronous: the time
+  training waits and the time until the files are complete), folded into the
+  full-run estimate with a checkpoint after every epoch as the upper bound.
 
-Rows run in priority order (CE first, bfloat16 first, small batch first; the
-evaluation pass, the per-step baseline and the multi-run early) and the JSON is
-rewritten after every row, so a run cut short still leaves its figures.
+Rows run in priority order and the JSON is rewritten after every row, so a run
+cut short still leaves its figures: the evaluation pass; the headline
+configuration (first loss, dtype and batch size) with its per-step baseline,
+epoch overhead and the multi-run's first mode; the configurations that change
+one of the three; the multi-run's other modes; the rest.
 The full-run estimate is 350 epochs x 351 steps x 128 images at the measured
 rate (plus the compile time).
 
@@ -149,6 +156,51 @@ def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
             "full_row_min": EPOCHS * (NUM_TRAIN // batch_size) * batch_size / rate / 60}
 
 
+def bench_epoch_overhead(name, batch_size, dtype, single_row, num_val=5000, repeats=3):
+    """Seconds per epoch of the validation pass, and per checkpoint of a synchronous and an
+    asynchronous save (blocking part, and until complete), for ``name``'s state."""
+    import tempfile
+
+    from calib_jax import checkpoints
+    _, _, state = _state(name, dtype)
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (num_val, 32, 32, 3), dtype=np.uint8)  # host, like val
+    labels = rng.integers(0, 10, num_val)
+
+    def validate():
+        return train._validation_metrics(state, images, labels, MEAN, STD, DTYPES[dtype], 500)
+
+    start = time.perf_counter()
+    validate()
+    val_compile = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(repeats):
+        validate()
+    val_s = (time.perf_counter() - start) / repeats
+    state_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(
+        checkpoints.state_to_tree(state))) / 2**20
+    with tempfile.TemporaryDirectory() as tmp:
+        timings = {}
+        for mode in ("sync", "async"):
+            ckpt = checkpoints.RunCheckpoints(f"{tmp}/{mode}", async_save=mode == "async")
+            ckpt.save(1, state, {})  # the first save sets up Orbax's threads and metadata
+            ckpt.wait()
+            start = time.perf_counter()
+            ckpt.save(2, state, {})
+            returned = time.perf_counter() - start
+            ckpt.wait()
+            timings[mode] = (returned, time.perf_counter() - start)
+            ckpt.close()
+    epoch_train_s = (NUM_TRAIN // batch_size) * batch_size / single_row["img_per_s"]
+    per_epoch = {mode: epoch_train_s + val_s + t[0] for mode, t in timings.items()}
+    return {"model": name, "batch": batch_size, "dtype": dtype, "epoch_overhead": True,
+            "val_pass_s": val_s, "val_compile_s": val_compile, "val_images": num_val,
+            "state_mb": state_mb, "ckpt_sync_s": timings["sync"][0],
+            "ckpt_async_blocking_s": timings["async"][0],
+            "ckpt_async_complete_s": timings["async"][1], "train_epoch_s": epoch_train_s,
+            "full_run_min_ckpt_every_epoch": {m: EPOCHS * v / 60 for m, v in per_epoch.items()}}
+
+
 def bench_eval(num_classes=10, n=10000, repeats=5):
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.standard_normal((n, num_classes)) * 3, jnp.float32)
@@ -169,7 +221,16 @@ def bench_eval(num_classes=10, n=10000, repeats=5):
 
 
 def _print_row(r):
-    if "eval_pass_s" in r:
+    if "epoch_overhead" in r:
+        full = r["full_run_min_ckpt_every_epoch"]
+        print(f"epoch overhead ({r['model']}, {r['dtype']}): validation pass "
+              f"{r['val_pass_s'] * 1000:.0f} ms / {r['val_images']} images (compile "
+              f"{r['val_compile_s']:.1f} s); checkpoint of {r['state_mb']:.0f} MB: sync "
+              f"{r['ckpt_sync_s'] * 1000:.0f} ms, async {r['ckpt_async_blocking_s'] * 1000:.0f} ms "
+              f"blocking ({r['ckpt_async_complete_s'] * 1000:.0f} ms to complete); 350 epochs at "
+              f"batch {r['batch']} with validation and a checkpoint every epoch: "
+              f"{full['async']:.1f} min (sync saves: {full['sync']:.1f})", flush=True)
+    elif "eval_pass_s" in r:
         print(f"evaluation pass (summary + 100-T search) on {r['logits']}: "
               f"{r['eval_pass_s'] * 1000:.1f} ms after {r['compile_s']:.1f} s compile", flush=True)
     elif "runs" in r:
@@ -203,6 +264,8 @@ def main():
     parser.add_argument("--multi-modes", default="vmap,sequential",
                         help="how the multi-run's members share the program")
     parser.add_argument("--eval", action="store_true")
+    parser.add_argument("--epoch-overhead", action="store_true",
+                        help="time the per-epoch validation pass and checkpoint saves")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = jax.devices()[0]
@@ -231,21 +294,32 @@ def main():
         record(bench_eval())
     print("| model | batch | dtype | loss | img/s | compile (s) |")
     print("| --- | --- | --- | --- | --- | --- |")
+    modes = args.multi_modes.split(",") if args.multi else []
     for name in args.models.split(","):
-        # Priority order: loss, then dtype, then batch size (the headline row first).
-        for li, loss in enumerate(losses):
-            for di, dtype in enumerate(dtypes):
-                for bi, bs in enumerate(batches):
-                    r = bench_model(args, name, bs, dtype, loss, data)
-                    record(r)
-                    first = li == di == bi == 0
-                    if first and args.per_step:
-                        record(bench_per_step(args, name, bs, dtype, loss, data,
-                                              np.asarray(r["first_call_losses"])))
-                    if first and args.multi:
-                        for mode in args.multi_modes.split(","):
-                            record(bench_multi(args, name, bs, dtype, args.multi.split(","),
-                                               data, r, mode))
+        # Priority order: the headline row (first loss, dtype and batch size), the rows
+        # beside it, ordered by how many of the three they change, then the rest.
+        grid = sorted(((li, di, bi) for li in range(len(losses)) for di in range(len(dtypes))
+                       for bi in range(len(batches))), key=lambda c: (sum(c), c))
+        late_modes_after = max(i for i, c in enumerate(grid) if sum(c) <= 1)
+        headline = None
+        for position, (li, di, bi) in enumerate(grid):
+            loss, dtype, bs = losses[li], dtypes[di], batches[bi]
+            r = bench_model(args, name, bs, dtype, loss, data)
+            record(r)
+            if position == 0:
+                headline = r
+                if args.per_step:
+                    record(bench_per_step(args, name, bs, dtype, loss, data,
+                                          np.asarray(r["first_call_losses"])))
+                if args.epoch_overhead:
+                    record(bench_epoch_overhead(name, bs, dtype, r))
+                for mode in modes[:1]:  # the first mode early, the others after the next rows
+                    record(bench_multi(args, name, bs, dtype, args.multi.split(","), data, r,
+                                       mode))
+            if position == late_modes_after:
+                for mode in modes[1:]:
+                    record(bench_multi(args, name, headline["batch"], headline["dtype"],
+                                       args.multi.split(","), data, headline, mode))
 
 
 if __name__ == "__main__":

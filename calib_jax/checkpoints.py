@@ -11,6 +11,14 @@ moment leaves either a whole checkpoint or none; unfinished temporary
 directories are ignored. A finished checkpoint that cannot be read back
 (truncated or corrupted files) is skipped with a warning and the previous one
 is used: it is never loaded.
+
+Saves are asynchronous by default (``async_save=True``): :meth:`RunCheckpoints.save`
+returns once the arrays are copied to host memory and the files are written by a
+background thread while training goes on (a synchronous save of a ResNet-50 state
+blocks for about a second per checkpoint, see ``benchmarks/NOTES.md``). The
+temporary-directory-then-rename rule above holds for background writes too, and
+:meth:`~RunCheckpoints.restore`, :meth:`~RunCheckpoints.wait` and
+:meth:`~RunCheckpoints.close` wait for any write in flight.
 """
 
 from __future__ import annotations
@@ -31,10 +39,10 @@ def state_to_tree(state) -> dict:
             "opt_state": state.opt_state, "rng": state.rng}
 
 
-def _manager(directory: Path, **options) -> ocp.CheckpointManager:
+def _manager(directory: Path, async_save: bool, **options) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         directory.resolve(),
-        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False,
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
                                              **options),
         item_names=("state", "meta"))
 
@@ -45,12 +53,14 @@ class RunCheckpoints:
     Args:
       workdir: the run's directory.
       keep: periodic checkpoints to keep (the final one is one of them).
+      async_save: write checkpoints in a background thread (see the module
+        docstring); False makes :meth:`save` return only once the files are complete.
     """
 
-    def __init__(self, workdir, *, keep: int = 3):
+    def __init__(self, workdir, *, keep: int = 3, async_save: bool = True):
         self.workdir = Path(workdir)
-        self.latest = _manager(self.workdir / "checkpoints", max_to_keep=keep)
-        self.best = _manager(self.workdir / "best", max_to_keep=1,
+        self.latest = _manager(self.workdir / "checkpoints", async_save, max_to_keep=keep)
+        self.best = _manager(self.workdir / "best", async_save, max_to_keep=1,
                              best_fn=lambda m: m["val_accuracy"], best_mode="max",
                              keep_checkpoints_without_metrics=False)
 
@@ -63,16 +73,27 @@ class RunCheckpoints:
         An epoch that already has a checkpoint is left as it is: training is
         deterministic, so a resumed multi-member run that recomputes an epoch
         some members had already saved produces the same state again.
+
+        With ``async_save`` it returns once ``state`` is copied to host memory
+        (the caller may then donate or overwrite its arrays); the files follow in
+        the background.
         """
         tree = state_to_tree(state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                   meta=ocp.args.JsonSave(dict(meta, epoch=epoch)))
+        # One manager writes at a time: with several processes (jax.distributed), two
+        # background saves in flight at once collide on Orbax's barrier names.
         if periodic and epoch not in self.latest.all_steps():
-            self.latest.save(epoch, args=args, force=True)
-            self.latest.wait_until_finished()
-        if best_metrics is not None and epoch not in self.best.all_steps():
-            self.best.save(epoch, args=args, metrics=best_metrics, force=True)
             self.best.wait_until_finished()
+            self.latest.save(epoch, args=args, force=True)
+        if best_metrics is not None and epoch not in self.best.all_steps():
+            self.latest.wait_until_finished()
+            self.best.save(epoch, args=args, metrics=best_metrics, force=True)
+
+    def wait(self):
+        """Blocks until every checkpoint written so far is complete on disk."""
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
 
     def _restore_from(self, manager, step, template_state):
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
@@ -94,6 +115,7 @@ class RunCheckpoints:
           which: ``"latest"`` (newest readable periodic checkpoint), ``"best"``,
             or an epoch number.
         """
+        self.wait()
         manager = self.best if which == "best" else self.latest
         steps = sorted(manager.all_steps(), reverse=True)
         if isinstance(which, int) or (isinstance(which, str) and which.isdigit()):
@@ -122,6 +144,8 @@ class RunCheckpoints:
         return None
 
     def close(self):
+        """Waits for writes in flight, then releases the managers."""
+        self.wait()
         self.latest.close()
         self.best.close()
 

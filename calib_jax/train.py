@@ -560,7 +560,7 @@ def validate_config(config, num_devices: int) -> None:
     if config.get("multi_mode", "auto") not in ("auto",) + MEMBER_MODES:
         bad("multi_mode", f"must be auto or one of {MEMBER_MODES}")
     if config.get("steps_per_call", 0) < 0:
-        bad("steps_per_call", "must be >= 0 (0 = automatic: 1 on CPU, log_every_steps elsewhere)")
+        bad("steps_per_call", "must be >= 0 (0 = automatic, see default_steps_per_call)")
     if list(config.lr_boundaries) != sorted(config.lr_boundaries):
         bad("lr_boundaries", "must be increasing")
     if config.train_subset < 0:
@@ -645,6 +645,25 @@ def input_normalization(config, split: str):
     return tuple(mean), tuple(std)
 
 
+def default_steps_per_call(steps_per_epoch: int, log_every_steps: int, platform: str) -> int:
+    """Training steps per compiled call when ``config.steps_per_call`` is 0.
+
+    CPU: 1 (XLA:CPU runs convolutions inside loops slowly, jax-ml/jax#12868).
+    GPU / TPU: the largest divisor of ``steps_per_epoch`` in
+    ``[log_every_steps / 2, log_every_steps]``, so that every call of an epoch
+    has the same length and the loop compiles once (CIFAR-10, 351 steps, log
+    every 50: 39); ``log_every_steps`` itself when no divisor is that close (the
+    epoch's shorter last call then compiles once more).
+    """
+    if platform == "cpu":
+        return 1
+    target = min(log_every_steps, steps_per_epoch)
+    for count in range(target, max(1, target // 2) - 1, -1):
+        if steps_per_epoch % count == 0:
+            return count
+    return target
+
+
 def _truncate_log(path, epochs_done: int) -> None:
     """Drops ``log.jsonl`` records of epochs after the restored checkpoint (a resumed
     run writes them again), atomically."""
@@ -696,7 +715,9 @@ def train_and_evaluate(config, workdir):
 
     Steps run ``steps_per_call`` at a time in one compiled call
     (:func:`train_steps`: batches built on the device, no per-step host work;
-    default ``log_every_steps`` on GPU / TPU and 1 on CPU, see its ``unroll``).
+    0 = :func:`default_steps_per_call`: a divisor of the epoch's steps near
+    ``log_every_steps`` on GPU / TPU, 1 on CPU). Checkpoints are written in the
+    background while training goes on.
 
     **Several runs in one program**: when ``config.loss`` lists losses
     (``"[ce,brier,mmce_weighted,label_smoothing,focal,flsd53]"``, ``focal<g>`` for
@@ -762,7 +783,9 @@ def train_and_evaluate(config, workdir):
             d.mkdir(parents=True, exist_ok=True)
             atomic_write_text(d / "config.json", c.to_json(indent=2))
             _truncate_log(d / "log.jsonl", start_epoch)
-            writers.append(SummaryWriter(str(d / "tensorboard")))
+            # purge_step: TensorBoard hides the earlier session's scalars of the epochs
+            # this run recomputes (the log.jsonl counterpart of _truncate_log).
+            writers.append(SummaryWriter(str(d / "tensorboard"), purge_step=start_epoch + 1))
     state = member_states[0] if len(members) == 1 else \
         jax.device_put(stack_states(member_states), replicated(mesh))
     del member_states, templates
@@ -772,9 +795,8 @@ def train_and_evaluate(config, workdir):
     loop_options = dict(batch_size=config.batch_size, augment=config.augment and mean is not None,
                         mean=mean, std=std, dtype=dtype, sharding=sharding)
 
-    # Steps per compiled call: a rolled loop on accelerators; one straight-line step on
-    # CPU, where XLA runs convolutions inside loops slowly (jax-ml/jax#12868).
-    per_call = config.get("steps_per_call", 0) or (1 if on_cpu else config.log_every_steps)
+    per_call = config.get("steps_per_call", 0) or default_steps_per_call(
+        steps, config.log_every_steps, jax.devices()[0].platform)
     member_mode = config.get("multi_mode", "auto")
     if member_mode == "auto":  # grouped convolutions are slow on CPU (benchmarks/NOTES.md)
         member_mode = "sequential" if on_cpu else "vmap"
@@ -793,76 +815,81 @@ def train_and_evaluate(config, workdir):
         sums[0] += np.asarray(done["loss"], np.float64).reshape(-1, len(members)).sum(0)
         sums[1] += np.asarray(done["correct"], np.int64).reshape(-1, len(members)).sum(0)
 
-    for epoch in range(start_epoch, config.num_epochs):
-        orders = jax.device_put(
-            jnp.stack([pipeline.epoch_order(s, epoch, len(labels)) for s in seeds]),
-            replicated(mesh))
-        start = time.perf_counter()
-        sums = [np.zeros(len(members)), np.zeros(len(members), np.int64)]
-        pending = None
-        for first in range(0, steps, per_call):
-            count = min(per_call, steps - first)  # an epoch's last chunk may compile once more
-            state, m = run_chunk(state, orders, first, count, epoch)
-            # Read the previous chunk's losses while this one runs (the host stays one
-            # call ahead); on CPU, wait for each call (unwaited collectives can deadlock).
-            if on_cpu:
-                jax.block_until_ready(m)
-            if pending is not None:
-                add(sums, pending)
-            pending = m
-            logged = (first + count) // config.log_every_steps > first // config.log_every_steps
-            if is_chief and first and (logged or first + count == steps):
-                rate = first * config.batch_size / max(time.perf_counter() - start, 1e-9)
-                eta = (steps - first + steps * (config.num_epochs - epoch - 1)) \
-                    * config.batch_size / max(rate, 1e-9)
-                print(f"\repoch {epoch + 1}/{config.num_epochs} step {first + count}/{steps} "
-                      f"{rate:,.0f} img/s, ETA {eta / 60:.1f} min", end="", flush=True)
-        add(sums, pending)
-        loss_sum, correct = sums
-        seconds = time.perf_counter() - start
-        done_epochs = epoch + 1
-        periodic = done_epochs % config.checkpoint_every_epochs == 0 or \
-            done_epochs == config.num_epochs
-        if is_chief:
-            print()
-        for k, name in enumerate(names):
-            member = state if len(members) == 1 else unstack_state(state, k)
-            val = _validation_metrics(member, val_split.inputs, val_split.labels, mean, std,
-                                      dtype, config.eval_batch_size)
-            # Batch losses are sums per batch, or already means (mean reduction, Brier).
-            per_image = specs[k].mean_reduction or specs[k].name == "brier"
-            record = {"epoch": done_epochs,
-                      "train_loss_per_image": loss_sum[k] / (steps if per_image else
-                                                             steps * config.batch_size),
-                      "train_accuracy": correct[k] / (steps * config.batch_size),
-                      "images_per_second": steps * config.batch_size / seconds, **val}
-            improved = val["val_accuracy"] > best_accs[k]
-            best_accs[k] = max(best_accs[k], val["val_accuracy"])
+    # Checkpoints are written in the background (RunCheckpoints): closing waits for them,
+    # also when training stops with an exception, so nothing already saved is lost.
+    try:
+        for epoch in range(start_epoch, config.num_epochs):
+            orders = jax.device_put(
+                jnp.stack([pipeline.epoch_order(s, epoch, len(labels)) for s in seeds]),
+                replicated(mesh))
+            start = time.perf_counter()
+            sums = [np.zeros(len(members)), np.zeros(len(members), np.int64)]
+            pending = None
+            for first in range(0, steps, per_call):
+                count = min(per_call, steps - first)  # a shorter last call compiles once more
+                state, m = run_chunk(state, orders, first, count, epoch)
+                # Read the previous chunk's losses while this one runs (the host stays one
+                # call ahead); on CPU, wait for each call (unwaited collectives can deadlock).
+                if on_cpu:
+                    jax.block_until_ready(m)
+                if pending is not None:
+                    add(sums, pending)
+                pending = m
+                logged = (first + count) // config.log_every_steps > first // config.log_every_steps
+                if is_chief and first and (logged or first + count == steps):
+                    rate = first * config.batch_size / max(time.perf_counter() - start, 1e-9)
+                    eta = (steps - first + steps * (config.num_epochs - epoch - 1)) \
+                        * config.batch_size / max(rate, 1e-9)
+                    print(f"\repoch {epoch + 1}/{config.num_epochs} step {first + count}/{steps} "
+                          f"{rate:,.0f} img/s, ETA {eta / 60:.1f} min", end="", flush=True)
+            add(sums, pending)
+            loss_sum, correct = sums
+            seconds = time.perf_counter() - start
+            done_epochs = epoch + 1
+            periodic = done_epochs % config.checkpoint_every_epochs == 0 or \
+                done_epochs == config.num_epochs
             if is_chief:
-                print(f"epoch {done_epochs}/{config.num_epochs}{' ' + name if name else ''}: "
-                      f"loss/img {record['train_loss_per_image']:.4f} "
-                      f"train acc {record['train_accuracy']:.4f} "
-                      f"val acc {val['val_accuracy']:.4f} val NLL {val['val_nll']:.4f} "
-                      f"val ECE {val['val_ece']:.4f} ({record['images_per_second']:,.0f} img/s"
-                      f"{' per member' if len(members) > 1 else ''})")
-                with open(member_dirs[k] / "log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                for key, value in record.items():
-                    if key != "epoch":
-                        writers[k].add_scalar(key, value, global_step=done_epochs)
-                writers[k].flush()
-            # The log line goes first: a run killed in between resumes from the previous
-            # checkpoint and drops the extra line (_truncate_log); the other order would
-            # lose this epoch's line.
-            meta = {"best_val_accuracy": best_accs[k], "final": done_epochs == config.num_epochs}
-            if periodic or improved:
-                ckpts[k].save(done_epochs, member, meta, periodic=periodic,
-                              best_metrics={"val_accuracy": val["val_accuracy"]} if improved
-                              else None)
-    for writer in writers:
-        writer.close()
-    for ckpt in ckpts:
-        ckpt.close()
+                print()
+            for k, name in enumerate(names):
+                member = state if len(members) == 1 else unstack_state(state, k)
+                val = _validation_metrics(member, val_split.inputs, val_split.labels, mean, std,
+                                          dtype, config.eval_batch_size)
+                # Batch losses are sums per batch, or already means (mean reduction, Brier).
+                per_image = specs[k].mean_reduction or specs[k].name == "brier"
+                record = {"epoch": done_epochs,
+                          "train_loss_per_image": loss_sum[k] / (steps if per_image else
+                                                                 steps * config.batch_size),
+                          "train_accuracy": correct[k] / (steps * config.batch_size),
+                          "images_per_second": steps * config.batch_size / seconds, **val}
+                improved = val["val_accuracy"] > best_accs[k]
+                best_accs[k] = max(best_accs[k], val["val_accuracy"])
+                if is_chief:
+                    print(f"epoch {done_epochs}/{config.num_epochs}{' ' + name if name else ''}: "
+                          f"loss/img {record['train_loss_per_image']:.4f} "
+                          f"train acc {record['train_accuracy']:.4f} "
+                          f"val acc {val['val_accuracy']:.4f} val NLL {val['val_nll']:.4f} "
+                          f"val ECE {val['val_ece']:.4f} ({record['images_per_second']:,.0f} img/s"
+                          f"{' per member' if len(members) > 1 else ''})")
+                    with open(member_dirs[k] / "log.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    for key, value in record.items():
+                        if key != "epoch":
+                            writers[k].add_scalar(key, value, global_step=done_epochs)
+                    writers[k].flush()
+                # The log line goes first: a run killed in between resumes from the previous
+                # checkpoint and drops the extra line (_truncate_log); the other order would
+                # lose this epoch's line.
+                meta = {"best_val_accuracy": best_accs[k],
+                        "final": done_epochs == config.num_epochs}
+                if periodic or improved:
+                    ckpts[k].save(done_epochs, member, meta, periodic=periodic,
+                                  best_metrics={"val_accuracy": val["val_accuracy"]} if improved
+                                  else None)
+    finally:
+        for writer in writers:
+            writer.close()
+        for ckpt in ckpts:
+            ckpt.close()
     return state
 
 

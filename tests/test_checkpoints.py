@@ -68,3 +68,23 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
     with pytest.raises(ValueError, match="different model / optimiser configuration"):
         ckpt.restore(other)
     ckpt.close()
+
+
+def test_async_save_keeps_the_saved_values_when_the_state_is_donated_next(tmp_path):
+    """save() returns before the files are written; the caller's next (donating) step
+    must not change what lands on disk."""
+    ckpt = checkpoints.RunCheckpoints(tmp_path)
+    state = small_state(1)
+    expected = jax.device_get(checkpoints.state_to_tree(state))
+    ckpt.save(1, state, {"note": "a"}, best_metrics={"val_accuracy": 0.5})
+    step = jax.jit(lambda s: jax.tree_util.tree_map(lambda x: x * 3 + 1, s), donate_argnums=0)
+    params = state.params
+    for _ in range(3):
+        params = jax.block_until_ready(step(params))
+    assert not checkpoints.tree_equal(params, expected["params"])  # the step did change them
+    restored, meta = ckpt.restore(small_state(0))  # waits for the write
+    assert meta == {"note": "a", "epoch": 1}
+    assert checkpoints.tree_equal(checkpoints.state_to_tree(restored), expected)
+    best, _ = ckpt.restore(small_state(0), "best")
+    assert checkpoints.tree_equal(best.params, expected["params"])
+    ckpt.close()

@@ -14,7 +14,8 @@ import experiment_configs
 from calib_jax import checkpoints, train
 
 REPO = Path(__file__).resolve().parents[1]
-OVERRIDES = "dataset=synthetic,model=resnet8,num_epochs=1,batch_size=64,checkpoint_every_epochs=1"
+# Two epochs: the first checkpoint is written in the background while the second trains.
+OVERRIDES = "dataset=synthetic,model=resnet8,num_epochs=2,batch_size=64,checkpoint_every_epochs=1"
 
 
 def free_port():
@@ -50,7 +51,7 @@ def test_two_processes_equal_one_process(tmp_path):
                             env=clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
     assert single.returncode == 0, single.stderr[-3000:]
     # Only process 0 writes the log.
-    assert len((tmp_path / "multi" / "log.jsonl").read_text().splitlines()) == 1
+    assert len((tmp_path / "multi" / "log.jsonl").read_text().splitlines()) == 2
 
     config = experiment_configs.load("cifar10", OVERRIDES)
     template = train.state_for_config(config, 4, (32, 32, 3))

@@ -375,6 +375,58 @@ def test_log_of_a_resumed_run_drops_epochs_after_the_checkpoint(tmp_path):
     assert not (tmp_path / "missing.jsonl").exists()
 
 
+def tensorboard_scalars(run_dir) -> dict:
+    """``{tag: [steps]}`` as TensorBoard shows the run: events read in file order, and a
+    SessionLog START at step T (tensorboardX's purge_step) hides the earlier events of
+    steps >= T."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    shown: dict = {}
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 16 + length
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                shown = {t: [s for s in steps if s < event.step] for t, steps in shown.items()}
+            for value in event.summary.value:
+                shown.setdefault(value.tag, []).append(event.step)
+    return shown
+
+
+def test_resume_after_a_kill_between_log_line_and_checkpoint(tmp_path, evaluated_runs):
+    """The fixture's finished two-epoch run, as if killed after writing epoch 2's log line
+    and TensorBoard scalars but before its checkpoint: the rerun recomputes epoch 2 and
+    ends with one record per epoch in log.jsonl and in what TensorBoard shows."""
+    import shutil
+    run = tmp_path / "ce"
+    shutil.copytree(evaluated_runs / "cifar10" / "resnet50" / "ce", run)
+    for kind in ("checkpoints", "best"):
+        shutil.rmtree(run / kind / "2", ignore_errors=True)
+    assert tensorboard_scalars(run)["val_ece"] == [1, 2]
+    train.train_and_evaluate(load_config(SMOKE), run)
+    assert json_epochs((run / "log.jsonl").read_text().splitlines()) == [1, 2]
+    shown = tensorboard_scalars(run)
+    assert shown and all(steps == [1, 2] for steps in shown.values()), shown
+    from calib_jax import checkpoints
+    assert checkpoints.tree_equal(final_params(run),
+                                  final_params(evaluated_runs / "cifar10" / "resnet50" / "ce"))
+
+
+@pytest.mark.parametrize("steps,log_every,platform,expected", [
+    (351, 50, "gpu", 39),   # CIFAR-10 at batch 128: 9 calls of 39, one compilation
+    (390, 50, "tpu", 39),   # 390 = 10 x 39
+    (400, 50, "gpu", 50),
+    (37, 50, "gpu", 37),    # an epoch shorter than the log interval: one call per epoch
+    (101, 50, "gpu", 50),   # prime: no divisor near 50, the tail call compiles once more
+    (351, 50, "cpu", 1),    # jax-ml/jax#12868
+])
+def test_default_steps_per_call(steps, log_every, platform, expected):
+    assert train.default_steps_per_call(steps, log_every, platform) == expected
+
+
 def test_members_restart_from_their_newest_common_checkpoint(tmp_path):
     """Members are saved one after another; a run killed between two saves restarts all
     members from the newest epoch they all have, and the recomputed epoch that one member

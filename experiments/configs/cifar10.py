@@ -44,8 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.log_every_steps = 50
     # Training steps per compiled call (lax.scan, batches built on the device, no host work
-    # in between). 0 = log_every_steps on GPU / TPU, 1 on CPU (XLA:CPU runs convolutions
-    # inside loops slowly, jax-ml/jax#12868).
+    # in between). 0 = automatic: on GPU / TPU the divisor of the epoch's steps nearest
+    # below log_every_steps (one compilation per run), 1 on CPU (XLA:CPU runs convolutions
+    # inside loops slowly, jax-ml/jax#12868). See train.default_steps_per_call.
     c.steps_per_call = 0
     c.reference_cifar100_test_norm = True
     c.optimizer = "sgd"          # sgd | adam | adagrad

@@ -70,6 +70,18 @@ def _timed_calls(call, state, calls):
     return compile_s, (time.perf_counter() - start) / calls, first
 
 
+def _first_and_mean(run, repeats):
+    """(seconds of the first, compiling call; mean seconds of ``repeats`` more) of ``run()``,
+    which must wait for its own results."""
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return first, (time.perf_counter() - start) / repeats
+
+
 def _state(name, dtype, seed=0):
     model = models.get(name, 10, dtype=DTYPES[dtype])
     tx = train.make_optimizer(train.piecewise_lr(0.1, NUM_TRAIN // 128))
@@ -170,13 +182,7 @@ def bench_epoch_overhead(name, batch_size, dtype, single_row, num_val=5000, repe
     def validate():
         return train._validation_metrics(state, images, labels, MEAN, STD, DTYPES[dtype], 500)
 
-    start = time.perf_counter()
-    validate()
-    val_compile = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(repeats):
-        validate()
-    val_s = (time.perf_counter() - start) / repeats
+    val_compile, val_s = _first_and_mean(validate, repeats)
     state_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(
         checkpoints.state_to_tree(state))) / 2**20
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,14 +216,8 @@ def bench_eval(num_classes=10, n=10000, repeats=5):
         jax.block_until_ready((metrics.summary(logits, labels),
                                calibration.temperature_grid_search(logits, labels).ece))
 
-    start = time.perf_counter()
-    run()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    return {"eval_pass_s": (time.perf_counter() - start) / repeats, "compile_s": compile_s,
-            "logits": f"{n}x{num_classes}"}
+    compile_s, pass_s = _first_and_mean(run, repeats)
+    return {"eval_pass_s": pass_s, "compile_s": compile_s, "logits": f"{n}x{num_classes}"}
 
 
 def _print_row(r):

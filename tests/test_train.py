@@ -415,6 +415,32 @@ def test_resume_after_a_kill_between_log_line_and_checkpoint(tmp_path, evaluated
                                   final_params(evaluated_runs / "cifar10" / "resnet50" / "ce"))
 
 
+def test_several_steps_per_call_train_like_one_step_per_call(tmp_path, evaluated_runs,
+                                                              monkeypatch):
+    """The accelerators' default path through train_and_evaluate (several steps per call,
+    an epoch's last call shorter: 8 steps = 3 + 3 + 2, losses read one call behind) ends
+    its epoch where the fixture's one-step-per-call run does. The scan is unrolled: XLA:CPU's
+    in-loop convolutions round differently (ResNet-8, 8 steps: 5e-4 apart, growing from
+    2e-6 at step 3), which would hide a bookkeeping error of that size."""
+    import functools
+
+    from calib_jax import checkpoints
+    monkeypatch.setattr(train, "train_steps", functools.partial(train.train_steps, unroll=True))
+    config = load_config(SMOKE.replace("num_epochs=2", "num_epochs=1") + ",steps_per_call=3")
+    train.train_and_evaluate(config, tmp_path)
+    whole = evaluated_runs / "cifar10" / "resnet50" / "ce"
+    template = train.state_for_config(config, 4, (32, 32, 3))
+    expected, _ = checkpoints.RunCheckpoints(whole).restore(template, 1)
+    got, meta = checkpoints.RunCheckpoints(tmp_path).restore(template)
+    assert meta["epoch"] == 1 and meta["final"]
+    error = relative_error(got.params, expected.params)
+    assert error < 1e-5, error
+    logged = [json.loads((d / "log.jsonl").read_text().splitlines()[0])
+              for d in (tmp_path, whole)]
+    for key in ("train_loss_per_image", "train_accuracy", "val_accuracy", "val_nll"):
+        np.testing.assert_allclose(logged[0][key], logged[1][key], rtol=1e-5, err_msg=key)
+
+
 @pytest.mark.parametrize("steps,log_every,platform,expected", [
     (351, 50, "gpu", 39),   # CIFAR-10 at batch 128: 9 calls of 39, one compilation
     (390, 50, "tpu", 39),   # 390 = 10 x 39

@@ -18,11 +18,15 @@ background thread while training goes on (a synchronous save of a ResNet-50 stat
 blocks for about a second per checkpoint, see ``benchmarks/NOTES.md``). The
 temporary-directory-then-rename rule above holds for background writes too, and
 :meth:`~RunCheckpoints.restore`, :meth:`~RunCheckpoints.wait` and
-:meth:`~RunCheckpoints.close` wait for any write in flight.
+:meth:`~RunCheckpoints.close` wait for any write in flight. With several processes
+(``jax.distributed``), every process calls ``save`` with the same work directory path;
+each manager's barrier names carry a prefix derived from that path, so the background
+saves of several managers (periodic and best, several members) may overlap.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,10 +44,18 @@ def state_to_tree(state) -> dict:
 
 
 def _manager(directory: Path, async_save: bool, **options) -> ocp.CheckpointManager:
+    # With several processes (jax.distributed), background saves of different managers
+    # in flight at once (periodic + best, several members) must not share Orbax's barrier
+    # names: a prefix per directory, the same on every process (they share the work
+    # directory's path).
+    prefix = "calib_jax_" + hashlib.sha1(str(directory).encode()).hexdigest()[:16]
     return ocp.CheckpointManager(
         directory.resolve(),
-        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
-                                             **options),
+        options=ocp.CheckpointManagerOptions(
+            create=True, enable_async_checkpointing=async_save,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=prefix),
+            **options),
         item_names=("state", "meta"))
 
 
@@ -81,13 +93,9 @@ class RunCheckpoints:
         tree = state_to_tree(state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                   meta=ocp.args.JsonSave(dict(meta, epoch=epoch)))
-        # One manager writes at a time: with several processes (jax.distributed), two
-        # background saves in flight at once collide on Orbax's barrier names.
         if periodic and epoch not in self.latest.all_steps():
-            self.best.wait_until_finished()
             self.latest.save(epoch, args=args, force=True)
         if best_metrics is not None and epoch not in self.best.all_steps():
-            self.latest.wait_until_finished()
             self.best.save(epoch, args=args, metrics=best_metrics, force=True)
 
     def wait(self):

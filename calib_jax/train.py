@@ -43,7 +43,7 @@ from calib_jax.data import pipeline
 from calib_jax.files import atomic_write_text
 
 __all__ = ["LOSS_NAMES", "LossSpec", "TrainState", "batch_loss", "batch_sharding",
-           "create_train_state", "make_optimizer", "multi_train_steps",
+           "create_train_state", "default_steps_per_call", "make_optimizer", "multi_train_steps",
            "piecewise_lr", "predict", "replicate", "replicated", "stack_states", "train_step",
            "train_steps", "unstack_state"]
 

@@ -377,29 +377,27 @@ def multi_train_steps(stacked: TrainState, images, labels, orders, first_step, e
     if members not in MEMBER_MODES:
         raise ValueError(f"`members` must be one of {MEMBER_MODES}, got {members!r}.")
 
+    def shared(step):  # the one batch of members that share a seed
+        return _loop_batch(images, labels, orders[0], seeds[0], epoch, step, batch_size,
+                           augment, sharding)
+
     def sequential_body(stacked, step):
-        shared = None
-        if shared_batch:
-            shared = _loop_batch(images, labels, orders[0], seeds[0], epoch, step, batch_size,
-                                 augment, sharding)
+        batch = shared(step) if shared_batch else None
         new_members, metrics = [], []
         for k, spec in enumerate(losses_):
-            x, y = shared or _loop_batch(images, labels, orders[k], seeds[k], epoch, step,
-                                         batch_size, augment, sharding)
+            x, y = batch or _loop_batch(images, labels, orders[k], seeds[k], epoch, step,
+                                        batch_size, augment, sharding)
             state, m = _train_on_batch(unstack_state(stacked, k), x, y, epoch, spec, mean, std,
                                        dtype)
             new_members.append(state)
             metrics.append(m)
-        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *new_members)
-        return stacked, {"loss": jnp.stack([m["loss"] for m in metrics]).astype(jnp.float32),
-                         "correct": jnp.stack([m["correct"] for m in metrics])}
+        return stack_states(new_members), {
+            "loss": jnp.stack([m["loss"] for m in metrics]).astype(jnp.float32),
+            "correct": jnp.stack([m["correct"] for m in metrics])}
 
-    def body(stacked, step):
-        if members == "sequential":
-            return sequential_body(stacked, step)
+    def vmapped_body(stacked, step):
         if shared_batch:
-            x, y = _loop_batch(images, labels, orders[0], seeds[0], epoch, step, batch_size,
-                               augment, sharding)
+            x, y = shared(step)
             batch_axis = None
         else:
             x, y = jax.vmap(lambda o, s: _loop_batch(images, labels, o, s, epoch, step,
@@ -413,6 +411,7 @@ def multi_train_steps(stacked: TrainState, images, labels, orders, first_step, e
             stacked, x, y, jnp.arange(num_members))
         return stacked, {"loss": m["loss"].astype(jnp.float32), "correct": m["correct"]}
 
+    body = sequential_body if members == "sequential" else vmapped_body
     return _scan_steps(body, stacked, first_step, num_steps, unroll)
 
 
@@ -819,9 +818,8 @@ def train_and_evaluate(config, workdir):
     # also when training stops with an exception, so nothing already saved is lost.
     try:
         for epoch in range(start_epoch, config.num_epochs):
-            orders = jax.device_put(
-                jnp.stack([pipeline.epoch_order(s, epoch, len(labels)) for s in seeds]),
-                replicated(mesh))
+            by_seed = {s: pipeline.epoch_order(s, epoch, len(labels)) for s in set(seeds)}
+            orders = jax.device_put(jnp.stack([by_seed[s] for s in seeds]), replicated(mesh))
             start = time.perf_counter()
             sums = [np.zeros(len(members)), np.zeros(len(members), np.int64)]
             pending = None

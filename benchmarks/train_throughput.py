@@ -89,6 +89,13 @@ def _state(name, dtype, seed=0):
                                                models.input_shape(name))
 
 
+def _val_split(num_val):
+    """Random validation images on the host, like the loop's validation split."""
+    rng = np.random.default_rng(1)
+    return (rng.integers(0, 256, (num_val, 32, 32, 3), dtype=np.uint8),
+            rng.integers(0, 10, num_val))
+
+
 def _steps_per_call(args, batch_size):
     return max(1, min(args.steps_per_call, NUM_TRAIN // batch_size))
 
@@ -155,6 +162,19 @@ def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
 
     compile_s, per_call, first = _timed_calls(call, stacked, args.calls)
     rate = n * batch_size / per_call  # images per second seen by each member
+    # The loop's per-epoch validation of the K members (the trained state was donated:
+    # a fresh stack of the same shapes times the same).
+    stacked = train.stack_states([
+        train.create_train_state(jax.random.PRNGKey(0), model, tx, models.input_shape(name))
+        for _ in losses])
+    images, labels = _val_split(5000)
+
+    def validate():
+        logits = train.predict_members(stacked, images, mean=MEAN, std=STD,
+                                       dtype=DTYPES[dtype], batch_size=500, members=mode)
+        return [train._validation_metrics(member, labels) for member in logits]
+
+    val_compile_s, val_s = _first_and_mean(validate, 2)
     single_rate = single_row["img_per_s"]
     diff = None
     if single_row["loss"] in losses:
@@ -165,6 +185,7 @@ def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
             "runs": len(losses), "members": mode, "img_per_s": rate,
             "max_rel_loss_diff_vs_single_run": diff, "compile_s": compile_s,
             "row_time_over_single_run": (single_rate / rate) if single_rate else None,
+            "val_pass_s": val_s, "val_compile_s": val_compile_s, "val_images": 5000,
             "full_row_min": EPOCHS * (NUM_TRAIN // batch_size) * batch_size / rate / 60}
 
 
@@ -175,12 +196,12 @@ def bench_epoch_overhead(name, batch_size, dtype, single_row, num_val=5000, repe
 
     from calib_jax import checkpoints
     _, _, state = _state(name, dtype)
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (num_val, 32, 32, 3), dtype=np.uint8)  # host, like val
-    labels = rng.integers(0, 10, num_val)
+    images, labels = _val_split(num_val)
 
-    def validate():
-        return train._validation_metrics(state, images, labels, MEAN, STD, DTYPES[dtype], 500)
+    def validate():  # what train_and_evaluate runs after each epoch
+        logits = train.predict(state, images, mean=MEAN, std=STD, dtype=DTYPES[dtype],
+                               batch_size=500)
+        return train._validation_metrics(logits, labels)
 
     val_compile, val_s = _first_and_mean(validate, repeats)
     state_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(
@@ -239,7 +260,9 @@ def _print_row(r):
               f"{r['img_per_s']:,.0f} per run ({r['img_per_s'] * r['runs']:,.0f} in all; row = "
               f"{'-' if ratio is None else f'{ratio:.2f}x'} one run; {r['full_row_min']:.1f} "
               f"min for 350 epochs; losses within {r['max_rel_loss_diff_vs_single_run'] or 0:.1e} "
-              f"of the single run) | {r['compile_s']:.1f} |", flush=True)
+              f"of the single run; validation of the {r['runs']} runs: "
+              f"{r['val_pass_s'] * 1000:.0f} ms / {r['val_images']} images) | "
+              f"{r['compile_s']:.1f} |", flush=True)
     else:
         extra = (f" ({r['mode']}; losses within {r['max_rel_loss_diff_vs_train_steps']:.1e} "
                  f"of train_steps')") if "mode" in r else \

@@ -44,8 +44,8 @@ from calib_jax.files import atomic_write_text
 
 __all__ = ["LOSS_NAMES", "LossSpec", "TrainState", "batch_loss", "batch_sharding",
            "create_train_state", "default_steps_per_call", "make_optimizer", "multi_train_steps",
-           "piecewise_lr", "predict", "replicate", "replicated", "stack_states", "train_step",
-           "train_steps", "unstack_state"]
+           "piecewise_lr", "predict", "predict_members", "replicate", "replicated", "stack_states",
+           "train_step", "train_steps", "unstack_state"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")
@@ -421,24 +421,76 @@ def _predict_batch(apply_fn, params, batch_stats, images, mean, std, dtype):
     return apply_fn({"params": params, "batch_stats": batch_stats}, x, train=False)
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn", "mean", "std", "dtype"))
+def _predict_members_batch(apply_fn, params, batch_stats, images, mean, std, dtype):
+    """``[K, B, C]``: the K stacked members' logits of one shared batch, one vmapped pass."""
+    x = _model_inputs(images, mean, std, dtype)
+    return jax.vmap(lambda p, s: apply_fn({"params": p, "batch_stats": s}, x, train=False))(
+        params, batch_stats)
+
+
+# Batches whose logits may wait on the device before the host fetches the oldest: the
+# host dispatches ahead instead of waiting for each batch, with bounded device memory.
+_PREDICT_IN_FLIGHT = 8
+
+
+def _predict_batches(state, images, batch_size, forward):
+    """``forward(x)`` (logits with the batch on axis -2) over fixed-size padded batches,
+    the masked rows dropped, batches concatenated on axis -2 (host NumPy)."""
+    # Put each batch where the parameters are (replicated over the mesh in a
+    # data-parallel run, which also works across hosts), not on a default device.
+    leaf = jax.tree_util.tree_leaves(state.params)[0]
+    sharding = leaf.sharding if isinstance(leaf.sharding, jax.sharding.NamedSharding) else None
+    done, in_flight = [], []
+
+    def fetch(logits, mask):
+        done.append(np.asarray(jax.device_get(logits))[..., mask, :])
+
+    for batch in pipeline.eval_batches(images.shape[0], batch_size):
+        x = images[batch.index]
+        x = jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
+        in_flight.append((forward(x), batch.mask))
+        if len(in_flight) > _PREDICT_IN_FLIGHT:
+            fetch(*in_flight.pop(0))
+    for item in in_flight:
+        fetch(*item)
+    return np.concatenate(done, axis=-2)
+
+
+def _static_normalization(mean, std):
+    return (None if mean is None else tuple(mean)), (None if std is None else tuple(std))
+
+
 def predict(state: TrainState, images: np.ndarray, *, mean, std, batch_size: int = 500,
             dtype=jnp.float32) -> np.ndarray:
     """Logits ``[N, C]`` of every example (fixed-size padded batches, one compilation).
 
     ``mean=None`` for token inputs (no normalisation)."""
-    # Put each batch where the parameters are (replicated over the mesh in a
-    # data-parallel run, which also works across hosts), not on a default device.
-    leaf = jax.tree_util.tree_leaves(state.params)[0]
-    sharding = leaf.sharding if isinstance(leaf.sharding, jax.sharding.NamedSharding) else None
-    out = []
-    for batch in pipeline.eval_batches(images.shape[0], batch_size):
-        x = images[batch.index]
-        x = jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
-        logits = _predict_batch(state.apply_fn, state.params, state.batch_stats, x,
-                                None if mean is None else tuple(mean),
-                                None if std is None else tuple(std), dtype)
-        out.append(np.asarray(jax.device_get(logits))[batch.mask])
-    return np.concatenate(out)
+    mean, std = _static_normalization(mean, std)
+    return _predict_batches(state, images, batch_size, lambda x: _predict_batch(
+        state.apply_fn, state.params, state.batch_stats, x, mean, std, dtype))
+
+
+def predict_members(stacked: TrainState, images: np.ndarray, *, mean, std,
+                    batch_size: int = 500, dtype=jnp.float32,
+                    members: str = "vmap") -> np.ndarray:
+    """Logits ``[K, N, C]`` of the K members of a :func:`stack_states` state.
+
+    ``members="vmap"`` runs every batch through all members in one vmapped pass
+    (one program per batch instead of K: what :func:`multi_train_steps` does for
+    training); ``"sequential"`` runs :func:`predict` member by member (plain
+    convolutions: faster on CPU). Either equals :func:`predict` of each member
+    (vmapped: up to float rounding of batched convolutions).
+    """
+    if members not in MEMBER_MODES:
+        raise ValueError(f"`members` must be one of {MEMBER_MODES}, got {members!r}.")
+    if members == "sequential":
+        count = jax.tree_util.tree_leaves(stacked.params)[0].shape[0]
+        return np.stack([predict(unstack_state(stacked, k), images, mean=mean, std=std,
+                                 batch_size=batch_size, dtype=dtype) for k in range(count)])
+    mean, std = _static_normalization(mean, std)
+    return _predict_batches(stacked, images, batch_size, lambda x: _predict_members_batch(
+        stacked.apply_fn, stacked.params, stacked.batch_stats, x, mean, std, dtype))
 
 
 # ----------------------------------------------------------------------------
@@ -590,9 +642,8 @@ def maybe_initialize_distributed(force: bool = False) -> None:
         jax.distributed.initialize(**kwargs)
 
 
-def _validation_metrics(state, images, labels, mean, std, dtype, batch_size) -> dict:
+def _validation_metrics(logits, labels) -> dict:
     from calib_jax import metrics as cmetrics
-    logits = predict(state, images, mean=mean, std=std, dtype=dtype, batch_size=batch_size)
     stats = cmetrics.update_stats(cmetrics.init_stats(logits.shape[1]), logits, labels)
     values = cmetrics.metrics_from_stats(stats)
     return {"val_accuracy": float(values["accuracy"]), "val_nll": float(values["nll"]),
@@ -848,10 +899,14 @@ def train_and_evaluate(config, workdir):
                 done_epochs == config.num_epochs
             if is_chief:
                 print()
+            # Validation logits of every member, ``[K, N, C]`` (vmapped members: one pass).
+            eval_options = dict(mean=mean, std=std, dtype=dtype, batch_size=config.eval_batch_size)
+            val_logits = predict(state, val_split.inputs, **eval_options)[None] \
+                if len(members) == 1 else \
+                predict_members(state, val_split.inputs, members=member_mode, **eval_options)
             for k, name in enumerate(names):
                 member = state if len(members) == 1 else unstack_state(state, k)
-                val = _validation_metrics(member, val_split.inputs, val_split.labels, mean, std,
-                                          dtype, config.eval_batch_size)
+                val = _validation_metrics(val_logits[k], val_split.labels)
                 # Batch losses are sums per batch, or already means (mean reduction, Brier).
                 per_image = specs[k].mean_reduction or specs[k].name == "brier"
                 record = {"epoch": done_epochs,

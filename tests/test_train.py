@@ -122,6 +122,20 @@ def test_every_loss_trains_in_one_program():
                            batch_size=24)
     assert logits.shape == (n, 4) and np.all(np.isfinite(logits))
 
+    # All members' logits at once (24 does not divide 64: the padded last batch is dropped).
+    each = np.stack([train.predict(train.unstack_state(stacked, k), images, mean=MEAN,
+                                   std=STD, batch_size=24)
+                     for k in range(len(train.LOSS_NAMES))])
+    np.testing.assert_array_equal(each[2], logits)
+    sequential = train.predict_members(stacked, images, mean=MEAN, std=STD, batch_size=24,
+                                       members="sequential")
+    np.testing.assert_array_equal(sequential, each)
+    vmapped = train.predict_members(stacked, images, mean=MEAN, std=STD, batch_size=24)
+    assert vmapped.shape == (len(train.LOSS_NAMES), n, 4)
+    np.testing.assert_allclose(vmapped, each, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="`members`"):
+        train.predict_members(stacked, images, mean=MEAN, std=STD, members="loop")
+
 
 def test_steps_in_one_call_equal_the_per_step_loop():
     """train_steps (a rolled lax.scan, batches built inside) == train_batch + train_step."""
@@ -518,6 +532,22 @@ def test_a_row_of_losses_trains_as_one_program_into_member_run_directories(
               for d in (tmp_path / "ce", evaluated_runs / "cifar10" / "resnet50" / "ce")]
     np.testing.assert_allclose(*logged, rtol=1e-3)
     assert [p.name for p in evaluate.member_dirs(tmp_path)] == ["ce", "flsd53"]
+    # The loop validated both members in one vmapped pass: its logged metrics are those of
+    # each saved member's own forward pass.
+    from calib_jax.data import datasets
+    val = datasets.load(config.dataset, "val", data_dir=config.data_dir or None,
+                        **train.dataset_options(config))
+    mean, std = train.input_normalization(config, "train")
+    for name in ("ce", "flsd53"):
+        saved, _ = checkpoints.RunCheckpoints(tmp_path / name).restore(template)
+        expected = train._validation_metrics(
+            train.predict(saved, val.inputs, mean=mean, std=std,
+                          batch_size=config.eval_batch_size), val.labels)
+        line = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])
+        assert line["val_accuracy"] == expected["val_accuracy"]
+        np.testing.assert_allclose([line["val_nll"], line["val_ece"]],
+                                   [expected["val_nll"], expected["val_ece"]], rtol=1e-4,
+                                   atol=1e-6)
 
 
 def test_member_lists_in_configs():

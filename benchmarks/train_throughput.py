@@ -169,10 +169,9 @@ def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
         for _ in losses])
     images, labels = _val_split(5000)
 
-    def validate():
-        logits = train.predict_members(stacked, images, mean=MEAN, std=STD,
-                                       dtype=DTYPES[dtype], batch_size=500, members=mode)
-        return [train._validation_metrics(member, labels) for member in logits]
+    def validate():  # what train_and_evaluate runs after each epoch
+        return train._validate_members(stacked, images, labels, len(losses), mode, mean=MEAN,
+                                       std=STD, dtype=DTYPES[dtype], batch_size=500)
 
     val_compile_s, val_s = _first_and_mean(validate, 2)
     single_rate = single_row["img_per_s"]
@@ -199,9 +198,8 @@ def bench_epoch_overhead(name, batch_size, dtype, single_row, num_val=5000, repe
     images, labels = _val_split(num_val)
 
     def validate():  # what train_and_evaluate runs after each epoch
-        logits = train.predict(state, images, mean=MEAN, std=STD, dtype=DTYPES[dtype],
-                               batch_size=500)
-        return train._validation_metrics(logits, labels)
+        return train._validate_members(state, images, labels, 1, "vmap", mean=MEAN, std=STD,
+                                       dtype=DTYPES[dtype], batch_size=500)
 
     val_compile, val_s = _first_and_mean(validate, repeats)
     state_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(

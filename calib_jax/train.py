@@ -415,18 +415,20 @@ def multi_train_steps(stacked: TrainState, images, labels, orders, first_step, e
     return _scan_steps(body, stacked, first_step, num_steps, unroll)
 
 
+def _eval_logits(apply_fn, params, batch_stats, x):
+    return apply_fn({"params": params, "batch_stats": batch_stats}, x, train=False)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "mean", "std", "dtype"))
 def _predict_batch(apply_fn, params, batch_stats, images, mean, std, dtype):
-    x = _model_inputs(images, mean, std, dtype)
-    return apply_fn({"params": params, "batch_stats": batch_stats}, x, train=False)
+    return _eval_logits(apply_fn, params, batch_stats, _model_inputs(images, mean, std, dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "mean", "std", "dtype"))
 def _predict_members_batch(apply_fn, params, batch_stats, images, mean, std, dtype):
     """``[K, B, C]``: the K stacked members' logits of one shared batch, one vmapped pass."""
-    x = _model_inputs(images, mean, std, dtype)
-    return jax.vmap(lambda p, s: apply_fn({"params": p, "batch_stats": s}, x, train=False))(
-        params, batch_stats)
+    return jax.vmap(functools.partial(_eval_logits, apply_fn), in_axes=(0, 0, None))(
+        params, batch_stats, _model_inputs(images, mean, std, dtype))
 
 
 # Batches whose logits may wait on the device before the host fetches the oldest: the
@@ -650,6 +652,15 @@ def _validation_metrics(logits, labels) -> dict:
             "val_ece": float(values["ece"])}
 
 
+def _validate_members(state, images, labels, num_members: int, member_mode: str,
+                      **eval_options) -> list[dict]:
+    """The per-epoch validation metrics of each run: one :func:`predict` for a single
+    run, :func:`predict_members` (``member_mode``) for a stacked group."""
+    logits = predict(state, images, **eval_options)[None] if num_members == 1 else \
+        predict_members(state, images, members=member_mode, **eval_options)
+    return [_validation_metrics(member_logits, labels) for member_logits in logits]
+
+
 def state_for_config(config, num_classes: int, example_shape, steps_per_epoch: int = 1):
     """The initial :class:`TrainState` of a run (model, schedule and optimiser from ``config``).
 
@@ -844,6 +855,7 @@ def train_and_evaluate(config, workdir):
     on_cpu = jax.devices()[0].platform == "cpu"
     loop_options = dict(batch_size=config.batch_size, augment=config.augment and mean is not None,
                         mean=mean, std=std, dtype=dtype, sharding=sharding)
+    eval_options = dict(mean=mean, std=std, dtype=dtype, batch_size=config.eval_batch_size)
 
     per_call = config.get("steps_per_call", 0) or default_steps_per_call(
         steps, config.log_every_steps, jax.devices()[0].platform)
@@ -899,14 +911,9 @@ def train_and_evaluate(config, workdir):
                 done_epochs == config.num_epochs
             if is_chief:
                 print()
-            # Validation logits of every member, ``[K, N, C]`` (vmapped members: one pass).
-            eval_options = dict(mean=mean, std=std, dtype=dtype, batch_size=config.eval_batch_size)
-            val_logits = predict(state, val_split.inputs, **eval_options)[None] \
-                if len(members) == 1 else \
-                predict_members(state, val_split.inputs, members=member_mode, **eval_options)
-            for k, name in enumerate(names):
-                member = state if len(members) == 1 else unstack_state(state, k)
-                val = _validation_metrics(val_logits[k], val_split.labels)
+            vals = _validate_members(state, val_split.inputs, val_split.labels, len(members),
+                                     member_mode, **eval_options)
+            for k, (name, val) in enumerate(zip(names, vals)):
                 # Batch losses are sums per batch, or already means (mean reduction, Brier).
                 per_image = specs[k].mean_reduction or specs[k].name == "brier"
                 record = {"epoch": done_epochs,
@@ -935,6 +942,7 @@ def train_and_evaluate(config, workdir):
                 meta = {"best_val_accuracy": best_accs[k],
                         "final": done_epochs == config.num_epochs}
                 if periodic or improved:
+                    member = state if len(members) == 1 else unstack_state(state, k)
                     ckpts[k].save(done_epochs, member, meta, periodic=periodic,
                                   best_metrics={"val_accuracy": val["val_accuracy"]} if improved
                                   else None)

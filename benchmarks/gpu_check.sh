@@ -1,21 +1,37 @@
 #!/usr/bin/env bash
-# One device call (< 8 minutes): the training loop's compiled call (train_steps, 39 steps per
-# call: the loop's default for CIFAR-10's 351 steps per epoch) for ResNet-50 on CIFAR-sized
-# data at batch 128 and 1024, bfloat16 and float32, CE and FLSD-53; the per-step loop it
-# replaced (with a loss comparison); the per-epoch validation pass and checkpoint saves; the
-# six-loss row as one program (vmapped and sequential members, each checked against the
-# single run); and the evaluation pass. Rows run in priority order and the JSON is rewritten
-# after each, so a run cut short by the timeout keeps its figures. Results land in $OUT (or
-# ./gpu_results).
+# One device call (< 8 minutes), two parts, results in $OUT (or ./gpu_results):
+#
+# 1. The table (train_throughput.py, at most TABLE_S seconds): the training loop's compiled
+#    call (train_steps, 39 steps per call: the loop's default for CIFAR-10's 351 steps per
+#    epoch) for ResNet-50 on CIFAR-sized data at batch 128 and 1024, bfloat16 and float32, CE
+#    and FLSD-53; the per-step loop it replaced (with a loss comparison); the per-epoch
+#    validation pass and checkpoint saves; the six-loss row as one program (vmapped and
+#    sequential members, each checked against the single run); and the evaluation pass. Rows
+#    run in priority order and the JSON is rewritten after each, so a run cut short by the
+#    timeout keeps its figures; a row that fails is recorded and the others still run.
+# 2. Where the headline call's device time goes, and XLA options tried on it
+#    (gpu_profile.py, at most PROFILE_S seconds): images/s per variant, a kernel breakdown,
+#    the gzipped trace and the optimised HLO for offline reading.
+#
+# Both parts share one persistent compilation cache (JAX_COMPILATION_CACHE_DIR), so part 2
+# reuses part 1's compiled headline program and its convolution autotuning. The table's
+# first row of each shape therefore compiles cold, as a user's first run does; a later row
+# with the same convolutions (FLSD-53 beside CE, the per-step loop) finds them autotuned.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_results}"
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || true
-# The repo is on PYTHONPATH below; the lent machine has jax, flax, optax and orbax already.
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 450 python benchmarks/train_throughput.py \
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
+    > "$OUT/gpu.txt" 2>&1 || true
+# The repo is on PYTHONPATH; the lent machine has jax, flax, optax and orbax already.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PYTHON="${PYTHON:-python3}"  # the lent machine's python3 holds jax
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/calib_jax_compile_cache}"
+timeout -k 10 "${TABLE_S:-330}" "$PYTHON" benchmarks/train_throughput.py \
     --models resnet50 --batch-sizes 128,1024 --dtypes bfloat16,float32 --losses ce,flsd53 \
     --steps-per-call 39 --calls 2 --per-step --epoch-overhead \
     --multi ce,brier,mmce_weighted,label_smoothing,focal,flsd53 --multi-modes vmap,sequential \
     --eval --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train_throughput.txt"
 echo "exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/train_throughput.txt"
+timeout -k 10 "${PROFILE_S:-140}" "$PYTHON" benchmarks/gpu_profile.py --out "$OUT" 2>&1
+echo "profile exit status: $?"

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -301,18 +302,34 @@ def main():
     dtypes, losses = args.dtypes.split(","), args.losses.split(",")
     rows = []
 
-    def record(r):
-        rows.append(r)
-        _print_row(r)
+    def save():  # atomically, after every row: a run cut short keeps what it measured
         if args.json:
             with open(args.json + ".tmp", "w") as f:
                 json.dump({"device": device.device_kind, "jax": jax.__version__, "rows": rows}, f,
                           indent=2)
-            import os
             os.replace(args.json + ".tmp", args.json)
 
+    def record(r):
+        rows.append(r)
+        _print_row(r)
+        save()
+
+    def attempt(label, bench, *bench_args):
+        """Runs one row; a row that fails (an XLA error, out of memory) is printed and
+        recorded, and the rows after it still run."""
+        try:
+            r = bench(*bench_args)
+        except Exception as error:  # noqa: BLE001 - reported, never swallowed silently
+            r = {"row": label, "error": f"{type(error).__name__}: {str(error)[:1000]}"}
+            print(f"row {label} failed: {r['error']}", flush=True)
+            rows.append(r)
+            save()
+            return None
+        record(r)
+        return r
+
     if args.eval:
-        record(bench_eval())
+        attempt("eval", bench_eval)
     print("| model | batch | dtype | loss | img/s | compile (s) |")
     print("| --- | --- | --- | --- | --- | --- |")
     modes = args.multi_modes.split(",") if args.multi else []
@@ -325,23 +342,22 @@ def main():
         headline = None
         for position, (li, di, bi) in enumerate(grid):
             loss, dtype, bs = losses[li], dtypes[di], batches[bi]
-            r = bench_model(args, name, bs, dtype, loss, data)
-            record(r)
-            if position == 0:
+            r = attempt(f"{name}/{bs}/{dtype}/{loss}", bench_model, args, name, bs, dtype, loss,
+                        data)
+            if position == 0 and r is not None:
                 headline = r
                 if args.per_step:
-                    record(bench_per_step(args, name, bs, dtype, loss, data,
-                                          np.asarray(r["first_call_losses"])))
+                    attempt("per-step", bench_per_step, args, name, bs, dtype, loss, data,
+                            np.asarray(r["first_call_losses"]))
                 if args.epoch_overhead:
-                    record(bench_epoch_overhead(name, bs, dtype, r))
+                    attempt("epoch-overhead", bench_epoch_overhead, name, bs, dtype, r)
                 for mode in modes[:1]:  # the first mode early, the others after the next rows
-                    record(bench_multi(args, name, bs, dtype, args.multi.split(","), data, r,
-                                       mode))
-            if position == late_modes_after:
+                    attempt(f"multi-{mode}", bench_multi, args, name, bs, dtype,
+                            args.multi.split(","), data, r, mode)
+            if position == late_modes_after and headline is not None:
                 for mode in modes[1:]:
-                    record(bench_multi(args, name, headline["batch"], headline["dtype"],
-                                       args.multi.split(","), data, headline, mode))
-
+                    attempt(f"multi-{mode}", bench_multi, args, name, headline["batch"],
+                            headline["dtype"], args.multi.split(","), data, headline, mode)
 
 if __name__ == "__main__":
     main()

@@ -101,6 +101,28 @@ def _steps_per_call(args, batch_size):
     return max(1, min(args.steps_per_call, NUM_TRAIN // batch_size))
 
 
+def loss_agreement(got, want, tolerance=1e-2):
+    """How two loss trajectories of the same start and batches agree: the first step's
+    relative difference (only the forward pass's rounding differs there), the largest over
+    all steps, and how many leading steps stay within ``tolerance``.
+
+    On the benchmark's synthetic task (random images, random labels, learning rate 0.1)
+    training is chaotic: two programs that round differently (bfloat16 vs float32, another
+    convolution algorithm) drift apart by tens of percent within 39 steps (measured on an
+    H200), so the first step, not the maximum, is the check of equal computation."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    rel = np.abs(got - want) / np.abs(want)
+    outside = np.flatnonzero(rel > tolerance)
+    return {"first_step_rel_diff": float(rel[0]), "max_rel_diff": float(rel.max()),
+            "steps_within_1pct": int(outside[0]) if outside.size else int(rel.size),
+            "steps": int(rel.size)}
+
+
+def _agreement_text(a):
+    return (f"first-step loss within {a['first_step_rel_diff']:.1e}, within 1% for "
+            f"{a['steps_within_1pct']}/{a['steps']} steps")
+
+
 def bench_model(args, name, batch_size, dtype, loss, data):
     x_dev, y_dev, order = data
     _, _, state = _state(name, dtype)
@@ -137,10 +159,10 @@ def bench_per_step(args, name, batch_size, dtype, loss, data, chunk_losses):
         return s, {"loss": jnp.stack(losses)}
 
     compile_s, per_call, first = _timed_calls(call, state, args.calls)
-    diff = np.abs(np.asarray(first["loss"]) - chunk_losses) / np.abs(chunk_losses)
     return {"model": name, "batch": batch_size, "dtype": dtype, "loss": loss,
             "mode": "per-step loop", "img_per_s": n * batch_size / per_call,
-            "compile_s": compile_s, "max_rel_loss_diff_vs_train_steps": float(diff.max())}
+            "compile_s": compile_s,
+            "losses_vs_train_steps": loss_agreement(first["loss"], chunk_losses)}
 
 
 def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
@@ -176,14 +198,15 @@ def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
 
     val_compile_s, val_s = _first_and_mean(validate, 2)
     single_rate = single_row["img_per_s"]
-    diff = None
+    agreement, member_losses = None, None
     if single_row["loss"] in losses:
-        want = np.asarray(single_row["first_call_losses"])
-        got = np.asarray(first["loss"])[:, losses.index(single_row["loss"])]
-        diff = float((np.abs(got - want) / np.abs(want)).max())
+        member_losses = np.asarray(first["loss"])[:, losses.index(single_row["loss"])]
+        agreement = loss_agreement(member_losses, single_row["first_call_losses"])
+        member_losses = [float(v) for v in member_losses]
     return {"model": name, "batch": batch_size, "dtype": dtype, "loss": "+".join(losses),
             "runs": len(losses), "members": mode, "img_per_s": rate,
-            "max_rel_loss_diff_vs_single_run": diff, "compile_s": compile_s,
+            "losses_vs_single_run": agreement, "member_losses": member_losses,
+            "compile_s": compile_s,
             "row_time_over_single_run": (single_rate / rate) if single_rate else None,
             "val_pass_s": val_s, "val_compile_s": val_compile_s, "val_images": 5000,
             "full_row_min": EPOCHS * (NUM_TRAIN // batch_size) * batch_size / rate / 60}
@@ -255,16 +278,17 @@ def _print_row(r):
               f"{r['eval_pass_s'] * 1000:.1f} ms after {r['compile_s']:.1f} s compile", flush=True)
     elif "runs" in r:
         ratio = r["row_time_over_single_run"]
+        agreement = r["losses_vs_single_run"]
         print(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['runs']} runs ({r['members']}) | "
               f"{r['img_per_s']:,.0f} per run ({r['img_per_s'] * r['runs']:,.0f} in all; row = "
               f"{'-' if ratio is None else f'{ratio:.2f}x'} one run; {r['full_row_min']:.1f} "
-              f"min for 350 epochs; losses within {r['max_rel_loss_diff_vs_single_run'] or 0:.1e} "
-              f"of the single run; validation of the {r['runs']} runs: "
+              f"min for 350 epochs; vs the single run: "
+              f"{'-' if agreement is None else _agreement_text(agreement)}; validation of the {r['runs']} runs: "
               f"{r['val_pass_s'] * 1000:.0f} ms / {r['val_images']} images) | "
               f"{r['compile_s']:.1f} |", flush=True)
     else:
-        extra = (f" ({r['mode']}; losses within {r['max_rel_loss_diff_vs_train_steps']:.1e} "
-                 f"of train_steps')") if "mode" in r else \
+        extra = (f" ({r['mode']}; vs train_steps: "
+                 f"{_agreement_text(r['losses_vs_train_steps'])})") if "mode" in r else \
             f" ({r['steps_per_call']}/call; 350 epochs: {r['full_run_min']:.1f} min)"
         print(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['loss']}{extra} | "
               f"{r['img_per_s']:,.0f} | {r['compile_s']:.1f} |", flush=True)

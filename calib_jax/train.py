@@ -1,5 +1,5 @@
 """Training: the paper's losses by name, the reference optimiser, jitted train
-steps over a Flax model, several runs as one vmapped program, and the
+steps over a Flax model, several runs as one program, and the
 config-driven training loop with Orbax checkpoints (:func:`train_and_evaluate`).
 
 The compiled units, from small to large:
@@ -8,7 +8,8 @@ The compiled units, from small to large:
 * :func:`train_steps` -- many steps in one call, each batch gathered, cropped
   and flipped on the device (the training loop's unit: no host work per step);
 * :func:`multi_train_steps` -- the same for K runs (losses, gammas, seeds) as
-  one vmapped program over stacked states (:func:`stack_states`).
+  one program over stacked states (:func:`stack_states`), members vmapped or
+  one after another.
 
 Data parallelism is plain ``jax.jit`` over a ``('data',)`` mesh: put the
 state on the mesh replicated (:func:`replicate`) and the batch split over the
@@ -264,6 +265,15 @@ def stack_states(states) -> TrainState:
 
 def unstack_state(stacked: TrainState, index: int) -> TrainState:
     """Member ``index`` of :func:`stack_states`."""
+    return _unstack_state(stacked, index)
+
+
+@jax.jit
+def _unstack_state(stacked, index):
+    # One compiled slice of every leaf (index traced: one compilation for all members):
+    # eager indexing dispatches once per leaf, ~0.4 ms each, and a ResNet-50 state has
+    # 431 leaves (170 ms per member on CPU; on an H200 the sequential validation of six
+    # members took ~230 ms per member more than its forward passes).
     return jax.tree_util.tree_map(lambda x: x[index], stacked)
 
 
@@ -336,6 +346,16 @@ def train_steps(state: TrainState, images, labels, order, first_step, epoch, see
 MEMBER_MODES = ("vmap", "sequential")
 
 
+def default_member_mode(platform: str) -> str:
+    """``multi_mode="auto"``: ``sequential`` on CPU and GPU, ``vmap`` on TPU.
+
+    Measured (benchmarks/NOTES.md): the vmapped members' convolutions become grouped
+    convolutions, slow on CPU and on an H200 (six ResNet-50 members at batch 128 in
+    bfloat16: the row took 9.75x one run vmapped, 6.36x sequential). TPU is unmeasured;
+    it keeps the batched form its convolution units are built for."""
+    return "vmap" if platform == "tpu" else "sequential"
+
+
 @functools.partial(jax.jit, static_argnames=("losses_", "shared_batch", "members")
                    + _LOOP_STATIC, donate_argnums=(0,))
 def multi_train_steps(stacked: TrainState, images, labels, orders, first_step, epoch, seeds, *,
@@ -355,10 +375,9 @@ def multi_train_steps(stacked: TrainState, images, labels, orders, first_step, e
       orders: ``[K, N]`` epoch orders; seeds: ``[K]`` integers.
       losses_: K loss names / :class:`LossSpec` (static).
       members: ``"vmap"`` batches the members' computations (each convolution
-        becomes one grouped convolution over K weight sets: what fills an
-        accelerator that a batch of 128 leaves idle); ``"sequential"`` runs the
-        K steps one after another inside the program (plain convolutions; on CPU,
-        whose grouped convolutions are slow, it is the faster of the two).
+        becomes one grouped convolution over K weight sets); ``"sequential"`` runs
+        the K steps one after another inside the program (plain convolutions). On
+        CPU and on an H200 sequential is the faster (:func:`default_member_mode`).
 
     Returns:
       ``(stacked, {"loss": [num_steps, K], "correct": [num_steps, K]})``.
@@ -784,8 +803,8 @@ def train_and_evaluate(config, workdir):
     (``"[ce,brier,mmce_weighted,label_smoothing,focal,flsd53]"``, ``focal<g>`` for
     other gammas) and / or ``config.seeds`` lists seeds, the members of
     :func:`run_members` train together as one program (:func:`multi_train_steps`;
-    ``config.multi_mode``: ``vmap`` on GPU / TPU and ``sequential`` on CPU by
-    default), each with the batches, initialisation and
+    ``config.multi_mode``: by default ``sequential`` on CPU and GPU, ``vmap`` on TPU,
+    :func:`default_member_mode`), each with the batches, initialisation and
     random numbers of its single run. Member ``m`` lives in ``workdir/m/``, a
     complete run directory (its own single-run ``config.json``, log,
     TensorBoard files and checkpoints) that ``calib_jax.evaluate`` reads like
@@ -860,8 +879,8 @@ def train_and_evaluate(config, workdir):
     per_call = config.get("steps_per_call", 0) or default_steps_per_call(
         steps, config.log_every_steps, jax.devices()[0].platform)
     member_mode = config.get("multi_mode", "auto")
-    if member_mode == "auto":  # grouped convolutions are slow on CPU (benchmarks/NOTES.md)
-        member_mode = "sequential" if on_cpu else "vmap"
+    if member_mode == "auto":
+        member_mode = default_member_mode(jax.devices()[0].platform)
 
     def run_chunk(state, orders, first, count, epoch):
         if len(members) == 1:

@@ -7,7 +7,7 @@ import pytest
 
 from calib_jax import models
 from calib_jax.models import densenet, resnet, text, wide_resnet
-from calib_jax.models.layers import BatchNorm
+from calib_jax.models.layers import BatchNorm, batch_norm_train
 
 # The reference's trainable parameter counts (PyTorch, torrvision/focal_calibration).
 PARAM_COUNTS = [
@@ -81,6 +81,96 @@ def test_batchnorm_matches_pytorch_semantics():
     np.testing.assert_allclose(
         np.asarray(y_eval).reshape(-1, 4),
         (xn - 0.1 * mean) / np.sqrt(0.9 + 0.1 * var_unbiased + 1e-5), rtol=1e-4, atol=1e-5)
+
+
+def _autodiff_batch_norm(x, scale, bias, epsilon=1e-5, axis_name=None, dtype=jnp.float32):
+    """The forward formula, differentiated by JAX: the oracle for the closed-form VJP."""
+    x32 = x.astype(jnp.float32 if x.dtype != jnp.float64 else jnp.float64)
+    axes = tuple(range(x.ndim - 1))
+    mean, mean_sq = jnp.mean(x32, axes), jnp.mean(jnp.square(x32), axes)
+    if axis_name is not None:
+        mean, mean_sq = jax.lax.pmean((mean, mean_sq), axis_name)
+    var = mean_sq - jnp.square(mean)
+    y = (x32 - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
+    return y.astype(dtype), mean, var
+
+
+def _bn_inputs(key, shape, dtype):
+    k_x, k_s, k_b, k_w = jax.random.split(key, 4)
+    c = shape[-1]
+    x = (jax.random.normal(k_x, shape) * 2 + 0.5).astype(dtype)
+    scale = (1 + 0.3 * jax.random.normal(k_s, (c,))).astype(dtype)
+    bias = (0.2 * jax.random.normal(k_b, (c,))).astype(dtype)
+    weights = jax.random.normal(k_w, shape)
+    return x, scale, bias, weights
+
+
+def _bn_objective(norm, weights):
+    """A loss that uses the output and both statistics, so every cotangent is nonzero."""
+    def objective(x, scale, bias):
+        y, mean, var = norm(x, scale, bias)
+        return (jnp.sum(y.astype(weights.dtype) * weights) + 3.0 * jnp.sum(mean * jnp.arange(
+            mean.shape[0])) - 2.0 * jnp.sum(var))
+    return objective
+
+
+def test_batch_norm_gradient_is_autodiff_of_the_forward_pass():
+    with jax.enable_x64(True):  # float64: the closed form and autodiff agree to rounding
+        x, scale, bias, w = _bn_inputs(jax.random.PRNGKey(0), (6, 3, 2, 5), jnp.float64)
+        fused = _bn_objective(lambda *a: batch_norm_train(*a, 1e-5, None, jnp.float64), w)
+        oracle = _bn_objective(lambda *a: _autodiff_batch_norm(*a, dtype=jnp.float64), w)
+        got = jax.grad(fused, argnums=(0, 1, 2))(x, scale, bias)
+        want = jax.grad(oracle, argnums=(0, 1, 2))(x, scale, bias)
+        for g, v in zip(got, want):
+            assert g.dtype == jnp.float64
+            np.testing.assert_allclose(g, v, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(fused(x, scale, bias), oracle(x, scale, bias), rtol=1e-12)
+        from jax.test_util import check_grads  # finite differences, too
+        check_grads(fused, (x, scale, bias), order=1, modes=["rev"])
+
+
+def test_batch_norm_gradient_in_bfloat16_keeps_dtypes():
+    x, scale, bias, w = _bn_inputs(jax.random.PRNGKey(1), (16, 4, 4, 8), jnp.float32)
+    x16 = x.astype(jnp.bfloat16)
+    fused = _bn_objective(lambda *a: batch_norm_train(*a, 1e-5, None, jnp.bfloat16), w)
+    oracle = _bn_objective(lambda *a: _autodiff_batch_norm(*a, dtype=jnp.bfloat16), w)
+    got = jax.grad(fused, argnums=(0, 1, 2))(x16, scale, bias)
+    want = jax.grad(oracle, argnums=(0, 1, 2))(x16, scale, bias)
+    assert [g.dtype for g in got] == [jnp.bfloat16, jnp.float32, jnp.float32]
+    for g, v in zip(got, want):
+        g, v = np.asarray(g, np.float64), np.asarray(v, np.float64)
+        assert np.linalg.norm(g - v) / np.linalg.norm(v) < 1e-2
+
+
+def test_batch_norm_gradient_over_devices_equals_one_device():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    shard_map = getattr(jax, "shard_map", None)
+    if shard_map is None:  # pragma: no cover - older jax
+        from jax.experimental.shard_map import shard_map
+    x, scale, bias, w = _bn_inputs(jax.random.PRNGKey(2), (8, 3, 3, 4), jnp.float32)
+
+    def objective(axis_name):
+        return lambda x, w, s, b: jnp.sum(batch_norm_train(x, s, b, 1e-5, axis_name,
+                                                           jnp.float32)[0] * w)
+
+    single = jax.jit(jax.grad(objective(None), argnums=(0, 2, 3)))(x, w, scale, bias)
+    # jit over a batch split on 4 devices (the training loop's data parallelism; the
+    # closed-form gradient, statistics of the global batch).
+    mesh = jax.make_mesh((4,), ("data",))
+    rows = NamedSharding(mesh, P("data"))
+    split = jax.jit(jax.grad(objective(None), argnums=(0, 2, 3)))(
+        jax.device_put(x, rows), jax.device_put(w, rows), scale, bias)
+    assert split[0].sharding.spec[0] == "data"  # the gradient stays split by rows
+    # shard_map with axis_name (autodiff's gradient; replicated parameters' gradients
+    # summed over the devices once, not 4 times).
+    plain = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    per_device = shard_map(lambda *a: jax.lax.psum(objective("data")(*a), "data"), mesh=plain,
+                           in_specs=(P("data"), P("data"), P(), P()), out_specs=P())
+    mapped = jax.jit(jax.grad(per_device, argnums=(0, 2, 3)))(x, w, scale, bias)
+    for got in (split, mapped):
+        for g, v in zip(got, single):
+            np.testing.assert_allclose(g, v, rtol=2e-5, atol=2e-6)
 
 
 def test_initialisers_follow_reference():

@@ -9,9 +9,10 @@
 #    sequential members, each checked against the single run); and the evaluation pass. Rows
 #    run in priority order and the JSON is rewritten after each, so a run cut short by the
 #    timeout keeps its figures; a row that fails is recorded and the others still run.
-# 2. Where the headline call's device time goes, and XLA options tried on it
-#    (gpu_profile.py, at most PROFILE_S seconds): images/s per variant, a kernel breakdown,
-#    the gzipped trace and the optimised HLO for offline reading.
+# 2. Where the headline call's device time goes, and variants of it (gpu_profile.py, at most
+#    PROFILE_S seconds): a kernel breakdown by part of the step, the gzipped trace and the
+#    optimised HLO for offline reading; then images/s of BatchNorm's autodiff gradient (the
+#    code before its closed form), scan unroll 2, and XLA options.
 #
 # Both parts share one persistent compilation cache (JAX_COMPILATION_CACHE_DIR), so part 2
 # reuses part 1's compiled headline program and its convolution autotuning. The table's

@@ -6,17 +6,18 @@ i.e. the headline row of ``train_throughput.py``):
 1. ``--variants``: compiles ``train.train_steps`` once per variant -- XLA compiler options
    passed to that one compilation (``Lowered.compile(compiler_options=...)``: no process
    restart, so the convolution autotuning of the first compile is reused), or a code option
-   (``unroll``) -- and prints its images/s, compile time, and how far its first call's
+   (``unroll``; ``autodiff_bn``: BatchNorm's gradient by autodiff, the code before its closed
+   form) -- and prints its images/s, compile time, and how far its first call's
    losses are from the default variant's (same state, same batches);
-2. ``--profile``: traces one call of the default variant with ``jax.profiler`` and prints
+2. (unless ``--no-profile``) traces one call of the default variant with ``jax.profiler`` and prints
    where the device time goes (device busy share of the traced window; top kernels; kernels
    by kind: convolutions, matrix products, XLA's own fusions, copies; XLA ops), per step.
    The trace (gzipped ``.xplane.pb``) and the optimised HLO are written beside the JSON
    for offline reading (``jax.profiler.ProfileData.from_serialized_xspace``).
 
-While a trace is active XLA runs ops one by one instead of through command buffers (CUDA
-graphs), so the trace shows the kernels and their gaps without graphs: the busy share is a
-lower bound for the graph-enabled run that the timings measure.
+On an H200 with jax 0.11.2 XLA kept its command buffers (CUDA graphs) while tracing: the
+kernels carry graph ids, so the trace shows the real execution, with the gaps where a graph
+ends (the traced call ran ~9% slower than untraced ones).
 
 Usage (GPU): python benchmarks/gpu_profile.py --out gpu_results
 Usage (CPU smoke): python benchmarks/gpu_profile.py --model resnet8 --batch 16 \
@@ -61,6 +62,8 @@ VARIANTS = {
     "no_graph": ({"xla_gpu_enable_command_buffer": ""}, 1),
     "conv_fusion": ({"xla_gpu_experimental_enable_conv_fusion": True}, 1),
     "unroll2": ({}, 2),
+    # The code before the closed-form BatchNorm gradient: autodiff of the forward formula.
+    "autodiff_bn": ({}, 1),
 }
 # Kernel kinds by name (cuDNN / CUTLASS / cuBLAS kernel names, XLA's fusion names).
 KINDS = (
@@ -70,6 +73,30 @@ KINDS = (
     ("copy / transpose", r"copy|transpose|memcpy|memset"),
     ("other fusion", r"fusion|loop_|input_|wrapped_|kernel"),
 )
+
+
+def _compile_with_autodiff_batch_norm(lower_and_compile):
+    """Compiles ``train_steps`` with BatchNorm's gradient by autodiff of its forward pass
+    (the code before ``batch_norm_train``'s closed form), for a before/after in one process.
+
+    The benchmark swaps the module-level function for this one trace: a fresh ``jax.jit``
+    of the same Python function, so no trace of the default variant is reused."""
+    from calib_jax.models import layers
+
+    def autodiff(x, scale, bias, epsilon, axis_name, dtype):
+        return layers._batch_norm_forward(x, scale, bias, epsilon, axis_name, dtype)[:3]
+
+    def steps(*args, **kwargs):  # a new function: JAX's trace cache is keyed by it
+        return train.train_steps.__wrapped__(*args, **kwargs)
+
+    fresh = jax.jit(steps, static_argnames=("loss_name",) + train._LOOP_STATIC,
+                    donate_argnums=(0,))
+    original = layers.batch_norm_train
+    layers.batch_norm_train = autodiff
+    try:
+        return lower_and_compile(fresh)
+    finally:
+        layers.batch_norm_train = original
 
 
 def kernel_kind(name: str) -> str:
@@ -95,55 +122,96 @@ def _union_ns(intervals):
     return total
 
 
-def summarize_xspace(data: bytes, steps: int, plane_prefix: str = "/device:GPU", top: int = 30):
-    """Device-time summary of a serialized XSpace: per line, per kernel, per kind; times
-    are per training step (``steps`` steps were traced)."""
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """Kernel name -> the ``op_name`` metadata of its fusion in the optimised HLO (XLA
+    names a fusion's kernel after the fusion, ``.`` written ``_``)."""
+    return {m.group(1).replace(".", "_"): m.group(2) for m in re.finditer(
+        r'\n\s*%?([\w.\-]+) = [^\n]*? fusion\([^\n]*?op_name="([^"]*)"', hlo_text)}
+
+
+def kernel_part(op_name: str | None, kernel: str) -> str:
+    """Which part of the training step a kernel belongs to, from its fusion's op_name:
+    forward / backward (``transpose(...)``), BatchNorm / other, reduction / elementwise."""
+    if not op_name:
+        return "library (cuDNN convolutions, cuBLAS products, copies)"
+    phase = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "step"
+    layer = "BatchNorm" if "BatchNorm" in op_name else op_name.rsplit("/", 1)[-1][:30]
+    work = "reduction" if "reduce" in kernel else "elementwise"
+    return f"{phase} {layer} {work}"
+
+
+def _graph_id(event):
+    try:
+        return dict(event.stats).get("cuda_graph_id")
+    except Exception:  # stats of another shape: no graph information
+        return None
+
+
+def summarize_xspace(data: bytes, steps: int, plane_prefix: str = "/device:GPU", top: int = 30,
+                     hlo_text: str | None = None):
+    """Device-time summary of a serialized XSpace: per line, per kernel, per kind, per part
+    of the step (with ``hlo_text``), and the gaps inside and between CUDA graphs; times are
+    per training step (``steps`` steps were traced)."""
     from jax.profiler import ProfileData
     profile = ProfileData.from_serialized_xspace(data)
+    op_names = hlo_op_names(hlo_text) if hlo_text else {}
     out = {"planes": []}
     for plane in profile.planes:
         if not plane.name.startswith(plane_prefix):
             continue
         lines = {}
         kernels = collections.defaultdict(lambda: [0, 0.0])
-        ops = collections.defaultdict(lambda: [0, 0.0])
         kinds = collections.defaultdict(float)
-        intervals, first, last = [], None, None
+        parts = collections.defaultdict(lambda: [0, 0.0])
+        intervals = []
         for line in plane.lines:
-            events = [(e.name, float(e.start_ns), float(e.duration_ns)) for e in line.events]
+            events = [(e.name, float(e.start_ns), float(e.duration_ns), _graph_id(e))
+                      for e in line.events]
             if not events:
                 continue
             lines[line.name] = {"events": len(events),
-                                "ms_per_step": sum(d for _, _, d in events) / 1e6 / steps}
-            if line.name == "XLA Ops":
-                for name, _, d in events:
-                    key = re.sub(r"[.\d]+$", "", name.split(" ")[0].lstrip("%"))
-                    ops[key][0] += 1
-                    ops[key][1] += d
-            elif line.name.startswith("Stream") or "stream" in line.name.lower():
-                for name, start, d in events:
-                    kernels[name][0] += 1
-                    kernels[name][1] += d
-                    kinds[kernel_kind(name)] += d
-                    intervals.append((start, start + d))
-                    first = start if first is None else min(first, start)
-                    last = start + d if last is None else max(last, start + d)
-        busy = _union_ns(intervals)
-        window = (last - first) if intervals else 0.0
+                                "ms_per_step": sum(e[2] for e in events) / 1e6 / steps}
+            if not (line.name.startswith("Stream") or "stream" in line.name.lower()):
+                continue
+            for name, start, d, graph in events:
+                kernels[name][0] += 1
+                kernels[name][1] += d
+                kinds[kernel_kind(name)] += d
+                part = parts[kernel_part(op_names.get(name), name)] if op_names else None
+                if part is not None:
+                    part[0] += 1
+                    part[1] += d
+                intervals.append((start, start + d, graph))
+        intervals.sort()
+        busy = _union_ns([(a, b) for a, b, _ in intervals])
+        window = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
+        inside = between = switches = 0.0
+        for (_, end, graph), (start, _, next_graph) in zip(intervals, intervals[1:]):
+            gap = max(0.0, start - end)
+            if graph is not None and graph == next_graph:
+                inside += gap
+            else:
+                between += gap
+                switches += graph != next_graph
         total_kernel = sum(v[1] for v in kernels.values()) or 1.0
+        per_step = lambda ns: ns / 1e6 / steps  # noqa: E731
         out["planes"].append({
             "plane": plane.name, "lines": lines,
-            "window_ms_per_step": window / 1e6 / steps,
-            "busy_ms_per_step": busy / 1e6 / steps,
+            "window_ms_per_step": per_step(window),
+            "busy_ms_per_step": per_step(busy),
             "busy_share": busy / window if window else None,
             "kernels_per_step": sum(v[0] for v in kernels.values()) / steps,
-            "kinds_ms_per_step": {k: v / 1e6 / steps for k, v in
+            "kernels_outside_graphs_per_step": sum(g is None for *_, g in intervals) / steps,
+            "gap_ms_per_step_inside_graphs": per_step(inside),
+            "gap_ms_per_step_between_graphs_or_ungraphed": per_step(between),
+            "graph_switches_per_step": switches / steps,
+            "kinds_ms_per_step": {k: per_step(v) for k, v in
                                   sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "parts": [{"part": k, "kernels_per_step": c / steps, "ms_per_step": per_step(d)}
+                      for k, (c, d) in sorted(parts.items(), key=lambda kv: -kv[1][1])[:top]],
             "top_kernels": [{"name": n[:160], "calls_per_step": c / steps,
-                             "ms_per_step": d / 1e6 / steps, "share": d / total_kernel}
+                             "ms_per_step": per_step(d), "share": d / total_kernel}
                             for n, (c, d) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]],
-            "top_ops": [{"op": n, "calls_per_step": c / steps, "ms_per_step": d / 1e6 / steps}
-                        for n, (c, d) in sorted(ops.items(), key=lambda kv: -kv[1][1])[:top]],
         })
     return out
 
@@ -155,17 +223,22 @@ def format_summary(summary) -> str:
         rows.append(f"{p['plane']}: window {p['window_ms_per_step']:.2f} ms/step, kernels busy "
                     f"{p['busy_ms_per_step']:.2f} ms/step "
                     f"({'-' if share is None else f'{share:.0%}'}), "
-                    f"{p['kernels_per_step']:.0f} kernels/step")
+                    f"{p['kernels_per_step']:.0f} kernels/step "
+                    f"({p['kernels_outside_graphs_per_step']:.0f} outside CUDA graphs)")
+        rows.append(f"  gaps: {p['gap_ms_per_step_inside_graphs']:.2f} ms/step inside graphs, "
+                    f"{p['gap_ms_per_step_between_graphs_or_ungraphed']:.2f} between graphs or "
+                    f"ungraphed kernels; {p['graph_switches_per_step']:.0f} graph switches/step")
         rows.append("  lines: " + "; ".join(f"{n} {v['events']} ev {v['ms_per_step']:.2f} ms/step"
                                              for n, v in p["lines"].items()))
         rows.append("  by kind (ms/step): " + "; ".join(
             f"{k} {v:.2f}" for k, v in p["kinds_ms_per_step"].items()))
+        if p["parts"]:
+            rows.append("  by part of the step (ms/step, kernels/step):")
+            rows += [f"    {q['ms_per_step']:.3f} {q['kernels_per_step']:.0f} {q['part']}"
+                     for q in p["parts"]]
         rows.append("  top kernels (ms/step, calls/step, share):")
         rows += [f"    {k['ms_per_step']:.3f} {k['calls_per_step']:.0f} {k['share']:.1%} {k['name']}"
                  for k in p["top_kernels"]]
-        rows.append("  top XLA ops (ms/step, calls/step):")
-        rows += [f"    {o['ms_per_step']:.3f} {o['calls_per_step']:.0f} {o['op']}"
-                 for o in p["top_ops"]]
     return "\n".join(rows) if rows else "no device plane in the trace"
 
 
@@ -177,8 +250,8 @@ def main():
     parser.add_argument("--loss", default="ce")
     parser.add_argument("--steps-per-call", type=int, default=39)
     parser.add_argument("--calls", type=int, default=3, help="timed calls per variant")
-    parser.add_argument("--variants", default="default,graph_while,no_graph,conv_fusion,"
-                        "unroll2,graph_min1,graph_while_unrolled",
+    parser.add_argument("--variants", default="default,autodiff_bn,unroll2,conv_fusion,"
+                        "graph_while,no_graph,graph_min1,graph_while_unrolled",
                         help=f"comma-separated, in order, from {sorted(VARIANTS)}")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--plane-prefix", default="/device:GPU",
@@ -214,7 +287,12 @@ def main():
         return train.create_train_state(jax.random.PRNGKey(0), model, tx,
                                         models.input_shape(args.model))
 
-    def compile_variant(options, unroll):
+    def compile_variant(name, options, unroll):
+        if name == "autodiff_bn":
+            return _compile_with_autodiff_batch_norm(lambda fn: fn.lower(
+                fresh_state(), x_dev, y_dev, order, 0, 0, 0, num_steps=n, loss_name=args.loss,
+                batch_size=args.batch, mean=MEAN, std=STD, dtype=DTYPES[args.dtype],
+                unroll=unroll).compile())
         lowered = train.train_steps.lower(
             fresh_state(), x_dev, y_dev, order, 0, 0, 0, num_steps=n, loss_name=args.loss,
             batch_size=args.batch, mean=MEAN, std=STD, dtype=DTYPES[args.dtype], unroll=unroll)
@@ -238,7 +316,7 @@ def main():
                 data = f.read()
         with gzip.open(os.path.join(args.out, "trace.xplane.pb.gz"), "wb") as f:
             f.write(data)
-        summary = summarize_xspace(data, n, args.plane_prefix)
+        summary = summarize_xspace(data, n, args.plane_prefix, hlo_text=compiled.as_text())
         report["profile"] = summary
         save()
         text = format_summary(summary)
@@ -246,13 +324,13 @@ def main():
             f.write(text + "\n")
         print(text, flush=True)
 
-    reference_losses = None
+    reference_losses = reference_hlo = None
     print("| variant | img/s | compile (s) | losses vs default |", flush=True)
     for name in names:
         options, unroll = VARIANTS[name]
         try:
             start = time.perf_counter()
-            compiled = compile_variant(options, unroll)
+            compiled = compile_variant(name, options, unroll)
             compile_s = time.perf_counter() - start
             state, metrics = run(compiled, fresh_state())
             losses = np.asarray(jax.device_get(metrics["loss"]))
@@ -263,12 +341,15 @@ def main():
             rate = n * args.batch * args.calls / (time.perf_counter() - start)
             if reference_losses is None:
                 reference_losses = losses
+            hlo = compiled.as_text()
+            if reference_hlo is None:
+                reference_hlo = hlo
             row = {"variant": name, "options": options, "unroll": unroll, "img_per_s": rate,
-                   "compile_s": compile_s,
+                   "compile_s": compile_s, "same_hlo_as_default": hlo == reference_hlo,
                    "losses_vs_default": loss_agreement(losses, reference_losses)}
             if name == "default":
                 with gzip.open(os.path.join(args.out, "train_steps_hlo.txt.gz"), "wt") as f:
-                    f.write(compiled.as_text())
+                    f.write(hlo)
             del state, metrics
         except Exception as error:  # a variant XLA rejects must not cost the others
             row = {"variant": name, "options": options, "error": f"{type(error).__name__}: "
@@ -279,7 +360,9 @@ def main():
             print(f"| {name} | failed: {row['error'][:200]} | | |", flush=True)
         else:
             print(f"| {name} | {row['img_per_s']:,.0f} | {row['compile_s']:.1f} | "
-                  f"{_agreement_text(row['losses_vs_default'])} |", flush=True)
+                  f"{_agreement_text(row['losses_vs_default'])}"
+                  f"{'' if name == 'default' or not row['same_hlo_as_default'] else ' (same HLO)'}"
+                  " |", flush=True)
             if name == "default" and not args.no_profile:
                 # Right after the default variant, so a run cut short still has it.
                 try:

@@ -443,7 +443,9 @@ def test_several_steps_per_call_train_like_one_step_per_call(tmp_path, evaluated
     an epoch's last call shorter: 8 steps = 3 + 3 + 2, losses read one call behind) ends
     its epoch where the fixture's one-step-per-call run does. The scan is unrolled: XLA:CPU's
     in-loop convolutions round differently (ResNet-8, 8 steps: 5e-4 apart, growing from
-    2e-6 at step 3), which would hide a bookkeeping error of that size."""
+    2e-6 at step 3), which would hide a bookkeeping error of that size. Unrolled, the two
+    differ by fusion rounding only (up to 1.6e-5 with jax 0.11.2), while one step skipped or
+    repeated moves the parameters by ~2% (the 8 steps move them 15%): 1e-4 separates them."""
     import functools
 
     from calib_jax import checkpoints
@@ -456,11 +458,11 @@ def test_several_steps_per_call_train_like_one_step_per_call(tmp_path, evaluated
     got, meta = checkpoints.RunCheckpoints(tmp_path).restore(template)
     assert meta["epoch"] == 1 and meta["final"]
     error = relative_error(got.params, expected.params)
-    assert error < 1e-5, error
+    assert error < 1e-4, error
     logged = [json.loads((d / "log.jsonl").read_text().splitlines()[0])
               for d in (tmp_path, whole)]
     for key in ("train_loss_per_image", "train_accuracy", "val_accuracy", "val_nll"):
-        np.testing.assert_allclose(logged[0][key], logged[1][key], rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(logged[0][key], logged[1][key], rtol=1e-4, err_msg=key)
 
 
 @pytest.mark.parametrize("steps,log_every,platform,expected", [

@@ -444,8 +444,12 @@ def test_several_steps_per_call_train_like_one_step_per_call(tmp_path, evaluated
     its epoch where the fixture's one-step-per-call run does. The scan is unrolled: XLA:CPU's
     in-loop convolutions round differently (ResNet-8, 8 steps: 5e-4 apart, growing from
     2e-6 at step 3), which would hide a bookkeeping error of that size. Unrolled, the two
-    differ by fusion rounding only (up to 1.6e-5 with jax 0.11.2), while one step skipped or
-    repeated moves the parameters by ~2% (the 8 steps move them 15%): 1e-4 separates them."""
+    differ by float32 rounding of differently fused programs, grown over 8 steps (with the
+    closed-form BatchNorm gradient: 1.6e-5 with jax 0.11.2, 1.2e-3 with jax 0.12.0.1; a
+    float32 gradient of ResNet-8 is 9e-4 from float64's, autodiff's or closed form's
+    alike), while one step skipped, repeated or given another batch moves the parameters
+    by about one step's update, ~2% here (8 steps move them ~15%): the bound is a quarter
+    of one step's update, measured in the test."""
     import functools
 
     from calib_jax import checkpoints
@@ -458,11 +462,16 @@ def test_several_steps_per_call_train_like_one_step_per_call(tmp_path, evaluated
     got, meta = checkpoints.RunCheckpoints(tmp_path).restore(template)
     assert meta["epoch"] == 1 and meta["final"]
     error = relative_error(got.params, expected.params)
-    assert error < 1e-4, error
+    one_step = relative_error(expected.params, template.params) / 8  # template: initial
+    assert one_step > 5e-3 and error < one_step / 4, (error, one_step)
     logged = [json.loads((d / "log.jsonl").read_text().splitlines()[0])
               for d in (tmp_path, whole)]
-    for key in ("train_loss_per_image", "train_accuracy", "val_accuracy", "val_nll"):
-        np.testing.assert_allclose(logged[0][key], logged[1][key], rtol=1e-4, err_msg=key)
+    # The epoch's logged training figures (the losses read one call behind) agree closely
+    # (1.4e-5 with jax 0.12.0.1); the validation NLL follows the final parameters' rounding
+    # (0.5% there).
+    for key, rtol in (("train_loss_per_image", 1e-4), ("train_accuracy", 1e-4),
+                      ("val_accuracy", 1e-2), ("val_nll", 1e-2)):
+        np.testing.assert_allclose(logged[0][key], logged[1][key], rtol=rtol, err_msg=key)
 
 
 @pytest.mark.parametrize("steps,log_every,platform,expected", [

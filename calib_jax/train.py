@@ -44,9 +44,10 @@ from calib_jax.data import pipeline
 from calib_jax.files import atomic_write_text
 
 __all__ = ["LOSS_NAMES", "LossSpec", "TrainState", "batch_loss", "batch_sharding",
-           "create_train_state", "default_steps_per_call", "make_optimizer", "multi_train_steps",
-           "piecewise_lr", "predict", "predict_members", "replicate", "replicated", "stack_states",
-           "train_step", "train_steps", "unstack_state"]
+           "create_train_state", "default_member_mode", "default_steps_per_call",
+           "make_optimizer", "multi_train_steps", "piecewise_lr", "predict", "predict_members",
+           "replicate", "replicated", "stack_states", "train_step", "train_steps",
+           "unstack_state"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")

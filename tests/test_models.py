@@ -140,6 +140,10 @@ def test_batch_norm_gradient_in_bfloat16_keeps_dtypes():
     for g, v in zip(got, want):
         g, v = np.asarray(g, np.float64), np.asarray(v, np.float64)
         assert np.linalg.norm(g - v) / np.linalg.norm(v) < 1e-2
+    # Half-precision parameters get half-precision gradients (the sums stay float32 inside).
+    half = [a.astype(jnp.bfloat16) for a in (x, scale, bias)]
+    got = jax.grad(fused, argnums=(0, 1, 2))(*half)
+    assert [g.dtype for g in got] == [jnp.bfloat16] * 3
 
 
 def test_batch_norm_gradient_over_devices_equals_one_device():

@@ -126,11 +126,11 @@ def _batch_norm_forward(x, scale, bias, epsilon, axis_name, dtype):
 
 def _batch_norm_closed_form_fwd(x, scale, bias, epsilon, dtype):
     y, mean, var, rstd = _batch_norm_forward(x, scale, bias, epsilon, None, dtype)
-    return (y, mean, var), (x, scale, mean, rstd)
+    return (y, mean, var), (x, scale, bias, mean, rstd)
 
 
 def _batch_norm_closed_form_bwd(epsilon, dtype, residuals, cotangents):
-    x, scale, mean, rstd = residuals
+    x, scale, bias, mean, rstd = residuals
     g_y, g_mean, g_var = cotangents
     axes = tuple(range(x.ndim - 1))
     g = g_y.astype(_compute_dtype(x))
@@ -141,7 +141,8 @@ def _batch_norm_closed_form_bwd(epsilon, dtype, residuals, cotangents):
     dx = scale * rstd * (g - sum_g / count - x_hat * (sum_g_x_hat / count))
     # Through the returned statistics: d mean / dx = 1 / n, d var / dx = 2 (x - mean) / n.
     dx = dx + (g_mean + 2.0 * g_var * (x_hat / rstd)) / count
-    return dx.astype(x.dtype), sum_g_x_hat, sum_g
+    # Cotangents in their primals' dtypes (float32 parameters here; any float works).
+    return dx.astype(x.dtype), sum_g_x_hat.astype(scale.dtype), sum_g.astype(bias.dtype)
 
 
 _batch_norm_closed_form.defvjp(_batch_norm_closed_form_fwd, _batch_norm_closed_form_bwd)

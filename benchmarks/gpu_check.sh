@@ -4,8 +4,8 @@
 # 1. The table (train_throughput.py, at most TABLE_S seconds): the training loop's compiled
 #    call (train_steps, 39 steps per call: the loop's default for CIFAR-10's 351 steps per
 #    epoch) for ResNet-50 on CIFAR-sized data at batch 128 and 1024, bfloat16 and float32, CE
-#    and FLSD-53; the per-step loop it replaced (with a loss comparison); the per-epoch
-#    validation pass and checkpoint saves; the six-loss row as one program (sequential members,
+#    and FLSD-53 (the per-step loop it replaced was measured once and is left out: its
+#    `--per-step` row is in benchmarks/NOTES.md); the per-epoch validation pass and checkpoint saves; the six-loss row as one program (sequential members,
 #    the GPU default, then vmapped; each checked against the single run); and the evaluation
 #    pass. Rows run in priority order and the JSON is rewritten after each, so a run cut
 #    short by the timeout keeps its figures; a row that fails is recorded and the others
@@ -19,7 +19,7 @@
 # Both parts share one persistent compilation cache (JAX_COMPILATION_CACHE_DIR), so part 2
 # reuses part 1's compiled headline program and its convolution autotuning. The table's
 # first row of each shape therefore compiles cold, as a user's first run does; a later row
-# with the same convolutions (FLSD-53 beside CE, the per-step loop) finds them autotuned.
+# with the same convolutions (FLSD-53 beside CE) finds them autotuned.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_results}"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import gzip
 import json
@@ -38,18 +39,14 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from calib_jax import models, train
-from calib_jax.data import pipeline
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling script
-from train_throughput import _agreement_text, loss_agreement  # noqa: E402
+from train_throughput import (DTYPES, MEAN, NUM_TRAIN, STD, _agreement_text,  # noqa: E402
+                              _state, loss_agreement, synthetic_train_data)
 
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-NUM_TRAIN = 45000
 # XLA's default command-buffer kinds (read from the DebugOptions that jaxlib 0.11.2 dumps),
 # to which the graph variants add WHILE: the whole lax.scan as one CUDA graph.
 _DEFAULT_GRAPH_KINDS = "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,DYNAMIC_SLICE_FUSION,CONDITIONAL"
@@ -75,12 +72,13 @@ KINDS = (
 )
 
 
-def _compile_with_autodiff_batch_norm(lower_and_compile):
-    """Compiles ``train_steps`` with BatchNorm's gradient by autodiff of its forward pass
-    (the code before ``batch_norm_train``'s closed form), for a before/after in one process.
+@contextlib.contextmanager
+def _autodiff_batch_norm():
+    """Yields a ``train_steps`` whose trace differentiates BatchNorm's forward pass (the
+    code before ``batch_norm_train``'s closed form), for a before/after in one process.
 
-    The benchmark swaps the module-level function for this one trace: a fresh ``jax.jit``
-    of the same Python function, so no trace of the default variant is reused."""
+    The benchmark swaps the module-level function while the caller lowers: a fresh
+    ``jax.jit`` of the same Python function, so no trace of the default variant is reused."""
     from calib_jax.models import layers
 
     def autodiff(x, scale, bias, epsilon, axis_name, dtype):
@@ -89,12 +87,11 @@ def _compile_with_autodiff_batch_norm(lower_and_compile):
     def steps(*args, **kwargs):  # a new function: JAX's trace cache is keyed by it
         return train.train_steps.__wrapped__(*args, **kwargs)
 
-    fresh = jax.jit(steps, static_argnames=("loss_name",) + train._LOOP_STATIC,
-                    donate_argnums=(0,))
     original = layers.batch_norm_train
     layers.batch_norm_train = autodiff
     try:
-        return lower_and_compile(fresh)
+        yield jax.jit(steps, static_argnames=("loss_name",) + train._LOOP_STATIC,
+                      donate_argnums=(0,))
     finally:
         layers.batch_norm_train = original
 
@@ -265,13 +262,9 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
-    rng = np.random.default_rng(0)
-    x_dev, y_dev = pipeline.put_on_device(
-        rng.integers(0, 256, (NUM_TRAIN, 32, 32, 3), dtype=np.uint8),
-        rng.integers(0, 10, NUM_TRAIN))
-    order = pipeline.epoch_order(0, 0, NUM_TRAIN)
-    model = models.get(args.model, 10, dtype=DTYPES[args.dtype])
-    tx = train.make_optimizer(train.piecewise_lr(0.1, NUM_TRAIN // 128))
+    x_dev, y_dev, order = synthetic_train_data()
+    # One model and optimiser for every state: the compiled call is keyed by both.
+    model, tx, _ = _state(args.model, args.dtype)
     n = max(1, min(args.steps_per_call, NUM_TRAIN // args.batch))
     report = {"device": device.device_kind, "jax": jax.__version__, "model": args.model,
               "batch": args.batch, "dtype": args.dtype, "loss": args.loss,
@@ -288,20 +281,21 @@ def main():
                                         models.input_shape(args.model))
 
     def compile_variant(name, options, unroll):
+        def lower(steps):
+            return steps.lower(fresh_state(), x_dev, y_dev, order, 0, 0, 0, num_steps=n,
+                               loss_name=args.loss, batch_size=args.batch, mean=MEAN, std=STD,
+                               dtype=DTYPES[args.dtype], unroll=unroll)
+
         if name == "autodiff_bn":
-            return _compile_with_autodiff_batch_norm(lambda fn: fn.lower(
-                fresh_state(), x_dev, y_dev, order, 0, 0, 0, num_steps=n, loss_name=args.loss,
-                batch_size=args.batch, mean=MEAN, std=STD, dtype=DTYPES[args.dtype],
-                unroll=unroll).compile())
-        lowered = train.train_steps.lower(
-            fresh_state(), x_dev, y_dev, order, 0, 0, 0, num_steps=n, loss_name=args.loss,
-            batch_size=args.batch, mean=MEAN, std=STD, dtype=DTYPES[args.dtype], unroll=unroll)
+            with _autodiff_batch_norm() as steps:
+                return lower(steps).compile()
+        lowered = lower(train.train_steps)
         return lowered.compile(compiler_options=options) if options else lowered.compile()
 
     def run(compiled, state):
         return compiled(state, x_dev, y_dev, order, 0, 0, 0)
 
-    def profile(compiled):
+    def profile(compiled, hlo):
         """Traces one call (after a warm one) and summarises the device time."""
         state = fresh_state()
         state, metrics = run(compiled, state)  # warm: nothing of the first call traced
@@ -316,7 +310,7 @@ def main():
                 data = f.read()
         with gzip.open(os.path.join(args.out, "trace.xplane.pb.gz"), "wb") as f:
             f.write(data)
-        summary = summarize_xspace(data, n, args.plane_prefix, hlo_text=compiled.as_text())
+        summary = summarize_xspace(data, n, args.plane_prefix, hlo_text=hlo)
         report["profile"] = summary
         save()
         text = format_summary(summary)
@@ -366,7 +360,7 @@ def main():
             if name == "default" and not args.no_profile:
                 # Right after the default variant, so a run cut short still has it.
                 try:
-                    profile(compiled)
+                    profile(compiled, hlo)
                 except Exception as error:  # the variants still run; the error is shown
                     print(f"profile failed: {type(error).__name__}: {error}", flush=True)
                 print("| variant | img/s | compile (s) | losses vs default |",

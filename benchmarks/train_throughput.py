@@ -97,6 +97,16 @@ def _val_split(num_val):
             rng.integers(0, 10, num_val))
 
 
+def synthetic_train_data():
+    """``(images, labels, order)``: the benchmark's training split on the device (random
+    uint8 images and labels, CIFAR-10's 45,000 x 32 x 32 x 3) and epoch 0's order."""
+    rng = np.random.default_rng(0)
+    x_dev, y_dev = pipeline.put_on_device(
+        rng.integers(0, 256, (NUM_TRAIN, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, 10, NUM_TRAIN))
+    return x_dev, y_dev, pipeline.epoch_order(0, 0, NUM_TRAIN)
+
+
 def _steps_per_call(args, batch_size):
     return max(1, min(args.steps_per_call, NUM_TRAIN // batch_size))
 
@@ -283,8 +293,9 @@ def _print_row(r):
               f"{r['img_per_s']:,.0f} per run ({r['img_per_s'] * r['runs']:,.0f} in all; row = "
               f"{'-' if ratio is None else f'{ratio:.2f}x'} one run; {r['full_row_min']:.1f} "
               f"min for 350 epochs; vs the single run: "
-              f"{'-' if agreement is None else _agreement_text(agreement)}; validation of the {r['runs']} runs: "
-              f"{r['val_pass_s'] * 1000:.0f} ms / {r['val_images']} images) | "
+              f"{'-' if agreement is None else _agreement_text(agreement)}; validation of "
+              f"the {r['runs']} runs: {r['val_pass_s'] * 1000:.0f} ms / {r['val_images']} "
+              f"images) | "
               f"{r['compile_s']:.1f} |", flush=True)
     else:
         extra = (f" ({r['mode']}; vs train_steps: "
@@ -317,11 +328,7 @@ def main():
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, "
           f"{platform.machine()}")
-    rng = np.random.default_rng(0)
-    x_dev, y_dev = pipeline.put_on_device(
-        rng.integers(0, 256, (NUM_TRAIN, 32, 32, 3), dtype=np.uint8),
-        rng.integers(0, 10, NUM_TRAIN))
-    data = (x_dev, y_dev, pipeline.epoch_order(0, 0, NUM_TRAIN))
+    data = synthetic_train_data()
     batches = [int(b) for b in args.batch_sizes.split(",")]
     dtypes, losses = args.dtypes.split(","), args.losses.split(",")
     rows = []
@@ -382,6 +389,7 @@ def main():
                 for mode in modes[1:]:
                     attempt(f"multi-{mode}", bench_multi, args, name, headline["batch"],
                             headline["dtype"], args.multi.split(","), data, headline, mode)
+
 
 if __name__ == "__main__":
     main()

@@ -872,16 +872,17 @@ def train_and_evaluate(config, workdir):
     del member_states, templates
     x_dev, y_dev = pipeline.put_on_device(images, labels, replicated(mesh))
     sharding = batch_sharding(mesh)
-    on_cpu = jax.devices()[0].platform == "cpu"
+    platform = jax.devices()[0].platform
+    on_cpu = platform == "cpu"
     loop_options = dict(batch_size=config.batch_size, augment=config.augment and mean is not None,
                         mean=mean, std=std, dtype=dtype, sharding=sharding)
     eval_options = dict(mean=mean, std=std, dtype=dtype, batch_size=config.eval_batch_size)
 
     per_call = config.get("steps_per_call", 0) or default_steps_per_call(
-        steps, config.log_every_steps, jax.devices()[0].platform)
+        steps, config.log_every_steps, platform)
     member_mode = config.get("multi_mode", "auto")
     if member_mode == "auto":
-        member_mode = default_member_mode(jax.devices()[0].platform)
+        member_mode = default_member_mode(platform)
 
     def run_chunk(state, orders, first, count, epoch):
         if len(members) == 1:

@@ -44,10 +44,10 @@ from calib_jax.data import pipeline
 from calib_jax.files import atomic_write_text
 
 __all__ = ["LOSS_NAMES", "LossSpec", "TrainState", "batch_loss", "batch_sharding",
-           "create_train_state", "default_member_mode", "default_steps_per_call",
-           "make_optimizer", "multi_train_steps", "piecewise_lr", "predict", "predict_members",
-           "replicate", "replicated", "stack_states", "train_step", "train_steps",
-           "unstack_state"]
+           "clip_by_global_norm", "create_train_state", "default_member_mode",
+           "default_steps_per_call", "global_norm", "make_optimizer", "multi_train_steps",
+           "piecewise_lr", "predict", "predict_members", "replicate", "replicated",
+           "stack_states", "train_step", "train_steps", "unstack_state"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")
@@ -142,14 +142,44 @@ def make_optimizer(learning_rate, *, momentum=0.9, weight_decay=5e-4, clip_norm=
     else:
         raise ValueError(f"unknown optimizer {name!r}; choose sgd, adam or adagrad.")
     return optax.chain(
-        optax.clip_by_global_norm(clip_norm) if clip_norm else optax.identity(),
+        clip_by_global_norm(clip_norm) if clip_norm else optax.identity(),
         optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
         last,
     )
 
 
-# optax >= 0.2.5 has optax.tree.norm; global_norm is deprecated there.
-_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+def global_norm(tree) -> jax.Array:
+    """The L2 norm of all of ``tree``'s leaves together (float32 at least), as one
+    reduction over their concatenation.
+
+    Equal to ``optax.global_norm`` up to float rounding. optax sums each leaf apart, and
+    XLA:GPU then runs one reduction kernel (or two) per leaf: ~195 small kernels per
+    ResNet-50 step, where the concatenation costs one copy of the gradient (94 MB) and
+    two or three kernels (benchmarks/NOTES.md, "Kernels per step without a GPU")."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    dtype = functools.reduce(jnp.promote_types, [x.dtype for x in leaves], jnp.float32)
+    flat = jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+    return jnp.sqrt(jnp.sum(jnp.square(flat)))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` with :func:`global_norm` (one reduction instead of
+    one per leaf): updates scaled by ``max_norm / norm`` when their norm exceeds
+    ``max_norm``. Its state is optax's (empty), so checkpoints are interchangeable."""
+    if not max_norm > 0:
+        raise ValueError(f"`max_norm` must be positive, got {max_norm}.")
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        keep = norm < max_norm
+        return jax.tree_util.tree_map(
+            lambda t: jnp.where(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
 
 
 @flax.struct.dataclass
@@ -230,7 +260,7 @@ def _apply_step(state: TrainState, x, labels, loss_fn):
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
-    return new_state, {"loss": loss, "correct": correct, "grad_norm": _tree_norm(grads)}
+    return new_state, {"loss": loss, "correct": correct, "grad_norm": global_norm(grads)}
 
 
 @functools.partial(jax.jit, static_argnames=("loss_name", "mean", "std", "dtype"),

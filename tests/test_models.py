@@ -1,5 +1,8 @@
 """calib_jax.models: exact parameter counts, shapes, dtypes, BatchNorm and init semantics."""
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,8 +110,8 @@ def _bn_inputs(key, shape, dtype):
 
 def _bn_objective(norm, weights):
     """A loss that uses the output and both statistics, so every cotangent is nonzero."""
-    def objective(x, scale, bias):
-        y, mean, var = norm(x, scale, bias)
+    def objective(*args):  # (x, scale, bias[, residual])
+        y, mean, var = norm(*args)
         return (jnp.sum(y.astype(weights.dtype) * weights) + 3.0 * jnp.sum(mean * jnp.arange(
             mean.shape[0])) - 2.0 * jnp.sum(var))
     return objective
@@ -146,7 +149,146 @@ def test_batch_norm_gradient_in_bfloat16_keeps_dtypes():
     assert [g.dtype for g in got] == [jnp.bfloat16] * 3
 
 
-def test_batch_norm_gradient_over_devices_equals_one_device():
+def _autodiff_batch_norm_relu(x, scale, bias, residual, dtype=jnp.float32):
+    """The unfused layers, differentiated by JAX: ``relu(norm(x) + residual)``."""
+    y, mean, var = _autodiff_batch_norm(x, scale, bias, dtype=jnp.promote_types(x.dtype,
+                                                                                 jnp.float32))
+    return jax.nn.relu(y + residual.astype(y.dtype)).astype(dtype), mean, var
+
+
+def test_batch_norm_relu_residual_gradient_is_autodiff_of_the_unfused_layers():
+    with jax.enable_x64(True):
+        x, scale, bias, w = _bn_inputs(jax.random.PRNGKey(3), (6, 3, 2, 5), jnp.float64)
+        residual = jax.random.normal(jax.random.PRNGKey(4), x.shape, jnp.float64)
+        fused = _bn_objective(lambda x, s, b, r: batch_norm_train(
+            x, s, b, 1e-5, None, jnp.float64, residual=r, relu=True), w)
+        oracle = _bn_objective(lambda x, s, b, r: _autodiff_batch_norm_relu(
+            x, s, b, r, dtype=jnp.float64), w)
+        args = (x, scale, bias, residual)
+        y = batch_norm_train(x, scale, bias, 1e-5, None, jnp.float64, residual=residual,
+                             relu=True)[0]
+        assert 0.2 < float(jnp.mean(y == 0)) < 0.8  # the ReLU's mask matters here
+        got = jax.grad(fused, argnums=(0, 1, 2, 3))(*args)
+        want = jax.grad(oracle, argnums=(0, 1, 2, 3))(*args)
+        for g, v in zip(got, want):
+            assert g.dtype == jnp.float64
+            np.testing.assert_allclose(g, v, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(fused(*args), oracle(*args), rtol=1e-12)
+        from jax.test_util import check_grads
+        check_grads(fused, args, order=1, modes=["rev"])
+        # ReLU alone (no residual), and the residual alone (no ReLU).
+        for residual_arg, relu in ((None, True), (residual, False)):
+            got = jax.grad(lambda x, s, b: jnp.sum(batch_norm_train(
+                x, s, b, 1e-5, None, jnp.float64, residual=residual_arg, relu=relu)[0] * w),
+                argnums=(0, 1, 2))(x, scale, bias)
+
+            def unfused(x, s, b):
+                y = _autodiff_batch_norm(x, s, b, dtype=jnp.float64)[0]
+                y = y if residual_arg is None else y + residual_arg
+                return jnp.sum((jax.nn.relu(y) if relu else y) * w)
+            want = jax.grad(unfused, argnums=(0, 1, 2))(x, scale, bias)
+            for g, v in zip(got, want):
+                np.testing.assert_allclose(g, v, rtol=1e-9, atol=1e-11)
+
+
+def test_batch_norm_relu_residual_in_bfloat16_keeps_dtypes():
+    x, scale, bias, w = _bn_inputs(jax.random.PRNGKey(5), (16, 4, 4, 8), jnp.float32)
+    x16 = x.astype(jnp.bfloat16)
+    residual = jax.random.normal(jax.random.PRNGKey(6), x.shape).astype(jnp.bfloat16)
+    fused = _bn_objective(lambda x, s, b, r: batch_norm_train(
+        x, s, b, 1e-5, None, jnp.bfloat16, residual=r, relu=True), w)
+    oracle = _bn_objective(lambda x, s, b, r: _autodiff_batch_norm_relu(
+        x, s, b, r, dtype=jnp.bfloat16), w)
+    got = jax.grad(fused, argnums=(0, 1, 2, 3))(x16, scale, bias, residual)
+    want = jax.grad(oracle, argnums=(0, 1, 2, 3))(x16, scale, bias, residual)
+    assert [g.dtype for g in got] == [jnp.bfloat16, jnp.float32, jnp.float32, jnp.bfloat16]
+    for g, v in zip(got, want):
+        g, v = np.asarray(g, np.float64), np.asarray(v, np.float64)
+        assert np.linalg.norm(g - v) / np.linalg.norm(v) < 2e-2
+    # A float32 shortcut into a bfloat16 layer gets a float32 cotangent.
+    got = jax.grad(fused, argnums=3)(x16, scale, bias, residual.astype(jnp.float32))
+    assert got.dtype == jnp.float32
+
+
+def test_batch_norm_residual_of_another_shape_is_refused():
+    x = jnp.ones((4, 2, 2, 3))
+    with pytest.raises(ValueError, match="`residual` must have the shape of `x`"):
+        batch_norm_train(x, jnp.ones(3), jnp.zeros(3), 1e-5, None, jnp.float32,
+                         residual=jnp.ones((4, 2, 2, 1)), relu=True)
+    with pytest.raises(ValueError, match="`residual` must have the shape of `x`"):
+        BatchNorm(use_running_average=True).init(jax.random.PRNGKey(0), x, jnp.ones((3,)))
+
+
+class _UnfusedBasicBlock(nn.Module):
+    """The blocks as written before BatchNorm took the ReLU and the shortcut (the oracle
+    of the fused blocks: same parameter names, same arithmetic)."""
+    planes: int
+    stride: int = 1
+    bottleneck: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        norm = functools.partial(BatchNorm, use_running_average=not train)
+        conv = functools.partial(resnet._conv)
+        out_planes = self.planes * (4 if self.bottleneck else 1)
+        if self.bottleneck:
+            out = nn.relu(norm()(conv(self.planes, 1)(x)))
+            out = nn.relu(norm()(conv(self.planes, 3, self.stride)(out)))
+            out = norm()(conv(out_planes, 1)(out))
+        else:
+            out = nn.relu(norm()(conv(self.planes, 3, self.stride)(x)))
+            out = norm()(conv(self.planes, 3)(out))
+        if self.stride != 1 or x.shape[-1] != out_planes:
+            x = norm()(conv(out_planes, 1, self.stride)(x))
+        return nn.relu(out + x)
+
+
+def _randomised(variables, key):
+    """BatchNorm scales, biases and statistics moved off their initial 1 / 0, so that
+    two layers swapped by name would not compute the same."""
+    leaves, treedef = jax.tree_util.tree_flatten(variables)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [
+        jnp.abs(leaf + 0.3 * jax.random.normal(k, leaf.shape)) + 0.05
+        for leaf, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("bottleneck,stride,in_planes", [
+    (False, 1, 4), (False, 2, 4), (True, 1, 16), (True, 2, 8)])
+def test_fused_blocks_equal_the_unfused_layers(bottleneck, stride, in_planes):
+    block = (resnet.Bottleneck if bottleneck else resnet.BasicBlock)(4, stride)
+    oracle = _UnfusedBasicBlock(4, stride, bottleneck)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, in_planes))
+    variables = block.init(jax.random.PRNGKey(1), x, train=False)
+    # Same names: the oracle's variables have the block's tree.
+    assert (jax.tree_util.tree_structure(oracle.init(jax.random.PRNGKey(1), x, train=False))
+            == jax.tree_util.tree_structure(variables))
+    variables = {"params": variables["params"], "batch_stats": _randomised(
+        variables["batch_stats"], jax.random.PRNGKey(2))}
+    variables["params"] = {**variables["params"], **{
+        name: _randomised(layer, jax.random.PRNGKey(3 + i))
+        for i, (name, layer) in enumerate(variables["params"].items())
+        if name.startswith("BatchNorm")}}
+
+    def run(module, params):
+        out, updates = module.apply({**variables, "params": params}, x, train=True,
+                                    mutable=["batch_stats"])
+        return jnp.sum(out * jnp.cos(out)), updates
+
+    (loss, updates), grads = jax.value_and_grad(lambda p: run(block, p), has_aux=True)(
+        variables["params"])
+    (want_loss, want_updates), want_grads = jax.value_and_grad(
+        lambda p: run(oracle, p), has_aux=True)(variables["params"])
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    for got, want in ((updates, want_updates), (grads, want_grads)):
+        for g, v in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(g, v, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(block.apply(variables, x, train=False),
+                               oracle.apply(variables, x, train=False), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_batch_norm_gradient_over_devices_equals_one_device(fused):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
     shard_map = getattr(jax, "shard_map", None)
@@ -155,8 +297,10 @@ def test_batch_norm_gradient_over_devices_equals_one_device():
     x, scale, bias, w = _bn_inputs(jax.random.PRNGKey(2), (8, 3, 3, 4), jnp.float32)
 
     def objective(axis_name):
-        return lambda x, w, s, b: jnp.sum(batch_norm_train(x, s, b, 1e-5, axis_name,
-                                                           jnp.float32)[0] * w)
+        # fused: relu(norm(x) + w), the weights doubling as the shortcut.
+        return lambda x, w, s, b: jnp.sum(batch_norm_train(
+            x, s, b, 1e-5, axis_name, jnp.float32, residual=w if fused else None,
+            relu=fused)[0] * w)
 
     single = jax.jit(jax.grad(objective(None), argnums=(0, 2, 3)))(x, w, scale, bias)
     # jit over a batch split on 4 devices (the training loop's data parallelism; the
@@ -279,3 +423,24 @@ def test_registry_errors():
         models.get("resnet50", 10, vocab_size=3)
     with pytest.raises(ValueError, match="`depth`"):
         wide_resnet.wide_resnet(10, depth=27)
+
+
+def test_fused_batch_norm_gradient_under_vmap_equals_each_member():
+    # K members as one vmapped program (train.multi_train_steps' vmap mode) go through the
+    # custom VJP's batching: each member's gradient is its own.
+    model = resnet.ResNet(resnet.Bottleneck, (1,), (4,), 10, stem_width=8)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 8, 8, 3)) + jnp.arange(2.0)[:, None,
+                                                                                   None, None, None]
+    variables = jax.vmap(lambda k: model.init(k, x[0]))(jax.random.split(jax.random.PRNGKey(1)))
+
+    def loss(params, stats, images):
+        out, _ = model.apply({"params": params, "batch_stats": stats}, images, train=True,
+                             mutable=["batch_stats"])
+        return jnp.sum(out ** 2)
+
+    batched = jax.jit(jax.vmap(jax.grad(loss)))(variables["params"], variables["batch_stats"], x)
+    for k in range(2):
+        member = jax.tree_util.tree_map(lambda a: a[k], variables)
+        single = jax.grad(loss)(member["params"], member["batch_stats"], x[k])
+        for g, v in zip(jax.tree_util.tree_leaves(batched), jax.tree_util.tree_leaves(single)):
+            np.testing.assert_allclose(g[k], v, rtol=1e-5, atol=1e-5)

@@ -40,14 +40,14 @@ class DenseNet(nn.Module):
         x = _conv(2 * g, 3, self.dtype)(x.astype(self.dtype))
         for i, size in enumerate(self.block_sizes):
             for _ in range(size):
-                out = _conv(4 * g, 1, self.dtype)(nn.relu(norm()(x)))
-                out = _conv(g, 3, self.dtype)(nn.relu(norm()(out)))
+                out = _conv(4 * g, 1, self.dtype)(norm(relu=True)(x))
+                out = _conv(g, 3, self.dtype)(norm(relu=True)(out))
                 x = jnp.concatenate([out, x], axis=-1)
             if i < len(self.block_sizes) - 1:
                 x = _conv(int(math.floor(x.shape[-1] * self.reduction)), 1,
-                          self.dtype)(nn.relu(norm()(x)))
+                          self.dtype)(norm(relu=True)(x))
                 x = nn.avg_pool(x, (2, 2), (2, 2))
-        x = nn.relu(norm()(x))
+        x = norm(relu=True)(x)
         x = nn.avg_pool(x, x.shape[1:3], x.shape[1:3]).reshape(x.shape[0], -1)
         return TorchDense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 

@@ -39,9 +39,12 @@ class TorchDense(nn.Module):
     """``nn.Dense`` with PyTorch's default ``Linear`` initialisation."""
     features: int
     dtype: Any = jnp.float32
+    relu: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
+        """``norm(x)``, plus ``residual`` (same shape; e.g. a block's shortcut) if given,
+        then the ReLU if ``relu``."""
         return nn.Dense(self.features, dtype=self.dtype, param_dtype=jnp.float32,
                         kernel_init=torch_kernel_init,
                         bias_init=torch_bias_init(x.shape[-1]))(x)
@@ -63,23 +66,31 @@ def _batch_count(x, axis_name):
     return count if axis_name is None else count * jax.lax.psum(1, axis_name)
 
 
-def batch_norm_train(x, scale, bias, epsilon, axis_name, dtype):
-    """Training-mode batch normalisation over every axis of ``x`` but the last.
+def batch_norm_train(x, scale, bias, epsilon, axis_name, dtype, *, residual=None,
+                     relu: bool = False):
+    """Training-mode batch normalisation over every axis of ``x`` but the last, with an
+    optional residual add and ReLU fused in.
 
-    ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` with the batch's mean and
-    biased variance (float32 for half-precision ``x``), ``y`` cast to ``dtype``.
+    ``y = act((x - mean) / sqrt(var + epsilon) * scale + bias + residual)`` with the
+    batch's mean and biased variance (float32 for half-precision ``x``), ``act`` the ReLU
+    when ``relu`` (else the identity), ``y`` cast to ``dtype``. Fusing the add and the
+    ReLU computes them in float32 before the one rounding to ``dtype``.
 
     The gradient is the closed form (a custom VJP) instead of autodiff of the forward
     pass (except under ``shard_map``, below): with ``x_hat = (x - mean) * rstd`` and
-    the cotangent ``g`` of ``y``, ``dx = scale * rstd * (g - mean(g) - x_hat * mean(g * x_hat))``,
-    ``dscale = sum(g * x_hat)``, ``dbias = sum(g)``. The backward pass is then one fused
-    reduction (``sum g``, ``sum g * x_hat``) and one elementwise pass that writes ``dx``
-    in ``x``'s dtype, and the forward pass saves only ``x`` and two per-channel vectors.
-    Autodiff of the forward formula saves and reads float32 copies of activation-sized
-    tensors: on an H200 (ResNet-50, batch 128, bfloat16) the BatchNorm reductions and
-    elementwise fusions were over half of the step's kernel time (benchmarks/NOTES.md).
-    The two agree to float rounding (``tests/test_models.py``), except where the variance
-    is clamped at 0 (a constant channel), whose autodiff gradient through the clamp is 0.
+    the cotangent ``g`` of the pre-activation (``g_y`` where ``y > 0`` with ``relu``, the
+    ReLU's derivative at 0 being 0 as ``jax.nn.relu``'s), ``dx = scale * rstd * (g - mean(g)
+    - x_hat * mean(g * x_hat))``, ``dscale = sum(g * x_hat)``, ``dbias = sum(g)``,
+    ``dresidual = g``. The backward pass is then one fused reduction (``sum g``,
+    ``sum g * x_hat``) and one elementwise pass that writes ``dx`` (and ``dresidual``) in
+    the inputs' dtypes, the ReLU's mask read from the saved output ``y`` (which the next
+    convolution keeps for its own gradient anyway); the forward pass writes only ``y``
+    and saves ``x`` and two per-channel vectors. Autodiff of the unfused layers saves and
+    reads float32 copies of activation-sized tensors and a separate pre-ReLU tensor: on an
+    H200 (ResNet-50, batch 128, bfloat16) the BatchNorm and ReLU fusions were over half of
+    the step's kernel time (benchmarks/NOTES.md). The two agree to float rounding
+    (``tests/test_models.py``), except where the variance is clamped at 0 (a constant
+    channel), whose autodiff gradient through the clamp is 0.
 
     Args:
       x: ``[..., C]`` activations (any float dtype).
@@ -88,10 +99,13 @@ def batch_norm_train(x, scale, bias, epsilon, axis_name, dtype):
       axis_name: ``shard_map`` / mesh axis whose devices share the batch statistics
         (None under ``jit`` with a sharded batch: the reductions are global there).
       dtype: dtype of ``y``.
+      residual: optional array of ``y``'s shape added before the activation (a ResNet
+        block's shortcut).
+      relu: apply the ReLU.
 
     Returns:
-      ``(y, mean, var)``: the normalised activations and the batch statistics (float32
-      ``[C]``; differentiable too).
+      ``(y, mean, var)``: the output and the batch statistics (float32 ``[C]``;
+      differentiable too).
 
     With ``axis_name`` (inside ``shard_map``) the gradient is autodiff's: a custom VJP
     there must return the replicated parameters' cotangents typed as ``shard_map``'s
@@ -99,15 +113,23 @@ def batch_norm_train(x, scale, bias, epsilon, axis_name, dtype):
     ``jax.jit`` over a sharded batch, the training loop's data parallelism, takes the
     closed form.
     """
+    _check_residual(x, residual)
     if axis_name is not None:
-        y, mean, var, _ = _batch_norm_forward(x, scale, bias, epsilon, axis_name, dtype)
+        y, mean, var, _ = _batch_norm_forward(x, scale, bias, residual, epsilon, axis_name,
+                                              dtype, relu)
         return y, mean, var
-    return _batch_norm_closed_form(x, scale, bias, epsilon, dtype)
+    return _batch_norm_closed_form(x, scale, bias, residual, epsilon, dtype, bool(relu))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _batch_norm_closed_form(x, scale, bias, epsilon, dtype):
-    y, mean, var, _ = _batch_norm_forward(x, scale, bias, epsilon, None, dtype)
+def _check_residual(x, residual):
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"`residual` must have the shape of `x`, {x.shape}; got "
+                         f"{residual.shape}.")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _batch_norm_closed_form(x, scale, bias, residual, epsilon, dtype, relu):
+    y, mean, var, _ = _batch_norm_forward(x, scale, bias, residual, epsilon, None, dtype, relu)
     return y, mean, var
 
 
@@ -116,24 +138,33 @@ def _compute_dtype(x):
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _batch_norm_forward(x, scale, bias, epsilon, axis_name, dtype):
+def _batch_norm_forward(x, scale, bias, residual, epsilon, axis_name, dtype, relu):
     x32 = x.astype(_compute_dtype(x))
     mean, var = _batch_statistics(x32, axis_name)
     rstd = jax.lax.rsqrt(var + epsilon)
-    y = ((x32 - mean) * rstd * scale + bias).astype(dtype)
-    return y, mean, var, rstd
+    z = (x32 - mean) * rstd * scale + bias
+    if residual is not None:
+        z = z + residual.astype(z.dtype)
+    if relu:
+        z = jax.nn.relu(z)
+    return z.astype(dtype), mean, var, rstd
 
 
-def _batch_norm_closed_form_fwd(x, scale, bias, epsilon, dtype):
-    y, mean, var, rstd = _batch_norm_forward(x, scale, bias, epsilon, None, dtype)
-    return (y, mean, var), (x, scale, bias, mean, rstd)
+def _batch_norm_closed_form_fwd(x, scale, bias, residual, epsilon, dtype, relu):
+    y, mean, var, rstd = _batch_norm_forward(x, scale, bias, residual, epsilon, None, dtype,
+                                             relu)
+    # The residual's dtype, for its cotangent, in an empty array (residuals must be arrays).
+    residual_dtype = None if residual is None else jnp.zeros((0,), residual.dtype)
+    return (y, mean, var), (x, scale, bias, mean, rstd, y if relu else None, residual_dtype)
 
 
-def _batch_norm_closed_form_bwd(epsilon, dtype, residuals, cotangents):
-    x, scale, bias, mean, rstd = residuals
+def _batch_norm_closed_form_bwd(epsilon, dtype, relu, residuals, cotangents):
+    x, scale, bias, mean, rstd, y, residual_dtype = residuals
     g_y, g_mean, g_var = cotangents
     axes = tuple(range(x.ndim - 1))
     g = g_y.astype(_compute_dtype(x))
+    if relu:
+        g = jnp.where(y > 0, g, 0.0)
     x_hat = (x.astype(_compute_dtype(x)) - mean) * rstd
     sum_g = jnp.sum(g, axis=axes)
     sum_g_x_hat = jnp.sum(g * x_hat, axis=axes)
@@ -141,8 +172,10 @@ def _batch_norm_closed_form_bwd(epsilon, dtype, residuals, cotangents):
     dx = scale * rstd * (g - sum_g / count - x_hat * (sum_g_x_hat / count))
     # Through the returned statistics: d mean / dx = 1 / n, d var / dx = 2 (x - mean) / n.
     dx = dx + (g_mean + 2.0 * g_var * (x_hat / rstd)) / count
+    d_residual = None if residual_dtype is None else g.astype(residual_dtype.dtype)
     # Cotangents in their primals' dtypes (float32 parameters here; any float works).
-    return dx.astype(x.dtype), sum_g_x_hat.astype(scale.dtype), sum_g.astype(bias.dtype)
+    return (dx.astype(x.dtype), sum_g_x_hat.astype(scale.dtype), sum_g.astype(bias.dtype),
+            d_residual)
 
 
 _batch_norm_closed_form.defvjp(_batch_norm_closed_form_fwd, _batch_norm_closed_form_bwd)
@@ -163,15 +196,22 @@ class BatchNorm(nn.Module):
         that every device normalises with the global batch's statistics. Not
         needed under ``jit`` with a sharded batch, where the mean is global.
       dtype: output dtype (the compute dtype of the model).
+      relu: apply a ReLU to the output (``relu(norm(x) + residual)``), fused into the
+        normalisation and its gradient (:func:`batch_norm_train`). The parameter and
+        statistics names are those of a plain BatchNorm.
     """
     use_running_average: bool = False
     momentum: float = 0.1
     epsilon: float = 1e-5
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    relu: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
+        """``norm(x)``, plus ``residual`` (same shape; e.g. a block's shortcut) if given,
+        then the ReLU if ``relu``."""
+        _check_residual(x, residual)
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
@@ -180,8 +220,11 @@ class BatchNorm(nn.Module):
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
             y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-            return y.astype(self.dtype)
-        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.axis_name, self.dtype)
+            if residual is not None:
+                y = y + residual.astype(y.dtype)
+            return (jax.nn.relu(y) if self.relu else y).astype(self.dtype)
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.axis_name, self.dtype,
+                                        residual=residual, relu=self.relu)
         if not self.is_initializing():
             # The running variance is the unbiased one (PyTorch); statistics carry no gradient.
             mean, var = jax.lax.stop_gradient((mean, var))

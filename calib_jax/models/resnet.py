@@ -41,11 +41,14 @@ class BasicBlock(nn.Module):
     def __call__(self, x, train: bool):
         norm = partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
         conv = partial(_conv, dtype=self.dtype, kernel_init=self.kernel_init)
-        out = nn.relu(norm()(conv(self.planes, 3, self.stride)(x)))
-        out = norm()(conv(self.planes, 3)(out))
+        out = norm(relu=True)(conv(self.planes, 3, self.stride)(x))
+        out = conv(self.planes, 3)(out)
+        # Constructed before the shortcut's so that the names (BatchNorm_1, then _2)
+        # stay those of the unfused block: relu(norm(out) + shortcut), one fused op.
+        last_norm = norm(relu=True)
         if self.stride != 1 or x.shape[-1] != self.planes:
             x = norm()(conv(self.planes, 1, self.stride)(x))
-        return nn.relu(out + x)
+        return last_norm(out, residual=x)
 
 
 class Bottleneck(nn.Module):
@@ -59,12 +62,13 @@ class Bottleneck(nn.Module):
     def __call__(self, x, train: bool):
         norm = partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
         conv = partial(_conv, dtype=self.dtype, kernel_init=self.kernel_init)
-        out = nn.relu(norm()(conv(self.planes, 1)(x)))
-        out = nn.relu(norm()(conv(self.planes, 3, self.stride)(out)))
-        out = norm()(conv(self.planes * 4, 1)(out))
+        out = norm(relu=True)(conv(self.planes, 1)(x))
+        out = norm(relu=True)(conv(self.planes, 3, self.stride)(out))
+        out = conv(self.planes * 4, 1)(out)
+        last_norm = norm(relu=True)  # before the shortcut's: names as in BasicBlock
         if self.stride != 1 or x.shape[-1] != self.planes * 4:
             x = norm()(conv(self.planes * 4, 1, self.stride)(x))
-        return nn.relu(out + x)
+        return last_norm(out, residual=x)
 
 
 class ResNet(nn.Module):
@@ -95,7 +99,7 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         x = _conv(self.stem_width, 3, dtype=self.dtype, kernel_init=self.conv_init,
                   name="stem")(x)
-        x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype)(x))
+        x = BatchNorm(use_running_average=not train, dtype=self.dtype, relu=True)(x)
         for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for j in range(size):
                 stride = 2 if i > 0 and j == 0 else 1

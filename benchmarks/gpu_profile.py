@@ -6,8 +6,9 @@ i.e. the headline row of ``train_throughput.py``):
 1. ``--variants``: compiles ``train.train_steps`` once per variant -- XLA compiler options
    passed to that one compilation (``Lowered.compile(compiler_options=...)``: no process
    restart, so the convolution autotuning of the first compile is reused), or a code option
-   (``unroll``; ``autodiff_bn``: BatchNorm's gradient by autodiff, the code before its closed
-   form) -- and prints its images/s, compile time, and how far its first call's
+   (``unroll``; earlier code swapped in while lowering, :func:`variant_code`: ``autodiff_bn``,
+   ``unfused_relu``, ``per_leaf_norm``) -- and prints its images/s, compile time, and how
+   far its first call's
    losses are from the default variant's (same state, same batches);
 2. (unless ``--no-profile``) traces one call of the default variant with ``jax.profiler`` and prints
    where the device time goes (device busy share of the traced window; top kernels; kernels
@@ -45,7 +46,7 @@ from calib_jax import models, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling script
 from train_throughput import (DTYPES, MEAN, NUM_TRAIN, STD, _agreement_text,  # noqa: E402
-                              _state, loss_agreement, synthetic_train_data)
+                              _state, loss_agreement, optimizer, synthetic_train_data)
 
 # XLA's default command-buffer kinds (read from the DebugOptions that jaxlib 0.11.2 dumps),
 # to which the graph variants add WHILE: the whole lax.scan as one CUDA graph.
@@ -59,8 +60,8 @@ VARIANTS = {
     "no_graph": ({"xla_gpu_enable_command_buffer": ""}, 1),
     "conv_fusion": ({"xla_gpu_experimental_enable_conv_fusion": True}, 1),
     "unroll2": ({}, 2),
-    # The code before the closed-form BatchNorm gradient: autodiff of the forward formula.
-    "autodiff_bn": ({}, 1),
+    # Earlier code, for before/after (variant_code): no XLA options of their own.
+    **{name: ({}, 1) for name in ("autodiff_bn", "unfused_relu", "per_leaf_norm")},
 }
 # Kernel kinds by name (cuDNN / CUTLASS / cuBLAS kernel names, XLA's fusion names).
 KINDS = (
@@ -73,27 +74,74 @@ KINDS = (
 
 
 @contextlib.contextmanager
-def _autodiff_batch_norm():
-    """Yields a ``train_steps`` whose trace differentiates BatchNorm's forward pass (the
-    code before ``batch_norm_train``'s closed form), for a before/after in one process.
-
-    The benchmark swaps the module-level function while the caller lowers: a fresh
-    ``jax.jit`` of the same Python function, so no trace of the default variant is reused."""
-    from calib_jax.models import layers
-
-    def autodiff(x, scale, bias, epsilon, axis_name, dtype):
-        return layers._batch_norm_forward(x, scale, bias, epsilon, axis_name, dtype)[:3]
-
-    def steps(*args, **kwargs):  # a new function: JAX's trace cache is keyed by it
-        return train.train_steps.__wrapped__(*args, **kwargs)
-
-    original = layers.batch_norm_train
-    layers.batch_norm_train = autodiff
+def _patched(module, name, value):
+    original = getattr(module, name)
+    setattr(module, name, value)
     try:
-        yield jax.jit(steps, static_argnames=("loss_name",) + train._LOOP_STATIC,
-                      donate_argnums=(0,))
+        yield
     finally:
-        layers.batch_norm_train = original
+        setattr(module, name, original)
+
+
+def _fresh_train_steps():
+    """A new jit of ``train.train_steps``' function: JAX's trace cache is keyed by the
+    function, so a variant that swaps library code while it is lowered gets its own trace."""
+    def steps(*args, **kwargs):
+        return train.train_steps.__wrapped__(*args, **kwargs)
+    return jax.jit(steps, static_argnames=("loss_name",) + train._LOOP_STATIC,
+                   donate_argnums=(0,))
+
+
+@contextlib.contextmanager
+def variant_code(name, tx):
+    """Yields ``(train_steps function, optimiser)`` for variant ``name``: the library's own
+    for XLA-option variants, or the code of an earlier version swapped in while the caller
+    lowers (a before/after in one process):
+
+    * ``autodiff_bn``: BatchNorm's (and its fused ReLU's) gradient by autodiff of the
+      forward formula (before the closed form);
+    * ``unfused_relu``: BatchNorm, then the shortcut add and ReLU as separate layers in the
+      model's dtype (before ``BatchNorm(relu=True)`` took them);
+    * ``per_leaf_norm``: optax's ``clip_by_global_norm`` (one norm reduction per leaf;
+      before ``train.clip_by_global_norm``)."""
+    from calib_jax.models import layers
+    if name == "autodiff_bn":
+        def autodiff(x, scale, bias, epsilon, axis_name, dtype, *, residual=None, relu=False):
+            return layers._batch_norm_forward(x, scale, bias, residual, epsilon, axis_name, dtype,
+                                              relu)[:3]
+        with _patched(layers, "batch_norm_train", autodiff):
+            yield _fresh_train_steps(), tx
+    elif name == "unfused_relu":
+        fused = layers.batch_norm_train
+
+        def unfused(x, scale, bias, epsilon, axis_name, dtype, *, residual=None, relu=False):
+            y, mean, var = fused(x, scale, bias, epsilon, axis_name, dtype)
+            y = y if residual is None else y + residual
+            return (jax.nn.relu(y) if relu else y), mean, var
+        with _patched(layers, "batch_norm_train", unfused):
+            yield _fresh_train_steps(), tx
+    elif name == "per_leaf_norm":
+        import optax
+        with _patched(train, "clip_by_global_norm", optax.clip_by_global_norm):
+            per_leaf_tx = optimizer()
+        yield train.train_steps, per_leaf_tx
+    else:
+        yield train.train_steps, tx
+
+
+CODE_VARIANTS = ("autodiff_bn", "unfused_relu", "per_leaf_norm")
+
+
+def lower_variant(name, state_fn, data, *, num_steps, loss, batch, dtype, tx):
+    """``(Lowered, compiler options, optimiser)`` of ``train_steps`` for variant ``name``;
+    ``state_fn(tx)`` makes the state (concrete, or abstract for a compile without a GPU)."""
+    options, unroll = VARIANTS[name]
+    x_dev, y_dev, order = data
+    with variant_code(name, tx) as (steps, variant_tx):
+        lowered = steps.lower(state_fn(variant_tx), x_dev, y_dev, order, 0, 0, 0,
+                              num_steps=num_steps, loss_name=loss, batch_size=batch, mean=MEAN,
+                              std=STD, dtype=DTYPES[dtype], unroll=unroll)
+    return lowered, options, variant_tx
 
 
 def kernel_kind(name: str) -> str:
@@ -247,8 +295,8 @@ def main():
     parser.add_argument("--loss", default="ce")
     parser.add_argument("--steps-per-call", type=int, default=39)
     parser.add_argument("--calls", type=int, default=3, help="timed calls per variant")
-    parser.add_argument("--variants", default="default,autodiff_bn,unroll2,conv_fusion,"
-                        "graph_while,no_graph,graph_min1,graph_while_unrolled",
+    parser.add_argument("--variants", default="default,autodiff_bn,unfused_relu,per_leaf_norm,"
+                        "unroll2,conv_fusion,no_graph,graph_while",
                         help=f"comma-separated, in order, from {sorted(VARIANTS)}")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--plane-prefix", default="/device:GPU",
@@ -276,21 +324,17 @@ def main():
             json.dump(report, f, indent=2)
         os.replace(json_path + ".tmp", json_path)
 
-    def fresh_state():
-        return train.create_train_state(jax.random.PRNGKey(0), model, tx,
+    def fresh_state(variant_tx=tx):
+        return train.create_train_state(jax.random.PRNGKey(0), model, variant_tx,
                                         models.input_shape(args.model))
 
-    def compile_variant(name, options, unroll):
-        def lower(steps):
-            return steps.lower(fresh_state(), x_dev, y_dev, order, 0, 0, 0, num_steps=n,
-                               loss_name=args.loss, batch_size=args.batch, mean=MEAN, std=STD,
-                               dtype=DTYPES[args.dtype], unroll=unroll)
-
-        if name == "autodiff_bn":
-            with _autodiff_batch_norm() as steps:
-                return lower(steps).compile()
-        lowered = lower(train.train_steps)
-        return lowered.compile(compiler_options=options) if options else lowered.compile()
+    def compile_variant(name):
+        """(compiled call, the optimiser its state must carry)."""
+        lowered, options, variant_tx = lower_variant(
+            name, fresh_state, (x_dev, y_dev, order), num_steps=n, loss=args.loss,
+            batch=args.batch, dtype=args.dtype, tx=tx)
+        return (lowered.compile(compiler_options=options) if options else lowered.compile(),
+                variant_tx)
 
     def run(compiled, state):
         return compiled(state, x_dev, y_dev, order, 0, 0, 0)
@@ -324,9 +368,9 @@ def main():
         options, unroll = VARIANTS[name]
         try:
             start = time.perf_counter()
-            compiled = compile_variant(name, options, unroll)
+            compiled, variant_tx = compile_variant(name)
             compile_s = time.perf_counter() - start
-            state, metrics = run(compiled, fresh_state())
+            state, metrics = run(compiled, fresh_state(variant_tx))
             losses = np.asarray(jax.device_get(metrics["loss"]))
             start = time.perf_counter()
             for _ in range(args.calls):

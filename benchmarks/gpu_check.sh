@@ -2,7 +2,7 @@
 # Usage: bash benchmarks/gpu_check.sh [table|profile|all]   (default: all)
 # Results in $OUT (or ./gpu_results). On a lent machine (at most 10 minutes per command) run
 # the two parts as two calls on the warm machine, `table` first (~7.5 min), then `profile`
-# (~3.5 min); they share one persistent compilation cache (JAX_COMPILATION_CACHE_DIR).
+# (~4 min); they share one persistent compilation cache (JAX_COMPILATION_CACHE_DIR).
 #
 # table (train_throughput.py, at most TABLE_S seconds): the training loop's compiled call
 #    (train_steps, 39 steps per call: the loop's default for CIFAR-10's 351 steps per epoch)
@@ -17,8 +17,9 @@
 # profile (gpu_profile.py, at most PROFILE_S seconds): a kernel breakdown of the headline call
 #    by part of the step, the gzipped trace and optimised HLO; then images/s of the earlier
 #    code (autodiff_bn: BatchNorm's gradient by autodiff; unfused_relu: BatchNorm, add and
-#    ReLU as separate layers; per_leaf_norm: optax's per-leaf gradient norm), scan unroll 2
-#    and XLA options, each against the default in the same process.
+#    ReLU as separate layers; per_leaf_norm: optax's per-leaf gradient norm; separate_sums:
+#    BatchNorm's sums as two reductions each), scan unroll 2 and XLA options, each against
+#    the default in the same process.
 #
 # The first row of each shape compiles cold, as a user's first run does; a later row with the
 # same convolutions (FLSD-53 beside CE) finds them autotuned.
@@ -46,7 +47,7 @@ if [ "$PART" != profile ]; then
     echo "exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/train_throughput.txt"
 fi
 if [ "$PART" != table ]; then
-    timeout -k 10 "${PROFILE_S:-200}" "$PYTHON" benchmarks/gpu_profile.py --out "$OUT" 2>&1 \
+    timeout -k 10 "${PROFILE_S:-240}" "$PYTHON" benchmarks/gpu_profile.py --out "$OUT" 2>&1 \
         | tee "$OUT/gpu_profile_log.txt"
     echo "profile exit status: ${PIPESTATUS[0]}"
 fi

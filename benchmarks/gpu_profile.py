@@ -7,7 +7,7 @@ i.e. the headline row of ``train_throughput.py``):
    passed to that one compilation (``Lowered.compile(compiler_options=...)``: no process
    restart, so the convolution autotuning of the first compile is reused), or a code option
    (``unroll``; earlier code swapped in while lowering, :func:`variant_code`: ``autodiff_bn``,
-   ``unfused_relu``, ``per_leaf_norm``) -- and prints its images/s, compile time, and how
+   ``unfused_relu``, ``per_leaf_norm``, ``separate_sums``) -- and prints its images/s, compile time, and how
    far its first call's
    losses are from the default variant's (same state, same batches);
 2. (unless ``--no-profile``) traces one call of the default variant with ``jax.profiler`` and prints
@@ -40,6 +40,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from calib_jax import models, train
@@ -61,7 +62,8 @@ VARIANTS = {
     "conv_fusion": ({"xla_gpu_experimental_enable_conv_fusion": True}, 1),
     "unroll2": ({}, 2),
     # Earlier code, for before/after (variant_code): no XLA options of their own.
-    **{name: ({}, 1) for name in ("autodiff_bn", "unfused_relu", "per_leaf_norm")},
+    **{name: ({}, 1) for name in ("autodiff_bn", "unfused_relu", "per_leaf_norm",
+                                  "separate_sums")},
 }
 # Kernel kinds by name (cuDNN / CUTLASS / cuBLAS kernel names, XLA's fusion names).
 KINDS = (
@@ -103,7 +105,9 @@ def variant_code(name, tx):
     * ``unfused_relu``: BatchNorm, then the shortcut add and ReLU as separate layers in the
       model's dtype (before ``BatchNorm(relu=True)`` took them);
     * ``per_leaf_norm``: optax's ``clip_by_global_norm`` (one norm reduction per leaf;
-      before ``train.clip_by_global_norm``)."""
+      before ``train.clip_by_global_norm``);
+    * ``separate_sums``: BatchNorm's two per-channel sums as two reductions (before
+      ``layers._channel_sums`` stacked them)."""
     from calib_jax.models import layers
     if name == "autodiff_bn":
         def autodiff(x, scale, bias, epsilon, axis_name, dtype, *, residual=None, relu=False):
@@ -120,6 +124,11 @@ def variant_code(name, tx):
             return (jax.nn.relu(y) if relu else y), mean, var
         with _patched(layers, "batch_norm_train", unfused):
             yield _fresh_train_steps(), tx
+    elif name == "separate_sums":
+        def separate(*terms):
+            return tuple(jnp.sum(t, axis=tuple(range(t.ndim - 1))) for t in terms)
+        with _patched(layers, "_channel_sums", separate):
+            yield _fresh_train_steps(), tx
     elif name == "per_leaf_norm":
         import optax
         with _patched(train, "clip_by_global_norm", optax.clip_by_global_norm):
@@ -129,7 +138,7 @@ def variant_code(name, tx):
         yield train.train_steps, tx
 
 
-CODE_VARIANTS = ("autodiff_bn", "unfused_relu", "per_leaf_norm")
+CODE_VARIANTS = ("autodiff_bn", "unfused_relu", "per_leaf_norm", "separate_sums")
 
 
 def lower_variant(name, state_fn, data, *, num_steps, loss, batch, dtype, tx):
@@ -296,7 +305,7 @@ def main():
     parser.add_argument("--steps-per-call", type=int, default=39)
     parser.add_argument("--calls", type=int, default=3, help="timed calls per variant")
     parser.add_argument("--variants", default="default,autodiff_bn,unfused_relu,per_leaf_norm,"
-                        "unroll2,conv_fusion,no_graph,graph_while",
+                        "separate_sums,unroll2,conv_fusion,no_graph",
                         help=f"comma-separated, in order, from {sorted(VARIANTS)}")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--plane-prefix", default="/device:GPU",

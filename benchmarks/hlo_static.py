@@ -134,7 +134,8 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--loss", default="ce")
     parser.add_argument("--steps-per-call", type=int, default=39)
-    parser.add_argument("--variants", default="default,autodiff_bn,unfused_relu,per_leaf_norm")
+    parser.add_argument("--variants",
+                        default="default,autodiff_bn,unfused_relu,per_leaf_norm,separate_sums")
     parser.add_argument("--card", default="h200", choices=sorted(CARDS))
     parser.add_argument("--top", type=int, default=14, help="parts listed per variant")
     parser.add_argument("--json", default=None)

@@ -181,7 +181,6 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-
 @flax.struct.dataclass
 class TrainState:
     """Everything a run needs to continue: step, parameters, BatchNorm statistics,

@@ -39,12 +39,9 @@ class TorchDense(nn.Module):
     """``nn.Dense`` with PyTorch's default ``Linear`` initialisation."""
     features: int
     dtype: Any = jnp.float32
-    relu: bool = False
 
     @nn.compact
-    def __call__(self, x, residual=None):
-        """``norm(x)``, plus ``residual`` (same shape; e.g. a block's shortcut) if given,
-        then the ReLU if ``relu``."""
+    def __call__(self, x):
         return nn.Dense(self.features, dtype=self.dtype, param_dtype=jnp.float32,
                         kernel_init=torch_kernel_init,
                         bias_init=torch_bias_init(x.shape[-1]))(x)

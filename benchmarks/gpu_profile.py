@@ -7,9 +7,9 @@ i.e. the headline row of ``train_throughput.py``):
    passed to that one compilation (``Lowered.compile(compiler_options=...)``: no process
    restart, so the convolution autotuning of the first compile is reused), or a code option
    (``unroll``; earlier code swapped in while lowering, :func:`variant_code`: ``autodiff_bn``,
-   ``unfused_relu``, ``per_leaf_norm``, ``separate_sums``) -- and prints its images/s, compile time, and how
-   far its first call's
-   losses are from the default variant's (same state, same batches);
+   ``unfused_relu``, ``per_leaf_norm``, ``separate_sums``) -- and prints its images/s,
+   compile time, and how far its first call's losses are from the default variant's (same
+   state, same batches);
 2. (unless ``--no-profile``) traces one call of the default variant with ``jax.profiler`` and prints
    where the device time goes (device busy share of the traced window; top kernels; kernels
    by kind: convolutions, matrix products, XLA's own fusions, copies; XLA ops), per step.
@@ -51,6 +51,8 @@ from train_throughput import (DTYPES, MEAN, NUM_TRAIN, STD, _agreement_text,  # 
 # XLA's default command-buffer kinds (read from the DebugOptions that jaxlib 0.11.2 dumps),
 # to which the graph variants add WHILE: the whole lax.scan as one CUDA graph.
 _DEFAULT_GRAPH_KINDS = "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,DYNAMIC_SLICE_FUSION,CONDITIONAL"
+# Earlier code put back for a before/after (variant_code): no XLA options of their own.
+CODE_VARIANTS = ("autodiff_bn", "unfused_relu", "per_leaf_norm", "separate_sums")
 VARIANTS = {
     "default": ({}, 1),
     "graph_while": ({"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS + ",WHILE"}, 1),
@@ -60,9 +62,7 @@ VARIANTS = {
     "no_graph": ({"xla_gpu_enable_command_buffer": ""}, 1),
     "conv_fusion": ({"xla_gpu_experimental_enable_conv_fusion": True}, 1),
     "unroll2": ({}, 2),
-    # Earlier code, for before/after (variant_code): no XLA options of their own.
-    **{name: ({}, 1) for name in ("autodiff_bn", "unfused_relu", "per_leaf_norm",
-                                  "separate_sums")},
+    **{name: ({}, 1) for name in CODE_VARIANTS},
 }
 # Kernel kinds by name (cuDNN / CUTLASS / cuBLAS kernel names, XLA's fusion names).
 KINDS = (
@@ -133,9 +133,6 @@ def variant_code(name, tx):
         yield train.train_steps, per_leaf_tx
     else:
         yield train.train_steps, tx
-
-
-CODE_VARIANTS = ("autodiff_bn", "unfused_relu", "per_leaf_norm", "separate_sums")
 
 
 def lower_variant(name, state_fn, data, *, num_steps, loss, batch, dtype, tx):

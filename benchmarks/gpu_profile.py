@@ -46,7 +46,8 @@ from calib_jax import models, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling script
 from train_throughput import (DTYPES, MEAN, NUM_TRAIN, STD, _agreement_text,  # noqa: E402
-                              _state, loss_agreement, optimizer, synthetic_train_data)
+                              loss_agreement, model_and_optimizer, optimizer,
+                              synthetic_train_data)
 
 # XLA's default command-buffer kinds (read from the DebugOptions that jaxlib 0.11.2 dumps),
 # to which the graph variants add WHILE: the whole lax.scan as one CUDA graph.
@@ -315,7 +316,7 @@ def main():
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
     x_dev, y_dev, order = synthetic_train_data()
     # One model and optimiser for every state: the compiled call is keyed by both.
-    model, tx, _ = _state(args.model, args.dtype)
+    model, tx = model_and_optimizer(args.model, args.dtype)
     n = max(1, min(args.steps_per_call, NUM_TRAIN // args.batch))
     report = {"device": device.device_kind, "jax": jax.__version__, "model": args.model,
               "batch": args.batch, "dtype": args.dtype, "loss": args.loss,

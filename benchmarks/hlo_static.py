@@ -42,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_profile import VARIANTS, kernel_part, lower_variant  # noqa: E402
-from train_throughput import NUM_TRAIN, _state  # noqa: E402
+from train_throughput import NUM_TRAIN, model_and_optimizer  # noqa: E402
 
 from calib_jax import models, train  # noqa: E402
 
@@ -159,7 +159,7 @@ def main():
         return jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_card), tree)
 
-    model, tx, _ = _state(args.model, args.dtype)
+    model, tx = model_and_optimizer(args.model, args.dtype)
 
     def state_fn(variant_tx):
         return abstract(jax.eval_shape(lambda: train.create_train_state(

@@ -88,9 +88,13 @@ def optimizer():
     return train.make_optimizer(train.piecewise_lr(0.1, NUM_TRAIN // 128))
 
 
+def model_and_optimizer(name, dtype):
+    """The benchmark's model (10 classes, ``dtype`` a key of :data:`DTYPES`) and optimiser."""
+    return models.get(name, 10, dtype=DTYPES[dtype]), optimizer()
+
+
 def _state(name, dtype, seed=0):
-    model = models.get(name, 10, dtype=DTYPES[dtype])
-    tx = optimizer()
+    model, tx = model_and_optimizer(name, dtype)
     return model, tx, train.create_train_state(jax.random.PRNGKey(seed), model, tx,
                                                models.input_shape(name))
 

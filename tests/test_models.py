@@ -244,7 +244,7 @@ class _UnfusedBasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         norm = functools.partial(BatchNorm, use_running_average=not train)
-        conv = functools.partial(resnet._conv)
+        conv = resnet._conv
         out_planes = self.planes * (4 if self.bottleneck else 1)
         if self.bottleneck:
             out = nn.relu(norm()(conv(self.planes, 1)(x)))

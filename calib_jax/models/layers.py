@@ -72,7 +72,7 @@ def _separate_sums(*terms):
 def _batch_statistics(x32, axis_name):
     """Per-channel mean and biased variance over every axis but the last (and over
     ``axis_name``'s devices), in one pass over ``x``: E[x] and E[x^2]."""
-    count = np.prod(x32.shape[:-1])
+    count = _batch_count(x32, None)
     total, total_sq = _channel_sums(x32, jnp.square(x32))
     mean, mean_sq = total / count, total_sq / count
     if axis_name is not None:
@@ -157,16 +157,22 @@ def _compute_dtype(x):
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _batch_norm_forward(x, scale, bias, residual, epsilon, axis_name, dtype, relu):
-    x32 = x.astype(_compute_dtype(x))
-    mean, var = _batch_statistics(x32, axis_name)
-    rstd = jax.lax.rsqrt(var + epsilon)
+def _normalized(x32, mean, rstd, scale, bias, residual, relu, dtype):
+    """``act((x - mean) * rstd * scale + bias + residual)`` cast to ``dtype``: the output of
+    training (batch statistics) and evaluation (running statistics) alike."""
     z = (x32 - mean) * rstd * scale + bias
     if residual is not None:
         z = z + residual.astype(z.dtype)
     if relu:
         z = jax.nn.relu(z)
-    return z.astype(dtype), mean, var, rstd
+    return z.astype(dtype)
+
+
+def _batch_norm_forward(x, scale, bias, residual, epsilon, axis_name, dtype, relu):
+    x32 = x.astype(_compute_dtype(x))
+    mean, var = _batch_statistics(x32, axis_name)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    return _normalized(x32, mean, rstd, scale, bias, residual, relu, dtype), mean, var, rstd
 
 
 def _batch_norm_closed_form_fwd(x, scale, bias, residual, epsilon, dtype, relu):
@@ -236,10 +242,8 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
-            y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-            if residual is not None:
-                y = y + residual.astype(y.dtype)
-            return (jax.nn.relu(y) if self.relu else y).astype(self.dtype)
+            return _normalized(x.astype(jnp.float32), mean, jax.lax.rsqrt(var + self.epsilon),
+                               scale, bias, residual, self.relu, self.dtype)
         y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.axis_name, self.dtype,
                                         residual=residual, relu=self.relu)
         if not self.is_initializing():

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Usage: bash benchmarks/gpu_check.sh [table|profile|all]   (default: all)
 # Results in $OUT (or ./gpu_results). On a lent machine (at most 10 minutes per command) run
-# the two parts as two calls on the warm machine, `table` first (~7.5 min), then `profile`
-# (~4 min); they share one persistent compilation cache (JAX_COMPILATION_CACHE_DIR).
+# the two parts as two calls on the warm machine, `table` first (6 min), then `profile`
+# (~6 min); they share one persistent compilation cache (JAX_COMPILATION_CACHE_DIR).
 #
 # table (train_throughput.py, at most TABLE_S seconds): the training loop's compiled call
 #    (train_steps, 39 steps per call: the loop's default for CIFAR-10's 351 steps per epoch)
@@ -12,14 +12,16 @@
 #    dtype, loss; vmapped members last); and the evaluation pass. Rows run in priority order
 #    and the JSON is rewritten after each, so a run cut short keeps its figures; a row that
 #    fails is recorded and the others still run. (On an H200: a ResNet-50 row compiles in
-#    15-40 s, the six-member program in ~110 s; 330 s reached six rows in the first session,
-#    with the six-loss rows early.)
-# profile (gpu_profile.py, at most PROFILE_S seconds): a kernel breakdown of the headline call
-#    by part of the step, the gzipped trace and optimised HLO; then images/s of the earlier
-#    code (autodiff_bn: BatchNorm's gradient by autodiff; unfused_relu: BatchNorm, add and
-#    ReLU as separate layers; per_leaf_norm: optax's per-leaf gradient norm; separate_sums:
-#    BatchNorm's sums as two reductions each), scan unroll 2 and XLA options, each against
-#    the default in the same process.
+#    15-40 s, the six-member program in ~90 s; the first five rows, through the six-loss
+#    sequential row, take ~290 s; all nine but the vmapped row took 450 s.)
+# profile (gpu_profile.py, at most PROFILE_S seconds, then PROFILE_1024_S): a kernel breakdown
+#    of the headline call by part of the step, the gzipped trace and optimised HLO; images/s
+#    of the earlier code, each against the default in the same process (unroll1: the scan
+#    rolled, as before train.default_unroll; autodiff_bn: BatchNorm's gradient by autodiff;
+#    unfused_relu: BatchNorm, add and ReLU as separate layers; per_leaf_norm: optax's
+#    per-leaf gradient norm), XLA's conv fusion, and the default again (the measurement's
+#    drift); then the same code variants at batch 1024 (untraced, in $OUT/batch1024), where
+#    the row fell from 24,649 img/s (commit 1949c9d) to 20,015 (commit cae96e9): which change?
 #
 # The first row of each shape compiles cold, as a user's first run does; a later row with the
 # same convolutions (FLSD-53 beside CE) finds them autotuned.
@@ -39,7 +41,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PYTHON="${PYTHON:-python3}"  # the lent machine's python3 holds jax
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/calib_jax_compile_cache}"
 if [ "$PART" != profile ]; then
-    timeout -k 10 "${TABLE_S:-450}" "$PYTHON" benchmarks/train_throughput.py \
+    timeout -k 10 "${TABLE_S:-360}" "$PYTHON" benchmarks/train_throughput.py \
         --models resnet50 --batch-sizes 128,1024 --dtypes bfloat16,float32 --losses ce,flsd53 \
         --steps-per-call 39 --calls 2 --epoch-overhead \
         --multi ce,brier,mmce_weighted,label_smoothing,focal,flsd53 --multi-modes sequential,vmap \
@@ -47,7 +49,13 @@ if [ "$PART" != profile ]; then
     echo "exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/train_throughput.txt"
 fi
 if [ "$PART" != table ]; then
-    timeout -k 10 "${PROFILE_S:-240}" "$PYTHON" benchmarks/gpu_profile.py --out "$OUT" 2>&1 \
-        | tee "$OUT/gpu_profile_log.txt"
+    timeout -k 10 "${PROFILE_S:-200}" "$PYTHON" benchmarks/gpu_profile.py --out "$OUT" \
+        --variants default,unroll1,autodiff_bn,unfused_relu,per_leaf_norm,conv_fusion,default \
+        2>&1 | tee "$OUT/gpu_profile_log.txt"
     echo "profile exit status: ${PIPESTATUS[0]}"
+    timeout -k 10 "${PROFILE_1024_S:-150}" "$PYTHON" benchmarks/gpu_profile.py --batch 1024 \
+        --no-profile --out "$OUT/batch1024" \
+        --variants default,unroll1,autodiff_bn,unfused_relu,per_leaf_norm,default \
+        2>&1 | tee "$OUT/gpu_profile_1024_log.txt"
+    echo "batch-1024 variants exit status: ${PIPESTATUS[0]}"
 fi

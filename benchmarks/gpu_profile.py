@@ -6,8 +6,10 @@ i.e. the headline row of ``train_throughput.py``):
 1. ``--variants``: compiles ``train.train_steps`` once per variant -- XLA compiler options
    passed to that one compilation (``Lowered.compile(compiler_options=...)``: no process
    restart, so the convolution autotuning of the first compile is reused), or a code option
-   (``unroll``; earlier code swapped in while lowering, :func:`variant_code`: ``autodiff_bn``,
-   ``unfused_relu``, ``per_leaf_norm``, ``separate_sums``) -- and prints its images/s,
+   (``unroll1`` / ``unroll2``: the scan's unroll, where ``default`` takes the training loop's
+   own, ``train.default_unroll``; earlier code swapped in while lowering,
+   :func:`variant_code`: ``autodiff_bn``, ``unfused_relu``, ``per_leaf_norm``) -- and prints
+   its images/s,
    compile time, and how far its first call's losses are from the default variant's (same
    state, same batches);
 2. (unless ``--no-profile``) traces one call of the default variant with ``jax.profiler`` and prints
@@ -53,17 +55,20 @@ from train_throughput import (DTYPES, MEAN, NUM_TRAIN, STD, _agreement_text,  # 
 # to which the graph variants add WHILE: the whole lax.scan as one CUDA graph.
 _DEFAULT_GRAPH_KINDS = "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,DYNAMIC_SLICE_FUSION,CONDITIONAL"
 # Earlier code put back for a before/after (variant_code): no XLA options of their own.
-CODE_VARIANTS = ("autodiff_bn", "unfused_relu", "per_leaf_norm", "separate_sums")
+CODE_VARIANTS = ("autodiff_bn", "unfused_relu", "per_leaf_norm")
+# name -> (XLA compiler options, the scan's unroll: None = the training loop's default for
+# the platform compiled for, train.default_unroll).
 VARIANTS = {
-    "default": ({}, 1),
-    "graph_while": ({"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS + ",WHILE"}, 1),
+    "default": ({}, None),
+    "graph_while": ({"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS + ",WHILE"}, None),
     "graph_while_unrolled": ({"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS + ",WHILE",
-                              "xla_gpu_command_buffer_unroll_loops": True}, 1),
-    "graph_min1": ({"xla_gpu_graph_min_graph_size": 1}, 1),
-    "no_graph": ({"xla_gpu_enable_command_buffer": ""}, 1),
-    "conv_fusion": ({"xla_gpu_experimental_enable_conv_fusion": True}, 1),
+                              "xla_gpu_command_buffer_unroll_loops": True}, None),
+    "graph_min1": ({"xla_gpu_graph_min_graph_size": 1}, None),
+    "no_graph": ({"xla_gpu_enable_command_buffer": ""}, None),
+    "conv_fusion": ({"xla_gpu_experimental_enable_conv_fusion": True}, None),
+    "unroll1": ({}, 1),
     "unroll2": ({}, 2),
-    **{name: ({}, 1) for name in CODE_VARIANTS},
+    **{name: ({}, None) for name in CODE_VARIANTS},
 }
 # Kernel kinds by name (cuDNN / CUTLASS / cuBLAS kernel names, XLA's fusion names).
 KINDS = (
@@ -105,9 +110,7 @@ def variant_code(name, tx):
     * ``unfused_relu``: BatchNorm, then the shortcut add and ReLU as separate layers in the
       model's dtype (before ``BatchNorm(relu=True)`` took them);
     * ``per_leaf_norm``: optax's ``clip_by_global_norm`` (one norm reduction per leaf;
-      before ``train.clip_by_global_norm``);
-    * ``separate_sums``: BatchNorm's two per-channel sums as two reductions (before
-      ``layers._channel_sums`` stacked them)."""
+      before ``train.clip_by_global_norm``)."""
     from calib_jax.models import layers
     if name == "autodiff_bn":
         def autodiff(x, scale, bias, epsilon, axis_name, dtype, *, residual=None, relu=False):
@@ -124,9 +127,6 @@ def variant_code(name, tx):
             return (jax.nn.relu(y) if relu else y), mean, var
         with _patched(layers, "batch_norm_train", unfused):
             yield _fresh_train_steps(), tx
-    elif name == "separate_sums":
-        with _patched(layers, "_channel_sums", layers._separate_sums):
-            yield _fresh_train_steps(), tx
     elif name == "per_leaf_norm":
         import optax
         with _patched(train, "clip_by_global_norm", optax.clip_by_global_norm):
@@ -136,10 +136,18 @@ def variant_code(name, tx):
         yield train.train_steps, tx
 
 
-def lower_variant(name, state_fn, data, *, num_steps, loss, batch, dtype, tx):
-    """``(Lowered, compiler options, optimiser)`` of ``train_steps`` for variant ``name``;
-    ``state_fn(tx)`` makes the state (concrete, or abstract for a compile without a GPU)."""
-    options, unroll = VARIANTS[name]
+def variant_unroll(name, platform):
+    """The scan unroll variant ``name`` compiles with for ``platform``."""
+    unroll = VARIANTS[name][1]
+    return train.default_unroll(platform) if unroll is None else unroll
+
+
+def lower_variant(name, state_fn, data, *, num_steps, loss, batch, dtype, tx, platform):
+    """``(Lowered, compiler options, optimiser)`` of ``train_steps`` for variant ``name``
+    compiled for ``platform`` ("gpu", "cpu": it picks the default unroll); ``state_fn(tx)``
+    makes the state (concrete, or abstract for a compile without a GPU)."""
+    options = VARIANTS[name][0]
+    unroll = variant_unroll(name, platform)
     x_dev, y_dev, order = data
     with variant_code(name, tx) as (steps, variant_tx):
         lowered = steps.lower(state_fn(variant_tx), x_dev, y_dev, order, 0, 0, 0,
@@ -299,9 +307,10 @@ def main():
     parser.add_argument("--loss", default="ce")
     parser.add_argument("--steps-per-call", type=int, default=39)
     parser.add_argument("--calls", type=int, default=3, help="timed calls per variant")
-    parser.add_argument("--variants", default="default,autodiff_bn,unfused_relu,per_leaf_norm,"
-                        "separate_sums,unroll2,conv_fusion,no_graph",
-                        help=f"comma-separated, in order, from {sorted(VARIANTS)}")
+    parser.add_argument("--variants", default="default,unroll1,autodiff_bn,unfused_relu,"
+                        "per_leaf_norm,conv_fusion,no_graph",
+                        help=f"comma-separated, in order, from {sorted(VARIANTS)}; a name may "
+                        "come twice (default at both ends: the drift of the measurement)")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--plane-prefix", default="/device:GPU",
                         help="trace planes to summarise ('/host:CPU' for a CPU smoke run)")
@@ -336,7 +345,7 @@ def main():
         """(compiled call, the optimiser its state must carry)."""
         lowered, options, variant_tx = lower_variant(
             name, fresh_state, (x_dev, y_dev, order), num_steps=n, loss=args.loss,
-            batch=args.batch, dtype=args.dtype, tx=tx)
+            batch=args.batch, dtype=args.dtype, tx=tx, platform=device.platform)
         return (lowered.compile(compiler_options=options) if options else lowered.compile(),
                 variant_tx)
 
@@ -369,7 +378,7 @@ def main():
     reference_losses = reference_hlo = None
     print("| variant | img/s | compile (s) | losses vs default |", flush=True)
     for name in names:
-        options, unroll = VARIANTS[name]
+        options, unroll = VARIANTS[name][0], variant_unroll(name, device.platform)
         try:
             start = time.perf_counter()
             compiled, variant_tx = compile_variant(name)
@@ -389,7 +398,8 @@ def main():
             row = {"variant": name, "options": options, "unroll": unroll, "img_per_s": rate,
                    "compile_s": compile_s, "same_hlo_as_default": hlo == reference_hlo,
                    "losses_vs_default": loss_agreement(losses, reference_losses)}
-            if name == "default":
+            if name == "default" and not any(r["variant"] == "default"
+                                              for r in report["variants"]):
                 with gzip.open(os.path.join(args.out, "train_steps_hlo.txt.gz"), "wt") as f:
                     f.write(hlo)
             del state, metrics
@@ -405,7 +415,7 @@ def main():
                   f"{_agreement_text(row['losses_vs_default'])}"
                   f"{'' if name == 'default' or not row['same_hlo_as_default'] else ' (same HLO)'}"
                   " |", flush=True)
-            if name == "default" and not args.no_profile:
+            if name == "default" and not args.no_profile and "profile" not in report:
                 # Right after the default variant, so a run cut short still has it.
                 try:
                     profile(compiled, hlo)

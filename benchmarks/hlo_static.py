@@ -41,7 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_profile import VARIANTS, kernel_part, lower_variant  # noqa: E402
+from gpu_profile import VARIANTS, kernel_part, lower_variant, variant_unroll  # noqa: E402
 from train_throughput import NUM_TRAIN, model_and_optimizer  # noqa: E402
 
 from calib_jax import models, train  # noqa: E402
@@ -88,7 +88,7 @@ def shape_bytes(shape: str, skip_u8: bool = False) -> int:
 
 def step_kernels(hlo_text: str):
     """``[(part, bytes written, bytes read)]`` of every kernel of the loop body (the
-    computation holding the most convolutions: one training step)."""
+    computation holding the most convolutions: ``unroll`` training steps)."""
     computations = re.split(r"\n(?=\S)", hlo_text)
     body = max(computations, key=lambda c: c.count("custom_call_target=\"__cudnn$conv"))
     shapes, kernels = {}, []
@@ -114,15 +114,18 @@ def step_kernels(hlo_text: str):
     return kernels
 
 
-def summarize(kernels):
+def summarize(kernels, steps=1):
+    """Kernels and MB per training step of a loop body holding ``steps`` steps (the
+    scan's unroll)."""
     parts = collections.defaultdict(lambda: [0, 0, 0])
     for part, written, read in kernels:
         parts[part][0] += 1
         parts[part][1] += written
         parts[part][2] += read
-    return {"kernels": len(kernels), "written_mb": sum(k[1] for k in kernels) / 2**20,
-            "read_mb": sum(k[2] for k in kernels) / 2**20,
-            "parts": {p: {"kernels": c, "written_mb": w / 2**20, "read_mb": r / 2**20}
+    mb = 2**20 * steps
+    return {"kernels": len(kernels) / steps, "written_mb": sum(k[1] for k in kernels) / mb,
+            "read_mb": sum(k[2] for k in kernels) / mb,
+            "parts": {p: {"kernels": c / steps, "written_mb": w / mb, "read_mb": r / mb}
                       for p, (c, w, r) in sorted(parts.items(),
                                                  key=lambda kv: -kv[1][1] - kv[1][2])}}
 
@@ -135,7 +138,7 @@ def main():
     parser.add_argument("--loss", default="ce")
     parser.add_argument("--steps-per-call", type=int, default=39)
     parser.add_argument("--variants",
-                        default="default,autodiff_bn,unfused_relu,per_leaf_norm,separate_sums")
+                        default="default,unroll1,autodiff_bn,unfused_relu,per_leaf_norm")
     parser.add_argument("--card", default="h200", choices=sorted(CARDS))
     parser.add_argument("--top", type=int, default=14, help="parts listed per variant")
     parser.add_argument("--json", default=None)
@@ -176,23 +179,24 @@ def main():
           "no device: autotuning off)", flush=True)
     for name in names:
         lowered, options, _ = lower_variant(name, state_fn, data, num_steps=n, loss=args.loss,
-                                            batch=args.batch, dtype=args.dtype, tx=tx)
+                                            batch=args.batch, dtype=args.dtype, tx=tx,
+                                            platform="gpu")
         hlo = lowered.compile(compiler_options={**options, "xla_gpu_autotune_level": 0}).as_text()
         if args.hlo_dir:
             os.makedirs(args.hlo_dir, exist_ok=True)
             with gzip.open(os.path.join(args.hlo_dir, f"{name}.hlo.txt.gz"), "wt") as f:
                 f.write(hlo)
-        summary = summarize(step_kernels(hlo))
+        summary = summarize(step_kernels(hlo), steps=variant_unroll(name, "gpu"))
         report["variants"][name] = summary
         if args.json:
             with open(args.json + ".tmp", "w") as f:
                 json.dump(report, f, indent=2)
             os.replace(args.json + ".tmp", args.json)
-        print(f"\n{name}: {summary['kernels']} kernels per step, {summary['written_mb']:,.0f} MB "
+        print(f"\n{name}: {summary['kernels']:g} kernels per step, {summary['written_mb']:,.0f} MB "
               f"written, {summary['read_mb']:,.0f} MB read (operands, whole)", flush=True)
         print("| part | kernels | MB written | MB read |\n| --- | --- | --- | --- |")
         for part, v in list(summary["parts"].items())[:args.top]:
-            print(f"| {part} | {v['kernels']} | {v['written_mb']:,.0f} | {v['read_mb']:,.0f} |")
+            print(f"| {part} | {v['kernels']:g} | {v['written_mb']:,.0f} | {v['read_mb']:,.0f} |")
 
 
 if __name__ == "__main__":

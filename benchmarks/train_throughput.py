@@ -120,6 +120,12 @@ def _steps_per_call(args, batch_size):
     return max(1, min(args.steps_per_call, NUM_TRAIN // batch_size))
 
 
+def _unroll(args, members=1):
+    """``--unroll``, or (0) the training loop's own default for this device and member
+    count (``train.default_unroll``), so each row times what ``train_and_evaluate`` runs."""
+    return args.unroll or train.default_unroll(jax.devices()[0].platform, members)
+
+
 def loss_agreement(got, want, tolerance=1e-2):
     """How two loss trajectories of the same start and batches agree: the first step's
     relative difference (only the forward pass's rounding differs there), the largest over
@@ -149,12 +155,13 @@ def bench_model(args, name, batch_size, dtype, loss, data):
 
     def call(s):
         return train.train_steps(s, x_dev, y_dev, order, 0, 0, 0, num_steps=n, loss_name=loss,
-                                 batch_size=batch_size, mean=MEAN, std=STD, dtype=DTYPES[dtype])
+                                 batch_size=batch_size, mean=MEAN, std=STD, dtype=DTYPES[dtype],
+                                 unroll=_unroll(args))
 
     compile_s, per_call, first = _timed_calls(call, state, args.calls)
     rate = n * batch_size / per_call
     return {"model": name, "batch": batch_size, "dtype": dtype, "loss": loss,
-            "steps_per_call": n, "img_per_s": rate, "compile_s": compile_s,
+            "steps_per_call": n, "unroll": _unroll(args), "img_per_s": rate, "compile_s": compile_s,
             "first_call_losses": [float(v) for v in first["loss"]],
             "full_run_min": EPOCHS * (NUM_TRAIN // batch_size) * batch_size / rate / 60}
 
@@ -200,7 +207,8 @@ def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
         return train.multi_train_steps(s, x_dev, y_dev, orders, 0, 0, seeds, num_steps=n,
                                        losses_=tuple(losses), shared_batch=True,
                                        batch_size=batch_size, mean=MEAN, std=STD,
-                                       dtype=DTYPES[dtype], members=mode)
+                                       dtype=DTYPES[dtype], members=mode,
+                                       unroll=_unroll(args, len(losses)))
 
     compile_s, per_call, first = _timed_calls(call, stacked, args.calls)
     rate = n * batch_size / per_call  # images per second seen by each member
@@ -223,7 +231,8 @@ def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
         agreement = loss_agreement(member_losses, single_row["first_call_losses"])
         member_losses = [float(v) for v in member_losses]
     return {"model": name, "batch": batch_size, "dtype": dtype, "loss": "+".join(losses),
-            "runs": len(losses), "members": mode, "img_per_s": rate,
+            "runs": len(losses), "members": mode, "unroll": _unroll(args, len(losses)),
+            "img_per_s": rate,
             "losses_vs_single_run": agreement, "member_losses": member_losses,
             "compile_s": compile_s,
             "row_time_over_single_run": (single_rate / rate) if single_rate else None,
@@ -307,9 +316,13 @@ def _print_row(r):
               f"images) | "
               f"{r['compile_s']:.1f} |", flush=True)
     else:
-        extra = (f" ({r['mode']}; vs train_steps: "
-                 f"{_agreement_text(r['losses_vs_train_steps'])})") if "mode" in r else \
-            f" ({r['steps_per_call']}/call; 350 epochs: {r['full_run_min']:.1f} min)"
+        if "mode" in r:
+            extra = (f" ({r['mode']}; vs train_steps: "
+                     f"{_agreement_text(r['losses_vs_train_steps'])})")
+        else:
+            unrolled = f", unroll {r['unroll']}" if r.get("unroll", 1) > 1 else ""
+            extra = (f" ({r['steps_per_call']}/call{unrolled}; "
+                     f"350 epochs: {r['full_run_min']:.1f} min)")
         print(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['loss']}{extra} | "
               f"{r['img_per_s']:,.0f} | {r['compile_s']:.1f} |", flush=True)
 
@@ -323,6 +336,9 @@ def main():
     parser.add_argument("--steps-per-call", type=int, default=50,
                         help="steps per compiled call (1 on CPU: jax-ml/jax#12868)")
     parser.add_argument("--calls", type=int, default=2, help="timed calls after the compiling one")
+    parser.add_argument("--unroll", type=int, default=0,
+                        help="lax.scan unroll of each call's steps (0 = train.default_unroll: "
+                             "the training loop's default for this device)")
     parser.add_argument("--per-step", action="store_true",
                         help="also time the per-step Python loop at the first configuration")
     parser.add_argument("--multi", default="", help="losses of a vmapped multi-run at the first "
@@ -334,6 +350,8 @@ def main():
                         help="time the per-epoch validation pass and checkpoint saves")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.unroll < 0:
+        parser.error(f"--unroll must be >= 0 (0 = the training loop's default), got {args.unroll}")
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, "
           f"{platform.machine()}")

@@ -219,19 +219,18 @@ def test_batch_norm_residual_of_another_shape_is_refused():
         BatchNorm(use_running_average=True).init(jax.random.PRNGKey(0), x, jnp.ones((3,)))
 
 
-def test_channel_sums_stacked_on_accelerators_separate_on_cpu():
+def test_channel_sums_are_separate_reductions_over_all_but_the_channel_axis():
     from calib_jax.models import layers
     x = jax.random.normal(jax.random.PRNGKey(9), (16, 5, 5, 6))
     terms = (x, jnp.square(x))
     want = [np.sum(np.asarray(t, np.float64), axis=(0, 1, 2)) for t in terms]
-    for sums in (layers._stacked_sums, layers._separate_sums, layers._channel_sums):
-        for got, w in zip(jax.jit(sums)(*terms), want):
-            np.testing.assert_allclose(got, w, rtol=1e-5)
-    # Which one each platform lowers (the stack is a `concatenate` / `broadcast` of the two).
-    cpu = jax.jit(layers._channel_sums).lower(*terms).as_text()
-    assert "concatenate" not in cpu
-    stacked = jax.jit(layers._stacked_sums).lower(*terms).as_text()
-    assert "concatenate" in stacked
+    got = jax.jit(layers._channel_sums)(*terms)
+    assert len(got) == 2
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5)
+    # Not one reduction over a stack of the terms (measured slower on GPU and CPU: the
+    # stack's slices re-read the shared inputs).
+    assert "concatenate" not in jax.jit(layers._channel_sums).lower(*terms).as_text()
 
 
 class _UnfusedBasicBlock(nn.Module):

@@ -48,24 +48,14 @@ class TorchDense(nn.Module):
 
 
 def _channel_sums(*terms):
-    """Per-channel sums (over every axis but the last) of same-shaped ``terms``: on
-    accelerators one reduction over their stack, on CPU one reduction each.
+    """Per-channel sums (over every axis but the last) of same-shaped ``terms``, one
+    reduction each: XLA fuses sibling reductions of the same rows into one multi-output
+    kernel that reads the shared inputs once.
 
-    XLA:GPU computes a large reduction in two kernels (partial sums, then their sum), and
-    two sums over the same rows in three (one two-output first stage, a second stage each);
-    the stacked reduction takes two, one kernel less per BatchNorm layer and direction, the
-    stack fused into the reduction (benchmarks/NOTES.md). XLA:CPU writes the stack out
-    instead: ResNet-8 trained ~20% slower, so CPU keeps the separate sums (the choice is
-    made per lowering platform, ``lax.platform_dependent``)."""
-    return jax.lax.platform_dependent(*terms, cpu=_separate_sums, default=_stacked_sums)
-
-
-def _stacked_sums(*terms):
-    total = jnp.stack(terms)
-    return tuple(jnp.sum(total, axis=tuple(range(1, total.ndim - 1))))
-
-
-def _separate_sums(*terms):
+    Not one reduction over ``jnp.stack(terms)``: that saves a kernel per BatchNorm layer on
+    XLA:GPU, but each slice of the stack recomputes (and re-reads) the shared inputs, and
+    it measured slower on an H200 (ResNet-50 batch 128 bf16: 13,799 stacked vs 14,882
+    img/s separate) and on CPU (~20%): benchmarks/NOTES.md."""
     return tuple(jnp.sum(t, axis=tuple(range(t.ndim - 1))) for t in terms)
 
 

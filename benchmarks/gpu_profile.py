@@ -9,14 +9,16 @@ i.e. the headline row of ``train_throughput.py``):
    (``unroll1`` / ``unroll2``: the scan's unroll, where ``default`` takes the training loop's
    own, ``train.default_unroll``; earlier code swapped in while lowering,
    :func:`variant_code`: ``autodiff_bn``, ``unfused_relu``, ``per_leaf_norm``) -- and prints
-   its images/s,
-   compile time, and how far its first call's losses are from the default variant's (same
-   state, same batches);
+   its images/s, compile time, and how far its first call's losses are from the default
+   variant's (same state, same batches);
 2. (unless ``--no-profile``) traces one call of the default variant with ``jax.profiler`` and prints
    where the device time goes (device busy share of the traced window; top kernels; kernels
    by kind: convolutions, matrix products, XLA's own fusions, copies; XLA ops), per step.
    The trace (gzipped ``.xplane.pb``) and the optimised HLO are written beside the JSON
-   for offline reading (``jax.profiler.ProfileData.from_serialized_xspace``).
+   for offline reading (``jax.profiler.ProfileData.from_serialized_xspace``);
+3. ``--rounds``: times the compiled variants again, one call each per round, in turn, and
+   prints each one's median against the default's (the comparison that the machine's drift
+   does not bias).
 
 On an H200 with jax 0.11.2 XLA kept its command buffers (CUDA graphs) while tracing: the
 kernels carry graph ids, so the trace shows the real execution, with the gaps where a graph
@@ -307,6 +309,8 @@ def main():
     parser.add_argument("--loss", default="ce")
     parser.add_argument("--steps-per-call", type=int, default=39)
     parser.add_argument("--calls", type=int, default=3, help="timed calls per variant")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="then this many rounds of one call per variant, in turn (0: none)")
     parser.add_argument("--variants", default="default,unroll1,autodiff_bn,unfused_relu,"
                         "per_leaf_norm,conv_fusion,no_graph",
                         help=f"comma-separated, in order, from {sorted(VARIANTS)}; a name may "
@@ -317,6 +321,8 @@ def main():
     parser.add_argument("--out", default="gpu_results")
     args = parser.parse_args()
     names = args.variants.split(",")
+    if args.rounds < 0:
+        parser.error(f"--rounds must be >= 0, got {args.rounds}")
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
@@ -376,6 +382,7 @@ def main():
         print(text, flush=True)
 
     reference_losses = reference_hlo = None
+    timed = []  # [row, compiled, state] of each variant that ran, for the rounds
     print("| variant | img/s | compile (s) | losses vs default |", flush=True)
     for name in names:
         options, unroll = VARIANTS[name][0], variant_unroll(name, device.platform)
@@ -402,6 +409,7 @@ def main():
                                               for r in report["variants"]):
                 with gzip.open(os.path.join(args.out, "train_steps_hlo.txt.gz"), "wt") as f:
                     f.write(hlo)
+            timed.append([row, compiled, state])
             del state, metrics
         except Exception as error:  # a variant XLA rejects must not cost the others
             row = {"variant": name, "options": options, "error": f"{type(error).__name__}: "
@@ -423,6 +431,35 @@ def main():
                     print(f"profile failed: {type(error).__name__}: {error}", flush=True)
                 print("| variant | img/s | compile (s) | losses vs default |",
                       flush=True)
+    if args.rounds and len(timed) > 1:
+        interleaved_rounds(timed, args.rounds, run, n * args.batch, save)
+
+
+def interleaved_rounds(timed, rounds, run, images_per_call, save):
+    """Times one call of every compiled variant per round, ``rounds`` times, in turn: each
+    variant sees the same drift of the machine (clocks, temperature, other tenants), which
+    the one-after-another figures above do not cancel (the first H200 sessions saw ~4%).
+    Adds ``interleaved_img_per_s`` to each row and prints the medians against the
+    default's."""
+    for _ in range(rounds):
+        for entry in timed:
+            row, compiled, state = entry
+            start = time.perf_counter()
+            state, metrics = run(compiled, state)
+            jax.block_until_ready(metrics)
+            row.setdefault("interleaved_img_per_s", []).append(
+                images_per_call / (time.perf_counter() - start))
+            entry[2] = state
+        save()
+    medians = [float(np.median(row["interleaved_img_per_s"])) for row, _, _ in timed]
+    reference = next((m for (row, _, _), m in zip(timed, medians)
+                      if row["variant"] == "default"), medians[0])
+    print(f"interleaved ({rounds} rounds, one call of each variant per round):\n"
+          "| variant | median img/s | range | vs default |", flush=True)
+    for (row, _, _), median in zip(timed, medians):
+        rates = row["interleaved_img_per_s"]
+        print(f"| {row['variant']} | {median:,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | "
+              f"{median / reference - 1:+.1%} |", flush=True)
 
 
 if __name__ == "__main__":

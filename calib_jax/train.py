@@ -45,8 +45,8 @@ from calib_jax.files import atomic_write_text
 
 __all__ = ["LOSS_NAMES", "LossSpec", "TrainState", "batch_loss", "batch_sharding",
            "clip_by_global_norm", "create_train_state", "default_member_mode",
-           "default_steps_per_call", "default_unroll", "global_norm", "make_optimizer", "multi_train_steps",
-           "piecewise_lr", "predict", "predict_members", "replicate", "replicated",
+           "default_steps_per_call", "default_unroll", "global_norm", "make_optimizer",
+           "multi_train_steps", "piecewise_lr", "predict", "predict_members", "replicate", "replicated",
            "stack_states", "train_step", "train_steps", "unstack_state"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
@@ -780,10 +780,11 @@ def default_steps_per_call(steps_per_epoch: int, log_every_steps: int, platform:
 def default_unroll(platform: str, members: int = 1) -> int:
     """``lax.scan``'s unroll of the training loop when ``config.scan_unroll`` is 0.
 
-    GPU, one run: 2 (two steps per loop trip; XLA overlaps one step's tail with the next
-    step's head and launches fewer graphs). Measured on an H200, ResNet-50 batch 128
-    bfloat16, same losses: +4.4% and +5.9% images/s in two sessions (benchmarks/NOTES.md),
-    for ~2x the loop body's compile time.
+    GPU, one run: 2 (two steps per loop trip). Measured on an H200, ResNet-50 batch 128
+    bfloat16, identical losses: +4.4% and +5.9% images/s in two sessions
+    (benchmarks/NOTES.md); XLA then compiles a body of two steps (39 s with the
+    convolutions already autotuned; the two steps' per-leaf updates share kernels: 852.5
+    instead of 901 kernels per step in `benchmarks/hlo_static.py`).
     1 elsewhere: CPU runs one step per call (:func:`default_steps_per_call`), so there is
     no loop to unroll; several members already put K steps in the body (a doubled
     six-member body would compile for minutes, its speed unmeasured); TPU is unmeasured.

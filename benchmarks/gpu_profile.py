@@ -313,8 +313,8 @@ def main():
                         help="then this many rounds of one call per variant, in turn (0: none)")
     parser.add_argument("--variants", default="default,unroll1,autodiff_bn,unfused_relu,"
                         "per_leaf_norm,conv_fusion,no_graph",
-                        help=f"comma-separated, in order, from {sorted(VARIANTS)}; a name may "
-                        "come twice (default at both ends: the drift of the measurement)")
+                        help=f"comma-separated, in order, from {sorted(VARIANTS)} (a name may "
+                        "come twice)")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--plane-prefix", default="/device:GPU",
                         help="trace planes to summarise ('/host:CPU' for a CPU smoke run)")
@@ -432,7 +432,10 @@ def main():
                 print("| variant | img/s | compile (s) | losses vs default |",
                       flush=True)
     if args.rounds and len(timed) > 1:
-        interleaved_rounds(timed, args.rounds, run, n * args.batch, save)
+        try:
+            interleaved_rounds(timed, args.rounds, run, n * args.batch, save)
+        except Exception as error:  # the rows above are saved; the rounds' so far too
+            print(f"interleaved rounds failed: {type(error).__name__}: {error}", flush=True)
 
 
 def interleaved_rounds(timed, rounds, run, images_per_call, save):

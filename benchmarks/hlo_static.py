@@ -4,13 +4,16 @@ compiled **without a GPU**: XLA:GPU's fusion decisions, read from its optimised 
 For the code and XLA-option variants of ``gpu_profile.py`` (default: the headline call,
 ResNet-50, batch 128, bfloat16, CE, 39 steps per call), this compiles ``train.train_steps``
 for a described card through PJRT's deviceless topology (``jax.experimental.topologies``)
-and counts, in the loop body (one training step), every kernel XLA launches (its fusions and
-library calls: cuDNN convolutions, cuBLAS products) with the bytes it writes (its outputs)
-and reads (its operands, whole), grouped by part of the step as ``gpu_profile.py`` groups
-a trace. No timing: a kernel count and a traffic estimate, to choose what to measure on a
-lent GPU. Convolution autotuning needs a device and is off here
-(``xla_gpu_autotune_level=0``), so cuDNN's algorithms (and their workspaces, not counted)
-are heuristic; XLA's own fusions do not depend on them.
+and counts, per training step of the loop body (which holds as many steps as the scan's
+unroll), every kernel XLA launches (its fusions and library calls: cuDNN convolutions, cuBLAS
+products) with the bytes it writes (its outputs) and reads (its operands, whole, once per
+kernel), grouped by part of the step as ``gpu_profile.py`` groups a trace. No timing: a
+kernel count and a traffic estimate, to choose what to measure on a lent GPU, not a
+prediction of time. (1,284 -> 810 kernels per step measured no faster on an H200: a fusion
+that reads an operand once per slice of a stack counts it once here; benchmarks/NOTES.md.)
+Convolution autotuning needs a device and is off here (``xla_gpu_autotune_level=0``), so
+cuDNN's algorithms (and their workspaces, not counted) are heuristic; XLA's own fusions do
+not depend on them.
 
 Set-up (a separate environment; nothing here needs a GPU or its driver):
     python3 -m venv /tmp/venv-gpu-hlo && /tmp/venv-gpu-hlo/bin/pip install \
@@ -88,7 +91,8 @@ def shape_bytes(shape: str, skip_u8: bool = False) -> int:
 
 def step_kernels(hlo_text: str):
     """``[(part, bytes written, bytes read)]`` of every kernel of the loop body (the
-    computation holding the most convolutions: ``unroll`` training steps)."""
+    computation holding the most convolutions: as many training steps as the scan's
+    unroll)."""
     computations = re.split(r"\n(?=\S)", hlo_text)
     body = max(computations, key=lambda c: c.count("custom_call_target=\"__cudnn$conv"))
     shapes, kernels = {}, []

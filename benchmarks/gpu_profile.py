@@ -42,6 +42,7 @@ import re
 import sys
 import tempfile
 import time
+from unittest.mock import patch
 
 import jax
 import numpy as np
@@ -82,16 +83,6 @@ KINDS = (
 )
 
 
-@contextlib.contextmanager
-def _patched(module, name, value):
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
-
-
 def _fresh_train_steps():
     """A new jit of ``train.train_steps``' function: JAX's trace cache is keyed by the
     function, so a variant that swaps library code while it is lowered gets its own trace."""
@@ -118,7 +109,7 @@ def variant_code(name, tx):
         def autodiff(x, scale, bias, epsilon, axis_name, dtype, *, residual=None, relu=False):
             return layers._batch_norm_forward(x, scale, bias, residual, epsilon, axis_name, dtype,
                                               relu)[:3]
-        with _patched(layers, "batch_norm_train", autodiff):
+        with patch.object(layers, "batch_norm_train", autodiff):
             yield _fresh_train_steps(), tx
     elif name == "unfused_relu":
         fused = layers.batch_norm_train
@@ -127,11 +118,11 @@ def variant_code(name, tx):
             y, mean, var = fused(x, scale, bias, epsilon, axis_name, dtype)
             y = y if residual is None else y + residual
             return (jax.nn.relu(y) if relu else y), mean, var
-        with _patched(layers, "batch_norm_train", unfused):
+        with patch.object(layers, "batch_norm_train", unfused):
             yield _fresh_train_steps(), tx
     elif name == "per_leaf_norm":
         import optax
-        with _patched(train, "clip_by_global_norm", optax.clip_by_global_norm):
+        with patch.object(train, "clip_by_global_norm", optax.clip_by_global_norm):
             per_leaf_tx = optimizer()
         yield train.train_steps, per_leaf_tx
     else:

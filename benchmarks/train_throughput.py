@@ -151,17 +151,17 @@ def _agreement_text(a):
 def bench_model(args, name, batch_size, dtype, loss, data):
     x_dev, y_dev, order = data
     _, _, state = _state(name, dtype)
-    n = _steps_per_call(args, batch_size)
+    n, unroll = _steps_per_call(args, batch_size), _unroll(args)
 
     def call(s):
         return train.train_steps(s, x_dev, y_dev, order, 0, 0, 0, num_steps=n, loss_name=loss,
                                  batch_size=batch_size, mean=MEAN, std=STD, dtype=DTYPES[dtype],
-                                 unroll=_unroll(args))
+                                 unroll=unroll)
 
     compile_s, per_call, first = _timed_calls(call, state, args.calls)
     rate = n * batch_size / per_call
     return {"model": name, "batch": batch_size, "dtype": dtype, "loss": loss,
-            "steps_per_call": n, "unroll": _unroll(args), "img_per_s": rate, "compile_s": compile_s,
+            "steps_per_call": n, "unroll": unroll, "img_per_s": rate, "compile_s": compile_s,
             "first_call_losses": [float(v) for v in first["loss"]],
             "full_run_min": EPOCHS * (NUM_TRAIN // batch_size) * batch_size / rate / 60}
 
@@ -201,14 +201,14 @@ def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
         for _ in losses])
     orders = jnp.stack([order] * len(losses))
     seeds = jnp.zeros(len(losses), jnp.int32)
-    n = _steps_per_call(args, batch_size)
+    n, unroll = _steps_per_call(args, batch_size), _unroll(args, len(losses))
 
     def call(s):
         return train.multi_train_steps(s, x_dev, y_dev, orders, 0, 0, seeds, num_steps=n,
                                        losses_=tuple(losses), shared_batch=True,
                                        batch_size=batch_size, mean=MEAN, std=STD,
                                        dtype=DTYPES[dtype], members=mode,
-                                       unroll=_unroll(args, len(losses)))
+                                       unroll=unroll)
 
     compile_s, per_call, first = _timed_calls(call, stacked, args.calls)
     rate = n * batch_size / per_call  # images per second seen by each member
@@ -231,7 +231,7 @@ def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
         agreement = loss_agreement(member_losses, single_row["first_call_losses"])
         member_losses = [float(v) for v in member_losses]
     return {"model": name, "batch": batch_size, "dtype": dtype, "loss": "+".join(losses),
-            "runs": len(losses), "members": mode, "unroll": _unroll(args, len(losses)),
+            "runs": len(losses), "members": mode, "unroll": unroll,
             "img_per_s": rate,
             "losses_vs_single_run": agreement, "member_losses": member_losses,
             "compile_s": compile_s,
@@ -395,7 +395,7 @@ def main():
         # Priority order: the headline row (first loss, dtype and batch size) with its
         # per-step baseline and epoch overhead; the rows that change one of the three; the
         # multi-run's first mode; the other rows; the multi-run's other modes. (On an H200 a
-        # ResNet-50 row compiles in 15-40 s, the six-member sequential program in ~110 s.)
+        # ResNet-50 row compiles in 15-40 s, the six-member sequential program in 86-110 s.)
         grid = sorted(((li, di, bi) for li in range(len(losses)) for di in range(len(dtypes))
                        for bi in range(len(batches))), key=lambda c: (sum(c), c))
         first_mode_after = max(i for i, c in enumerate(grid) if sum(c) <= 1)

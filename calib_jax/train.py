@@ -46,8 +46,8 @@ from calib_jax.files import atomic_write_text
 __all__ = ["LOSS_NAMES", "LossSpec", "TrainState", "batch_loss", "batch_sharding",
            "clip_by_global_norm", "create_train_state", "default_member_mode",
            "default_steps_per_call", "default_unroll", "global_norm", "make_optimizer",
-           "multi_train_steps", "piecewise_lr", "predict", "predict_members", "replicate", "replicated",
-           "stack_states", "train_step", "train_steps", "unstack_state"]
+           "multi_train_steps", "piecewise_lr", "predict", "predict_members", "replicate",
+           "replicated", "stack_states", "train_step", "train_steps", "unstack_state"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")
@@ -155,7 +155,9 @@ def global_norm(tree) -> jax.Array:
     Equal to ``optax.global_norm`` up to float rounding. optax sums each leaf apart, and
     XLA:GPU then runs one reduction kernel (or two) per leaf: ~195 small kernels per
     ResNet-50 step, where the concatenation costs one copy of the gradient (94 MB) and
-    two or three kernels (benchmarks/NOTES.md, "Kernels per step without a GPU")."""
+    two or three kernels (benchmarks/NOTES.md, "Kernels per step without a GPU"). Timed on
+    an H200 (ResNet-50, batch 128, bfloat16), the two were equally fast within noise
+    (13,799 vs 13,886 img/s for optax's)."""
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)

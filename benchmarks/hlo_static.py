@@ -15,6 +15,13 @@ Convolution autotuning needs a device and is off here (``xla_gpu_autotune_level=
 cuDNN's algorithms (and their workspaces, not counted) are heuristic; XLA's own fusions do
 not depend on them.
 
+It also counts the step's FLOPs (the cuDNN convolutions and their gradients, the
+convolutions and dots inside fusions) and gives a **roofline ceiling** (``roofline_ms``):
+every kernel at the card's HBM bandwidth or tensor-core peak, whichever binds, with no
+launch costs or gaps. A measured rate over that ceiling says how much of the card XLA's
+plan uses; a target above it cannot be met by any tuning of that plan, only by one that
+moves fewer bytes.
+
 Set-up (a separate environment; nothing here needs a GPU or its driver):
     python3 -m venv /tmp/venv-gpu-hlo && /tmp/venv-gpu-hlo/bin/pip install \
         "jax[cuda12]==<this machine's jax>" flax optax chex
@@ -37,6 +44,7 @@ import argparse  # noqa: E402
 import collections  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 
@@ -63,10 +71,16 @@ platform_name: "CUDA"
 dnn_version_info {{ major: 9 minor: 8 }}
 device_description_str: "{name}"
 """
+# Per card: HBM bandwidth (bytes/s) and the spec sheets' dense tensor-core peaks (FLOP/s;
+# SXM parts): bfloat16 / float16, and TF32 (XLA's default for float32 convolutions here).
+ROOFS = {
+    "h200": {"bandwidth": 4.8e12, "bf16": 989.4e12, "f32": 494.7e12},
+    "h100": {"bandwidth": 3.35232e12, "bf16": 989.4e12, "f32": 494.7e12},
+}
 CARDS = {
-    "h200": _CARD.format(bandwidth=4_800_000_000_000, memory=150_000_000_000,
+    "h200": _CARD.format(bandwidth=int(ROOFS["h200"]["bandwidth"]), memory=150_000_000_000,
                          name="NVIDIA H200"),
-    "h100": _CARD.format(bandwidth=3_352_320_000_000, memory=84_929_347_584,
+    "h100": _CARD.format(bandwidth=int(ROOFS["h100"]["bandwidth"]), memory=84_929_347_584,
                          name="NVIDIA H100 80GB HBM3"),
 }
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
@@ -89,46 +103,145 @@ def shape_bytes(shape: str, skip_u8: bool = False) -> int:
     return total
 
 
-def step_kernels(hlo_text: str):
-    """``[(part, bytes written, bytes read)]`` of every kernel of the loop body (the
-    computation holding the most convolutions: as many training steps as the scan's
-    unroll)."""
-    computations = re.split(r"\n(?=\S)", hlo_text)
-    body = max(computations, key=lambda c: c.count("custom_call_target=\"__cudnn$conv"))
-    shapes, kernels = {}, []
-    for line in body.split("\n")[1:]:
+def _dims(shape: str) -> list[int]:
+    """Dimensions of the first array in an HLO shape (a tuple's first element)."""
+    m = re.search(r"\b[a-z]+\d*\[([\d,]*)\]", shape)
+    return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def _element_type(shape: str) -> str:
+    m = re.search(r"\b([a-z]+\d*)\[", shape)
+    return m.group(1) if m else ""
+
+
+def conv_flops(dim_labels: str, output_activation: list[int], kernel: list[int]) -> int:
+    """FLOPs of a convolution (or either of its gradients, which cost the same):
+    ``2 N H_out W_out x (O kh kw I/groups)``, from the forward convolution's output
+    activation (its ``dim_labels`` after ``->``) and kernel (its ``o..i`` labels)."""
+    feature = dim_labels.split("->")[1].index("f")
+    return 2 * math.prod(output_activation) // output_activation[feature] * math.prod(kernel)
+
+
+def dot_flops(line: str, lhs: list[int], result: list[int]) -> int:
+    """FLOPs of an HLO ``dot``: 2 x (result elements) x (lhs contracting extent)."""
+    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+    contracting = [lhs[int(d)] for d in m.group(1).split(",") if d] if m else []
+    return 2 * math.prod(result) * math.prod(contracting)
+
+
+# Where a cuDNN call's forward-convolution tensors are: an operand index or "result".
+# (XLA keeps the forward convolution's dim_labels on the gradient calls.)
+_CONV_ROLES = {  # (output activation, kernel)
+    "__cudnn$convForward": ("result", 1),
+    "__cudnn$convBiasActivationForward": ("result", 1),
+    "__cudnn$convBackwardInput": (0, 1),
+    "__cudnn$convBackwardFilter": (1, "result"),
+}
+
+
+def _instructions(computation: str):
+    """``(name, shape, op, operand names, line)`` of each instruction of a computation."""
+    for line in computation.split("\n")[1:]:
         m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*?)\)(?:, |$)",
                      line)
-        if not m:
-            continue
-        name, shape, op, operands = m.groups()
+        if m:
+            name, shape, op, operands = m.groups()
+            yield name, shape, op, re.findall(r"%([\w.\-]+)", operands), line
+
+
+def _fused_flops(computation: str) -> int:
+    """FLOPs of the convolutions and dots inside a fused computation (a Triton GEMM
+    fusion, a cuDNN fusion)."""
+    shapes, flops = {}, 0
+    for name, shape, op, operands, line in _instructions(computation):
+        shapes[name] = shape
+        if op == "convolution" and len(operands) == 2:
+            labels = re.search(r"dim_labels=(\S+?),", line)
+            if labels:
+                flops += conv_flops(labels.group(1), _dims(shape), _dims(shapes[operands[1]]))
+        elif op == "dot" and operands:
+            flops += dot_flops(line, _dims(shapes.get(operands[0], "")), _dims(shape))
+    return flops
+
+
+def step_kernels(hlo_text: str):
+    """``[(part, bytes written, bytes read, flops, element type)]`` of every kernel of the
+    loop body (the computation holding the most convolutions: as many training steps as
+    the scan's unroll). ``flops`` counts the convolutions (cuDNN calls) and the
+    convolutions and dots inside fusions (0 for other kernels); ``element type`` is that
+    of the kernel's first operand (which tensor-core rate its FLOPs run at)."""
+    computations = re.split(r"\n(?=\S)", hlo_text)
+    by_name = {}
+    for c in computations:
+        head = re.match(r"(?:ENTRY )?%?([\w.\-]+) ", c)
+        if head:
+            by_name[head.group(1)] = c
+    body = max(computations, key=lambda c: c.count("custom_call_target=\"__cudnn$conv"))
+    shapes, kernels = {}, []
+    for name, shape, op, operands, line in _instructions(body):
         shapes[name] = shape
         if op not in _LAUNCHING:
             continue
         library = op == "custom-call"
-        read = sum(shape_bytes(shapes.get(o, ""), skip_u8=True)
-                   for o in re.findall(r"%([\w.\-]+)", operands))
+        read = sum(shape_bytes(shapes.get(o, ""), skip_u8=True) for o in operands)
         op_name = re.search(r'op_name="([^"]*)"', line)
         target = re.search(r'custom_call_target="([^"]*)"', line)
+        flops = 0
         if library:
             part = "library " + (target.group(1) if target else "call")
+            roles = _CONV_ROLES.get(target.group(1)) if target else None
+            labels = re.search(r"dim_labels=(\S+?),", line)
+            if roles and labels:
+                output, kernel = (shape if r == "result" else shapes.get(operands[r], "")
+                                  for r in roles)
+                flops = conv_flops(labels.group(1), _dims(output), _dims(kernel))
         else:
             part = kernel_part(op_name.group(1) if op_name else "", name)
-        kernels.append((part, shape_bytes(shape, skip_u8=library), read))
+            called = re.search(r"calls=%?([\w.\-]+)", line)
+            if op == "fusion" and called and called.group(1) in by_name:
+                flops = _fused_flops(by_name[called.group(1)])
+        dtype = _element_type(shapes.get(operands[0], "")) if operands else ""
+        kernels.append((part, shape_bytes(shape, skip_u8=library), read, flops, dtype))
     return kernels
 
 
-def summarize(kernels, steps=1):
-    """Kernels and MB per training step of a loop body holding ``steps`` steps (the
-    scan's unroll)."""
+def roofline_ms(kernels, card: str, steps=1) -> dict:
+    """A roofline estimate of one step's time on ``card``: each kernel takes at least its
+    bytes over the HBM bandwidth and its FLOPs over the tensor-core peak (bfloat16 /
+    float16, else TF32), whichever is longer; the step at least their sum (ms).
+
+    Optimistic by construction (every kernel at the card's peak, no launch cost, no gaps)
+    except where this module's byte counts overstate the traffic: operands counted whole
+    (a fusion reading part of one), and tensors re-read from the 50 MB L2 cache instead of
+    HBM, which matters at small batches (ResNet-50 CIFAR at batch 128: activations of
+    4-67 MB) and hardly at batch 1024. So a ceiling to compare targets and measurements
+    with, not a prediction."""
+    roof = ROOFS[card]
+    memory = compute = floor = 0.0
+    for _, written, read, flops, dtype in kernels:
+        peak = roof["bf16"] if dtype in ("bf16", "f16") else roof["f32"]
+        t_memory, t_compute = (written + read) / roof["bandwidth"], flops / peak
+        memory, compute = memory + t_memory, compute + t_compute
+        floor += max(t_memory, t_compute)
+    return {"floor_ms": 1e3 * floor / steps, "memory_ms": 1e3 * memory / steps,
+            "compute_ms": 1e3 * compute / steps,
+            "gflop": sum(k[3] for k in kernels) / 1e9 / steps}
+
+
+def summarize(kernels, steps=1, card="h200", batch=None):
+    """Kernels, MB and the roofline estimate per training step of a loop body holding
+    ``steps`` steps (the scan's unroll); ``batch`` adds the estimate's images/s."""
     parts = collections.defaultdict(lambda: [0, 0, 0])
-    for part, written, read in kernels:
+    for part, written, read, *_ in kernels:
         parts[part][0] += 1
         parts[part][1] += written
         parts[part][2] += read
     mb = 2**20 * steps
+    roofline = roofline_ms(kernels, card, steps)
+    if batch:
+        roofline["ceiling_images_per_s"] = batch / (roofline["floor_ms"] / 1e3)
     return {"kernels": len(kernels) / steps, "written_mb": sum(k[1] for k in kernels) / mb,
-            "read_mb": sum(k[2] for k in kernels) / mb,
+            "read_mb": sum(k[2] for k in kernels) / mb, "roofline": roofline,
             "parts": {p: {"kernels": c / steps, "written_mb": w / mb, "read_mb": r / mb}
                       for p, (c, w, r) in sorted(parts.items(),
                                                  key=lambda kv: -kv[1][1] - kv[1][2])}}
@@ -190,7 +303,8 @@ def main():
             os.makedirs(args.hlo_dir, exist_ok=True)
             with gzip.open(os.path.join(args.hlo_dir, f"{name}.hlo.txt.gz"), "wt") as f:
                 f.write(hlo)
-        summary = summarize(step_kernels(hlo), steps=variant_unroll(name, "gpu"))
+        summary = summarize(step_kernels(hlo), steps=variant_unroll(name, "gpu"),
+                            card=args.card, batch=args.batch)
         report["variants"][name] = summary
         if args.json:
             with open(args.json + ".tmp", "w") as f:
@@ -198,7 +312,13 @@ def main():
             os.replace(args.json + ".tmp", args.json)
         print(f"\n{name}: {summary['kernels']:g} kernels per step, {summary['written_mb']:,.0f} MB "
               f"written, {summary['read_mb']:,.0f} MB read (operands, whole)", flush=True)
-        print("| part | kernels | MB written | MB read |\n| --- | --- | --- | --- |")
+        r = summary["roofline"]
+        print(f"roofline ({args.card}): {r['gflop']:,.1f} GFLOP and the bytes above: "
+              f"{r['compute_ms']:.2f} ms at the tensor-core peak, {r['memory_ms']:.2f} ms at "
+              f"the HBM bandwidth, {r['floor_ms']:.2f} ms per step kernel by kernel: at most "
+              f"~{r['ceiling_images_per_s']:,.0f} img/s")
+        if args.top > 0:
+            print("| part | kernels | MB written | MB read |\n| --- | --- | --- | --- |")
         for part, v in list(summary["parts"].items())[:args.top]:
             print(f"| {part} | {v['kernels']:g} | {v['written_mb']:,.0f} | {v['read_mb']:,.0f} |")
 

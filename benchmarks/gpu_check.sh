@@ -16,13 +16,15 @@
 #    sequential row, take ~290 s; all nine but the vmapped row took 450 s.)
 # profile (gpu_profile.py, at most PROFILE_S seconds, then PROFILE_1024_S): a kernel breakdown
 #    of the headline call by part of the step, the gzipped trace and optimised HLO; images/s
-#    of the earlier code, each against the default in the same process (unroll1: the scan
-#    rolled, as before train.default_unroll; autodiff_bn: BatchNorm's gradient by autodiff;
-#    unfused_relu: BatchNorm, add and ReLU as separate layers; per_leaf_norm: optax's
-#    per-leaf gradient norm) and XLA's conv fusion, then each timed again in 5 interleaved
-#    rounds (medians vs the default's: the machine's drift cancels); then the same code
-#    variants at batch 1024 (untraced, 3 rounds, in $OUT/batch1024), where
-#    the row fell from 24,649 img/s (commit 1949c9d) to 20,015 (commit cae96e9): which change?
+#    of XLA options and earlier code, each against the default in the same process
+#    (graph_conv: cuDNN's convolutions recorded into the CUDA graphs, graph_conv_while: and
+#    the whole scan as one graph, both predicted to remove the gaps between graphs;
+#    unroll1: the scan rolled, as before train.default_unroll; conv_fusion: XLA's
+#    experimental convolution fusion; autodiff_bn: BatchNorm's gradient by autodiff;
+#    unfused_relu: BatchNorm, add and ReLU as separate layers), then each timed again in 5
+#    interleaved rounds (medians vs the default's: the machine's drift cancels); then some
+#    at batch 1024 (untraced, 3 rounds, in $OUT/batch1024), where the row fell from 24,649
+#    img/s (commit 1949c9d) to 20,015 (commit cae96e9): which change?
 #
 # The first row of each shape compiles cold, as a user's first run does; a later row with the
 # same convolutions (FLSD-53 beside CE) finds them autotuned.
@@ -51,12 +53,12 @@ if [ "$PART" != profile ]; then
 fi
 if [ "$PART" != table ]; then
     timeout -k 10 "${PROFILE_S:-200}" "$PYTHON" benchmarks/gpu_profile.py --out "$OUT" \
-        --variants default,unroll1,autodiff_bn,unfused_relu,per_leaf_norm,conv_fusion \
+        --variants default,graph_conv,graph_conv_while,unroll1,conv_fusion,autodiff_bn,unfused_relu \
         2>&1 | tee "$OUT/gpu_profile_log.txt"
     echo "profile exit status: ${PIPESTATUS[0]}"
     timeout -k 10 "${PROFILE_1024_S:-150}" "$PYTHON" benchmarks/gpu_profile.py --batch 1024 \
         --no-profile --rounds 3 --out "$OUT/batch1024" \
-        --variants default,unroll1,autodiff_bn,unfused_relu,per_leaf_norm \
+        --variants default,graph_conv,unroll1,autodiff_bn,unfused_relu \
         2>&1 | tee "$OUT/gpu_profile_1024_log.txt"
     echo "batch-1024 variants exit status: ${PIPESTATUS[0]}"
 fi

@@ -23,6 +23,10 @@ i.e. the headline row of ``train_throughput.py``):
 On an H200 with jax 0.11.2 XLA kept its command buffers (CUDA graphs) while tracing: the
 kernels carry graph ids, so the trace shows the real execution, with the gaps where a graph
 ends (the traced call ran ~9% slower than untraced ones).
+By default XLA records cuDNN's convolution calls outside its graphs (each one splits the
+step's graph: ~70 graphs and ~290 single launches per step at batch 128, ``hlo_static.py
+--launches``); ``graph_conv`` records them too (half a graph per step: one per loop trip
+of two steps), ``graph_conv_while`` the whole call as one graph.
 
 Usage (GPU): python benchmarks/gpu_profile.py --out gpu_results
 Usage (CPU smoke): python benchmarks/gpu_profile.py --model resnet8 --batch 16 \
@@ -66,6 +70,13 @@ VARIANTS = {
     "graph_while": ({"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS + ",WHILE"}, None),
     "graph_while_unrolled": ({"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS + ",WHILE",
                               "xla_gpu_command_buffer_unroll_loops": True}, None),
+    # cuDNN's convolution calls recorded into the graphs too (XLA does not by default: each
+    # convolution splits the step's graph, 0.93 ms of gaps per step on the H200), and with
+    # WHILE then the whole scan as one graph.
+    "graph_conv": ({"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS + ",CONVOLUTION"},
+                   None),
+    "graph_conv_while": ({"xla_gpu_enable_command_buffer":
+                          _DEFAULT_GRAPH_KINDS + ",CONVOLUTION,WHILE"}, None),
     "graph_min1": ({"xla_gpu_graph_min_graph_size": 1}, None),
     "no_graph": ({"xla_gpu_enable_command_buffer": ""}, None),
     "conv_fusion": ({"xla_gpu_experimental_enable_conv_fusion": True}, None),
@@ -302,8 +313,8 @@ def main():
     parser.add_argument("--calls", type=int, default=3, help="timed calls per variant")
     parser.add_argument("--rounds", type=int, default=5,
                         help="then this many rounds of one call per variant, in turn (0: none)")
-    parser.add_argument("--variants", default="default,unroll1,autodiff_bn,unfused_relu,"
-                        "per_leaf_norm,conv_fusion,no_graph",
+    parser.add_argument("--variants", default="default,graph_conv,graph_conv_while,unroll1,"
+                        "autodiff_bn,unfused_relu,per_leaf_norm,conv_fusion,no_graph",
                         help=f"comma-separated, in order, from {sorted(VARIANTS)} (a name may "
                         "come twice)")
     parser.add_argument("--no-profile", action="store_true")

@@ -27,7 +27,8 @@ Set-up (a separate environment; nothing here needs a GPU or its driver):
         "jax[cuda12]==<this machine's jax>" flax optax chex
     PYTHONPATH=$PWD /tmp/venv-gpu-hlo/bin/python benchmarks/hlo_static.py
 Options: ``--variants default,unfused_relu,...``, ``--card h100``, ``--json out.json``,
-``--hlo-dir DIR`` (keeps each variant's optimised HLO, gzipped).
+``--hlo-dir DIR`` (keeps each variant's optimised HLO, gzipped), ``--launches`` (what the
+host launches per step: CUDA graphs and the thunks outside them, from XLA's thunk sequence).
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu,cuda")
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import glob  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -66,11 +69,15 @@ _CARD = """gpu_device_info {{
   clock_rate_ghz: 1.98 device_memory_size: {memory} shared_memory_per_block_optin: 232448
   cuda_compute_capability {{ major: 9 minor: 0 }}
   registers_per_core_limit: 65536 registers_per_block_limit: 65536
+  runtime_version: "12.9.0" driver_version: "13.0.0" compile_time_toolkit_version: "12.9.0"
 }}
 platform_name: "CUDA"
 dnn_version_info {{ major: 9 minor: 8 }}
 device_description_str: "{name}"
 """
+# The CUDA versions are the lent H200's (driver 580: CUDA 13.0; jax's CUDA 12.9 runtime): XLA
+# records thunks such as cuDNN's convolutions into CUDA graphs only where they are >= 12.3,
+# and without them a deviceless compile would split its graphs as no real machine does.
 # Per card: HBM bandwidth (bytes/s) and the spec sheets' dense tensor-core peaks (FLOP/s;
 # SXM parts): bfloat16 / float16, and TF32 (XLA's default for float32 convolutions here).
 ROOFS = {
@@ -205,6 +212,43 @@ def step_kernels(hlo_text: str):
     return kernels
 
 
+def loop_launches(thunk_text: str, steps=1) -> dict:
+    """What the host launches per training step in the training loop's body, read from XLA's
+    thunk sequence after its thunk passes (``*.thunk_sequence_after_thunk_passes.txt`` of
+    an ``xla_dump_to`` dump): ``graphs`` (command buffers: CUDA graphs) and ``outside``,
+    the thunks launched one by one between them (by kind: cuDNN convolutions, kernels),
+    each per step of a body holding ``steps`` steps. When the whole loop sits inside one
+    command buffer (``WHILE`` recorded too), ``one_graph`` is True and both are 0: the call
+    is one graph launch.
+
+    Every launch outside a graph costs host time and can leave the GPU waiting: on the
+    H200 the default's ~104 graph switches per step came with 0.93 ms of gaps
+    (benchmarks/NOTES.md)."""
+    graphs, outside, one_graph = 0, collections.Counter(), False
+    section, top_kinds = None, []
+    for line in thunk_text.splitlines():
+        label = re.match(r"^\s*(condition|body):\s*$", line)
+        if label:
+            section = label.group(1)
+            continue
+        m = re.match(r"^( *)\d+: (k\w+)", line)
+        if not m:
+            continue
+        indent, kind = len(m.group(1)), m.group(2)
+        if indent == 0:
+            top_kinds.append(kind)
+            section = None
+        elif indent == 4 and section == "body":
+            if kind == "kCommandBuffer":
+                graphs += 1
+            else:
+                outside[kind] += 1
+        elif kind == "kWhile" and top_kinds and top_kinds[-1] == "kCommandBuffer":
+            one_graph = True
+    return {"graphs": graphs / steps, "outside": {k: n / steps for k, n in outside.items()},
+            "one_graph": one_graph and top_kinds == ["kCommandBuffer"]}
+
+
 def roofline_ms(kernels, card: str, steps=1) -> dict:
     """A roofline estimate of one step's time on ``card``: each kernel takes at least its
     bytes over the HBM bandwidth and its FLOPs over the tensor-core peak (bfloat16 /
@@ -260,6 +304,9 @@ def main():
     parser.add_argument("--top", type=int, default=14, help="parts listed per variant")
     parser.add_argument("--json", default=None)
     parser.add_argument("--hlo-dir", default=None)
+    parser.add_argument("--launches", action="store_true",
+                        help="also read XLA's thunk sequence (a dump in a temporary folder): "
+                             "CUDA graphs and thunks launched outside them, per step")
     args = parser.parse_args()
     names = args.variants.split(",")
     unknown = [v for v in names if v not in VARIANTS]
@@ -298,13 +345,24 @@ def main():
         lowered, options, _ = lower_variant(name, state_fn, data, num_steps=n, loss=args.loss,
                                             batch=args.batch, dtype=args.dtype, tx=tx,
                                             platform="gpu")
-        hlo = lowered.compile(compiler_options={**options, "xla_gpu_autotune_level": 0}).as_text()
+        with tempfile.TemporaryDirectory() as dump:
+            dump_options = ({"xla_dump_to": dump, "xla_dump_hlo_module_re": "train_steps"}
+                            if args.launches else {})
+            hlo = lowered.compile(compiler_options={**options, "xla_gpu_autotune_level": 0,
+                                                    **dump_options}).as_text()
+            thunks = sorted(glob.glob(os.path.join(
+                dump, "*train_steps.thunk_sequence_after_thunk_passes.txt")))
+            thunk_text = open(thunks[-1]).read() if thunks else None
+        if args.launches and thunk_text is None:
+            sys.exit("--launches: XLA wrote no thunk sequence (this jaxlib does not dump one?)")
         if args.hlo_dir:
             os.makedirs(args.hlo_dir, exist_ok=True)
             with gzip.open(os.path.join(args.hlo_dir, f"{name}.hlo.txt.gz"), "wt") as f:
                 f.write(hlo)
         summary = summarize(step_kernels(hlo), steps=variant_unroll(name, "gpu"),
                             card=args.card, batch=args.batch)
+        if thunk_text is not None:
+            summary["launches"] = loop_launches(thunk_text, steps=variant_unroll(name, "gpu"))
         report["variants"][name] = summary
         if args.json:
             with open(args.json + ".tmp", "w") as f:
@@ -317,6 +375,12 @@ def main():
               f"{r['compute_ms']:.2f} ms at the tensor-core peak, {r['memory_ms']:.2f} ms at "
               f"the HBM bandwidth, {r['floor_ms']:.2f} ms per step kernel by kernel: at most "
               f"~{r['ceiling_images_per_s']:,.0f} img/s")
+        if "launches" in summary:
+            launches = summary["launches"]
+            outside = ", ".join(f"{n:g} {kind[1:]}" for kind, n in launches["outside"].items())
+            print("launches: the whole call is one CUDA graph" if launches["one_graph"] else
+                  f"launches per step in the loop: {launches['graphs']:g} CUDA graphs, outside "
+                  f"them {outside or 'nothing'}")
         if args.top > 0:
             print("| part | kernels | MB written | MB read |\n| --- | --- | --- | --- |")
         for part, v in list(summary["parts"].items())[:args.top]:

@@ -103,3 +103,41 @@ def test_summarize_per_step_and_the_ceiling():
     assert one["roofline"]["gflop"] == pytest.approx((3 * CONV3 + PROJ + GEMM) / 1e9)
     assert one["roofline"]["ceiling_images_per_s"] == pytest.approx(
         8 / (one["roofline"]["floor_ms"] / 1e3))
+
+
+# XLA's thunk sequence after its passes (the format of jaxlib 0.11's dump, shortened): a
+# loop body of two steps with graphs split by convolutions, and a loop inside one graph.
+SPLIT = """000: kCommandBuffer [source | next=129 (1)]
+    001: kCustomKernel [source | sink] loop_add_fusion grid: [1, 1, 1]
+128: kConvolution  [prev=000 (1) | next=129 (1)] kConvolution
+129: kWhile         [prev=128 (1) | next=000 (1)]
+condition:
+    130: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1]
+  body:
+    000: kCommandBuffer [source | next=208 (1)]
+        131: kCustomKernel [source | sink] loop_multiply_fusion grid: [1, 1, 1]
+    208: kConvolution  [prev=000 (1) | next=209 (1)] kConvolution
+    209: kCustomKernel [prev=208 (1) | next=000 (1)] input_reduce_fusion grid: [8, 1, 1]
+    000: kCommandBuffer [prev=209 (1) | next=214 (1)]
+        210: kCustomKernel [source | sink] loop_add_fusion_2 grid: [1, 1, 1]
+        211: kConvolution  [source | sink] kConvolution
+    214: kConvolution  [prev=000 (1) | sink] kConvolution
+"""
+ONE_GRAPH = """000: kCommandBuffer [source | sink]
+    001: kCopy         [source | next=129 (128)] kCopy
+    129: kWhile        [prev=128 (1) | next=1836 (1)]
+    condition:
+        130: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1]
+      body:
+        131: kConvolution [source | sink] kConvolution
+"""
+
+
+def test_loop_launches_counts_graphs_and_what_runs_outside_them_per_step():
+    launches = hlo_static.loop_launches(SPLIT, steps=2)
+    # The loop condition's kernel and the thunks inside graphs are not launches of the body;
+    # the convolution before the loop is not either.
+    assert launches == {"graphs": 1.0, "outside": {"kConvolution": 1.0, "kCustomKernel": 0.5},
+                        "one_graph": False}
+    assert hlo_static.loop_launches(ONE_GRAPH) == {"graphs": 0.0, "outside": {},
+                                                   "one_graph": True}

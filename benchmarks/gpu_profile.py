@@ -52,6 +52,7 @@ import jax
 import numpy as np
 
 from calib_jax import models, train
+from calib_jax.files import atomic_write_bytes, atomic_write_text
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling script
 from train_throughput import (DTYPES, MEAN, NUM_TRAIN, STD, _agreement_text,  # noqa: E402
@@ -373,14 +374,12 @@ def main():
             (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
             with open(path, "rb") as f:
                 data = f.read()
-        with gzip.open(os.path.join(args.out, "trace.xplane.pb.gz"), "wb") as f:
-            f.write(data)
+        atomic_write_bytes(os.path.join(args.out, "trace.xplane.pb.gz"), gzip.compress(data))
         summary = summarize_xspace(data, n, args.plane_prefix, hlo_text=hlo)
         report["profile"] = summary
         save()
         text = format_summary(summary)
-        with open(os.path.join(args.out, "gpu_profile.txt"), "w") as f:
-            f.write(text + "\n")
+        atomic_write_text(os.path.join(args.out, "gpu_profile.txt"), text + "\n")
         print(text, flush=True)
 
     reference_losses = reference_hlo = None
@@ -409,8 +408,8 @@ def main():
                    "losses_vs_default": loss_agreement(losses, reference_losses)}
             if name == "default" and not any(r["variant"] == "default"
                                               for r in report["variants"]):
-                with gzip.open(os.path.join(args.out, "train_steps_hlo.txt.gz"), "wt") as f:
-                    f.write(hlo)
+                atomic_write_bytes(os.path.join(args.out, "train_steps_hlo.txt.gz"),
+                                   gzip.compress(hlo.encode()))
             timed.append([row, compiled, state])
             del state, metrics
         except Exception as error:  # a variant XLA rejects must not cost the others

@@ -59,6 +59,7 @@ from gpu_profile import VARIANTS, kernel_part, lower_variant, variant_unroll  # 
 from train_throughput import NUM_TRAIN, model_and_optimizer  # noqa: E402
 
 from calib_jax import models, train  # noqa: E402
+from calib_jax.files import atomic_write_bytes  # noqa: E402
 
 # XLA's GPU target description (gpu_device_info + dnn version), per card.
 _CARD = """gpu_device_info {{
@@ -356,9 +357,8 @@ def main():
         if args.launches and thunk_text is None:
             sys.exit("--launches: XLA wrote no thunk sequence (this jaxlib does not dump one?)")
         if args.hlo_dir:
-            os.makedirs(args.hlo_dir, exist_ok=True)
-            with gzip.open(os.path.join(args.hlo_dir, f"{name}.hlo.txt.gz"), "wt") as f:
-                f.write(hlo)
+            atomic_write_bytes(os.path.join(args.hlo_dir, f"{name}.hlo.txt.gz"),
+                               gzip.compress(hlo.encode()))
         summary = summarize(step_kernels(hlo), steps=variant_unroll(name, "gpu"),
                             card=args.card, batch=args.batch)
         if thunk_text is not None:

@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
-__all__ = ["atomic_write_text"]
+__all__ = ["atomic_write_bytes", "atomic_write_text"]
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Writes ``data`` to a new file beside ``path``, flushes it to disk, then renames it over
+    ``path``: a reader, or a crash, sees either the old content or all of ``data``, never a
+    part. A failed write leaves ``path`` as it was and no temporary file behind. The file
+    gets the permissions an ordinary ``open(path, "wb")`` would give (the umask applies)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
 
 
 def atomic_write_text(path, text: str) -> None:
-    """Writes ``text`` through a temporary file in the same folder, then renames it over
-    ``path``, so that a reader (or a crash) never sees a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
+    if not isinstance(text, str):
+        raise TypeError(f"`text` must be a str; got {type(text).__name__} (use "
+                        "atomic_write_bytes for bytes).")
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,60 @@
+"""calib_jax.files: atomic writes."""
+
+import os
+
+import pytest
+
+from calib_jax import files
+
+
+def test_atomic_write_text_creates_parents_and_replaces(tmp_path):
+    path = tmp_path / "a" / "b" / "results.md"
+    files.atomic_write_text(path, "first\n")
+    assert path.read_text() == "first\n"
+    files.atomic_write_text(path, "second, é\n")
+    assert path.read_text(encoding="utf-8") == "second, é\n"
+    assert os.listdir(path.parent) == ["results.md"]  # no temporary file left
+
+
+def test_atomic_write_bytes(tmp_path):
+    path = tmp_path / "trace.pb.gz"
+    files.atomic_write_bytes(path, b"\x00\x01binary")
+    assert path.read_bytes() == b"\x00\x01binary"
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    files.atomic_write_text(path, "old")
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        files.atomic_write_text(path, "new")
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_a_write_that_raises_midway_leaves_no_temporary(tmp_path):
+    path = tmp_path / "results.json"
+    files.atomic_write_text(path, "old")
+
+    with pytest.raises(TypeError):
+        files.atomic_write_bytes(path, object())  # not bytes: the write itself fails
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_text_must_be_a_string(tmp_path):
+    with pytest.raises(TypeError, match="atomic_write_bytes"):
+        files.atomic_write_text(tmp_path / "x", b"bytes")
+
+
+def test_permissions_are_those_of_an_ordinary_file(tmp_path):
+    reference = tmp_path / "reference"
+    with open(reference, "wb"):
+        pass
+    path = tmp_path / "written"
+    files.atomic_write_bytes(path, b"x")
+    assert (path.stat().st_mode & 0o777) == (reference.stat().st_mode & 0o777)

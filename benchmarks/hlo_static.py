@@ -50,6 +50,7 @@ import math  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -353,7 +354,7 @@ def main():
                                                     **dump_options}).as_text()
             thunks = sorted(glob.glob(os.path.join(
                 dump, "*train_steps.thunk_sequence_after_thunk_passes.txt")))
-            thunk_text = open(thunks[-1]).read() if thunks else None
+            thunk_text = Path(thunks[-1]).read_text() if thunks else None
         if args.launches and thunk_text is None:
             sys.exit("--launches: XLA wrote no thunk sequence (this jaxlib does not dump one?)")
         if args.hlo_dir:

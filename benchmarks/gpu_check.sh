@@ -22,7 +22,8 @@
 #    unroll1: the scan rolled, as before train.default_unroll; conv_fusion: XLA's
 #    experimental convolution fusion; autodiff_bn: BatchNorm's gradient by autodiff), then
 #    each timed again in 5 interleaved rounds (medians vs the default's: the machine's drift
-#    cancels; six variants fit the 200 s); then some at batch 1024 (untraced, 3 rounds, in
+#    cancels; six variants fit the 200 s), and last a trace of graph_conv (what is left once
+#    the gaps go); then some at batch 1024 (untraced, 3 rounds, in
 #    $OUT/batch1024; unfused_relu: BatchNorm, add and ReLU as separate layers, which write
 #    fewer bytes there), where the row fell from 24,649 img/s (commit 1949c9d) to 20,015
 #    (commit cae96e9): which change?

@@ -18,7 +18,9 @@ i.e. the headline row of ``train_throughput.py``):
    for offline reading (``jax.profiler.ProfileData.from_serialized_xspace``);
 3. ``--rounds``: times the compiled variants again, one call each per round, in turn, and
    prints each one's median against the default's (the comparison that the machine's drift
-   does not bias).
+   does not bias);
+4. (unless ``--no-profile``) traces ``--trace-variants`` too (default: ``graph_conv`` where
+   it runs), last: ``trace_<name>.xplane.pb.gz``, ``gpu_profile_<name>.txt``.
 
 On an H200 with jax 0.11.2 XLA kept its command buffers (CUDA graphs) while tracing: the
 kernels carry graph ids, so the trace shows the real execution, with the gaps where a graph
@@ -319,6 +321,10 @@ def main():
                         help=f"comma-separated, in order, from {sorted(VARIANTS)} (a name may "
                         "come twice)")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--trace-variants", default=None,
+                        help="comma-separated variants (of --variants) traced too, after the "
+                        "rounds (the default's trace comes first, right after it runs); "
+                        "by default graph_conv where it is among --variants")
     parser.add_argument("--plane-prefix", default="/device:GPU",
                         help="trace planes to summarise ('/host:CPU' for a CPU smoke run)")
     parser.add_argument("--out", default="gpu_results")
@@ -329,6 +335,12 @@ def main():
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
+    trace_names = ([v for v in args.trace_variants.split(",") if v]
+                   if args.trace_variants is not None
+                   else [v for v in ("graph_conv",) if v in names])
+    if "default" in trace_names or not set(trace_names) <= set(names):
+        parser.error(f"--trace-variants: {trace_names} must be other variants of --variants "
+                     f"({names}); the default is traced anyway (unless --no-profile)")
     os.makedirs(args.out, exist_ok=True)
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
@@ -361,9 +373,11 @@ def main():
     def run(compiled, state):
         return compiled(state, x_dev, y_dev, order, 0, 0, 0)
 
-    def profile(compiled, hlo):
-        """Traces one call (after a warm one) and summarises the device time."""
-        state = fresh_state()
+    def profile(compiled, hlo, name="default", state=None):
+        """Traces one call of variant ``name`` (after a warm one) and summarises the device
+        time; returns the state after the calls. The default's trace is ``trace.xplane.pb.gz``
+        and ``gpu_profile.txt`` (report["profile"]), another's carries its name."""
+        state = fresh_state() if state is None else state
         state, metrics = run(compiled, state)  # warm: nothing of the first call traced
         jax.block_until_ready(metrics)
         with tempfile.TemporaryDirectory() as trace_dir:
@@ -374,13 +388,19 @@ def main():
             (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
             with open(path, "rb") as f:
                 data = f.read()
-        atomic_write_bytes(os.path.join(args.out, "trace.xplane.pb.gz"), gzip.compress(data))
+        suffix = "" if name == "default" else f"_{name}"
+        atomic_write_bytes(os.path.join(args.out, f"trace{suffix}.xplane.pb.gz"),
+                           gzip.compress(data))
         summary = summarize_xspace(data, n, args.plane_prefix, hlo_text=hlo)
-        report["profile"] = summary
+        if name == "default":
+            report["profile"] = summary
+        else:
+            report.setdefault("profiles", {})[name] = summary
         save()
         text = format_summary(summary)
-        atomic_write_text(os.path.join(args.out, "gpu_profile.txt"), text + "\n")
-        print(text, flush=True)
+        atomic_write_text(os.path.join(args.out, f"gpu_profile{suffix}.txt"), text + "\n")
+        print(("" if name == "default" else f"trace of {name}:\n") + text, flush=True)
+        return state
 
     reference_losses = reference_hlo = None
     timed = []  # [row, compiled, state] of each variant that ran, for the rounds
@@ -437,6 +457,17 @@ def main():
             interleaved_rounds(timed, args.rounds, run, n * args.batch, save)
         except Exception as error:  # the rows above are saved; the rounds' so far too
             print(f"interleaved rounds failed: {type(error).__name__}: {error}", flush=True)
+    # Last, as the least needed: traces of other variants (what is left once they change
+    # the step), each from its own compiled call and state.
+    for name in [] if args.no_profile else trace_names:
+        entry = next((e for e in timed if e[0]["variant"] == name), None)
+        if entry is None:
+            print(f"no trace of {name}: it did not run", flush=True)
+            continue
+        try:
+            entry[2] = profile(entry[1], entry[1].as_text(), name, state=entry[2])
+        except Exception as error:
+            print(f"trace of {name} failed: {type(error).__name__}: {error}", flush=True)
 
 
 def interleaved_rounds(timed, rounds, run, images_per_call, save):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Usage: bash benchmarks/gpu_check.sh [table|profile|all]   (default: all)
+# Usage: bash benchmarks/gpu_check.sh [table|profile|batch1024|all]   (default: all)
 # Results in $OUT (or ./gpu_results). On a lent machine (at most 10 minutes per command) run
-# the two parts as two calls on the warm machine, `table` first (6 min), then `profile`
-# (~6 min); they share one persistent compilation cache (JAX_COMPILATION_CACHE_DIR).
+# the parts as separate calls on the warm machine, `table` first (6 min), then `profile`
+# (~6 min), then `batch1024` if the session has time left (~2.5 min); they share one
+# persistent compilation cache (JAX_COMPILATION_CACHE_DIR).
 #
 # table (train_throughput.py, at most TABLE_S seconds): the training loop's compiled call
 #    (train_steps, 39 steps per call: the loop's default for CIFAR-10's 351 steps per epoch)
@@ -14,19 +15,23 @@
 #    fails is recorded and the others still run. (On an H200: a ResNet-50 row compiles in
 #    15-40 s, the six-member program in ~90 s; the first five rows, through the six-loss
 #    sequential row, take ~290 s; all nine but the vmapped row took 450 s.)
-# profile (gpu_profile.py, at most PROFILE_S seconds, then PROFILE_1024_S): a kernel breakdown
-#    of the headline call by part of the step, the gzipped trace and optimised HLO; images/s
-#    of XLA options and earlier code, each against the default in the same process
-#    (graph_conv: cuDNN's convolutions recorded into the CUDA graphs, graph_conv_while: and
-#    the whole scan as one graph, both predicted to remove the gaps between graphs;
-#    unroll1: the scan rolled, as before train.default_unroll; conv_fusion: XLA's
-#    experimental convolution fusion; autodiff_bn: BatchNorm's gradient by autodiff), then
-#    each timed again in 5 interleaved rounds (medians vs the default's: the machine's drift
-#    cancels; six variants fit the 200 s), and last a trace of graph_conv (what is left once
-#    the gaps go); then some at batch 1024 (untraced, 3 rounds, in
-#    $OUT/batch1024; unfused_relu: BatchNorm, add and ReLU as separate layers, which write
-#    fewer bytes there), where the row fell from 24,649 img/s (commit 1949c9d) to 20,015
-#    (commit cae96e9): which change?
+# profile (at most PROFILE_S, then GRAPHS_S seconds):
+#    1. gpu_profile.py: a kernel breakdown of the headline call by part of the step, the
+#    gzipped trace and optimised HLO; images/s of XLA options and earlier code, each against
+#    the default in the same process (graph_conv: cuDNN's convolutions recorded into the
+#    CUDA graphs; graph_conv_concurrent: and the graph's nodes ordered by data dependencies
+#    only, so independent kernels may overlap; graph_conv_while: the whole scan as one graph;
+#    conv_fusion: XLA's experimental convolution fusion; unroll1: the scan rolled, as before
+#    train.default_unroll), then each timed again in 5 interleaved rounds (medians vs the
+#    default's: the machine's drift cancels), and last a trace of graph_conv_concurrent
+#    (what is left once the gaps go, and how much the kernels overlap);
+#    2. train_throughput.py under XLA_FLAGS=$GRAPH_FLAGS (graph_conv_concurrent for every
+#    compile): the headline row and the six-loss row (sequential members, which the
+#    concurrent graph may run side by side), in $OUT/graphs.
+# batch1024 (gpu_profile.py at batch 1024, at most PROFILE_1024_S seconds, untraced, 3
+#    rounds, in $OUT/batch1024): graph_conv and earlier code (unroll1, autodiff_bn: BatchNorm's
+#    gradient by autodiff; unfused_relu: BatchNorm, add and ReLU as separate layers), where
+#    the row fell from 24,649 img/s (commit 1949c9d) to 20,015 (commit cae96e9): which change?
 #
 # The first row of each shape compiles cold, as a user's first run does; a later row with the
 # same convolutions (FLSD-53 beside CE) finds them autotuned.
@@ -34,8 +39,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PART="${1:-all}"
 case "$PART" in
-    table|profile|all) ;;
-    *) echo "usage: bash benchmarks/gpu_check.sh [table|profile|all] (got '$PART')" >&2; exit 2;;
+    table|profile|batch1024|all) ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [table|profile|batch1024|all] (got '$PART')" >&2
+       exit 2;;
 esac
 OUT="${OUT:-gpu_results}"
 mkdir -p "$OUT"
@@ -45,7 +51,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PYTHON="${PYTHON:-python3}"  # the lent machine's python3 holds jax
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/calib_jax_compile_cache}"
-if [ "$PART" != profile ]; then
+if [ "$PART" = table ] || [ "$PART" = all ]; then
     timeout -k 10 "${TABLE_S:-360}" "$PYTHON" benchmarks/train_throughput.py \
         --models resnet50 --batch-sizes 128,1024 --dtypes bfloat16,float32 --losses ce,flsd53 \
         --steps-per-call 39 --calls 2 --epoch-overhead \
@@ -53,11 +59,25 @@ if [ "$PART" != profile ]; then
         --eval --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train_throughput.txt"
     echo "exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/train_throughput.txt"
 fi
-if [ "$PART" != table ]; then
+if [ "$PART" = profile ] || [ "$PART" = all ]; then
     timeout -k 10 "${PROFILE_S:-200}" "$PYTHON" benchmarks/gpu_profile.py --out "$OUT" \
-        --variants default,graph_conv,graph_conv_while,unroll1,conv_fusion,autodiff_bn \
+        --variants default,graph_conv,graph_conv_concurrent,graph_conv_while,conv_fusion,unroll1 \
+        --trace-variants graph_conv_concurrent \
         2>&1 | tee "$OUT/gpu_profile_log.txt"
     echo "profile exit status: ${PIPESTATUS[0]}"
+    mkdir -p "$OUT/graphs"
+    # gpu_profile.py's graph_conv_concurrent variant, as flags for the whole process.
+    GRAPH_FLAGS="$(cd benchmarks && "$PYTHON" -c \
+        'from gpu_profile import xla_flags; print(xla_flags("graph_conv_concurrent"))')"
+    echo "XLA_FLAGS for the graphs rows: $GRAPH_FLAGS"
+    XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$GRAPH_FLAGS" timeout -k 10 "${GRAPHS_S:-170}" \
+        "$PYTHON" benchmarks/train_throughput.py --models resnet50 --batch-sizes 128 \
+        --dtypes bfloat16 --losses ce --steps-per-call 39 --calls 2 \
+        --multi ce,brier,mmce_weighted,label_smoothing,focal,flsd53 --multi-modes sequential \
+        --json "$OUT/graphs/train_throughput.json" 2>&1 | tee "$OUT/graphs/train_throughput.txt"
+    echo "graphs exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/graphs/train_throughput.txt"
+fi
+if [ "$PART" = batch1024 ] || [ "$PART" = all ]; then
     timeout -k 10 "${PROFILE_1024_S:-150}" "$PYTHON" benchmarks/gpu_profile.py --batch 1024 \
         --no-profile --rounds 3 --out "$OUT/batch1024" \
         --variants default,graph_conv,unroll1,autodiff_bn,unfused_relu \

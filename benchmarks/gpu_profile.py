@@ -28,7 +28,9 @@ ends (the traced call ran ~9% slower than untraced ones).
 By default XLA records cuDNN's convolution calls outside its graphs (each one splits the
 step's graph: ~70 graphs and ~290 single launches per step at batch 128, ``hlo_static.py
 --launches``); ``graph_conv`` records them too (half a graph per step: one per loop trip
-of two steps), ``graph_conv_while`` the whole call as one graph.
+of two steps), ``graph_conv_while`` the whole call as one graph, ``graph_conv_concurrent``
+lets the graph run independent kernels side by side (XLA's default keeps the schedule's
+order: ``xla_gpu_command_buffer_scheduling_mode=LHS``).
 
 Usage (GPU): python benchmarks/gpu_profile.py --out gpu_results
 Usage (CPU smoke): python benchmarks/gpu_profile.py --model resnet8 --batch 16 \
@@ -80,6 +82,12 @@ VARIANTS = {
                    None),
     "graph_conv_while": ({"xla_gpu_enable_command_buffer":
                           _DEFAULT_GRAPH_KINDS + ",CONVOLUTION,WHILE"}, None),
+    # ... and the graph's nodes ordered by their data dependencies only (XLA's default, LHS,
+    # keeps the schedule's order), so independent kernels may run at once: a step's weight
+    # and input gradients, its per-leaf optimiser updates, the members of a sequential group.
+    "graph_conv_concurrent": ({"xla_gpu_enable_command_buffer":
+                               _DEFAULT_GRAPH_KINDS + ",CONVOLUTION",
+                               "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}, None),
     "graph_min1": ({"xla_gpu_graph_min_graph_size": 1}, None),
     "no_graph": ({"xla_gpu_enable_command_buffer": ""}, None),
     "conv_fusion": ({"xla_gpu_experimental_enable_conv_fusion": True}, None),
@@ -141,6 +149,14 @@ def variant_code(name, tx):
         yield train.train_steps, per_leaf_tx
     else:
         yield train.train_steps, tx
+
+
+def xla_flags(name: str) -> str:
+    """Variant ``name``'s XLA options as ``XLA_FLAGS`` for a whole process (how
+    ``gpu_check.sh`` runs ``train_throughput.py`` under a variant)."""
+    options = VARIANTS[name][0]
+    return " ".join(f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
+                    for k, v in options.items())
 
 
 def variant_unroll(name, platform):
@@ -316,7 +332,8 @@ def main():
     parser.add_argument("--calls", type=int, default=3, help="timed calls per variant")
     parser.add_argument("--rounds", type=int, default=5,
                         help="then this many rounds of one call per variant, in turn (0: none)")
-    parser.add_argument("--variants", default="default,graph_conv,graph_conv_while,unroll1,"
+    parser.add_argument("--variants", default="default,graph_conv,graph_conv_concurrent,"
+                        "graph_conv_while,unroll1,"
                         "autodiff_bn,unfused_relu,per_leaf_norm,conv_fusion,no_graph",
                         help=f"comma-separated, in order, from {sorted(VARIANTS)} (a name may "
                         "come twice)")

@@ -34,7 +34,9 @@ Usage (GPU):  python benchmarks/train_throughput.py --models resnet50 --per-step
 Usage (CPU smoke): python benchmarks/train_throughput.py --models resnet8 \
     --batch-sizes 32 --steps-per-call 1 --calls 3 --dtypes float32 --losses ce
 Data are synthetic device-resident uint8 images (45,000 x 32 x 32 x 3), so the
-input files are not counted; the augmentation and batching are.
+input files are not counted; the augmentation and batching are. XLA options for
+every row come from the environment (``XLA_FLAGS``, recorded in the JSON), e.g. the
+CUDA-graph settings that ``gpu_check.sh profile`` times the six-loss row with.
 """
 
 from __future__ import annotations
@@ -354,7 +356,8 @@ def main():
         parser.error(f"--unroll must be >= 0 (0 = the training loop's default), got {args.unroll}")
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, "
-          f"{platform.machine()}")
+          f"{platform.machine()}"
+          + (f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else ""))
     data = synthetic_train_data()
     batches = [int(b) for b in args.batch_sizes.split(",")]
     dtypes, losses = args.dtypes.split(","), args.losses.split(",")
@@ -363,7 +366,8 @@ def main():
     def save():  # atomically, after every row: a run cut short keeps what it measured
         if args.json:
             with open(args.json + ".tmp", "w") as f:
-                json.dump({"device": device.device_kind, "jax": jax.__version__, "rows": rows}, f,
+                json.dump({"device": device.device_kind, "jax": jax.__version__,
+                           "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}, f,
                           indent=2)
             os.replace(args.json + ".tmp", args.json)
 

@@ -2,7 +2,7 @@
 # Usage: bash benchmarks/gpu_check.sh [table|profile|batch1024|all]   (default: all)
 # Results in $OUT (or ./gpu_results). On a lent machine (at most 10 minutes per command) run
 # the parts as separate calls on the warm machine, `table` first (6 min), then `profile`
-# (~6 min), then `batch1024` if the session has time left (~2.5 min); they share one
+# (~7 min), then `batch1024` if the session has time left (~2.5 min); they share one
 # persistent compilation cache (JAX_COMPILATION_CACHE_DIR).
 #
 # table (train_throughput.py, at most TABLE_S seconds): the training loop's compiled call
@@ -70,7 +70,7 @@ if [ "$PART" = profile ] || [ "$PART" = all ]; then
     GRAPH_FLAGS="$(cd benchmarks && "$PYTHON" -c \
         'from gpu_profile import xla_flags; print(xla_flags("graph_conv_concurrent"))')"
     echo "XLA_FLAGS for the graphs rows: $GRAPH_FLAGS"
-    XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$GRAPH_FLAGS" timeout -k 10 "${GRAPHS_S:-170}" \
+    XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$GRAPH_FLAGS" timeout -k 10 "${GRAPHS_S:-200}" \
         "$PYTHON" benchmarks/train_throughput.py --models resnet50 --batch-sizes 128 \
         --dtypes bfloat16 --losses ce --steps-per-call 39 --calls 2 \
         --multi ce,brier,mmce_weighted,label_smoothing,focal,flsd53 --multi-modes sequential \

@@ -371,9 +371,7 @@ def main():
     json_path = os.path.join(args.out, "gpu_profile.json")
 
     def save():
-        with open(json_path + ".tmp", "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(json_path + ".tmp", json_path)
+        atomic_write_text(json_path, json.dumps(report, indent=2))
 
     def fresh_state(variant_tx=tx):
         return train.create_train_state(jax.random.PRNGKey(0), model, variant_tx,

@@ -60,7 +60,7 @@ from gpu_profile import VARIANTS, kernel_part, lower_variant, variant_unroll  # 
 from train_throughput import NUM_TRAIN, model_and_optimizer  # noqa: E402
 
 from calib_jax import models, train  # noqa: E402
-from calib_jax.files import atomic_write_bytes  # noqa: E402
+from calib_jax.files import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 # XLA's GPU target description (gpu_device_info + dnn version), per card.
 _CARD = """gpu_device_info {{
@@ -360,15 +360,13 @@ def main():
         if args.hlo_dir:
             atomic_write_bytes(os.path.join(args.hlo_dir, f"{name}.hlo.txt.gz"),
                                gzip.compress(hlo.encode()))
-        summary = summarize(step_kernels(hlo), steps=variant_unroll(name, "gpu"),
-                            card=args.card, batch=args.batch)
+        steps = variant_unroll(name, "gpu")  # training steps in the loop body
+        summary = summarize(step_kernels(hlo), steps=steps, card=args.card, batch=args.batch)
         if thunk_text is not None:
-            summary["launches"] = loop_launches(thunk_text, steps=variant_unroll(name, "gpu"))
+            summary["launches"] = loop_launches(thunk_text, steps=steps)
         report["variants"][name] = summary
         if args.json:
-            with open(args.json + ".tmp", "w") as f:
-                json.dump(report, f, indent=2)
-            os.replace(args.json + ".tmp", args.json)
+            atomic_write_text(args.json, json.dumps(report, indent=2))
         print(f"\n{name}: {summary['kernels']:g} kernels per step, {summary['written_mb']:,.0f} MB "
               f"written, {summary['read_mb']:,.0f} MB read (operands, whole)", flush=True)
         r = summary["roofline"]
@@ -378,7 +376,8 @@ def main():
               f"~{r['ceiling_images_per_s']:,.0f} img/s")
         if "launches" in summary:
             launches = summary["launches"]
-            outside = ", ".join(f"{n:g} {kind[1:]}" for kind, n in launches["outside"].items())
+            outside = ", ".join(f"{count:g} {kind[1:]}"
+                                for kind, count in launches["outside"].items())
             print("launches: the whole call is one CUDA graph" if launches["one_graph"] else
                   f"launches per step in the loop: {launches['graphs']:g} CUDA graphs, outside "
                   f"them {outside or 'nothing'}")

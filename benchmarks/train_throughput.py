@@ -53,6 +53,7 @@ import numpy as np
 
 from calib_jax import calibration, metrics, models, train
 from calib_jax.data import pipeline
+from calib_jax.files import atomic_write_text
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -365,11 +366,9 @@ def main():
 
     def save():  # atomically, after every row: a run cut short keeps what it measured
         if args.json:
-            with open(args.json + ".tmp", "w") as f:
-                json.dump({"device": device.device_kind, "jax": jax.__version__,
-                           "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}, f,
-                          indent=2)
-            os.replace(args.json + ".tmp", args.json)
+            atomic_write_text(args.json, json.dumps(
+                {"device": device.device_kind, "jax": jax.__version__,
+                 "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}, indent=2))
 
     def record(r):
         rows.append(r)

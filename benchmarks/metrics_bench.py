@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calib_jax import calibration, metrics
+from calib_jax.files import atomic_write_text
 
 EDGES = metrics.bin_edges(15)
 
@@ -190,8 +191,7 @@ def main():
         print(f"| {r['size']} | {r['what']} | {r['calib_jax_s']:.4f} | {r['compile_s']:.2f} "
               f"| {r['numpy_loop_s']:.3f} | {r['speedup']:.1f}x | {r['max_abs_diff']:.2e} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        atomic_write_text(args.json, json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # Usage: bash benchmarks/gpu_check.sh [table|profile|batch1024|all]   (default: all)
 # Results in $OUT (or ./gpu_results). On a lent machine (at most 10 minutes per command) run
 # the parts as separate calls on the warm machine, `table` first (6 min), then `profile`
-# (~7 min), then `batch1024` if the session has time left (~2.5 min); they share one
+# (~7 min), then `batch1024` if the session has time left (~3 min); they share one
 # persistent compilation cache (JAX_COMPILATION_CACHE_DIR).
 #
 # table (train_throughput.py, at most TABLE_S seconds): the training loop's compiled call
@@ -21,17 +21,19 @@
 #    the default in the same process (graph_conv: cuDNN's convolutions recorded into the
 #    CUDA graphs; graph_conv_concurrent: and the graph's nodes ordered by data dependencies
 #    only, so independent kernels may overlap; graph_conv_while: the whole scan as one graph;
-#    conv_fusion: XLA's experimental convolution fusion; unroll1: the scan rolled, as before
-#    train.default_unroll), then each timed again in 5 interleaved rounds (medians vs the
+#    conv_fusion: XLA's experimental convolution fusion; before_bytes: BatchNorm as before the
+#    fourth session cut its bytes, the shortcut widened by a plain conversion and every ReLU
+#    mask read from the saved output), then each timed again in 5 interleaved rounds (medians vs the
 #    default's: the machine's drift cancels), and last a trace of graph_conv_concurrent
 #    (what is left once the gaps go, and how much the kernels overlap);
 #    2. train_throughput.py under XLA_FLAGS=$GRAPH_FLAGS (graph_conv_concurrent for every
 #    compile): the headline row and the six-loss row (sequential members, which the
 #    concurrent graph may run side by side), in $OUT/graphs.
 # batch1024 (gpu_profile.py at batch 1024, at most PROFILE_1024_S seconds, untraced, 3
-#    rounds, in $OUT/batch1024): graph_conv and earlier code (unroll1, autodiff_bn: BatchNorm's
-#    gradient by autodiff; unfused_relu: BatchNorm, add and ReLU as separate layers), where
-#    the row fell from 24,649 img/s (commit 1949c9d) to 20,015 (commit cae96e9): which change?
+#    rounds, in $OUT/batch1024): the fourth session's two byte cuts together and apart
+#    (before_bytes, convert_residual, mask_from_y: static -4.1% and -2.6% of the bytes),
+#    graph_conv, and autodiff_bn (BatchNorm's gradient by autodiff), where the row fell from
+#    24,649 img/s (commit 1949c9d) to 20,015 (commit cae96e9).
 #
 # The first row of each shape compiles cold, as a user's first run does; a later row with the
 # same convolutions (FLSD-53 beside CE) finds them autotuned.
@@ -61,7 +63,7 @@ if [ "$PART" = table ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = profile ] || [ "$PART" = all ]; then
     timeout -k 10 "${PROFILE_S:-200}" "$PYTHON" benchmarks/gpu_profile.py --out "$OUT" \
-        --variants default,graph_conv,graph_conv_concurrent,graph_conv_while,conv_fusion,unroll1 \
+        --variants default,graph_conv,graph_conv_concurrent,graph_conv_while,conv_fusion,before_bytes \
         --trace-variants graph_conv_concurrent \
         2>&1 | tee "$OUT/gpu_profile_log.txt"
     echo "profile exit status: ${PIPESTATUS[0]}"
@@ -84,9 +86,9 @@ if [ "$PART" = profile ] || [ "$PART" = all ]; then
     fi
 fi
 if [ "$PART" = batch1024 ] || [ "$PART" = all ]; then
-    timeout -k 10 "${PROFILE_1024_S:-150}" "$PYTHON" benchmarks/gpu_profile.py --batch 1024 \
+    timeout -k 10 "${PROFILE_1024_S:-180}" "$PYTHON" benchmarks/gpu_profile.py --batch 1024 \
         --no-profile --rounds 3 --out "$OUT/batch1024" \
-        --variants default,graph_conv,unroll1,autodiff_bn,unfused_relu \
+        --variants default,before_bytes,convert_residual,mask_from_y,graph_conv,autodiff_bn \
         2>&1 | tee "$OUT/gpu_profile_1024_log.txt"
     echo "batch-1024 variants exit status: ${PIPESTATUS[0]}"
 fi

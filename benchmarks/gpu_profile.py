@@ -67,7 +67,8 @@ from train_throughput import (DTYPES, MEAN, NUM_TRAIN, STD, _agreement_text,  # 
 # to which the graph variants add WHILE: the whole lax.scan as one CUDA graph.
 _DEFAULT_GRAPH_KINDS = "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,DYNAMIC_SLICE_FUSION,CONDITIONAL"
 # Earlier code put back for a before/after (variant_code): no XLA options of their own.
-CODE_VARIANTS = ("autodiff_bn", "unfused_relu", "per_leaf_norm")
+CODE_VARIANTS = ("autodiff_bn", "unfused_relu", "per_leaf_norm", "convert_residual", "mask_from_y",
+                 "before_bytes")
 # name -> (XLA compiler options, the scan's unroll: None = the training loop's default for
 # the platform compiled for, train.default_unroll).
 VARIANTS = {
@@ -91,6 +92,9 @@ VARIANTS = {
     "graph_min1": ({"xla_gpu_graph_min_graph_size": 1}, None),
     "no_graph": ({"xla_gpu_enable_command_buffer": ""}, None),
     "conv_fusion": ({"xla_gpu_experimental_enable_conv_fusion": True}, None),
+    # XLA keeps every bfloat16 rounding the program writes (its default lets it compute some
+    # in float32 instead): what layers._upcast_exactly does for the shortcut alone.
+    "no_excess_precision": ({"xla_allow_excess_precision": False}, None),
     "unroll1": ({}, 1),
     "unroll2": ({}, 2),
     **{name: ({}, None) for name in CODE_VARIANTS},
@@ -125,7 +129,13 @@ def variant_code(name, tx):
     * ``unfused_relu``: BatchNorm, then the shortcut add and ReLU as separate layers in the
       model's dtype (before ``BatchNorm(relu=True)`` took them);
     * ``per_leaf_norm``: optax's ``clip_by_global_norm`` (one norm reduction per leaf;
-      before ``train.clip_by_global_norm``)."""
+      before ``train.clip_by_global_norm``);
+    * ``convert_residual``: BatchNorm widens a bfloat16 shortcut with a plain conversion,
+      which XLA folds into the float32 value before its rounding (before
+      ``layers._upcast_exactly``);
+    * ``mask_from_y``: BatchNorm's backward pass reads every fused ReLU's mask from the
+      saved output (before it recomputed the mask from ``x`` where no shortcut was added);
+    * ``before_bytes``: both of the last two (the code before they cut the bytes)."""
     from calib_jax.models import layers
     if name == "autodiff_bn":
         def autodiff(x, scale, bias, epsilon, axis_name, dtype, *, residual=None, relu=False):
@@ -147,8 +157,29 @@ def variant_code(name, tx):
         with patch.object(train, "clip_by_global_norm", optax.clip_by_global_norm):
             per_leaf_tx = optimizer()
         yield train.train_steps, per_leaf_tx
+    elif name in ("convert_residual", "mask_from_y", "before_bytes"):
+        with contextlib.ExitStack() as stack:
+            if name != "mask_from_y":
+                stack.enter_context(patch.object(layers, "_upcast_exactly",
+                                                 lambda x, dtype: x.astype(dtype)))
+            if name != "convert_residual":
+                stack.enter_context(patch.object(layers, "_batch_norm_closed_form",
+                                                 _closed_form_saving_y(layers)))
+            yield _fresh_train_steps(), tx
     else:
         yield train.train_steps, tx
+
+
+def _closed_form_saving_y(layers):
+    """``layers._batch_norm_closed_form`` as it was before the ReLU's mask was recomputed
+    from ``x``: the forward rule saves the output ``y`` for every fused ReLU."""
+    def forward(x, scale, bias, residual, epsilon, dtype, relu):
+        outputs, saved = layers._batch_norm_closed_form_fwd(x, scale, bias, residual, epsilon,
+                                                            dtype, relu)
+        return outputs, saved[:5] + ((outputs[0] if relu else None),) + saved[6:]
+    closed_form = jax.custom_vjp(layers._batch_norm_closed_form.fun, nondiff_argnums=(4, 5, 6))
+    closed_form.defvjp(forward, layers._batch_norm_closed_form_bwd)
+    return closed_form
 
 
 def xla_flags(name: str) -> str:
@@ -333,7 +364,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5,
                         help="then this many rounds of one call per variant, in turn (0: none)")
     parser.add_argument("--variants", default="default,graph_conv,graph_conv_concurrent,"
-                        "graph_conv_while,unroll1,"
+                        "graph_conv_while,unroll1,before_bytes,"
                         "autodiff_bn,unfused_relu,per_leaf_norm,conv_fusion,no_graph",
                         help=f"comma-separated, in order, from {sorted(VARIANTS)} (a name may "
                         "come twice)")

@@ -1,6 +1,7 @@
 """calib_jax.models: exact parameter counts, shapes, dtypes, BatchNorm and init semantics."""
 
 import functools
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from calib_jax import models
-from calib_jax.models import densenet, resnet, text, wide_resnet
+from calib_jax.models import densenet, layers, resnet, text, wide_resnet
 from calib_jax.models.layers import BatchNorm, batch_norm_train
 
 # The reference's trainable parameter counts (PyTorch, torrvision/focal_calibration).
@@ -191,6 +192,28 @@ def test_batch_norm_relu_residual_gradient_is_autodiff_of_the_unfused_layers():
                 np.testing.assert_allclose(g, v, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_batch_norm_relu_gradient_mask_is_where_the_output_is_positive(dtype, with_residual):
+    # d sum(y) / d bias counts, per channel, the positions the backward pass lets through:
+    # they must be exactly those where the forward output is > 0 (without a shortcut the
+    # mask is recomputed from x, not read from y).
+    x, scale, bias, _ = _bn_inputs(jax.random.PRNGKey(8), (32, 5, 5, 6), jnp.float32)
+    x = x.astype(dtype)
+    residual = (jax.random.normal(jax.random.PRNGKey(9), x.shape).astype(dtype)
+                if with_residual else None)
+
+    def total(b):
+        y = batch_norm_train(x, scale, b, 1e-5, None, dtype, residual=residual, relu=True)[0]
+        return jnp.sum(y.astype(jnp.float32)), y
+
+    for fn in (total, jax.jit(total)):
+        count, y = jax.grad(fn, has_aux=True)(bias)
+        active = np.sum(np.asarray(y.astype(jnp.float32)) > 0, axis=(0, 1, 2))
+        assert 0.2 < active.sum() / y.size < 0.8
+        np.testing.assert_array_equal(np.asarray(count), active)
+
+
 def test_batch_norm_relu_residual_in_bfloat16_keeps_dtypes():
     x, scale, bias, w = _bn_inputs(jax.random.PRNGKey(5), (16, 4, 4, 8), jnp.float32)
     x16 = x.astype(jnp.bfloat16)
@@ -208,6 +231,41 @@ def test_batch_norm_relu_residual_in_bfloat16_keeps_dtypes():
     # A float32 shortcut into a bfloat16 layer gets a float32 cotangent.
     got = jax.grad(fused, argnums=3)(x16, scale, bias, residual.astype(jnp.float32))
     assert got.dtype == jnp.float32
+
+
+def test_shortcut_widening_is_bitwise_the_conversion():
+    # Every bfloat16 bit pattern (NaNs, infinities, subnormals, -0 included).
+    x = jax.lax.bitcast_convert_type(jnp.arange(2**16, dtype=jnp.uint16), jnp.bfloat16)
+    got = np.asarray(layers._upcast_exactly(x, jnp.float32))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32),
+                                  np.asarray(x.astype(jnp.float32)).view(np.uint32))
+    # Other pairs are the plain conversion.
+    h = jnp.array([1.5, -0.0, 6e-8], jnp.float16)
+    assert layers._upcast_exactly(h, jnp.float32).dtype == jnp.float32
+    np.testing.assert_array_equal(layers._upcast_exactly(h, jnp.float32), h.astype(jnp.float32))
+
+
+def test_shortcut_widening_differentiates_as_the_conversion():
+    # The autodiff path (BatchNorm under shard_map) differentiates through the widening:
+    # gradients and tangents must be the plain conversion's, not bitcast's (none).
+    x, scale, bias, w = _bn_inputs(jax.random.PRNGKey(7), (8, 3, 3, 4), jnp.float32)
+    x16, residual = x.astype(jnp.bfloat16), (x * 0.5 - 0.1).astype(jnp.bfloat16)
+
+    def objective(x, s, b, r):
+        y = layers._batch_norm_forward(x, s, b, r, 1e-5, None, jnp.float32, True)[0]
+        return jnp.sum(y * w)
+
+    got = jax.grad(objective, argnums=(0, 1, 2, 3))(x16, scale, bias, residual)
+    with mock.patch.object(layers, "_upcast_exactly", lambda v, dtype: v.astype(dtype)):
+        want = jax.grad(objective, argnums=(0, 1, 2, 3))(x16, scale, bias, residual)
+        want_tangent = jax.jvp(lambda r: objective(x16, scale, bias, r), (residual,),
+                               (jnp.ones_like(residual),))
+    got_tangent = jax.jvp(lambda r: objective(x16, scale, bias, r), (residual,),
+                          (jnp.ones_like(residual),))
+    assert got[3].dtype == jnp.bfloat16 and float(jnp.abs(got[3]).sum()) > 0
+    for g, v in zip(got + got_tangent, want + want_tangent):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(v, np.float32))
 
 
 def test_batch_norm_residual_of_another_shape_is_refused():

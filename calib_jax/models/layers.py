@@ -92,9 +92,11 @@ def batch_norm_train(x, scale, bias, epsilon, axis_name, dtype, *, residual=None
     - x_hat * mean(g * x_hat))``, ``dscale = sum(g * x_hat)``, ``dbias = sum(g)``,
     ``dresidual = g``. The backward pass is then one fused reduction (``sum g``,
     ``sum g * x_hat``) and one elementwise pass that writes ``dx`` (and ``dresidual``) in
-    the inputs' dtypes, the ReLU's mask read from the saved output ``y`` (which the next
-    convolution keeps for its own gradient anyway); the forward pass writes only ``y``
-    and saves ``x`` and two per-channel vectors. Autodiff of the unfused layers saves and
+    the inputs' dtypes. The ReLU's mask is recomputed from ``x`` (which both passes read
+    anyway) where no shortcut was added, and read from the saved output ``y`` (which the
+    next convolution keeps for its own gradient anyway) where one was (recomputing it
+    would read the shortcut instead); the forward pass writes only ``y`` and saves ``x``
+    and two per-channel vectors. Autodiff of the unfused layers saves and
     reads float32 copies of activation-sized tensors and a separate pre-ReLU tensor: on an
     H200 (ResNet-50, batch 128, bfloat16) the BatchNorm and ReLU fusions were over half of
     the step's kernel time (benchmarks/NOTES.md). The two agree to float rounding
@@ -152,10 +154,40 @@ def _normalized(x32, mean, rstd, scale, bias, residual, relu, dtype):
     training (batch statistics) and evaluation (running statistics) alike."""
     z = (x32 - mean) * rstd * scale + bias
     if residual is not None:
-        z = z + residual.astype(z.dtype)
+        z = z + _upcast_exactly(residual, z.dtype)
     if relu:
         z = jax.nn.relu(z)
     return z.astype(dtype)
+
+
+def _upcast_exactly(x, dtype):
+    """``x.astype(dtype)``, but for bfloat16 -> float32 written so that XLA keeps it.
+
+    A block's shortcut is the previous block's output: ``y = relu(...).astype(bfloat16)``.
+    XLA (``xla_allow_excess_precision``, on by default) folds ``convert(convert(f32 -> bf16)
+    -> f32)`` back to the float32 value, and then on GPU it fuses the whole elementwise
+    computation of ``y`` into every consumer: each block's output was recomputed from the
+    convolution outputs of all earlier blocks of its stage, and some were written in
+    float32 besides (ResNet-50, batch 1024, bfloat16, XLA's plan for an H200: 122.6 GB per
+    training step read and written; 117.5 GB with this, the same as with excess precision
+    off: benchmarks/NOTES.md).
+    The exact widening by bits (bfloat16 is float32's upper half) is not a ``convert``, so
+    the rounded ``y`` the convolution reads is read here too, as the program says. Its
+    derivative is the plain conversion's (a custom JVP: ``bitcast_convert_type`` has none)."""
+    if x.dtype == jnp.bfloat16 and dtype == jnp.float32:
+        return _bfloat16_to_float32(x)
+    return x.astype(dtype)
+
+
+@jax.custom_jvp
+def _bfloat16_to_float32(x):
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+@_bfloat16_to_float32.defjvp
+def _bfloat16_to_float32_jvp(primals, tangents):
+    return _bfloat16_to_float32(primals[0]), tangents[0].astype(jnp.float32)
 
 
 def _batch_norm_forward(x, scale, bias, residual, epsilon, axis_name, dtype, relu):
@@ -170,16 +202,23 @@ def _batch_norm_closed_form_fwd(x, scale, bias, residual, epsilon, dtype, relu):
                                              relu)
     # The residual's dtype, for its cotangent, in an empty array (residuals must be arrays).
     residual_dtype = None if residual is None else jnp.zeros((0,), residual.dtype)
-    return (y, mean, var), (x, scale, bias, mean, rstd, y if relu else None, residual_dtype)
+    # The ReLU's mask in the backward pass: from the saved output where a shortcut was added
+    # (reading y costs what reading the shortcut would), else recomputed from x, which the
+    # backward pass reads anyway (reading y as well cost two more reads of an activation).
+    saved_y = y if relu and residual is not None else None
+    return (y, mean, var), (x, scale, bias, mean, rstd, saved_y, residual_dtype)
 
 
 def _batch_norm_closed_form_bwd(epsilon, dtype, relu, residuals, cotangents):
     x, scale, bias, mean, rstd, y, residual_dtype = residuals
     g_y, g_mean, g_var = cotangents
     g = g_y.astype(_compute_dtype(x))
-    if relu:
-        g = jnp.where(y > 0, g, 0.0)
     x_hat = (x.astype(_compute_dtype(x)) - mean) * rstd
+    if relu:
+        # y > 0 where the pre-activation is > 0 (the forward's formula, term by term; only a
+        # value within rounding of 0 could fall the other way in a differently fused kernel).
+        active = y > 0 if y is not None else x_hat * scale + bias > 0
+        g = jnp.where(active, g, 0.0)
     sum_g, sum_g_x_hat = _channel_sums(g, g * x_hat)
     count = _batch_count(x, None)
     dx = scale * rstd * (g - sum_g / count - x_hat * (sum_g_x_hat / count))

@@ -20,18 +20,18 @@
 #    gzipped trace and optimised HLO; images/s of XLA options and earlier code, each against
 #    the default in the same process (graph_conv: cuDNN's convolutions recorded into the
 #    CUDA graphs; graph_conv_concurrent: and the graph's nodes ordered by data dependencies
-#    only, so independent kernels may overlap; graph_conv_while: the whole scan as one graph;
-#    conv_fusion: XLA's experimental convolution fusion; before_bytes: BatchNorm as before the
-#    fourth session cut its bytes, the shortcut widened by a plain conversion and every ReLU
-#    mask read from the saved output), then each timed again in 5 interleaved rounds (medians vs the
+#    only, so independent kernels may overlap; conv_fusion: XLA's experimental convolution
+#    fusion; mask_from_y and before_bytes: BatchNorm with the fourth session's first byte cut
+#    only (every ReLU mask read from the saved output) and with none (the shortcut widened by
+#    a plain conversion, too)), then each timed again in 5 interleaved rounds (medians vs the
 #    default's: the machine's drift cancels), and last a trace of graph_conv_concurrent
 #    (what is left once the gaps go, and how much the kernels overlap);
 #    2. train_throughput.py under XLA_FLAGS=$GRAPH_FLAGS (graph_conv_concurrent for every
 #    compile): the headline row and the six-loss row (sequential members, which the
 #    concurrent graph may run side by side), in $OUT/graphs.
 # batch1024 (gpu_profile.py at batch 1024, at most PROFILE_1024_S seconds, untraced, 3
-#    rounds, in $OUT/batch1024): the fourth session's two byte cuts together and apart
-#    (before_bytes, convert_residual, mask_from_y: static -4.1% and -2.6% of the bytes),
+#    rounds, in $OUT/batch1024): the fourth session's three byte cuts together and apart
+#    (before_bytes, convert_residual, mask_from_y; static: -11.7% of the bytes in all),
 #    graph_conv, and autodiff_bn (BatchNorm's gradient by autodiff), where the row fell from
 #    24,649 img/s (commit 1949c9d) to 20,015 (commit cae96e9).
 #
@@ -63,7 +63,7 @@ if [ "$PART" = table ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = profile ] || [ "$PART" = all ]; then
     timeout -k 10 "${PROFILE_S:-200}" "$PYTHON" benchmarks/gpu_profile.py --out "$OUT" \
-        --variants default,graph_conv,graph_conv_concurrent,graph_conv_while,conv_fusion,before_bytes \
+        --variants default,graph_conv,graph_conv_concurrent,conv_fusion,mask_from_y,before_bytes \
         --trace-variants graph_conv_concurrent \
         2>&1 | tee "$OUT/gpu_profile_log.txt"
     echo "profile exit status: ${PIPESTATUS[0]}"

@@ -111,10 +111,12 @@ KINDS = (
 
 def _fresh_train_steps():
     """A new jit of ``train.train_steps``' function: JAX's trace cache is keyed by the
-    function, so a variant that swaps library code while it is lowered gets its own trace."""
-    def steps(*args, **kwargs):
+    function, so a variant that swaps library code while it is lowered gets its own trace.
+    Named as the library's (the compiled module is ``jit_train_steps``, which
+    ``hlo_static.py --launches`` looks for in XLA's dump)."""
+    def train_steps(*args, **kwargs):
         return train.train_steps.__wrapped__(*args, **kwargs)
-    return jax.jit(steps, static_argnames=("loss_name",) + train._LOOP_STATIC,
+    return jax.jit(train_steps, static_argnames=("loss_name",) + train._LOOP_STATIC,
                    donate_argnums=(0,))
 
 
@@ -134,7 +136,8 @@ def variant_code(name, tx):
       which XLA folds into the float32 value before its rounding (before
       ``layers._upcast_exactly``);
     * ``mask_from_y``: BatchNorm's backward pass reads every fused ReLU's mask from the
-      saved output (before it recomputed the mask from ``x`` where no shortcut was added);
+      saved output ``y`` (before it recomputed the mask from ``x`` where no shortcut was
+      added, and saved it as bits where one was);
     * ``before_bytes``: both of the last two (the code before they cut the bytes)."""
     from calib_jax.models import layers
     if name == "autodiff_bn":
@@ -172,7 +175,8 @@ def variant_code(name, tx):
 
 def _closed_form_saving_y(layers):
     """``layers._batch_norm_closed_form`` as it was before the ReLU's mask was recomputed
-    from ``x``: the forward rule saves the output ``y`` for every fused ReLU."""
+    from ``x`` or saved as bits: the forward rule saves the output ``y`` for every fused
+    ReLU (the backward rule reads a float mask as ``y > 0``)."""
     def forward(x, scale, bias, residual, epsilon, dtype, relu):
         outputs, saved = layers._batch_norm_closed_form_fwd(x, scale, bias, residual, epsilon,
                                                             dtype, relu)

@@ -193,12 +193,14 @@ def test_batch_norm_relu_residual_gradient_is_autodiff_of_the_unfused_layers():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_batch_norm_relu_gradient_mask_is_where_the_output_is_positive(dtype, with_residual):
+@pytest.mark.parametrize("with_residual,channels", [(False, 6), (True, 6), (True, 16)])
+def test_batch_norm_relu_gradient_mask_is_where_the_output_is_positive(dtype, with_residual,
+                                                                         channels):
     # d sum(y) / d bias counts, per channel, the positions the backward pass lets through:
     # they must be exactly those where the forward output is > 0 (without a shortcut the
-    # mask is recomputed from x, not read from y).
-    x, scale, bias, _ = _bn_inputs(jax.random.PRNGKey(8), (32, 5, 5, 6), jnp.float32)
+    # mask is recomputed from x; with one it is saved as bits, or as y when the channels
+    # are not a multiple of 8).
+    x, scale, bias, _ = _bn_inputs(jax.random.PRNGKey(8), (32, 5, 5, channels), jnp.float32)
     x = x.astype(dtype)
     residual = (jax.random.normal(jax.random.PRNGKey(9), x.shape).astype(dtype)
                 if with_residual else None)
@@ -212,6 +214,16 @@ def test_batch_norm_relu_gradient_mask_is_where_the_output_is_positive(dtype, wi
         active = np.sum(np.asarray(y.astype(jnp.float32)) > 0, axis=(0, 1, 2))
         assert 0.2 < active.sum() / y.size < 0.8
         np.testing.assert_array_equal(np.asarray(count), active)
+
+
+def test_relu_mask_bits_round_trip():
+    active = jax.random.bernoulli(jax.random.PRNGKey(10), 0.4, (3, 2, 24))
+    packed = layers._pack_mask(active)
+    assert packed.shape == (3, 2, 3) and packed.dtype == jnp.uint8
+    np.testing.assert_array_equal(layers._unpack_mask(packed), active)
+    # Channel 8 j + k is bit k of byte j.
+    one = jnp.zeros((16,), bool).at[10].set(True)
+    np.testing.assert_array_equal(layers._pack_mask(one), np.array([0, 4], np.uint8))
 
 
 def test_batch_norm_relu_residual_in_bfloat16_keeps_dtypes():

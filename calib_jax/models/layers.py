@@ -93,10 +93,10 @@ def batch_norm_train(x, scale, bias, epsilon, axis_name, dtype, *, residual=None
     ``dresidual = g``. The backward pass is then one fused reduction (``sum g``,
     ``sum g * x_hat``) and one elementwise pass that writes ``dx`` (and ``dresidual``) in
     the inputs' dtypes. The ReLU's mask is recomputed from ``x`` (which both passes read
-    anyway) where no shortcut was added, and read from the saved output ``y`` (which the
-    next convolution keeps for its own gradient anyway) where one was (recomputing it
-    would read the shortcut instead); the forward pass writes only ``y`` and saves ``x``
-    and two per-channel vectors. Autodiff of the unfused layers saves and
+    anyway) where no shortcut was added, and saved as bits (8 channels to a byte; ``y``
+    itself if the channels are not a multiple of 8) where one was (recomputing it would
+    read the shortcut); the forward pass writes ``y`` (and those bits) and saves ``x`` and
+    two per-channel vectors. Autodiff of the unfused layers saves and
     reads float32 copies of activation-sized tensors and a separate pre-ReLU tensor: on an
     H200 (ResNet-50, batch 128, bfloat16) the BatchNorm and ReLU fusions were over half of
     the step's kernel time (benchmarks/NOTES.md). The two agree to float rounding
@@ -202,22 +202,42 @@ def _batch_norm_closed_form_fwd(x, scale, bias, residual, epsilon, dtype, relu):
                                              relu)
     # The residual's dtype, for its cotangent, in an empty array (residuals must be arrays).
     residual_dtype = None if residual is None else jnp.zeros((0,), residual.dtype)
-    # The ReLU's mask in the backward pass: from the saved output where a shortcut was added
-    # (reading y costs what reading the shortcut would), else recomputed from x, which the
-    # backward pass reads anyway (reading y as well cost two more reads of an activation).
-    saved_y = y if relu and residual is not None else None
-    return (y, mean, var), (x, scale, bias, mean, rstd, saved_y, residual_dtype)
+    # The ReLU's mask for the backward pass. Without a shortcut it is recomputed from x,
+    # which the backward pass reads anyway (reading y as well cost two more reads of an
+    # activation). With one, recomputing would read the shortcut, so the mask is saved: as
+    # bits, 8 channels to a byte, written by the kernel that writes y (1/16 of reading y in
+    # each backward pass); as y itself when the channels do not split into bytes.
+    mask = None
+    if relu and residual is not None:
+        mask = _pack_mask(y > 0) if y.shape[-1] % 8 == 0 else y
+    return (y, mean, var), (x, scale, bias, mean, rstd, mask, residual_dtype)
+
+
+def _pack_mask(active):
+    """``[..., C]`` booleans (``C % 8 == 0``) -> ``[..., C // 8]`` uint8, channel ``8 j + k``
+    in bit ``k`` of byte ``j``."""
+    bits = active.astype(jnp.uint8).reshape(active.shape[:-1] + (active.shape[-1] // 8, 8))
+    return jnp.sum(bits << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
+
+
+def _unpack_mask(packed):
+    """Inverse of :func:`_pack_mask`."""
+    bits = (packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
+    return bits.reshape(packed.shape[:-1] + (packed.shape[-1] * 8,)).astype(bool)
 
 
 def _batch_norm_closed_form_bwd(epsilon, dtype, relu, residuals, cotangents):
-    x, scale, bias, mean, rstd, y, residual_dtype = residuals
+    x, scale, bias, mean, rstd, mask, residual_dtype = residuals
     g_y, g_mean, g_var = cotangents
     g = g_y.astype(_compute_dtype(x))
     x_hat = (x.astype(_compute_dtype(x)) - mean) * rstd
     if relu:
-        # y > 0 where the pre-activation is > 0 (the forward's formula, term by term; only a
-        # value within rounding of 0 could fall the other way in a differently fused kernel).
-        active = y > 0 if y is not None else x_hat * scale + bias > 0
+        if mask is None:
+            # y > 0 where the pre-activation is > 0 (the forward's formula, term by term; only
+            # a value within rounding of 0 could fall the other way in another fused kernel).
+            active = x_hat * scale + bias > 0
+        else:
+            active = _unpack_mask(mask) if mask.dtype == jnp.uint8 else mask > 0
         g = jnp.where(active, g, 0.0)
     sum_g, sum_g_x_hat = _channel_sums(g, g * x_hat)
     count = _batch_count(x, None)

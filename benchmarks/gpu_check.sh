@@ -20,10 +20,11 @@
 #    gzipped trace and optimised HLO; images/s of XLA options and earlier code, each against
 #    the default in the same process (graph_conv: cuDNN's convolutions recorded into the
 #    CUDA graphs; graph_conv_concurrent: and the graph's nodes ordered by data dependencies
-#    only, so independent kernels may overlap; conv_fusion: XLA's experimental convolution
-#    fusion; mask_from_y and before_bytes: BatchNorm with the fourth session's first byte cut
-#    only (every ReLU mask read from the saved output) and with none (the shortcut widened by
-#    a plain conversion, too)), then each timed again in 5 interleaved rounds (medians vs the
+#    only, so independent kernels may overlap; mask_from_y and before_bytes: BatchNorm with
+#    the fourth session's first byte cut only (every ReLU mask read from the saved output)
+#    and with none (the shortcut widened by a plain conversion, too); partial_sums, a
+#    candidate: BatchNorm's sums in two stages written out, ~105 kernels fewer per step),
+#    then each timed again in 5 interleaved rounds (medians vs the
 #    default's: the machine's drift cancels), and last a trace of graph_conv_concurrent
 #    (what is left once the gaps go, and how much the kernels overlap);
 #    2. train_throughput.py under XLA_FLAGS=$GRAPH_FLAGS (graph_conv_concurrent for every
@@ -63,7 +64,7 @@ if [ "$PART" = table ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = profile ] || [ "$PART" = all ]; then
     timeout -k 10 "${PROFILE_S:-200}" "$PYTHON" benchmarks/gpu_profile.py --out "$OUT" \
-        --variants default,graph_conv,graph_conv_concurrent,conv_fusion,mask_from_y,before_bytes \
+        --variants default,graph_conv,graph_conv_concurrent,mask_from_y,before_bytes,partial_sums \
         --trace-variants graph_conv_concurrent \
         2>&1 | tee "$OUT/gpu_profile_log.txt"
     echo "profile exit status: ${PIPESTATUS[0]}"

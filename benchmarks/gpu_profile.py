@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calib_jax import models, train
+from calib_jax.models import layers
 from calib_jax.files import atomic_write_bytes, atomic_write_text
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling script
@@ -67,7 +68,8 @@ from train_throughput import (DTYPES, MEAN, NUM_TRAIN, STD, _agreement_text,  # 
 # XLA's default command-buffer kinds (read from the DebugOptions that jaxlib 0.11.2 dumps),
 # to which the graph variants add WHILE: the whole lax.scan as one CUDA graph.
 _DEFAULT_GRAPH_KINDS = "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,DYNAMIC_SLICE_FUSION,CONDITIONAL"
-# Earlier code put back for a before/after (variant_code): no XLA options of their own.
+# Earlier code put back for a before/after, or a candidate (variant_code): no XLA options of
+# their own.
 CODE_VARIANTS = ("autodiff_bn", "unfused_relu", "per_leaf_norm", "convert_residual", "mask_from_y",
                  "before_bytes", "partial_sums")
 # name -> (XLA compiler options, the scan's unroll: None = the training loop's default for
@@ -142,7 +144,6 @@ def variant_code(name, tx):
     * ``before_bytes``: both of the last two (the code before they cut the bytes);
     * ``partial_sums``: not earlier code but a candidate: BatchNorm's per-channel sums in two
       stages written out (:func:`_channel_sums_by_image`) instead of left to XLA."""
-    from calib_jax.models import layers
     if name == "autodiff_bn":
         def autodiff(x, scale, bias, epsilon, axis_name, dtype, *, residual=None, relu=False):
             return layers._batch_norm_forward(x, scale, bias, residual, epsilon, axis_name, dtype,
@@ -179,6 +180,10 @@ def variant_code(name, tx):
         yield train.train_steps, tx
 
 
+# The library's sums as imported (the partial_sums variant patches the module's name).
+_library_channel_sums = layers._channel_sums
+
+
 def _channel_sums_by_image(*terms):
     """``layers._channel_sums`` in two stages written out: each term summed per image
     (``[N, H*W, C] -> [N, C]``, the terms' sums in one multi-output kernel), then the
@@ -191,7 +196,7 @@ def _channel_sums_by_image(*terms):
     sums would be a large share of their traffic)."""
     shape = terms[0].shape
     if len(shape) < 3 or np.prod(shape[1:-1]) < 64:
-        return tuple(jnp.sum(t, axis=tuple(range(t.ndim - 1))) for t in terms)
+        return _library_channel_sums(*terms)
     per_image = [jnp.sum(t.reshape(shape[0], -1, shape[-1]), axis=1) for t in terms]
     return tuple(jnp.sum(jnp.stack(per_image), axis=1))
 

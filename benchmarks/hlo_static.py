@@ -275,8 +275,9 @@ def roofline_ms(kernels, card: str, steps=1) -> dict:
 
 
 def summarize(kernels, steps=1, card="h200", batch=None):
-    """Kernels, MB and the roofline estimate per training step of a loop body holding
-    ``steps`` steps (the scan's unroll); ``batch`` adds the estimate's images/s."""
+    """Kernels, MiB (the ``*_mb`` fields count 2**20 bytes) and the roofline estimate per
+    training step of a loop body holding ``steps`` steps (the scan's unroll); ``batch`` adds
+    the estimate's images/s."""
     parts = collections.defaultdict(lambda: [0, 0, 0])
     for part, written, read, *_ in kernels:
         parts[part][0] += 1
@@ -367,8 +368,8 @@ def main():
         report["variants"][name] = summary
         if args.json:
             atomic_write_text(args.json, json.dumps(report, indent=2))
-        print(f"\n{name}: {summary['kernels']:g} kernels per step, {summary['written_mb']:,.0f} MB "
-              f"written, {summary['read_mb']:,.0f} MB read (operands, whole)", flush=True)
+        print(f"\n{name}: {summary['kernels']:g} kernels per step, {summary['written_mb']:,.0f} MiB "
+              f"written, {summary['read_mb']:,.0f} MiB read (operands, whole)", flush=True)
         r = summary["roofline"]
         print(f"roofline ({args.card}): {r['gflop']:,.1f} GFLOP and the bytes above: "
               f"{r['compute_ms']:.2f} ms at the tensor-core peak, {r['memory_ms']:.2f} ms at "
@@ -382,7 +383,7 @@ def main():
                   f"launches per step in the loop: {launches['graphs']:g} CUDA graphs, outside "
                   f"them {outside or 'nothing'}")
         if args.top > 0:
-            print("| part | kernels | MB written | MB read |\n| --- | --- | --- | --- |")
+            print("| part | kernels | MiB written | MiB read |\n| --- | --- | --- | --- |")
         for part, v in list(summary["parts"].items())[:args.top]:
             print(f"| {part} | {v['kernels']:g} | {v['written_mb']:,.0f} | {v['read_mb']:,.0f} |")
 

@@ -19,14 +19,14 @@
 #    1. gpu_profile.py: a kernel breakdown of the headline call by part of the step, the
 #    gzipped trace and optimised HLO; images/s of XLA options and earlier code, each against
 #    the default in the same process (graph_conv: cuDNN's convolutions recorded into the
-#    CUDA graphs; mask_from_y and before_bytes: BatchNorm with
-#    the fourth session's first byte cut only (every ReLU mask read from the saved output)
-#    and with none (the shortcut widened by a plain conversion, too); partial_sums, a
-#    candidate: BatchNorm's sums in two stages written out, ~105 kernels fewer per step),
+#    CUDA graphs; before_bytes: BatchNorm without the fourth session's byte cuts;
+#    fewer_kernels, two candidates together: BatchNorm's sums in two stages written out and
+#    the loop over a flat parameter vector, 860.5 -> 686.5 kernels per step statically, same
+#    bytes; lean: fewer_kernels in graph_conv's graphs, the candidate to adopt whole),
 #    then each timed again in 5 interleaved rounds (medians vs the
-#    default's: the machine's drift cancels), and last a trace of graph_conv (what is left
-#    once the gaps go). Five variants, as each compile of the unrolled loop takes up to ~40 s
-#    on an H200;
+#    default's: the machine's drift cancels), and last a trace of lean (what is left
+#    once the gaps and the small kernels go). Five variants, as each compile of the unrolled
+#    loop takes up to ~40 s on an H200;
 #    2. train_throughput.py under XLA_FLAGS=$GRAPH_FLAGS (graph_conv_concurrent for every
 #    compile: graph_conv, and the graph's nodes ordered by data dependencies only, so
 #    independent kernels may overlap): the headline row (against the table's) and the
@@ -66,8 +66,8 @@ if [ "$PART" = table ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = profile ] || [ "$PART" = all ]; then
     timeout -k 10 "${PROFILE_S:-200}" "$PYTHON" benchmarks/gpu_profile.py --out "$OUT" \
-        --variants default,graph_conv,mask_from_y,before_bytes,partial_sums \
-        --trace-variants graph_conv \
+        --variants default,graph_conv,before_bytes,fewer_kernels,lean \
+        --trace-variants lean \
         2>&1 | tee "$OUT/gpu_profile_log.txt"
     echo "profile exit status: ${PIPESTATUS[0]}"
     mkdir -p "$OUT/graphs"

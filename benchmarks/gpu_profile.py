@@ -8,7 +8,9 @@ i.e. the headline row of ``train_throughput.py``):
    restart, so the convolution autotuning of the first compile is reused), or a code option
    (``unroll1`` / ``unroll2``: the scan's unroll, where ``default`` takes the training loop's
    own, ``train.default_unroll``; earlier code swapped in while lowering,
-   :func:`variant_code`: ``autodiff_bn``, ``unfused_relu``, ``per_leaf_norm``) -- and prints
+   :func:`variant_code`: ``autodiff_bn``, ``unfused_relu``, ``per_leaf_norm``, ...; or a
+   candidate not yet the library's: ``partial_sums``, ``flat_params``, ``fewer_kernels``
+   (both), ``lean`` (both, with ``graph_conv``'s options)) -- and prints
    its images/s, compile time, and how far its first call's losses are from the default
    variant's (same state, same batches);
 2. (unless ``--no-profile``) traces one call of the default variant with ``jax.profiler`` and prints
@@ -71,7 +73,7 @@ _DEFAULT_GRAPH_KINDS = "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,DYNAMIC_SLICE_F
 # Earlier code put back for a before/after, or a candidate (variant_code): no XLA options of
 # their own.
 CODE_VARIANTS = ("autodiff_bn", "unfused_relu", "per_leaf_norm", "convert_residual", "mask_from_y",
-                 "before_bytes", "partial_sums")
+                 "before_bytes", "partial_sums", "flat_params", "fewer_kernels")
 # name -> (XLA compiler options, the scan's unroll: None = the training loop's default for
 # the platform compiled for, train.default_unroll).
 VARIANTS = {
@@ -98,10 +100,15 @@ VARIANTS = {
     # XLA keeps every bfloat16 rounding the program writes (its default lets it compute some
     # in float32 instead): what layers._upcast_exactly does for the shortcut alone.
     "no_excess_precision": ({"xla_allow_excess_precision": False}, None),
+    # The candidates together: fewer kernels (per-image sums, a flat parameter vector) in
+    # graph_conv's graphs (each run of kernels between convolutions otherwise launched alone).
+    "lean": ({"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS + ",CONVOLUTION"}, None),
     "unroll1": ({}, 1),
     "unroll2": ({}, 2),
     **{name: ({}, None) for name in CODE_VARIANTS},
 }
+# Variants with XLA options and a code variant's code.
+_CODE_OF = {"lean": "fewer_kernels"}
 # Kernel kinds by name (cuDNN / CUTLASS / cuBLAS kernel names, XLA's fusion names).
 KINDS = (
     ("convolution (cuDNN)", r"conv|fprop|dgrad|wgrad|cudnn|implicit|winograd|xmma_(?!gemm)"),
@@ -143,7 +150,11 @@ def variant_code(name, tx):
       added, and saved it as bits where one was);
     * ``before_bytes``: both of the last two (the code before they cut the bytes);
     * ``partial_sums``: not earlier code but a candidate: BatchNorm's per-channel sums in two
-      stages written out (:func:`_channel_sums_by_image`) instead of left to XLA."""
+      stages written out (:func:`_channel_sums_by_image`) instead of left to XLA;
+    * ``flat_params``: a candidate: the loop over a flat parameter vector
+      (:func:`_flat_params_train_steps`);
+    * ``fewer_kernels``: both candidates (``lean``: with ``graph_conv``'s options)."""
+    name = _CODE_OF.get(name, name)
     if name == "autodiff_bn":
         def autodiff(x, scale, bias, epsilon, axis_name, dtype, *, residual=None, relu=False):
             return layers._batch_norm_forward(x, scale, bias, residual, epsilon, axis_name, dtype,
@@ -164,6 +175,11 @@ def variant_code(name, tx):
         with patch.object(train, "clip_by_global_norm", optax.clip_by_global_norm):
             per_leaf_tx = optimizer()
         yield train.train_steps, per_leaf_tx
+    elif name == "flat_params":
+        yield _flat_params_train_steps(), tx
+    elif name == "fewer_kernels":
+        with patch.object(layers, "_channel_sums", _channel_sums_by_image):
+            yield _flat_params_train_steps(), tx
     elif name == "partial_sums":
         with patch.object(layers, "_channel_sums", _channel_sums_by_image):
             yield _fresh_train_steps(), tx
@@ -178,6 +194,49 @@ def variant_code(name, tx):
             yield _fresh_train_steps(), tx
     else:
         yield train.train_steps, tx
+
+
+def _flat_params(state):
+    """``(flat state, restore)``: ``state`` with its parameters raveled into one vector (and
+    every part of the optimiser state shaped like them: SGD's momentum), and the function
+    that puts a flat state's results back into ``state``'s structure. The flat state's
+    ``apply_fn`` unravels the vector, so a step of it is the step of ``state``: the same
+    arithmetic element by element, with the gradient of the vector (the leaves' gradients
+    concatenated, in ``tree_leaves`` order, as ``train.global_norm`` concatenates them)."""
+    from jax.flatten_util import ravel_pytree
+    treedef = jax.tree_util.tree_structure(state.params)
+
+    def like_params(node):
+        return jax.tree_util.tree_structure(node) == treedef
+
+    flat, unravel = ravel_pytree(state.params)
+    opt_state = jax.tree_util.tree_map(lambda t: ravel_pytree(t)[0] if like_params(t) else t,
+                                       state.opt_state, is_leaf=like_params)
+    apply_fn = state.apply_fn
+
+    def flat_apply(variables, *args, **kwargs):
+        return apply_fn({**variables, "params": unravel(variables["params"])}, *args, **kwargs)
+
+    def restore(flat_state):
+        opt = jax.tree_util.tree_map(lambda old, new: unravel(new) if like_params(old) else new,
+                                     state.opt_state, flat_state.opt_state, is_leaf=like_params)
+        return flat_state.replace(params=unravel(flat_state.params), opt_state=opt,
+                                  apply_fn=apply_fn)
+
+    return state.replace(params=flat, opt_state=opt_state, apply_fn=flat_apply), restore
+
+
+def _flat_params_train_steps():
+    """``train.train_steps`` over a flat parameter vector (:func:`_flat_params`): the state
+    is raveled before the loop and put back after it, so the optimiser updates one vector
+    per step (one kernel instead of one per leaf) and the gradient arrives as one
+    concatenation. The state in and out is the library's (checkpoints unchanged)."""
+    def train_steps(state, *args, **kwargs):
+        flat_state, restore = _flat_params(state)
+        flat_state, metrics = train.train_steps.__wrapped__(flat_state, *args, **kwargs)
+        return restore(flat_state), metrics
+    return jax.jit(train_steps, static_argnames=("loss_name",) + train._LOOP_STATIC,
+                   donate_argnums=(0,))
 
 
 # The library's sums as imported (the partial_sums variant patches the module's name).

@@ -4,6 +4,7 @@ GPU: benchmarks/NOTES.md), checked on CPU."""
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,3 +53,42 @@ def test_xla_flags_spell_a_variants_options():
     flags = gpu_profile.xla_flags("graph_conv_concurrent")
     assert "--xla_gpu_enable_command_buffer=" in flags and ",CONVOLUTION" in flags
     assert "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT" in flags
+
+
+class _ConvBatchNorm(nn.Module):
+    """Convolution, BatchNorm, dense: parameters of three shapes, batch statistics."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(8, (3, 3), strides=(2, 2), use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        return nn.Dense(4)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_flat_params_loop_equals_the_library_loop():
+    # The flat_params candidate: the same steps over one parameter vector, the state in and
+    # out in the library's structure (its checkpoints unchanged).
+    from calib_jax import train
+    from calib_jax.data import pipeline
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (32, 32, 32, 3)).astype(np.uint8)
+    x, y = pipeline.put_on_device(images, rng.integers(0, 4, 32))
+    order = pipeline.epoch_order(0, 0, 32)
+    model, tx = _ConvBatchNorm(), train.make_optimizer(0.05)
+
+    def fresh():
+        return train.create_train_state(jax.random.PRNGKey(0), model, tx, (1, 32, 32, 3))
+    flat_state, restore = gpu_profile._flat_params(fresh())
+    assert [v.shape for v in jax.tree_util.tree_leaves(flat_state.params)] == [
+        (sum(v.size for v in jax.tree_util.tree_leaves(fresh().params)),)]
+    kwargs = dict(num_steps=3, loss_name="flsd53", batch_size=8, mean=(0.5,) * 3,
+                  std=(0.25,) * 3, unroll=True)
+    want, want_metrics = train.train_steps(fresh(), x, y, order, 0, 0, 0, **kwargs)
+    with gpu_profile.variant_code("flat_params", tx) as (steps, variant_tx):
+        assert variant_tx is tx
+        got, got_metrics = steps(fresh(), x, y, order, 0, 0, 0, **kwargs)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    np.testing.assert_allclose(got_metrics["loss"], want_metrics["loss"], rtol=1e-6)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)  # measured: within 4e-9
+    assert int(got.step) == 3

@@ -141,3 +141,76 @@ def test_loop_launches_counts_graphs_and_what_runs_outside_them_per_step():
                         "one_graph": False}
     assert hlo_static.loop_launches(ONE_GRAPH) == {"graphs": 0.0, "outside": {},
                                                    "one_graph": True}
+
+
+# Fused computations reading a flat f32[1000] buffer: through a conversion and two slices;
+# through an update (element-wise) that one slice reaches twice; whole (a reduction); through
+# a concatenate's slice.
+SLICED = """%fused_slices (param_0: f32[1000], param_1: f32[1000], param_2: f32[]) -> (bf16[10], bf16[30]) {
+  %param_0 = f32[1000]{0} parameter(0)
+  %convert = bf16[1000]{0} convert(%param_0)
+  %a = bf16[10]{0} slice(%convert), slice={[0:10]}
+  %b = bf16[30]{0} slice(%convert), slice={[100:130]}
+  %param_1 = f32[1000]{0} parameter(1)
+  %param_2 = f32[] parameter(2)
+  ROOT %t = (bf16[10]{0}, bf16[30]{0}) tuple(%a, %b)
+}
+
+%fused_update_slice (param_0: f32[1000], param_1: f32[1000]) -> f32[20] {
+  %param_0 = f32[1000]{0} parameter(0)
+  %param_1 = f32[1000]{0} parameter(1)
+  %m = f32[1000]{0} multiply(%param_0, %param_1)
+  %s = f32[1000]{0} subtract(%param_0, %m)
+  ROOT %c = f32[20]{0} slice(%s), slice={[500:520]}
+}
+
+%fused_whole (param_0: f32[1000], param_1: f32[1000]) -> f32[10] {
+  %param_0 = f32[1000]{0} parameter(0)
+  %c = f32[] constant(0)
+  %r = f32[] reduce(%param_0, %c), dimensions={0}, to_apply=%add
+  %param_1 = f32[1000]{0} parameter(1)
+  ROOT %s = f32[10]{0} slice(%param_1), slice={[0:10]}
+}
+
+%fused_concat_slice (param_0: f32[40], param_1: f32[1000]) -> f32[50] {
+  %param_0 = f32[40]{0} parameter(0)
+  %param_1 = f32[1000]{0} parameter(1)
+  %k = f32[1040]{0} concatenate(%param_0, %param_1), dimensions={0}
+  ROOT %s = f32[50]{0} slice(%k), slice={[0:50]}
+}
+"""
+
+
+def _computation(name):
+    return next(c for c in SLICED.split("\n\n") if c.startswith(f"%{name} "))
+
+
+def test_sliced_reads_count_what_a_fusion_slices_of_an_operand():
+    # Through a conversion: the two slices' elements at f32's 4 bytes; param_1 and param_2
+    # are not used (read whole by the caller's count: absent here).
+    assert hlo_static._sliced_reads(_computation("fused_slices")) == {0: 4 * 40}
+    # param_0 reaches the one slice by two element-wise paths: its 20 elements counted once.
+    assert hlo_static._sliced_reads(_computation("fused_update_slice")) == {0: 80, 1: 80}
+    # A reduction reads param_0 whole; param_1 only through a slice.
+    assert hlo_static._sliced_reads(_computation("fused_whole")) == {1: 40}
+    # A concatenate's slice: at most the operand's own elements (param_0 has 40 of the 50).
+    assert hlo_static._sliced_reads(_computation("fused_concat_slice")) == {0: 160, 1: 200}
+
+
+def test_step_kernels_read_a_sliced_operand_as_its_slices():
+    body = SLICED + f"""
+%while_body (param: (f32[1000], f32[1000])) -> (bf16[10], f32[20]) {{
+  %param = (f32[1000]{{0}}, f32[1000]{{0}}) parameter(0)
+  %p = f32[1000]{{0}} get-tuple-element(%param), index=0
+  %m = f32[1000]{{0}} get-tuple-element(%param), index=1
+  %x = bf16[8,32,32,64]{{3,2,1,0}} constant({{...}})
+  %w = bf16[64,3,3,64]{{3,2,1,0}} constant({{...}})
+  %conv = (bf16[8,32,32,64]{{3,2,1,0}}, u8[0]{{0}}) custom-call(%x, %w), window={{size=3x3 pad=1_1x1_1}}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward", {_OP}Conv_0/conv"}}
+  %f = f32[20]{{0}} fusion(%p, %m), kind=kLoop, calls=%fused_update_slice, {_OP}Conv_0/split"}}
+  %g = f32[10]{{0}} fusion(%p, %m), kind=kLoop, calls=%fused_whole, {_OP}Conv_0/split"}}
+  ROOT %out = (f32[20]{{0}}, f32[10]{{0}}) tuple(%f, %g)
+}}
+"""
+    _, update, whole = hlo_static.step_kernels(body)
+    assert update[1:3] == (80, 80 + 80)
+    assert whole[1:3] == (40, 4000 + 40)

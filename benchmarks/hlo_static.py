@@ -185,10 +185,10 @@ def _sliced_reads(computation: str) -> dict[int, int]:
     """Parameter number -> bytes a fused computation reads of it, for the parameters it
     reads only through static ``slice`` ops, possibly after element-wise ops (a conversion,
     or the optimiser's update of a flat parameter vector that the next step's forward pass
-    slices: the kernel computes only the sliced elements) or a ``concatenate`` (counted as at
-    most the elements sliced from it): the slices' elements at the parameter's element size. A kernel
-    that slices a flat buffer reads its slice, not the buffer. Other parameters are absent:
-    read whole."""
+    slices: the kernel computes only the sliced elements) or a ``concatenate`` (counted as
+    at most the elements sliced from it): the slices' elements at the parameter's element
+    size. A kernel that slices a flat buffer reads its slice, not the buffer. Other
+    parameters are absent: read whole."""
     params, uses, shapes = {}, collections.defaultdict(list), {}
     for name, shape, op, operands, line in _instructions(computation):
         shapes[name] = shape
@@ -308,10 +308,10 @@ def roofline_ms(kernels, card: str, steps=1) -> dict:
 
     Optimistic by construction (every kernel at the card's peak, no launch cost, no gaps)
     except where this module's byte counts overstate the traffic: operands counted whole
-    (a fusion reading part of one other than through static slices), and tensors re-read from the 50 MB L2 cache instead of
-    HBM, which matters at small batches (ResNet-50 CIFAR at batch 128: activations of
-    4-67 MB) and hardly at batch 1024. So a ceiling to compare targets and measurements
-    with, not a prediction."""
+    (a fusion reading part of one other than through static slices), and tensors re-read
+    from the 50 MB L2 cache instead of HBM, which matters at small batches (ResNet-50
+    CIFAR at batch 128: activations of 4-67 MB) and hardly at batch 1024. So a ceiling to
+    compare targets and measurements with, not a prediction."""
     roof = ROOFS[card]
     memory = compute = floor = 0.0
     for _, written, read, flops, dtype in kernels:
@@ -418,8 +418,9 @@ def main():
         report["variants"][name] = summary
         if args.json:
             atomic_write_text(args.json, json.dumps(report, indent=2))
-        print(f"\n{name}: {summary['kernels']:g} kernels per step, {summary['written_mb']:,.0f} MiB "
-              f"written, {summary['read_mb']:,.0f} MiB read (operands whole, or their static slices)", flush=True)
+        print(f"\n{name}: {summary['kernels']:g} kernels per step, "
+              f"{summary['written_mb']:,.0f} MiB written, {summary['read_mb']:,.0f} MiB read "
+              "(operands whole, or their static slices)", flush=True)
         r = summary["roofline"]
         print(f"roofline ({args.card}): {r['gflop']:,.1f} GFLOP and the bytes above: "
               f"{r['compute_ms']:.2f} ms at the tensor-core peak, {r['memory_ms']:.2f} ms at "

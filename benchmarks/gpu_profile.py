@@ -57,6 +57,7 @@ from unittest.mock import patch
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from calib_jax import models, train
 from calib_jax.models import layers
@@ -70,6 +71,8 @@ from train_throughput import (DTYPES, MEAN, NUM_TRAIN, STD, _agreement_text,  # 
 # XLA's default command-buffer kinds (read from the DebugOptions that jaxlib 0.11.2 dumps),
 # to which the graph variants add WHILE: the whole lax.scan as one CUDA graph.
 _DEFAULT_GRAPH_KINDS = "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,DYNAMIC_SLICE_FUSION,CONDITIONAL"
+# graph_conv's options (below), shared by the variants that build on it.
+_GRAPH_CONV = {"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS + ",CONVOLUTION"}
 # Earlier code put back for a before/after, or a candidate (variant_code): no XLA options of
 # their own.
 CODE_VARIANTS = ("autodiff_bn", "unfused_relu", "per_leaf_norm", "convert_residual", "mask_from_y",
@@ -84,15 +87,13 @@ VARIANTS = {
     # cuDNN's convolution calls recorded into the graphs too (XLA does not by default: each
     # convolution splits the step's graph, 0.93 ms of gaps per step on the H200), and with
     # WHILE then the whole scan as one graph.
-    "graph_conv": ({"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS + ",CONVOLUTION"},
-                   None),
+    "graph_conv": (_GRAPH_CONV, None),
     "graph_conv_while": ({"xla_gpu_enable_command_buffer":
                           _DEFAULT_GRAPH_KINDS + ",CONVOLUTION,WHILE"}, None),
     # ... and the graph's nodes ordered by their data dependencies only (XLA's default, LHS,
     # keeps the schedule's order), so independent kernels may run at once: a step's weight
     # and input gradients, its per-leaf optimiser updates, the members of a sequential group.
-    "graph_conv_concurrent": ({"xla_gpu_enable_command_buffer":
-                               _DEFAULT_GRAPH_KINDS + ",CONVOLUTION",
+    "graph_conv_concurrent": ({**_GRAPH_CONV,
                                "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}, None),
     "graph_min1": ({"xla_gpu_graph_min_graph_size": 1}, None),
     "no_graph": ({"xla_gpu_enable_command_buffer": ""}, None),
@@ -102,7 +103,7 @@ VARIANTS = {
     "no_excess_precision": ({"xla_allow_excess_precision": False}, None),
     # The candidates together: fewer kernels (per-image sums, a flat parameter vector) in
     # graph_conv's graphs (each run of kernels between convolutions otherwise launched alone).
-    "lean": ({"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS + ",CONVOLUTION"}, None),
+    "lean": (_GRAPH_CONV, None),
     "unroll1": ({}, 1),
     "unroll2": ({}, 2),
     **{name: ({}, None) for name in CODE_VARIANTS},
@@ -175,14 +176,12 @@ def variant_code(name, tx):
         with patch.object(train, "clip_by_global_norm", optax.clip_by_global_norm):
             per_leaf_tx = optimizer()
         yield train.train_steps, per_leaf_tx
-    elif name == "flat_params":
-        yield _flat_params_train_steps(), tx
-    elif name == "fewer_kernels":
-        with patch.object(layers, "_channel_sums", _channel_sums_by_image):
-            yield _flat_params_train_steps(), tx
-    elif name == "partial_sums":
-        with patch.object(layers, "_channel_sums", _channel_sums_by_image):
-            yield _fresh_train_steps(), tx
+    elif name in ("partial_sums", "flat_params", "fewer_kernels"):
+        with contextlib.ExitStack() as stack:
+            if name != "flat_params":
+                stack.enter_context(patch.object(layers, "_channel_sums", _channel_sums_by_image))
+            yield (_fresh_train_steps() if name == "partial_sums"
+                   else _flat_params_train_steps()), tx
     elif name in ("convert_residual", "mask_from_y", "before_bytes"):
         with contextlib.ExitStack() as stack:
             if name != "mask_from_y":
@@ -203,7 +202,6 @@ def _flat_params(state):
     ``apply_fn`` unravels the vector, so a step of it is the step of ``state``: the same
     arithmetic element by element, with the gradient of the vector (the leaves' gradients
     concatenated, in ``tree_leaves`` order, as ``train.global_norm`` concatenates them)."""
-    from jax.flatten_util import ravel_pytree
     treedef = jax.tree_util.tree_structure(state.params)
 
     def like_params(node):

@@ -31,7 +31,7 @@ import numpy as np
 
 from calib_jax import calibration, checkpoints, metrics, ood, plots, train
 from calib_jax.data import datasets
-from calib_jax.files import atomic_write_text
+from calib_jax.files import atomic_save_figure, atomic_write_text
 
 __all__ = ["evaluate_run", "markdown_report", "main", "member_dirs", "test_report"]
 
@@ -155,17 +155,17 @@ def _write_plots(out: Path, test_logits, labels, t, search, ood_logits):
                   metrics.reliability_bins(scaled[title], labels, adaptive=adaptive), ece)
                  for title, _, ece in entries]
         fig = plots.reliability_panel(panel)
-        fig.savefig(out / name, dpi=130)
+        atomic_save_figure(fig, out / name, dpi=130)
         plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3), constrained_layout=True)
     for ax, (tag, z) in zip(axes, scaled.items()):
         conf = np.asarray(ood.confidence(z))
         plots.confidence_histogram(conf, np.argmax(np.asarray(z), 1) == np.asarray(labels),
                                    title=tag, ax=ax)
-    fig.savefig(out / "confidence_histogram.png", dpi=130)
+    atomic_save_figure(fig, out / "confidence_histogram.png", dpi=130)
     plt.close(fig)
     fig = plots.temperature_curves(search, title="validation set")
-    fig.savefig(out / "temperature_curves.png", dpi=130)
+    atomic_save_figure(fig, out / "temperature_curves.png", dpi=130)
     plt.close(fig)
     for name, o in ood_logits.items():
         curves = {}
@@ -175,7 +175,7 @@ def _write_plots(out: Path, test_logits, labels, t, search, ood_logits):
             curves[tag] = (ood.roc_curve(zi, zo, score="entropy"),
                            float(ood.auroc(zi, zo, score="entropy")))
         fig = plots.roc_curves(curves, title=f"OOD: {name} (entropy score)")
-        fig.savefig(out / f"roc_{name}.png", dpi=130)
+        atomic_save_figure(fig, out / f"roc_{name}.png", dpi=130)
         plt.close(fig)
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import secrets
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_save_figure", "atomic_write_bytes", "atomic_write_text"]
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -37,3 +38,17 @@ def atomic_write_text(path, text: str) -> None:
         raise TypeError(f"`text` must be a str; got {type(text).__name__} (use "
                         "atomic_write_bytes for bytes).")
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_figure(fig, path, **savefig_kwargs) -> None:
+    """``fig.savefig(path, **savefig_kwargs)`` written atomically (:func:`atomic_write_bytes`):
+    an evaluation killed while it draws leaves the previous image whole. The format is
+    ``savefig_kwargs["format"]`` or ``path``'s suffix (``.png``, ``.pdf``, ``.svg``)."""
+    path = Path(path)
+    image_format = savefig_kwargs.pop("format", None) or path.suffix.lstrip(".")
+    if not image_format:
+        raise ValueError(f"`path` {str(path)!r} has no suffix to give the image format; "
+                         "name the file e.g. 'reliability.png' or pass format='png'.")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=image_format, **savefig_kwargs)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from calib_jax.files import atomic_write_text
+
 PAPER = Path(__file__).with_name("paper_numbers.json")
 
 
@@ -92,11 +94,15 @@ def main(argv=None):
     parser.add_argument("--workroot", default="runs/paper")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if not Path(args.workroot).is_dir():
+        # A mistyped path would otherwise give a table of the paper's numbers only.
+        parser.error(f"--workroot {args.workroot}: no such directory (the --workroot that "
+                     "experiments/sweep.py trained and evaluated into)")
     text = build(args.workroot)
     print(text)
     out = Path(args.out) if args.out else Path(args.workroot) / "tables.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    atomic_write_text(out, text + "\n")
     return 0
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from calib_jax import calibration, evaluate, metrics, models, plots, train
 from calib_jax.data import datasets, pipeline
-from calib_jax.files import atomic_write_text
+from calib_jax.files import atomic_save_figure, atomic_write_text
 
 LOSSES = {"ce": "Cross-entropy", "flsd53": "FLSD-53"}
 
@@ -148,7 +148,7 @@ def main(argv=None):
                             results[name]["metrics"][tag]["ece"]))
     fig = plots.reliability_panel(entries)
     out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "reliability.png", dpi=130)
+    atomic_save_figure(fig, out / "reliability.png", dpi=130)
     payload = {"config": vars(args), "data_source": splits["train"].source,
                "wall_seconds": time.perf_counter() - started, "results": results}
     atomic_write_text(out / "results.json", json.dumps(payload, indent=2))

@@ -8,6 +8,8 @@ import re
 import sys
 from pathlib import Path
 
+from calib_jax.files import atomic_write_text
+
 LOSS = {"CE": "ce", "Brier": "brier", "MMCE": "mmce_weighted", "LS-0.05": "label_smoothing",
         "FL-3": "focal", "FLSD-53": "flsd53"}
 DATASET = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "Tiny-ImageNet": "tiny_imagenet",
@@ -77,7 +79,7 @@ def main(path):
         "ood_auroc": ood_rows(t[4]),
     }
     out = Path(__file__).with_name("paper_numbers.json")
-    out.write_text(json.dumps(data, indent=1) + "\n")
+    atomic_write_text(out, json.dumps(data, indent=1) + "\n")
     print(f"wrote {out}: {len(data['ece'])} ECE cells, {len(data['error'])} error cells, "
           f"{len(data['ood_auroc'])} OOD cells")
 

@@ -11,6 +11,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 sys.path.insert(0, str(REPO / "experiments" / "configs"))
 
 import build_tables  # noqa: E402
+import cifar10  # noqa: E402
 import paper  # noqa: E402
 import sweep  # noqa: E402
 import tiny_imagenet  # noqa: E402
@@ -27,6 +28,23 @@ def test_every_paper_cell_has_a_valid_config():
         config = paper.get_config(f"cell={dataset}/{model}/{loss}")
         train.validate_config(config, num_devices=1)
         assert (config.dataset, config.model, config.loss) == (dataset, model, loss)
+
+
+def test_config_overrides_cast_to_the_field_type_or_name_the_field():
+    config = cifar10.get_config("early_decay=TRUE,augment=0,num_epochs=7,learning_rate=0.05,"
+                                "lr_boundaries=[3,5],seeds=1:2,loss=[ce,flsd53]")
+    assert config.early_decay is True and config.augment is False
+    assert (config.num_epochs, config.learning_rate) == (7, 0.05)
+    assert config.lr_boundaries == (3, 5) and config.seeds == (1, 2)
+    assert config.loss == "[ce,flsd53]"
+    # A typo never falls back to a default: early_decay=ture used to train with False.
+    for bad, field in [("early_decay=ture", "early_decay"), ("num_epochs=3.5", "num_epochs"),
+                       ("learning_rate=fast", "learning_rate"),
+                       ("lr_boundaries=150.5:250", "lr_boundaries"), ("seeds=[a]", "seeds")]:
+        with pytest.raises(ValueError, match=rf"config override {field}=.*{field} takes a"):
+            cifar10.get_config(bad)
+    with pytest.raises(ValueError, match="unknown config field 'epochs'"):
+        cifar10.get_config("epochs=3")
 
 
 def test_reference_exceptions_and_recipes():
@@ -60,8 +78,13 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     ours = json.loads(results.read_text())["test"]["before"]["ece"] * 100
     assert f"{ours:.2f}" in row and f"{ours - 4.35:+.2f}" in row
     assert "(1 cells evaluated)" in text
+    assert build_tables.main(["--workroot", str(tmp_path)]) == 0
+    assert (tmp_path / "tables.md").read_text() == text + "\n"
     with pytest.raises(SystemExit):
         sweep.main(["--cells", "mnist/*/*", "--workroot", str(tmp_path)])
+    with pytest.raises(SystemExit):  # a mistyped workroot: not a table of the paper's numbers
+        build_tables.main(["--workroot", str(tmp_path / "typo")])
+    assert not (tmp_path / "typo").exists()
 
 
 def test_sweep_trains_a_row_as_one_program_except_its_exception_cells(tmp_path, capsys):

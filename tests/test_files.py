@@ -58,3 +58,31 @@ def test_permissions_are_those_of_an_ordinary_file(tmp_path):
     path = tmp_path / "written"
     files.atomic_write_bytes(path, b"x")
     assert (path.stat().st_mode & 0o777) == (reference.stat().st_mode & 0o777)
+
+
+def test_atomic_save_figure_writes_what_savefig_writes(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [0, 1])
+    direct = tmp_path / "direct.png"
+    fig.savefig(direct, dpi=50)
+    path = tmp_path / "plots" / "reliability.png"
+    files.atomic_save_figure(fig, path, dpi=50)
+    assert path.read_bytes() == direct.read_bytes()
+    files.atomic_save_figure(fig, tmp_path / "figure", format="svg")
+    assert b"<svg" in (tmp_path / "figure").read_bytes()
+    with pytest.raises(ValueError, match="no suffix"):
+        files.atomic_save_figure(fig, tmp_path / "figure2")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("renderer failed")
+
+    fig.savefig = fail  # a drawing that fails keeps the previous image whole
+    with pytest.raises(RuntimeError, match="renderer failed"):
+        files.atomic_save_figure(fig, path, dpi=50)
+    assert path.read_bytes() == direct.read_bytes()
+    assert sorted(os.listdir(path.parent)) == ["reliability.png"]
+    plt.close(fig)

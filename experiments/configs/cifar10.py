@@ -82,10 +82,48 @@ def split_overrides(arg: str) -> list[str]:
     return items + [current]
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _cast(key: str, current, value: str):
+    """``value`` (text) as the type of config field ``key``'s ``current`` value; a value
+    that is not of that type raises naming the field (never a silent default: a typo such
+    as ``early_decay=ture`` must not train with ``False``)."""
+    kind = {"bool": "a boolean", "int": "an integer", "float": "a number"}.get(
+        type(current).__name__, type(current).__name__)
+    try:
+        if isinstance(current, bool):
+            if value.lower() in _TRUE:
+                return True
+            if value.lower() in _FALSE:
+                return False
+            raise ValueError(f"not one of {_TRUE + _FALSE}")
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, tuple):
+            kind = "a tuple of integers"
+            parts = value.strip("[]").replace(",", ":").split(":")
+            return tuple(int(v) for v in parts if v.strip())
+    except ValueError as e:
+        raise ValueError(f"config override {key}={value!r}: {key} takes {kind} "
+                         f"(e.g. {key}={_example(current)}); {e}") from None
+    return value
+
+
+def _example(current) -> str:
+    if isinstance(current, tuple):
+        return "[" + ",".join(map(str, current or (1, 2))) + "]"
+    return str(current).lower() if isinstance(current, bool) else str(current)
+
+
 def parse_overrides(config: ml_collections.ConfigDict, arg: str | None):
     """Applies ``"key=value,key=value"`` with each value cast to the field's type.
 
-    Tuples take ``a:b:c`` or ``[a,b,c]``; ``loss=[ce,brier]`` lists member losses.
+    Tuples take ``a:b:c`` or ``[a,b,c]``; ``loss=[ce,brier]`` lists member losses;
+    booleans take true / false (also 1 / 0, yes / no, on / off). A value that does not
+    fit its field's type raises a ``ValueError`` naming the field.
     """
     if not arg:
         return config
@@ -95,17 +133,7 @@ def parse_overrides(config: ml_collections.ConfigDict, arg: str | None):
         key, value = item.split("=", 1)
         if key not in config:
             raise ValueError(f"unknown config field {key!r}; fields: {sorted(config.keys())}")
-        current = config[key]
-        if isinstance(current, bool):
-            value = value.lower() in ("1", "true", "yes")
-        elif isinstance(current, int):
-            value = int(value)
-        elif isinstance(current, float):
-            value = float(value)
-        elif isinstance(current, tuple):
-            parts = value.strip("[]").replace(",", ":").split(":")
-            value = tuple(int(v) for v in parts if v.strip())
-        config[key] = value
+        config[key] = _cast(key, config[key], value)
     return config
 
 

@@ -44,6 +44,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu,cuda")
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import functools  # noqa: E402
 import glob  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
@@ -199,20 +200,28 @@ def _sliced_reads(computation: str) -> dict[int, int]:
         for o in operands:
             uses[o].append((op, name))
 
-    def reached_slices(name, seen):  # False where some use reads it other than by a slice
+    @functools.cache
+    def reached_slices(name):
+        """The slices every use of ``name`` leads to, or None where some use reads it other
+        than by a slice. Memoised: a value reached by many paths (diamonds of element-wise
+        ops) is walked once."""
+        found = set()
         for op, user in uses[name]:
             if op == "slice":
-                seen.add(user)
-            elif not ((op == "concatenate" or op in _ELEMENTWISE and math.prod(
-                    _dims(shapes[user])) == math.prod(_dims(shapes[name])))
-                      and reached_slices(user, seen)):
-                return False
-        return bool(uses[name])
+                found.add(user)
+                continue
+            passes = op == "concatenate" or op in _ELEMENTWISE and math.prod(
+                _dims(shapes[user])) == math.prod(_dims(shapes[name]))
+            below = reached_slices(user) if passes else None
+            if below is None:
+                return None
+            found |= below
+        return frozenset(found) if uses[name] else None
 
     reads = {}
     for name, number in params.items():
-        slices = set()
-        if reached_slices(name, slices):  # each slice once, however many paths reach it
+        slices = reached_slices(name)  # each slice once, however many paths reach it
+        if slices is not None:
             elements = sum(math.prod(_dims(shapes[s])) for s in slices)
             # A concatenate's slice reads at most its own elements of each operand.
             reads[number] = (min(elements, math.prod(_dims(shapes[name])))

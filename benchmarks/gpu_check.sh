@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Usage: bash benchmarks/gpu_check.sh [table|profile|batch1024|all]   (default: all)
+# Usage: bash benchmarks/gpu_check.sh [table|profile|batch1024|models|all]   (default: all)
 # Results in $OUT (or ./gpu_results). On a lent machine (at most 10 minutes per command) run
 # the parts as separate calls on the warm machine, `table` first (6 min), then `profile`
-# (~7 min), then `batch1024` if the session has time left (~3 min); they share one
-# persistent compilation cache (JAX_COMPILATION_CACHE_DIR).
+# (~7 min), then `batch1024` if the session has time left (~3 min), `models` after that
+# (~4 min); they share one persistent compilation cache (JAX_COMPILATION_CACHE_DIR).
 #
 # table (train_throughput.py, at most TABLE_S seconds): the training loop's compiled call
 #    (train_steps, 39 steps per call: the loop's default for CIFAR-10's 351 steps per epoch)
@@ -37,6 +37,10 @@
 #    (before_bytes, convert_residual, mask_from_y; static: -11.7% of the bytes in all),
 #    graph_conv, and autodiff_bn (BatchNorm's gradient by autodiff), where the row fell from
 #    24,649 img/s (commit 1949c9d) to 20,015 (commit cae96e9).
+# models (train_throughput.py, at most MODELS_S seconds, in $OUT/models): the paper's other
+#    CIFAR models, ResNet-110, Wide-ResNet-26-10 and DenseNet-121, at batch 128 bfloat16 with
+#    cross-entropy (one row each, in that order: the time a run of each takes; unmeasured on a
+#    GPU so far; on this project's CPU at batch 4 they compile in 6-26 s).
 #
 # The first row of each shape compiles cold, as a user's first run does; a later row with the
 # same convolutions (FLSD-53 beside CE) finds them autotuned.
@@ -44,8 +48,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PART="${1:-all}"
 case "$PART" in
-    table|profile|batch1024|all) ;;
-    *) echo "usage: bash benchmarks/gpu_check.sh [table|profile|batch1024|all] (got '$PART')" >&2
+    table|profile|batch1024|models|all) ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [table|profile|batch1024|models|all] (got '$PART')" >&2
        exit 2;;
 esac
 OUT="${OUT:-gpu_results}"
@@ -94,4 +98,12 @@ if [ "$PART" = batch1024 ] || [ "$PART" = all ]; then
         --variants default,before_bytes,convert_residual,mask_from_y,graph_conv,autodiff_bn \
         2>&1 | tee "$OUT/gpu_profile_1024_log.txt"
     echo "batch-1024 variants exit status: ${PIPESTATUS[0]}"
+fi
+if [ "$PART" = models ] || [ "$PART" = all ]; then
+    mkdir -p "$OUT/models"
+    timeout -k 10 "${MODELS_S:-240}" "$PYTHON" benchmarks/train_throughput.py \
+        --models resnet110,wide_resnet_26_10,densenet121 --batch-sizes 128 --dtypes bfloat16 \
+        --losses ce --steps-per-call 39 --calls 2 \
+        --json "$OUT/models/train_throughput.json" 2>&1 | tee "$OUT/models/train_throughput.txt"
+    echo "models exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/models/train_throughput.txt"
 fi

@@ -92,3 +92,23 @@ def test_flat_params_loop_equals_the_library_loop():
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)  # measured: within 4e-9
     assert int(got.step) == 2
+
+
+def test_gpu_check_script_names_only_known_variants_models_and_losses():
+    """A misspelt name in gpu_check.sh would cost a GPU session's scarce minutes (the
+    script runs only on the lent machine): every variant, model and loss it passes must
+    exist."""
+    import re
+
+    from calib_jax import models, train
+    script = open(os.path.join(os.path.dirname(gpu_profile.__file__), "gpu_check.sh")).read()
+    variants = [v for m in re.findall(r"--(?:trace-)?variants (\S+)", script)
+                for v in m.split(",")] + re.findall(r'xla_flags\("(\w+)"\)', script)
+    assert {"default", "lean", "graph_conv_concurrent", "autodiff_bn"} <= set(variants)
+    assert set(variants) <= set(gpu_profile.VARIANTS), set(variants) - set(gpu_profile.VARIANTS)
+    names = [n for m in re.findall(r"--models (\S+)", script) for n in m.split(",")]
+    assert {"resnet50", "resnet110", "wide_resnet_26_10", "densenet121"} == set(names)
+    assert set(names) <= set(models.names())
+    used = {n for m in re.findall(r"--(?:losses|multi) (\S+)", script) for n in m.split(",")}
+    assert {"ce", "flsd53", "mmce_weighted"} <= used
+    assert used <= set(train.LOSS_NAMES), used - set(train.LOSS_NAMES)

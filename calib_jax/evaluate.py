@@ -135,7 +135,6 @@ def evaluate_run(workdir, *, which: str = "final", criterion: str = "ece", out=N
         "test": report,
     }
     out = Path(out) if out else workdir / f"eval_{which}"
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     atomic_write_text(out / "results.md", markdown_report(results) + "\n")
     _write_plots(out, test_logits, test.labels, t, search, ood_logits)

@@ -101,7 +101,6 @@ def main(argv=None):
     text = build(args.workroot)
     print(text)
     out = Path(args.out) if args.out else Path(args.workroot) / "tables.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text + "\n")
     return 0
 

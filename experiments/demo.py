@@ -147,7 +147,6 @@ def main(argv=None):
             entries.append((f"{LOSSES[name]}, {label}", all_bins[name][tag],
                             results[name]["metrics"][tag]["ece"]))
     fig = plots.reliability_panel(entries)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_save_figure(fig, out / "reliability.png", dpi=130)
     payload = {"config": vars(args), "data_source": splits["train"].source,
                "wall_seconds": time.perf_counter() - started, "results": results}

@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import os
+import sys
 from typing import Any, Callable
 
 import flax
@@ -685,7 +688,6 @@ def maybe_initialize_distributed(force: bool = False) -> None:
     ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``) in the environment; on TPU pods
     and SLURM, ``initialize()`` finds the rest itself.
     """
-    import os
     if force or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":
             # Cross-process collectives on CPU need gloo (set before the backend starts).
@@ -958,6 +960,7 @@ def train_and_evaluate(config, workdir):
             start = time.perf_counter()
             sums = [np.zeros(len(members)), np.zeros(len(members), np.int64)]
             pending = None
+            progress_shown = False
             for first in range(0, steps, per_call):
                 count = min(per_call, steps - first)  # a shorter last call compiles once more
                 state, m = run_chunk(state, orders, first, count, epoch)
@@ -973,16 +976,18 @@ def train_and_evaluate(config, workdir):
                     rate = first * config.batch_size / max(time.perf_counter() - start, 1e-9)
                     eta = (steps - first + steps * (config.num_epochs - epoch - 1)) \
                         * config.batch_size / max(rate, 1e-9)
-                    print(f"\repoch {epoch + 1}/{config.num_epochs} step {first + count}/{steps} "
-                          f"{rate:,.0f} img/s, ETA {eta / 60:.1f} min", end="", flush=True)
+                    _show_progress(f"epoch {epoch + 1}/{config.num_epochs} step "
+                                   f"{first + count}/{steps} {rate:,.0f} img/s, "
+                                   f"ETA {eta / 60:.1f} min")
+                    progress_shown = True
             add(sums, pending)
             loss_sum, correct = sums
             seconds = time.perf_counter() - start
             done_epochs = epoch + 1
             periodic = done_epochs % config.checkpoint_every_epochs == 0 or \
                 done_epochs == config.num_epochs
-            if is_chief:
-                print()
+            if progress_shown and sys.stdout.isatty():
+                print()  # ends the progress line that \r kept rewriting
             vals = _validate_members(state, val_split.inputs, val_split.labels, len(members),
                                      member_mode, **eval_options)
             for k, (name, val) in enumerate(zip(names, vals)):
@@ -1026,6 +1031,39 @@ def train_and_evaluate(config, workdir):
     return state
 
 
+def _show_progress(text: str) -> None:
+    """One progress line: rewritten in place on a terminal, a line of its own in a log file.
+
+    (A ``\\r`` in a redirected log, e.g. a cluster job's, glues every update of an epoch into
+    one unreadable line.)
+    """
+    if sys.stdout.isatty():
+        print("\r" + text, end="", flush=True)
+    else:
+        print(text, flush=True)
+
+
+class _DropOrbaxInfo(logging.Filter):
+    """Drops Orbax's records below WARNING (it logs to absl's logger, not one of its own)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or \
+            f"{os.sep}orbax{os.sep}" not in (record.pathname or "")
+
+
+def quiet_orbax_info_logs() -> None:
+    """Keeps Orbax's INFO records out of the training CLI's log.
+
+    Under ``absl.app`` the log level is INFO, and Orbax writes ~40 INFO lines per checkpoint
+    (threads, transfers, compression ratios): a 350-epoch run's progress would drown in
+    thousands of them. Its warnings and errors still show; ``--verbosity=0`` (or any
+    ``--verbosity`` given explicitly) keeps everything. Idempotent.
+    """
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropOrbaxInfo) for f in logger.filters):
+        logger.addFilter(_DropOrbaxInfo())
+
+
 def main(argv=None):
     """``python -m calib_jax.train --config path.py[:k=v,...] --workdir DIR [--config.k=v]``."""
     from absl import app, flags
@@ -1039,6 +1077,8 @@ def main(argv=None):
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(_):
+        if not flags_["verbosity"].present:
+            quiet_orbax_info_logs()
         maybe_initialize_distributed(flags_.distributed)
         train_and_evaluate(flags_.config, flags_.workdir)
 

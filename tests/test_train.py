@@ -289,6 +289,11 @@ def test_sigkill_and_restart_gives_exactly_the_uninterrupted_parameters(tmp_path
     resumed = run_cli(killed)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
+    # Its log, redirected: every progress update a line of its own (no \r gluing them), and
+    # none of Orbax's INFO records (~40 per checkpoint) around them.
+    assert "\r" not in resumed.stdout
+    assert any(line.startswith("epoch 2/2 step ") for line in resumed.stdout.splitlines())
+    assert "checkpoint_manager.py" not in resumed.stderr, resumed.stderr[-2000:]
     a, b = final_params(whole), final_params(killed)
     from calib_jax import checkpoints
     assert checkpoints.tree_equal(a, b)
@@ -639,3 +644,33 @@ def test_member_lists_in_configs():
     assert (row.loss, row.num_epochs) == ("[ce,brier,focal]", 3)
     with pytest.raises(ValueError, match="different recipes"):
         experiment_configs.load("paper", "cell=cifar10/wide_resnet_26_10/[ce,brier]")
+
+
+def test_orbax_info_records_are_dropped_and_its_warnings_kept():
+    import logging
+    import os
+    orbax_file = os.path.join("site-packages", "orbax", "checkpoint", "checkpoint_manager.py")
+
+    def record(level, pathname):
+        return logging.LogRecord("absl", level, pathname, 1, "message", None, None)
+
+    logger = logging.getLogger("absl")
+    before = list(logger.filters)
+    try:
+        train.quiet_orbax_info_logs()
+        train.quiet_orbax_info_logs()  # idempotent: one filter
+        assert len(logger.filters) == len(before) + 1
+        assert not logger.filter(record(logging.INFO, orbax_file))
+        assert logger.filter(record(logging.WARNING, orbax_file))
+        assert logger.filter(record(logging.INFO, os.path.join("calib_jax", "train.py")))
+    finally:
+        logger.filters[:] = before
+
+
+def test_progress_is_rewritten_on_a_terminal_and_a_line_of_its_own_in_a_log(capsys,
+                                                                              monkeypatch):
+    train._show_progress("epoch 1/2 step 8/8")
+    assert capsys.readouterr().out == "epoch 1/2 step 8/8\n"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    train._show_progress("epoch 1/2 step 8/8")
+    assert capsys.readouterr().out == "\repoch 1/2 step 8/8"

@@ -13,6 +13,10 @@ at any time. Each cell's work directory is ``<workroot>/<dataset>/<model>/<loss>
 model) that share a recipe as one vmapped program
 (``cell=<dataset>/<model>/[loss,...]``); every member still lands in its own
 cell directory, so the results and ``build_tables.py`` do not change.
+
+A failing cell (e.g. a data set that is not on this machine) stops the sweep; with
+``--keep-going`` the sweep goes on with the next cells, lists the failed ones at the end and
+exits with status 1 (for unattended sweeps: one missing data set does not waste the night).
 """
 
 import argparse
@@ -31,12 +35,19 @@ def selected(patterns):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", required=True)
-    parser.add_argument("--workroot", default="runs/paper")
+    parser.add_argument("--cells", required=True,
+                        help="comma-separated shell-style patterns over dataset/model/loss, "
+                             "e.g. 'cifar10/*/*,cifar100/resnet110/flsd53'")
+    parser.add_argument("--workroot", default="runs/paper",
+                        help="cell directories go to <workroot>/<dataset>/<model>/<loss> "
+                             "(default: %(default)s)")
     parser.add_argument("--set", default="", help="config overrides, key=value,...")
-    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the cells (done / todo) and the runs, train nothing")
     parser.add_argument("--vmap-rows", action="store_true",
                         help="train each row's cells that share a recipe as one program")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="after a failing cell go on with the others; exit 1 at the end")
     args = parser.parse_args(argv)
     cells = selected(args.cells.split(","))
     if not cells:
@@ -62,14 +73,26 @@ def main(argv=None):
             else:
                 jobs.append((f"cell={dataset}/{model}/[{','.join(group)}]", row_dir,
                              [row_dir / loss for loss in group]))
+    failed = []
     for spec, workdir, run_dirs in jobs:
         print(f"run   {spec + rest} -> {workdir}", flush=True)
         if args.dry_run:
             continue
         from calib_jax import evaluate, train
-        train.train_and_evaluate(paper.get_config(spec + rest), workdir)
-        for run_dir in run_dirs:
-            evaluate.evaluate_run(run_dir, which="final")
+        try:
+            train.train_and_evaluate(paper.get_config(spec + rest), workdir)
+            for run_dir in run_dirs:
+                evaluate.evaluate_run(run_dir, which="final")
+        except Exception as error:  # noqa: BLE001 -- reported below, the sweep exits 1
+            if not args.keep_going:
+                raise
+            failed.append(spec)
+            print(f"FAILED {spec + rest}: {type(error).__name__}: {error}", file=sys.stderr,
+                  flush=True)
+    if failed:
+        print(f"{len(failed)} of {len(jobs)} runs failed (rerun the same command to retry "
+              f"them; finished cells are skipped): {'; '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

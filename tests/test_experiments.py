@@ -87,6 +87,31 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     assert not (tmp_path / "typo").exists()
 
 
+def test_sweep_stops_at_a_failing_cell_or_with_keep_going_runs_the_rest(tmp_path, capsys,
+                                                                        monkeypatch):
+    from calib_jax import data, evaluate
+    trained, evaluated = [], []
+
+    def fake_train(config, workdir):
+        if config.dataset == "cifar100":
+            raise data.DataNotFoundError("CIFAR-100 (train) not found")
+        trained.append(Path(workdir).relative_to(tmp_path).as_posix())
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(evaluate, "evaluate_run",
+                        lambda run_dir, which: evaluated.append(Path(run_dir).name))
+    # Cells run in table order: the CIFAR-100 cell before the Tiny-ImageNet one.
+    cells = ["--cells", "tiny_imagenet/*/ce,cifar100/resnet110/ce", "--workroot", str(tmp_path)]
+    with pytest.raises(data.DataNotFoundError):
+        sweep.main(cells)
+    assert trained == [] and evaluated == []
+    assert sweep.main([*cells, "--keep-going"]) == 1
+    assert trained == ["tiny_imagenet/resnet50_tiny_imagenet/ce"] and evaluated == ["ce"]
+    err = capsys.readouterr().err
+    assert "FAILED cell=cifar100/resnet110/ce: DataNotFoundError: CIFAR-100" in err
+    assert "1 of 2 runs failed" in err
+
+
 def test_sweep_trains_a_row_as_one_program_except_its_exception_cells(tmp_path, capsys):
     assert sweep.main(["--cells", "cifar10/wide_resnet_26_10/*", "--workroot", str(tmp_path),
                        "--vmap-rows", "--dry-run"]) == 0

@@ -46,8 +46,10 @@ from calib_jax import losses
 from calib_jax.data import pipeline
 from calib_jax.files import atomic_write_text
 
-__all__ = ["LOSS_NAMES", "LossSpec", "TrainState", "batch_loss", "batch_sharding",
-           "clip_by_global_norm", "create_train_state", "default_member_mode",
+__all__ = ["LOSS_NAMES", "LossSpec", "RESUMABLE_FIELDS", "TrainState", "batch_loss",
+           "batch_sharding", "check_resumable", "clip_by_global_norm", "config_differences",
+           "create_train_state",
+           "default_member_mode",
            "default_steps_per_call", "default_unroll", "global_norm", "make_optimizer",
            "multi_train_steps", "piecewise_lr", "predict", "predict_members", "replicate",
            "replicated", "stack_states", "train_step", "train_steps", "unstack_state"]
@@ -615,6 +617,60 @@ def run_members(config) -> list[tuple[str, Any]]:
     return members
 
 
+#: Config fields a resumed run may change: they decide how the run is executed, logged or
+#: saved, not what it computes (``num_epochs`` lengthens or shortens it: the learning-rate
+#: and gamma schedules are in epochs, not fractions of the run). Any other difference
+#: between a work directory's ``config.json`` and the config given is refused.
+RESUMABLE_FIELDS = frozenset({
+    "num_epochs", "eval_batch_size", "data_dir", "multi_mode", "checkpoint_every_epochs",
+    "keep_checkpoints", "log_every_steps", "steps_per_call", "scan_unroll"})
+
+
+def config_differences(run_dir, config, *, ignore=RESUMABLE_FIELDS) -> list[str] | None:
+    """``["loss 'ce' -> 'flsd53'", ...]``: the fields in which ``run_dir/config.json``
+    differs from ``config``, outside ``ignore``; None when the directory has no config.json.
+
+    Fields that only one side has (written by another calib_jax version) are not compared.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    given = json.loads(config.to_json())
+    return [f"{k} {saved[k]!r} -> {given[k]!r}" for k in given
+            if k in saved and k not in ignore and saved[k] != given[k]]
+
+
+def check_resumable(run_dir, config) -> None:
+    """Refuses to resume ``run_dir`` with a config that computes something else.
+
+    A run directory that already holds training (a checkpoint or a log record) and whose
+    ``config.json`` differs from ``config`` in a field outside ``RESUMABLE_FIELDS`` (the loss,
+    gamma, learning rate, seed, dtype, ...) raises ``ValueError`` naming each such field with
+    its old and new value, before any compute: resuming would train the rest of the run under
+    another recipe and overwrite the record of the first. (A different model is caught too,
+    here rather than by the checkpoint's tree structure.) Fields that only one side has
+    (written by another calib_jax version) are not compared. A directory without training,
+    e.g. a run killed in its first epoch, may be reused with any config.
+    """
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    log = run_dir / "log.jsonl"
+    trained = (log.exists() and log.stat().st_size > 0) or any(
+        p.name.isdigit() for sub in ("checkpoints", "best") if (run_dir / sub).is_dir()
+        for p in (run_dir / sub).iterdir())
+    changed = config_differences(run_dir, config) if trained else None
+    if changed:
+        raise ValueError(
+            f"workdir {run_dir} holds a run of another configuration ({run_dir}/config.json): "
+            f"{'; '.join(changed)}. Use a new --workdir, or resume with the run's own config "
+            f"(only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume).")
+
+
 def validate_config(config, num_devices: int) -> None:
     """Raises ``ValueError`` naming the field for any bad value, before any compute."""
     from calib_jax import models as model_zoo
@@ -877,6 +933,8 @@ def train_and_evaluate(config, workdir):
     members = run_members(config)
     names = [name for name, _ in members]
     member_dirs = [workdir / name if name else workdir for name in names]
+    for d, (_, c) in zip(member_dirs, members):
+        check_resumable(d, c)
     specs = tuple(LossSpec.from_config(c) for _, c in members)
     seeds = tuple(int(c.seed) for _, c in members)
     dtype = _DTYPES[config.dtype]

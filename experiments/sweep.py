@@ -5,9 +5,12 @@ Usage:
       [--set num_epochs=1,batch_size=64]
 
 ``--cells`` takes shell-style patterns over ``dataset/model/loss`` (comma
-separated); a cell whose ``eval_final/results.json`` exists is skipped, and a
-half-trained cell resumes from its checkpoint, so the sweep can be restarted
-at any time. Each cell's work directory is ``<workroot>/<dataset>/<model>/<loss>``.
+separated); a cell whose ``eval_final/results.json`` exists and whose ``config.json`` is the
+config the sweep would train (``--set`` included) is skipped, and a half-trained cell resumes
+from its checkpoint, so the sweep can be restarted at any time. A cell finished under another
+config is not "done": a shorter run (e.g. an earlier ``--set num_epochs=1``) is trained on to
+the full length and evaluated again; any other difference is refused by the training (it
+names the fields). Each cell's work directory is ``<workroot>/<dataset>/<model>/<loss>``.
 
 ``--vmap-rows`` trains the selected, unfinished cells of one row (dataset and
 model) that share a recipe as one vmapped program
@@ -54,10 +57,22 @@ def main(argv=None):
         parser.error(f"no cell matches {args.cells!r}")
     rest = f",{args.set}" if args.set else ""
     rows = {}  # (dataset, model) -> unfinished losses, in cell order
+    from calib_jax import evaluate, train
+
+    # Execution-only fields may differ from a finished cell's; num_epochs may not.
+    execution_only = train.RESUMABLE_FIELDS - {"num_epochs"}
     for dataset, model, loss in cells:
         workdir = Path(args.workroot) / dataset / model / loss
-        done = (workdir / "eval_final" / "results.json").exists()
-        print(f"{'done ' if done else 'todo '} cell={dataset}/{model}/{loss} -> {workdir}",
+        done, why = (workdir / "eval_final" / "results.json").exists(), ""
+        if done:
+            changed = train.config_differences(
+                workdir, paper.get_config(f"cell={dataset}/{model}/{loss}{rest}"),
+                ignore=execution_only)
+            if changed is None:
+                done, why = False, " (results without a config.json)"
+            elif changed:
+                done, why = False, f" (its results are of another config: {'; '.join(changed)})"
+        print(f"{'done ' if done else 'todo '} cell={dataset}/{model}/{loss} -> {workdir}{why}",
               flush=True)
         if not done:
             rows.setdefault((dataset, model), []).append(loss)
@@ -78,7 +93,6 @@ def main(argv=None):
         print(f"run   {spec + rest} -> {workdir}", flush=True)
         if args.dry_run:
             continue
-        from calib_jax import evaluate, train
         try:
             train.train_and_evaluate(paper.get_config(spec + rest), workdir)
             for run_dir in run_dirs:

@@ -72,6 +72,19 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     assert results.exists()
     assert sweep.main(args) == 0  # restart: the finished cell is skipped
     assert "done  cell=cifar10/resnet50/ce" in capsys.readouterr().out
+    # Asked for longer, the cell is not done: it trains on from its last epoch and is
+    # evaluated again.
+    longer = args[:-1] + [args[-1].replace("num_epochs=1", "num_epochs=2")]
+    assert sweep.main(longer) == 0
+    out = capsys.readouterr().out
+    assert "todo  cell=cifar10/resnet50/ce -> " in out
+    assert "(its results are of another config: num_epochs 1 -> 2)" in out
+    assert "resumed from" in out and "epoch 2/2:" in out and "epoch 1/2:" not in out
+    assert json.loads(results.read_text())["epoch"] == 2
+    # Any other change is refused by the training, naming the field; the results stay.
+    with pytest.raises(ValueError, match="learning_rate 0.1 -> 0.2"):
+        sweep.main(longer[:-1] + [longer[-1] + ",learning_rate=0.2"])
+    assert json.loads(results.read_text())["epoch"] == 2
     text = build_tables.build(tmp_path)
     row = next(line for line in text.splitlines()
                if line.startswith("| cifar10 | resnet50 | ce | ") and "4.35" in line)

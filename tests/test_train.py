@@ -319,6 +319,37 @@ def test_bad_config_fails_before_any_compute(override, field, tmp_path, monkeypa
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_trained_workdir_refuses_a_config_that_computes_something_else(
+        tmp_path, evaluated_runs, monkeypatch):
+    run = evaluated_runs / "cifar10" / "resnet50" / "ce"  # trained with SMOKE
+    before = (run / "config.json").read_text(), (run / "log.jsonl").read_text()
+    from calib_jax.data import datasets
+    monkeypatch.setattr(datasets, "load", lambda *a, **k: pytest.fail("data was loaded"))
+    changed = load_config(SMOKE + ",loss=flsd53,learning_rate=0.5")
+    with pytest.raises(ValueError, match=r"loss 'ce' -> 'flsd53'; learning_rate 0\.1 -> 0\.5\. "
+                                         r"Use a new --workdir"):
+        train.train_and_evaluate(changed, run)
+    assert ((run / "config.json").read_text(), (run / "log.jsonl").read_text()) == before
+    # What only decides how the run is executed, logged or saved may change; so may a field
+    # that the saved config.json does not have (another calib_jax version).
+    train.check_resumable(run, load_config(SMOKE + ",num_epochs=4,steps_per_call=3,"
+                                                   "eval_batch_size=64,checkpoint_every_epochs=2"))
+    extra = load_config(SMOKE)
+    with extra.unlocked():
+        extra.new_field = 1
+    train.check_resumable(run, extra)
+    # A directory without training (config.json, empty log: killed in its first epoch) may be
+    # reused with any config.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "config.json").write_text((run / "config.json").read_text())
+    (fresh / "log.jsonl").write_text("")
+    train.check_resumable(fresh, changed)
+    (fresh / "checkpoints" / "1").mkdir(parents=True)
+    with pytest.raises(ValueError, match="loss 'ce' -> 'flsd53'"):
+        train.check_resumable(fresh, changed)
+
+
 def test_unknown_config_field_is_rejected():
     with pytest.raises(ValueError, match="unknown config field 'lossy'"):
         load_config("lossy=ce")

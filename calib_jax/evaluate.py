@@ -16,7 +16,9 @@ reported too), and reports on the test split before and after scaling:
 error, NLL, ECE, AdaECE, classwise ECE, MCE, and OOD AUROC with the entropy
 and confidence scores. Writes ``results.json``, ``results.md``, reliability
 diagrams, confidence histograms, temperature curves and ROC curves (PNG) to
-``--out`` (default ``<workdir>/eval_<checkpoint>``).
+``--out`` (default ``<workdir>/eval_<checkpoint>``, and ``eval_<checkpoint>_nll`` with
+``--criterion nll``, so that the default, ECE-picked results that ``build_tables.py`` and the
+sweep read are never replaced by another criterion's).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from calib_jax import calibration, checkpoints, metrics, ood, plots, train
 from calib_jax.data import datasets
 from calib_jax.files import atomic_save_figure, atomic_write_text
 
-__all__ = ["evaluate_run", "markdown_report", "main", "member_dirs", "test_report"]
+__all__ = ["default_out_name", "evaluate_run", "markdown_report", "main", "member_dirs",
+           "test_report"]
 
 OOD_SETS = {"cifar10": ("svhn", "cifar10_c"), "cifar100": ("svhn", "cifar10_c"),
             "synthetic": ("synthetic_c",)}
@@ -134,11 +137,16 @@ def evaluate_run(workdir, *, which: str = "final", criterion: str = "ece", out=N
                         "nll_fit": float(fit.temperature)},
         "test": report,
     }
-    out = Path(out) if out else workdir / f"eval_{which}"
+    out = Path(out) if out else workdir / default_out_name(which, criterion)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     atomic_write_text(out / "results.md", markdown_report(results) + "\n")
     _write_plots(out, test_logits, test.labels, t, search, ood_logits)
     return results
+
+
+def default_out_name(which: str, criterion: str = "ece") -> str:
+    """``eval_<which>`` for the default criterion (ECE), ``eval_<which>_<criterion>`` else."""
+    return f"eval_{which}" + ("" if criterion == "ece" else f"_{criterion}")
 
 
 def _write_plots(out: Path, test_logits, labels, t, search, ood_logits):
@@ -216,7 +224,7 @@ def main(argv=None):
     run_dirs = member_dirs(args.workdir)
     if args.out and len(run_dirs) > 1:
         parser.error("--out names one directory; a multi-member work directory writes each "
-                     "member's results into <member>/eval_<checkpoint>")
+                     "member's results into <member>/eval_<checkpoint>[_nll]")
     for run_dir in run_dirs:
         results = evaluate_run(run_dir, which=args.checkpoint, criterion=args.criterion,
                                out=args.out, data_dir=args.data_dir)

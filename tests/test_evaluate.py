@@ -49,8 +49,11 @@ def test_evaluation_pass_writes_report(run_dir):
 
 
 def test_evaluate_best_and_epoch_checkpoints(run_dir, tmp_path):
-    best = evaluate.evaluate_run(run_dir, which="best", out=tmp_path / "best", criterion="nll")
+    best = evaluate.evaluate_run(run_dir, which="best", criterion="nll")
     assert best["temperature"]["criterion"] == "nll" and best["epoch"] in (1, 2)
+    # Another criterion's results go beside the default (ECE) ones, never over them.
+    assert json.loads((run_dir / "eval_best_nll" / "results.json").read_text()) == best
+    assert not (run_dir / "eval_best").exists()
     first = evaluate.evaluate_run(run_dir, which="1", out=tmp_path / "one")
     assert first["epoch"] == 1
     with pytest.raises(FileNotFoundError, match="epoch 7"):

@@ -48,9 +48,8 @@ from calib_jax.files import atomic_write_text
 
 __all__ = ["LOSS_NAMES", "LossSpec", "RESUMABLE_FIELDS", "TrainState", "batch_loss",
            "batch_sharding", "check_resumable", "clip_by_global_norm", "config_differences",
-           "create_train_state",
-           "default_member_mode",
-           "default_steps_per_call", "default_unroll", "global_norm", "make_optimizer",
+           "create_train_state", "default_member_mode", "default_steps_per_call",
+           "default_unroll", "field_differences", "global_norm", "make_optimizer",
            "multi_train_steps", "piecewise_lr", "predict", "predict_members", "replicate",
            "replicated", "stack_states", "train_step", "train_steps", "unstack_state"]
 
@@ -626,22 +625,28 @@ RESUMABLE_FIELDS = frozenset({
     "keep_checkpoints", "log_every_steps", "steps_per_call", "scan_unroll"})
 
 
-def config_differences(run_dir, config, *, ignore=RESUMABLE_FIELDS) -> list[str] | None:
-    """``["loss 'ce' -> 'flsd53'", ...]``: the fields in which ``run_dir/config.json``
-    differs from ``config``, outside ``ignore``; None when the directory has no config.json.
+def field_differences(saved: dict, given: dict, *, ignore=RESUMABLE_FIELDS) -> list[tuple]:
+    """``[(field, saved value, given value), ...]`` for the fields of two configs (as JSON
+    dicts) that differ, outside ``ignore``, in ``given``'s order.
 
     Fields that only one side has (written by another calib_jax version) are not compared.
     """
+    return [(k, saved[k], given[k]) for k in given
+            if k in saved and k not in ignore and saved[k] != given[k]]
+
+
+def config_differences(run_dir, config, *, ignore=RESUMABLE_FIELDS) -> list[str] | None:
+    """``["loss 'ce' -> 'flsd53'", ...]``: the fields in which ``run_dir/config.json``
+    differs from ``config``, outside ``ignore`` (``field_differences``); None when the
+    directory has no config.json."""
     import json
     from pathlib import Path
 
     path = Path(run_dir) / "config.json"
     if not path.exists():
         return None
-    saved = json.loads(path.read_text())
-    given = json.loads(config.to_json())
-    return [f"{k} {saved[k]!r} -> {given[k]!r}" for k in given
-            if k in saved and k not in ignore and saved[k] != given[k]]
+    return [f"{k} {old!r} -> {new!r}" for k, old, new in field_differences(
+        json.loads(path.read_text()), json.loads(config.to_json()), ignore=ignore)]
 
 
 def check_resumable(run_dir, config) -> None:

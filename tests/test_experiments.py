@@ -91,6 +91,11 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     ours = json.loads(results.read_text())["test"]["before"]["ece"] * 100
     assert f"{ours:.2f}" in row and f"{ours - 4.35:+.2f}" in row
     assert "(1 cells evaluated)" in text
+    # Trained on the synthetic task with a ResNet-8: marked, and the differences listed.
+    assert f"| {ours:.2f}* | 4.35 |" in row
+    assert ("- cifar10/resnet50/ce: dataset 'synthetic' (paper's recipe: 'cifar10'); model "
+            "'resnet8' (paper's recipe: 'resnet50'); num_epochs 2 (paper's recipe: 350)") in text
+    assert "Test data: synthetic from generated (1 cells)." in text
     assert build_tables.main(["--workroot", str(tmp_path)]) == 0
     assert (tmp_path / "tables.md").read_text() == text + "\n"
     with pytest.raises(SystemExit):
@@ -98,6 +103,33 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a mistyped workroot: not a table of the paper's numbers
         build_tables.main(["--workroot", str(tmp_path / "typo")])
     assert not (tmp_path / "typo").exists()
+
+
+def test_tables_mark_only_the_cells_off_the_papers_recipe(tmp_path):
+    def write(cell, config):
+        report = {"ece": 0.01, "error": 0.05, "ood_auroc": {}}
+        results = {"config": json.loads(config.to_json()), "data": {"test": "/data/cifar10"},
+                   "temperature": {"value": 1.1}, "test": {"before": report, "after": report}}
+        path = tmp_path.joinpath(*cell.split("/"), "eval_final", "results.json")
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(results))
+
+    write("cifar10/resnet110/brier", paper.get_config("cell=cifar10/resnet110/brier"))
+    recipe = paper.get_config("cell=cifar10/resnet110/ce")
+    with recipe.unlocked():  # how a run was executed does not matter; what it computed does
+        recipe.steps_per_call, recipe.learning_rate = 7, 0.2
+    write("cifar10/resnet110/ce", recipe)
+    text = build_tables.build(tmp_path)
+    rows = {}  # loss -> its rows: ECE table, error table
+    for line in text.splitlines():
+        if line.startswith("| cifar10 | resnet110 | "):
+            rows.setdefault(line.split(" | ")[2], []).append(line)
+    assert "| 1.00 |" in rows["brier"][0] and "| 5.00 |" in rows["brier"][1]
+    assert not any("*" in row for row in rows["brier"])
+    assert "| 1.00* |" in rows["ce"][0] and "| 5.00* |" in rows["ce"][1]
+    assert "- cifar10/resnet110/ce: learning_rate 0.2 (paper's recipe: 0.1)" in text
+    assert "cifar10/resnet110/brier:" not in text
+    assert "Test data: cifar10 from /data/cifar10 (2 cells)." in text
 
 
 def test_sweep_stops_at_a_failing_cell_or_with_keep_going_runs_the_rest(tmp_path, capsys,

@@ -14,8 +14,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/python experiments/demo.py
 
+# The test extras are installed here, so a broken one fails the run (tests/conftest.py).
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest
+	CALIB_JAX_REQUIRE_TEST_EXTRAS=1 $(BIN)/python -m pytest
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/metrics_bench.py

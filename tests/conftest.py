@@ -19,6 +19,21 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 import pytest  # noqa: E402
 
+if os.environ.get("CALIB_JAX_REQUIRE_TEST_EXTRAS"):
+    # Set by `make test` (what CI runs), which installs the test extras: there, an extra that
+    # does not import (e.g. a release built for another numpy) must fail the run instead of
+    # quietly skipping the tests that compare against it (pytest.importorskip).
+    import importlib
+
+    for _module in ("sklearn.metrics", "tensorflow_datasets", "nbclient", "nbformat", "ipykernel"):
+        try:
+            importlib.import_module(_module)
+        except Exception as _error:
+            raise ImportError(
+                f"test extra {_module!r} does not import ({type(_error).__name__}: {_error}); "
+                f"reinstall the extras: pip install -e '.[test]' (CALIB_JAX_REQUIRE_TEST_EXTRAS "
+                f"is set, as `make test` does)") from _error
+
 
 @pytest.fixture(scope="session")
 def evaluated_runs(tmp_path_factory):

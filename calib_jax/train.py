@@ -46,12 +46,13 @@ from calib_jax import losses
 from calib_jax.data import pipeline
 from calib_jax.files import atomic_write_text
 
-__all__ = ["LOSS_NAMES", "LossSpec", "RESUMABLE_FIELDS", "TrainState", "batch_loss",
-           "batch_sharding", "check_resumable", "clip_by_global_norm", "config_differences",
-           "create_train_state", "default_member_mode", "default_steps_per_call",
-           "default_unroll", "field_differences", "global_norm", "make_optimizer",
-           "multi_train_steps", "piecewise_lr", "predict", "predict_members", "replicate",
-           "replicated", "stack_states", "train_step", "train_steps", "unstack_state"]
+__all__ = ["EXECUTION_FIELDS", "LOSS_NAMES", "LossSpec", "RESUMABLE_FIELDS", "TrainState",
+           "batch_loss", "batch_sharding", "check_resumable", "clip_by_global_norm",
+           "config_differences", "create_train_state", "default_member_mode",
+           "default_steps_per_call", "default_unroll", "field_differences", "global_norm",
+           "make_optimizer", "multi_train_steps", "piecewise_lr", "predict", "predict_members",
+           "replicate", "replicated", "stack_states", "train_step", "train_steps",
+           "unstack_state"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")
@@ -616,13 +617,16 @@ def run_members(config) -> list[tuple[str, Any]]:
     return members
 
 
-#: Config fields a resumed run may change: they decide how the run is executed, logged or
-#: saved, not what it computes (``num_epochs`` lengthens or shortens it: the learning-rate
-#: and gamma schedules are in epochs, not fractions of the run). Any other difference
-#: between a work directory's ``config.json`` and the config given is refused.
-RESUMABLE_FIELDS = frozenset({
-    "num_epochs", "eval_batch_size", "data_dir", "multi_mode", "checkpoint_every_epochs",
-    "keep_checkpoints", "log_every_steps", "steps_per_call", "scan_unroll"})
+#: Config fields that decide how a run is executed, logged or saved, not what it computes
+#: (results agree to float rounding whatever their values).
+EXECUTION_FIELDS = frozenset({
+    "eval_batch_size", "data_dir", "multi_mode", "checkpoint_every_epochs", "keep_checkpoints",
+    "log_every_steps", "steps_per_call", "scan_unroll"})
+#: Config fields a resumed run may change: the execution fields and ``num_epochs``, which
+#: lengthens or shortens the run (the learning-rate and gamma schedules are in epochs, not
+#: fractions of the run). Any other difference between a work directory's ``config.json`` and
+#: the config given is refused.
+RESUMABLE_FIELDS = EXECUTION_FIELDS | {"num_epochs"}
 
 
 def field_differences(saved: dict, given: dict, *, ignore=RESUMABLE_FIELDS) -> list[tuple]:

@@ -41,7 +41,7 @@ def recipe_differences(results) -> dict:
             out[(dataset, model, loss)] = [str(e)]
             continue
         changed = train.field_differences(json.loads(recipe.to_json()), r.get("config", {}),
-                                          ignore=train.RESUMABLE_FIELDS - {"num_epochs"})
+                                          ignore=train.EXECUTION_FIELDS)
         if changed:
             out[(dataset, model, loss)] = [f"{k} {ours!r} (paper's recipe: {theirs!r})"
                                            for k, theirs, ours in changed]

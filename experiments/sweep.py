@@ -59,15 +59,13 @@ def main(argv=None):
     rows = {}  # (dataset, model) -> unfinished losses, in cell order
     from calib_jax import evaluate, train
 
-    # Execution-only fields may differ from a finished cell's; num_epochs may not.
-    execution_only = train.RESUMABLE_FIELDS - {"num_epochs"}
     for dataset, model, loss in cells:
         workdir = Path(args.workroot) / dataset / model / loss
         done, why = (workdir / "eval_final" / "results.json").exists(), ""
         if done:
             changed = train.config_differences(
                 workdir, paper.get_config(f"cell={dataset}/{model}/{loss}{rest}"),
-                ignore=execution_only)
+                ignore=train.EXECUTION_FIELDS)  # num_epochs must match
             if changed is None:
                 done, why = False, " (results without a config.json)"
             elif changed:

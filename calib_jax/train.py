@@ -909,6 +909,8 @@ def train_and_evaluate(config, workdir):
     accuracy. Only process 0 writes logs. The run is deterministic given the
     config: a restarted run continues with the same data order and random
     numbers, so it ends with exactly the parameters of an uninterrupted run.
+    A ``workdir`` that holds training of another configuration is refused before
+    any compute (:func:`check_resumable`; only ``RESUMABLE_FIELDS`` may change).
 
     Steps run ``steps_per_call`` at a time in one compiled call
     (:func:`train_steps`: batches built on the device, no per-step host work;

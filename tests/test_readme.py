@@ -42,8 +42,8 @@ def test_readme_python_examples_run_in_order(monkeypatch):
     if (SHARED / "cifar10").is_dir():
         monkeypatch.setenv("CALIB_JAX_DATA_DIR", str(SHARED))
     for number, block in enumerate(python_blocks()):
-        # The model example's calls with the small ResNet-8: ResNet-50's eager init and
-        # apply take ~20 s of this suite's CPU and test nothing more of the API.
+        # The model example's calls with the small ResNet-8: ResNet-50's compiles take ~6 s
+        # more of this suite's CPU and test nothing more of the API.
         block = block.replace('models.get("resnet50"', 'models.get("resnet8"')
         try:
             exec(compile(block, f"README.md python block {number}", "exec"), namespace)

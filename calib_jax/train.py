@@ -29,11 +29,14 @@ device. The recipe is the reference's:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
 import flax
@@ -49,10 +52,10 @@ from calib_jax.files import atomic_write_text
 __all__ = ["EXECUTION_FIELDS", "LOSS_NAMES", "LossSpec", "RESUMABLE_FIELDS", "TrainState",
            "batch_loss", "batch_sharding", "check_resumable", "clip_by_global_norm",
            "config_differences", "create_train_state", "default_member_mode",
-           "default_steps_per_call", "default_unroll", "field_differences", "global_norm",
-           "make_optimizer", "multi_train_steps", "piecewise_lr", "predict", "predict_members",
-           "replicate", "replicated", "stack_states", "train_step", "train_steps",
-           "unstack_state"]
+           "default_steps_per_call", "default_unroll", "exit_on_sigterm", "field_differences",
+           "global_norm", "make_optimizer", "multi_train_steps", "piecewise_lr", "predict",
+           "predict_members", "replicate", "replicated", "stack_states", "train_step",
+           "train_steps", "unstack_state"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")
@@ -1021,83 +1024,117 @@ def train_and_evaluate(config, workdir):
         sums[1] += np.asarray(done["correct"], np.int64).reshape(-1, len(members)).sum(0)
 
     # Checkpoints are written in the background (RunCheckpoints): closing waits for them,
-    # also when training stops with an exception, so nothing already saved is lost.
-    try:
-        for epoch in range(start_epoch, config.num_epochs):
-            by_seed = {s: pipeline.epoch_order(s, epoch, len(labels)) for s in set(seeds)}
-            orders = jax.device_put(jnp.stack([by_seed[s] for s in seeds]), replicated(mesh))
-            start = time.perf_counter()
-            sums = [np.zeros(len(members)), np.zeros(len(members), np.int64)]
-            pending = None
-            progress_shown = False
-            for first in range(0, steps, per_call):
-                count = min(per_call, steps - first)  # a shorter last call compiles once more
-                state, m = run_chunk(state, orders, first, count, epoch)
-                # Read the previous chunk's losses while this one runs (the host stays one
-                # call ahead); on CPU, wait for each call (unwaited collectives can deadlock).
-                if on_cpu:
-                    jax.block_until_ready(m)
-                if pending is not None:
-                    add(sums, pending)
-                pending = m
-                logged = (first + count) // config.log_every_steps > first // config.log_every_steps
-                if is_chief and first and (logged or first + count == steps):
-                    rate = first * config.batch_size / max(time.perf_counter() - start, 1e-9)
-                    eta = (steps - first + steps * (config.num_epochs - epoch - 1)) \
-                        * config.batch_size / max(rate, 1e-9)
-                    _show_progress(f"epoch {epoch + 1}/{config.num_epochs} step "
-                                   f"{first + count}/{steps} {rate:,.0f} img/s, "
-                                   f"ETA {eta / 60:.1f} min")
-                    progress_shown = True
-            add(sums, pending)
-            loss_sum, correct = sums
-            seconds = time.perf_counter() - start
-            done_epochs = epoch + 1
-            periodic = done_epochs % config.checkpoint_every_epochs == 0 or \
-                done_epochs == config.num_epochs
-            if progress_shown and sys.stdout.isatty():
-                print()  # ends the progress line that \r kept rewriting
-            vals = _validate_members(state, val_split.inputs, val_split.labels, len(members),
-                                     member_mode, **eval_options)
-            for k, (name, val) in enumerate(zip(names, vals)):
-                # Batch losses are sums per batch, or already means (mean reduction, Brier).
-                per_image = specs[k].mean_reduction or specs[k].name == "brier"
-                record = {"epoch": done_epochs,
-                          "train_loss_per_image": loss_sum[k] / (steps if per_image else
-                                                                 steps * config.batch_size),
-                          "train_accuracy": correct[k] / (steps * config.batch_size),
-                          "images_per_second": steps * config.batch_size / seconds, **val}
-                improved = val["val_accuracy"] > best_accs[k]
-                best_accs[k] = max(best_accs[k], val["val_accuracy"])
-                if is_chief:
-                    print(f"epoch {done_epochs}/{config.num_epochs}{' ' + name if name else ''}: "
-                          f"loss/img {record['train_loss_per_image']:.4f} "
-                          f"train acc {record['train_accuracy']:.4f} "
-                          f"val acc {val['val_accuracy']:.4f} val NLL {val['val_nll']:.4f} "
-                          f"val ECE {val['val_ece']:.4f} ({record['images_per_second']:,.0f} img/s"
-                          f"{' per member' if len(members) > 1 else ''})")
-                    with open(member_dirs[k] / "log.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    for key, value in record.items():
-                        if key != "epoch":
-                            writers[k].add_scalar(key, value, global_step=done_epochs)
-                    writers[k].flush()
-                # The log line goes first: a run killed in between resumes from the previous
-                # checkpoint and drops the extra line (_truncate_log); the other order would
-                # lose this epoch's line.
-                meta = {"best_val_accuracy": best_accs[k],
-                        "final": done_epochs == config.num_epochs}
-                if periodic or improved:
-                    member = state if len(members) == 1 else unstack_state(state, k)
-                    ckpts[k].save(done_epochs, member, meta, periodic=periodic,
-                                  best_metrics={"val_accuracy": val["val_accuracy"]} if improved
-                                  else None)
-    finally:
-        for writer in writers:
-            writer.close()
-        for ckpt in ckpts:
-            ckpt.close()
+    # also when training stops with an exception or a SIGTERM (a scheduler preempting the
+    # job), so nothing already saved or being saved is lost.
+    with exit_on_sigterm():
+        try:
+            for epoch in range(start_epoch, config.num_epochs):
+                by_seed = {s: pipeline.epoch_order(s, epoch, len(labels)) for s in set(seeds)}
+                orders = jax.device_put(jnp.stack([by_seed[s] for s in seeds]), replicated(mesh))
+                start = time.perf_counter()
+                sums = [np.zeros(len(members)), np.zeros(len(members), np.int64)]
+                pending = None
+                progress_shown = False
+                for first in range(0, steps, per_call):
+                    count = min(per_call, steps - first)  # a shorter last call compiles once more
+                    state, m = run_chunk(state, orders, first, count, epoch)
+                    # Read the previous chunk's losses while this one runs (the host stays one
+                    # call ahead); on CPU, wait for each call (unwaited collectives can deadlock).
+                    if on_cpu:
+                        jax.block_until_ready(m)
+                    if pending is not None:
+                        add(sums, pending)
+                    pending = m
+                    every = config.log_every_steps
+                    logged = (first + count) // every > first // every
+                    if is_chief and first and (logged or first + count == steps):
+                        rate = first * config.batch_size / max(time.perf_counter() - start, 1e-9)
+                        eta = (steps - first + steps * (config.num_epochs - epoch - 1)) \
+                            * config.batch_size / max(rate, 1e-9)
+                        _show_progress(f"epoch {epoch + 1}/{config.num_epochs} step "
+                                       f"{first + count}/{steps} {rate:,.0f} img/s, "
+                                       f"ETA {eta / 60:.1f} min")
+                        progress_shown = True
+                add(sums, pending)
+                loss_sum, correct = sums
+                seconds = time.perf_counter() - start
+                done_epochs = epoch + 1
+                periodic = done_epochs % config.checkpoint_every_epochs == 0 or \
+                    done_epochs == config.num_epochs
+                if progress_shown and sys.stdout.isatty():
+                    print()  # ends the progress line that \r kept rewriting
+                vals = _validate_members(state, val_split.inputs, val_split.labels, len(members),
+                                         member_mode, **eval_options)
+                for k, (name, val) in enumerate(zip(names, vals)):
+                    # Batch losses are sums per batch, or already means (mean reduction, Brier).
+                    per_image = specs[k].mean_reduction or specs[k].name == "brier"
+                    record = {"epoch": done_epochs,
+                              "train_loss_per_image": loss_sum[k] / (steps if per_image else
+                                                                     steps * config.batch_size),
+                              "train_accuracy": correct[k] / (steps * config.batch_size),
+                              "images_per_second": steps * config.batch_size / seconds, **val}
+                    improved = val["val_accuracy"] > best_accs[k]
+                    best_accs[k] = max(best_accs[k], val["val_accuracy"])
+                    if is_chief:
+                        print(f"epoch {done_epochs}/{config.num_epochs}"
+                              f"{' ' + name if name else ''}: "
+                              f"loss/img {record['train_loss_per_image']:.4f} "
+                              f"train acc {record['train_accuracy']:.4f} "
+                              f"val acc {val['val_accuracy']:.4f} val NLL {val['val_nll']:.4f} "
+                              f"val ECE {val['val_ece']:.4f} "
+                              f"({record['images_per_second']:,.0f} img/s"
+                              f"{' per member' if len(members) > 1 else ''})")
+                        with open(member_dirs[k] / "log.jsonl", "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                        for key, value in record.items():
+                            if key != "epoch":
+                                writers[k].add_scalar(key, value, global_step=done_epochs)
+                        writers[k].flush()
+                    # The log line goes first: a run killed in between resumes from the previous
+                    # checkpoint and drops the extra line (_truncate_log); the other order would
+                    # lose this epoch's line.
+                    meta = {"best_val_accuracy": best_accs[k],
+                            "final": done_epochs == config.num_epochs}
+                    if periodic or improved:
+                        member = state if len(members) == 1 else unstack_state(state, k)
+                        ckpts[k].save(done_epochs, member, meta, periodic=periodic,
+                                      best_metrics={"val_accuracy": val["val_accuracy"]} if improved
+                                      else None)
+        finally:
+            for writer in writers:
+                writer.close()
+            for ckpt in ckpts:
+                ckpt.close()
     return state
+
+
+@contextlib.contextmanager
+def exit_on_sigterm():
+    """Within the block, SIGTERM raises ``SystemExit(143)`` in the main thread.
+
+    Python's default for SIGTERM (what ``kill``, SLURM and preemptible cloud machines send
+    before SIGKILL) ends the process at once, skipping ``finally``: a checkpoint being written
+    in the background is lost and the run resumes from the one before, up to
+    ``checkpoint_every_epochs`` epochs back. As ``SystemExit`` the signal unwinds the training
+    loop, whose ``finally`` waits for the checkpoints in flight. A second SIGTERM while they
+    are written is ignored. Outside the main thread (where signals cannot be handled) the
+    block runs unchanged; the previous handler is restored after it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the checkpoints finish
+        print("SIGTERM: stopping; waiting for the checkpoints being written (rerun the same "
+              "command to resume)", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _show_progress(text: str) -> None:

@@ -301,6 +301,57 @@ def test_sigkill_and_restart_gives_exactly_the_uninterrupted_parameters(tmp_path
     assert json_epochs(log) == [1, 2]
 
 
+class SentinelSignal(Exception):
+    """Raised by the test's own SIGTERM handler: the code under test did not install one."""
+
+
+def test_sigterm_during_a_background_save_waits_for_it_then_exits_143(tmp_path, monkeypatch):
+    """A scheduler's SIGTERM lands right after epoch 1's checkpoint began to be written in
+    the background: the run exits with status 143 once that checkpoint is complete."""
+    from calib_jax import checkpoints
+    save = checkpoints.RunCheckpoints.save
+
+    def save_then_sigterm(self, epoch, *args, **kwargs):
+        save(self, epoch, *args, **kwargs)
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def sentinel(signum, frame):
+        raise SentinelSignal()
+
+    monkeypatch.setattr(checkpoints.RunCheckpoints, "save", save_then_sigterm)
+    previous = signal.signal(signal.SIGTERM, sentinel)  # never the default: it ends pytest
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train.train_and_evaluate(load_config(SMOKE), tmp_path)
+        assert stopped.value.code == 143
+        assert signal.getsignal(signal.SIGTERM) is sentinel  # restored after the run
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    config = load_config(SMOKE)
+    template = train.state_for_config(config, 4, (32, 32, 3))
+    ckpt = checkpoints.RunCheckpoints(tmp_path)
+    try:
+        assert ckpt.restore(template)[1]["epoch"] == 1
+    finally:
+        ckpt.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+
+
+def test_exit_on_sigterm_ignores_a_second_signal_while_unwinding():
+    before = signal.getsignal(signal.SIGTERM)
+    during_cleanup = []
+    with pytest.raises(SystemExit):
+        with train.exit_on_sigterm():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises before this ends
+            finally:
+                during_cleanup.append(signal.getsignal(signal.SIGTERM))
+    assert during_cleanup == [signal.SIG_IGN]
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def json_epochs(lines):
     return [json.loads(line)["epoch"] for line in lines]
 

@@ -32,11 +32,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
 from typing import Any, Callable
 
 import flax
@@ -646,9 +649,6 @@ def config_differences(run_dir, config, *, ignore=RESUMABLE_FIELDS) -> list[str]
     """``["loss 'ce' -> 'flsd53'", ...]``: the fields in which ``run_dir/config.json``
     differs from ``config``, outside ``ignore`` (``field_differences``); None when the
     directory has no config.json."""
-    import json
-    from pathlib import Path
-
     path = Path(run_dir) / "config.json"
     if not path.exists():
         return None
@@ -668,8 +668,6 @@ def check_resumable(run_dir, config) -> None:
     (written by another calib_jax version) are not compared. A directory without training,
     e.g. a run killed in its first epoch, may be reused with any config.
     """
-    from pathlib import Path
-
     run_dir = Path(run_dir)
     log = run_dir / "log.jsonl"
     trained = (log.exists() and log.stat().st_size > 0) or any(
@@ -867,7 +865,6 @@ def default_unroll(platform: str, members: int = 1) -> int:
 def _truncate_log(path, epochs_done: int) -> None:
     """Drops ``log.jsonl`` records of epochs after the restored checkpoint (a resumed
     run writes them again), atomically."""
-    import json
     if not path.exists():
         return
     kept = []
@@ -934,10 +931,6 @@ def train_and_evaluate(config, workdir):
 
     Returns the final state (a stacked state for several members).
     """
-    import json
-    import time
-    from pathlib import Path
-
     from calib_jax import checkpoints
     from calib_jax.data import datasets
 

@@ -61,7 +61,8 @@ def main(argv=None):
 
     for dataset, model, loss in cells:
         workdir = Path(args.workroot) / dataset / model / loss
-        done, why = (workdir / "eval_final" / "results.json").exists(), ""
+        results = workdir / evaluate.default_out_name("final") / "results.json"  # eval_final/
+        done, why = results.exists(), ""
         if done:
             changed = train.config_differences(
                 workdir, paper.get_config(f"cell={dataset}/{model}/{loss}{rest}"),

@@ -877,6 +877,22 @@ def _truncate_log(path, epochs_done: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
+def _write_members_listing(workdir, names, config) -> None:
+    """Writes ``workdir/members.json``: ``{"members": [...], "config": ...}``, atomically.
+
+    The listing keeps the members that earlier programs trained in ``workdir`` (their
+    directories still there) before this program's new ones: a row trained as two groups
+    (``sweep.py --vmap-rows`` after some cells were done, or a member added later) lists all
+    its runs, so ``calib_jax.evaluate`` on ``workdir`` still finds every one. ``config`` is
+    this program's config; each member's own ``config.json`` is its record.
+    """
+    path = Path(workdir) / "members.json"
+    earlier = json.loads(path.read_text()).get("members", []) if path.exists() else []
+    listed = [m for m in earlier if m not in names and (Path(workdir) / m).is_dir()]
+    atomic_write_text(path, json.dumps(
+        {"members": listed + list(names), "config": json.loads(config.to_json())}, indent=2))
+
+
 def _restore_members(ckpts, templates):
     """``(states, metas)`` of the newest epoch that every member can restore, or None.
 
@@ -927,7 +943,8 @@ def train_and_evaluate(config, workdir):
     random numbers of its single run. Member ``m`` lives in ``workdir/m/``, a
     complete run directory (its own single-run ``config.json``, log,
     TensorBoard files and checkpoints) that ``calib_jax.evaluate`` reads like
-    any other; ``workdir/members.json`` lists them.
+    any other; ``workdir/members.json`` lists them, after the members that earlier programs
+    trained in the same ``workdir`` (:func:`_write_members_listing`).
 
     Returns the final state (a stacked state for several members).
     """
@@ -974,8 +991,7 @@ def train_and_evaluate(config, workdir):
         # TensorBoard event files (tensorboardX needs no TensorFlow), beside log.jsonl.
         from tensorboardX import SummaryWriter
         if len(members) > 1:
-            atomic_write_text(workdir / "members.json", json.dumps(
-                {"members": names, "config": json.loads(config.to_json())}, indent=2))
+            _write_members_listing(workdir, names, config)
         for d, (_, c) in zip(member_dirs, members):
             d.mkdir(parents=True, exist_ok=True)
             atomic_write_text(d / "config.json", c.to_json(indent=2))

@@ -708,6 +708,29 @@ def test_a_row_of_losses_trains_as_one_program_into_member_run_directories(
                                    atol=1e-6)
 
 
+def test_members_listing_keeps_the_members_of_earlier_programs(tmp_path):
+    """A row trained as two groups in one directory (sweep --vmap-rows after some cells were
+    done) lists all four runs, so evaluate on the directory finds each; a member whose
+    directory is gone is dropped, and a member trained again is listed once."""
+    from calib_jax import evaluate
+
+    def program(names):
+        for name in names:
+            (tmp_path / name).mkdir(exist_ok=True)
+        train._write_members_listing(tmp_path, names, load_config(f"loss=[{','.join(names)}]"))
+
+    program(["ce", "brier"])
+    program(["focal3", "flsd53"])
+    listing = json.loads((tmp_path / "members.json").read_text())
+    assert listing["members"] == ["ce", "brier", "focal3", "flsd53"]
+    assert listing["config"]["loss"] == "[focal3,flsd53]"
+    assert [p.name for p in evaluate.member_dirs(tmp_path)] == ["ce", "brier", "focal3", "flsd53"]
+    (tmp_path / "brier").rmdir()
+    program(["ce", "mmce_weighted"])
+    assert evaluate.member_dirs(tmp_path) == [tmp_path / n for n in
+                                              ("focal3", "flsd53", "ce", "mmce_weighted")]
+
+
 def test_member_lists_in_configs():
     config = load_config("loss=[ce,focal2.5],seeds=[1,2]")
     members = dict(train.run_members(config))

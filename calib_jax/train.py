@@ -606,6 +606,9 @@ def run_members(config) -> list[tuple[str, Any]]:
     seeds = tuple(int(s) for s in config.get("seeds", ())) or (int(config.seed),)
     if len(tokens) == 1 and len(seeds) == 1 and tokens[0] in LOSS_NAMES \
             and seeds[0] == int(config.seed):
+        if config.get("seeds"):  # seeds=[s] with s == seed: the run of seeds=(), recorded so
+            config = config.copy_and_resolve_references()
+            config.seeds = ()
         return [("", config)]
     members = []
     for token in tokens:
@@ -639,10 +642,21 @@ def field_differences(saved: dict, given: dict, *, ignore=RESUMABLE_FIELDS) -> l
     """``[(field, saved value, given value), ...]`` for the fields of two configs (as JSON
     dicts) that differ, outside ``ignore``, in ``given``'s order.
 
-    Fields that only one side has (written by another calib_jax version) are not compared.
+    Fields that only one side has (written by another calib_jax version) are not compared,
+    and ``seeds: [s]`` with ``seed: s`` equals ``seeds: []`` (the same single run; earlier
+    versions recorded it so).
     """
+    saved, given = _one_seed_as_no_seeds(saved), _one_seed_as_no_seeds(given)
     return [(k, saved[k], given[k]) for k in given
             if k in saved and k not in ignore and saved[k] != given[k]]
+
+
+def _one_seed_as_no_seeds(fields: dict) -> dict:
+    seeds = fields.get("seeds")
+    if isinstance(seeds, (list, tuple)) and len(seeds) == 1 and "seed" in fields \
+            and seeds[0] == fields["seed"]:
+        return {**fields, "seeds": []}
+    return fields
 
 
 def config_differences(run_dir, config, *, ignore=RESUMABLE_FIELDS) -> list[str] | None:

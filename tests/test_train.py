@@ -389,6 +389,16 @@ def test_a_trained_workdir_refuses_a_config_that_computes_something_else(
     with extra.unlocked():
         extra.new_field = 1
     train.check_resumable(run, extra)
+    # seeds=[seed] is the same single run: resumable, and recorded as seeds=() (a directory
+    # that an earlier version recorded with seeds=[seed] resumes too).
+    one_seed = load_config(SMOKE + f",seeds=[{extra.seed}]")
+    [(name, member)] = train.run_members(one_seed)
+    assert name == "" and tuple(member.seeds) == () and member.seed == extra.seed
+    train.check_resumable(run, one_seed)
+    train.check_resumable(run, member)
+    assert train.field_differences({"seed": 3, "seeds": [3]}, {"seed": 3, "seeds": []}) == []
+    assert train.field_differences({"seed": 3, "seeds": [4]}, {"seed": 3, "seeds": []}) == [
+        ("seeds", [4], [])]
     # A directory without training (config.json, empty log: killed in its first epoch) may be
     # reused with any config.
     fresh = tmp_path / "fresh"

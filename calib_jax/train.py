@@ -928,6 +928,26 @@ def _restore_members(ckpts, templates):
     return None
 
 
+def _warn_progress_not_shared(names, ckpts) -> None:
+    """Says so on stderr when members start from epoch 0 although some have checkpoints.
+
+    That happens when no epoch is saved for every member (a member added to a half-trained
+    group, or a half-trained run grouped with new ones): every member trains again from the
+    start. The results are those of the runs all the same; the earlier progress is recomputed.
+    """
+    saved = {name: max(c.latest.all_steps()) for name, c in zip(names, ckpts)
+             if c.latest.all_steps()}
+    if not saved:
+        return
+    have = ", ".join(f"{name}: up to epoch {epoch}" for name, epoch in saved.items())
+    lack = ", ".join(name for name in names if name not in saved) or "none"
+    print(f"warning: no epoch is saved for every member (checkpoints of {have}; members without "
+          f"any: {lack}), so all {len(names)} members train from epoch 0 and the earlier "
+          f"progress is recomputed. To keep it, resume the partly trained members with their own "
+          f"loss list and train the others in a program of their own (the same --workdir is "
+          f"fine).", file=sys.stderr, flush=True)
+
+
 def train_and_evaluate(config, workdir):
     """Trains ``config`` into ``workdir``, resuming from its latest checkpoint.
 
@@ -992,6 +1012,8 @@ def train_and_evaluate(config, workdir):
                            mesh) for _, c in members]
     ckpts = [checkpoints.RunCheckpoints(d, keep=config.keep_checkpoints) for d in member_dirs]
     restored = _restore_members(ckpts, templates)
+    if restored is None and is_chief:
+        _warn_progress_not_shared(names, ckpts)
     start_epoch, best_accs, member_states = 0, [-1.0] * len(members), templates
     if restored is not None:
         member_states, metas = restored

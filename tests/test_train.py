@@ -637,7 +637,7 @@ def test_default_unroll(platform, members, expected):
     assert train.default_unroll(platform, members) == expected
 
 
-def test_members_restart_from_their_newest_common_checkpoint(tmp_path):
+def test_members_restart_from_their_newest_common_checkpoint(tmp_path, capsys):
     """Members are saved one after another; a run killed between two saves restarts all
     members from the newest epoch they all have, and the recomputed epoch that one member
     already saved is left as it was."""
@@ -663,10 +663,31 @@ def test_members_restart_from_their_newest_common_checkpoint(tmp_path):
     ckpts[0].save(2, state(99), {"best_val_accuracy": 0.5})  # exists: kept as it was
     again, _ = ckpts[0].restore(state(0), 2)
     assert float(flat(again.params)[0]) == 2
-    assert train._restore_members(
-        [checkpoints.RunCheckpoints(tmp_path / n) for n in ("c", "d")], [state(0)] * 2) is None
-    for c in ckpts:
+    empty = [checkpoints.RunCheckpoints(tmp_path / n) for n in ("c", "d")]
+    assert train._restore_members(empty, [state(0)] * 2) is None
+    train._warn_progress_not_shared(["c", "d"], empty)  # a new group: nothing to say
+    assert capsys.readouterr().err == ""
+    # A member added to the half-trained group: no common epoch, all restart, and it says so.
+    grown = ckpts + empty[:1]
+    assert train._restore_members(grown, [state(0)] * 3) is None
+    train._warn_progress_not_shared(["a", "b", "c"], grown)
+    err = capsys.readouterr().err
+    assert "checkpoints of a: up to epoch 2, b: up to epoch 1; members without any: c" in err
+    assert "all 3 members train from epoch 0" in err
+    for c in ckpts + empty:
         c.close()
+
+
+def test_a_group_without_a_common_checkpoint_warns_before_training(tmp_path, monkeypatch):
+    class Warned(Exception):
+        pass
+
+    def warn(names, ckpts):
+        raise Warned(names)
+
+    monkeypatch.setattr(train, "_warn_progress_not_shared", warn)
+    with pytest.raises(Warned, match=r"\['ce', 'flsd53'\]"):
+        train.train_and_evaluate(load_config(SMOKE + ",loss=[ce,flsd53]"), tmp_path)
 
 
 def test_a_row_of_losses_trains_as_one_program_into_member_run_directories(

@@ -15,7 +15,9 @@ names the fields). Each cell's work directory is ``<workroot>/<dataset>/<model>/
 ``--vmap-rows`` trains the selected, unfinished cells of one row (dataset and
 model) that share a recipe as one vmapped program
 (``cell=<dataset>/<model>/[loss,...]``); every member still lands in its own
-cell directory, so the results and ``build_tables.py`` do not change.
+cell directory, so the results and ``build_tables.py`` do not change. Cells checkpointed up
+to different epochs (a sweep stopped midway, then run with other cells) train in separate
+programs, so none loses its progress (``split_by_progress``).
 
 A failing cell (e.g. a data set that is not on this machine) stops the sweep; with
 ``--keep-going`` the sweep goes on with the next cells, lists the failed ones at the end and
@@ -34,6 +36,27 @@ import paper  # noqa: E402
 
 def selected(patterns):
     return [c for c in paper.cells() if any(fnmatch.fnmatch("/".join(c), p) for p in patterns)]
+
+
+def saved_epoch(run_dir):
+    """The newest epoch checkpointed in ``run_dir`` (None: no checkpoint)."""
+    directory = Path(run_dir) / "checkpoints"
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] \
+        if directory.is_dir() else []
+    return max(steps, default=None)
+
+
+def split_by_progress(losses, row_dir):
+    """``losses`` (one recipe's cells of a row) in groups of cells saved up to the same epoch.
+
+    One program restarts all its members from the newest epoch they all have, so a
+    half-trained cell grouped with new ones would train again from epoch 0; cells at
+    different epochs therefore train in separate programs, each resuming where it stopped.
+    """
+    groups = {}
+    for loss in losses:
+        groups.setdefault(saved_epoch(Path(row_dir) / loss), []).append(loss)
+    return list(groups.values())
 
 
 def main(argv=None):
@@ -78,7 +101,8 @@ def main(argv=None):
     jobs = []  # (config spec, work directory, the cell directories it writes)
     for (dataset, model), losses in rows.items():
         row_dir = Path(args.workroot) / dataset / model
-        groups = paper.row_groups(dataset, model, losses) if args.vmap_rows else \
+        groups = [part for group in paper.row_groups(dataset, model, losses)
+                  for part in split_by_progress(group, row_dir)] if args.vmap_rows else \
             [[loss] for loss in losses]
         for group in groups:
             if len(group) == 1:

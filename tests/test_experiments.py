@@ -168,3 +168,17 @@ def test_sweep_trains_a_row_as_one_program_except_its_exception_cells(tmp_path, 
         f"run   cell=cifar10/wide_resnet_26_10/brier -> {row / 'brier'}"]  # 550 epochs
     config = paper.get_config("cell=cifar10/wide_resnet_26_10/[ce,mmce_weighted,flsd53]")
     assert [name for name, _ in train.run_members(config)] == ["ce", "mmce_weighted", "flsd53"]
+    # Cells already checkpointed (a sweep stopped midway) train in a program of their own per
+    # saved epoch, so none restarts from epoch 0 with the new ones.
+    for loss, epoch in (("focal", "20"), ("ce", "20"), ("flsd53", "10")):
+        (row / loss / "checkpoints" / epoch).mkdir(parents=True)
+    (row / "ce" / "checkpoints" / "30.orbax-checkpoint-tmp-1").mkdir()  # a save in flight
+    assert sweep.saved_epoch(row / "ce") == 20 and sweep.saved_epoch(row / "brier") is None
+    assert sweep.main(["--cells", "cifar10/wide_resnet_26_10/*", "--workroot", str(tmp_path),
+                       "--vmap-rows", "--dry-run"]) == 0
+    runs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run")]
+    assert runs == [
+        f"run   cell=cifar10/wide_resnet_26_10/[ce,focal] -> {row}",
+        f"run   cell=cifar10/wide_resnet_26_10/[mmce_weighted,label_smoothing] -> {row}",
+        f"run   cell=cifar10/wide_resnet_26_10/flsd53 -> {row / 'flsd53'}",
+        f"run   cell=cifar10/wide_resnet_26_10/brier -> {row / 'brier'}"]

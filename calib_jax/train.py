@@ -941,7 +941,7 @@ def _warn_progress_not_shared(names, ckpts) -> None:
         return
     have = ", ".join(f"{name}: up to epoch {epoch}" for name, epoch in saved.items())
     lack = ", ".join(name for name in names if name not in saved) or "none"
-    print(f"warning: no epoch is saved for every member (checkpoints of {have}; members without "
+    print(f"warning: no epoch has a readable checkpoint of every member ({have}; members without "
           f"any: {lack}), so all {len(names)} members train from epoch 0 and the earlier "
           f"progress is recomputed. To keep it, resume the partly trained members with their own "
           f"loss list and train the others in a program of their own (the same --workdir is "

@@ -672,7 +672,7 @@ def test_members_restart_from_their_newest_common_checkpoint(tmp_path, capsys):
     assert train._restore_members(grown, [state(0)] * 3) is None
     train._warn_progress_not_shared(["a", "b", "c"], grown)
     err = capsys.readouterr().err
-    assert "checkpoints of a: up to epoch 2, b: up to epoch 1; members without any: c" in err
+    assert "(a: up to epoch 2, b: up to epoch 1; members without any: c)" in err
     assert "all 3 members train from epoch 0" in err
     for c in ckpts + empty:
         c.close()

@@ -34,13 +34,28 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["RunCheckpoints", "state_to_tree", "tree_equal"]
+__all__ = ["FOLDERS", "RunCheckpoints", "saved_epochs", "state_to_tree", "tree_equal"]
+
+#: The folders of a run's work directory that hold its periodic and its best checkpoints.
+FOLDERS = {"latest": "checkpoints", "best": "best"}
 
 
 def state_to_tree(state) -> dict:
     """The checkpointed part of a :class:`calib_jax.train.TrainState`."""
     return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
             "opt_state": state.opt_state, "rng": state.rng}
+
+
+def saved_epochs(workdir, which: str = "latest") -> list[int]:
+    """The epochs checkpointed under ``workdir`` (``which``: ``"latest"`` = periodic, or
+    ``"best"``), ascending, read from the folder names alone: no Orbax manager, so cheap enough
+    for start-up checks and sweeps over many runs. A save in flight (Orbax's temporary folder)
+    does not count; a complete but unreadable checkpoint does (:meth:`RunCheckpoints.restore`
+    skips it)."""
+    directory = Path(workdir) / FOLDERS[which]
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def _manager(directory: Path, async_save: bool, **options) -> ocp.CheckpointManager:
@@ -71,8 +86,8 @@ class RunCheckpoints:
 
     def __init__(self, workdir, *, keep: int = 3, async_save: bool = True):
         self.workdir = Path(workdir)
-        self.latest = _manager(self.workdir / "checkpoints", async_save, max_to_keep=keep)
-        self.best = _manager(self.workdir / "best", async_save, max_to_keep=1,
+        self.latest = _manager(self.workdir / FOLDERS["latest"], async_save, max_to_keep=keep)
+        self.best = _manager(self.workdir / FOLDERS["best"], async_save, max_to_keep=1,
                              best_fn=lambda m: m["val_accuracy"], best_mode="max",
                              keep_checkpoints_without_metrics=False)
 

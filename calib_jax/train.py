@@ -682,11 +682,11 @@ def check_resumable(run_dir, config) -> None:
     (written by another calib_jax version) are not compared. A directory without training,
     e.g. a run killed in its first epoch, may be reused with any config.
     """
-    run_dir = Path(run_dir)
-    log = run_dir / "log.jsonl"
+    from calib_jax import checkpoints
+
+    log = Path(run_dir) / "log.jsonl"
     trained = (log.exists() and log.stat().st_size > 0) or any(
-        p.name.isdigit() for sub in ("checkpoints", "best") if (run_dir / sub).is_dir()
-        for p in (run_dir / sub).iterdir())
+        checkpoints.saved_epochs(run_dir, which) for which in checkpoints.FOLDERS)
     changed = config_differences(run_dir, config) if trained else None
     if changed:
         raise ValueError(
@@ -935,8 +935,8 @@ def _warn_progress_not_shared(names, ckpts) -> None:
     group, or a half-trained run grouped with new ones): every member trains again from the
     start. The results are those of the runs all the same; the earlier progress is recomputed.
     """
-    saved = {name: max(c.latest.all_steps()) for name, c in zip(names, ckpts)
-             if c.latest.all_steps()}
+    steps = {name: c.latest.all_steps() for name, c in zip(names, ckpts)}
+    saved = {name: max(epochs) for name, epochs in steps.items() if epochs}
     if not saved:
         return
     have = ", ".join(f"{name}: up to epoch {epoch}" for name, epoch in saved.items())

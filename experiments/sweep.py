@@ -38,14 +38,6 @@ def selected(patterns):
     return [c for c in paper.cells() if any(fnmatch.fnmatch("/".join(c), p) for p in patterns)]
 
 
-def saved_epoch(run_dir):
-    """The newest epoch checkpointed in ``run_dir`` (None: no checkpoint)."""
-    directory = Path(run_dir) / "checkpoints"
-    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] \
-        if directory.is_dir() else []
-    return max(steps, default=None)
-
-
 def split_by_progress(losses, row_dir):
     """``losses`` (one recipe's cells of a row) in groups of cells saved up to the same epoch.
 
@@ -53,9 +45,12 @@ def split_by_progress(losses, row_dir):
     half-trained cell grouped with new ones would train again from epoch 0; cells at
     different epochs therefore train in separate programs, each resuming where it stopped.
     """
-    groups = {}
+    from calib_jax import checkpoints
+
+    groups = {}  # newest checkpointed epoch (None: none) -> cells
     for loss in losses:
-        groups.setdefault(saved_epoch(Path(row_dir) / loss), []).append(loss)
+        newest = max(checkpoints.saved_epochs(Path(row_dir) / loss), default=None)
+        groups.setdefault(newest, []).append(loss)
     return list(groups.values())
 
 

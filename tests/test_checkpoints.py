@@ -27,6 +27,10 @@ def test_round_trip_and_best(tmp_path):
     assert meta["epoch"] == 2
     assert checkpoints.tree_equal(best.params, states[2].params)
     assert sorted(ckpt.latest.all_steps()) == [2, 3]  # keep=2
+    # The folder names alone give what the managers list (no manager needed).
+    assert checkpoints.saved_epochs(tmp_path) == [2, 3]
+    assert checkpoints.saved_epochs(tmp_path, "best") == sorted(ckpt.best.all_steps()) == [2]
+    assert checkpoints.saved_epochs(tmp_path / "elsewhere") == []
     with pytest.raises(FileNotFoundError, match="epoch 1"):
         ckpt.restore(template, 1)
     ckpt.close()
@@ -50,6 +54,7 @@ def test_corrupt_checkpoint_is_skipped_with_warning(tmp_path):
     assert damaged
     # A half-written checkpoint (Orbax temporary directory) is ignored as well.
     (tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-123").mkdir()
+    assert checkpoints.saved_epochs(tmp_path) == [1, 2]  # the damaged one is there, not the tmp
     ckpt = checkpoints.RunCheckpoints(tmp_path, keep=5)
     with pytest.warns(RuntimeWarning, match="could not be read"):
         restored = ckpt.restore(small_state(0))

@@ -173,7 +173,8 @@ def test_sweep_trains_a_row_as_one_program_except_its_exception_cells(tmp_path, 
     for loss, epoch in (("focal", "20"), ("ce", "20"), ("flsd53", "10")):
         (row / loss / "checkpoints" / epoch).mkdir(parents=True)
     (row / "ce" / "checkpoints" / "30.orbax-checkpoint-tmp-1").mkdir()  # a save in flight
-    assert sweep.saved_epoch(row / "ce") == 20 and sweep.saved_epoch(row / "brier") is None
+    assert sweep.split_by_progress(["ce", "brier", "focal", "flsd53"], row) == [
+        ["ce", "focal"], ["brier"], ["flsd53"]]
     assert sweep.main(["--cells", "cifar10/wide_resnet_26_10/*", "--workroot", str(tmp_path),
                        "--vmap-rows", "--dry-run"]) == 0
     runs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run")]

@@ -1,25 +1,41 @@
 """Builds the paper's tables from evaluation results, our numbers beside the paper's.
 
 Usage: python experiments/build_tables.py --workroot runs/paper [--out runs/paper/tables.md]
+       python experiments/build_tables.py --workroot runs/paper,runs/paper-seed2,runs/paper-seed3 \
+           --out runs/tables-3-seeds.md
 
 Reads ``<workroot>/<dataset>/<model>/<loss>/eval_final/results.json`` and
 ``experiments/paper_numbers.json``; prints (and writes) markdown tables of test
 ECE before / after temperature scaling with T, test error, and OOD AUROC
-(entropy), each as "ours | paper | difference" in percent. Cells without a
-result show "-". A cell trained with another recipe than the paper's (e.g. a trial sweep's
-``--set num_epochs=1``: its ``results.json`` records the config) is marked ``*`` and its
-differences are listed under the title, with the data the results came from (the offline
-CIFAR-10 copy is JPEG-compressed: its numbers are close to, not equal to, the original's).
+(entropy), each as "ours | paper | difference" in percent, then our AdaECE, classwise
+ECE and NLL before / after scaling (the paper's appendix tables of those are not in our
+docs, so they have no "paper" column). Cells without a result show "-"; evaluated cells
+that the paper's tables lack (e.g. FL-3 on CIFAR-100) follow the paper's cells with "-" as
+the paper's number. A cell trained with another recipe than the paper's (e.g. a trial
+sweep's ``--set num_epochs=1``: its ``results.json`` records the config) is marked ``*``
+and its differences are listed under the title, with the data the results came from (the
+offline CIFAR-10 copy is JPEG-compressed: its numbers are close to, not equal to, the
+original's).
+
+**Replicates (error bars over seeds).** Several work roots, each the same sweep trained
+with another seed (``sweep.py --workroot runs/paper-seed2 --set seed=2``), give one table
+whose numbers are the mean over a cell's runs, followed by ``± s`` (the sample standard
+deviation) where a cell has two or more; the differences to the paper are of the mean.
+The runs of one cell must differ in their seed and in nothing else that changes what they
+compute; otherwise the tables are refused, naming the cell, the work roots and the fields
+(two copies of one run, or a trial run beside a full one, would give a wrong mean). The seed
+is not a recipe difference: it does not mark a cell ``*``.
 """
 
 import argparse
 import collections
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
-from calib_jax import train
+from calib_jax import evaluate, train
 from calib_jax.files import atomic_write_text
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "configs"))
@@ -28,20 +44,29 @@ import paper as paper_configs  # noqa: E402
 PAPER = Path(__file__).with_name("paper_numbers.json")
 #: Marks our number of a cell whose recipe differs from the paper's.
 OFF_RECIPE = "*"
+#: Config fields in which the replicates of a cell differ: not a recipe difference.
+SEED_FIELDS = frozenset({"seed", "seeds"})
+#: The folder of a run that the tables read (``evaluate_run(which="final")``'s output).
+RESULTS_FOLDER = evaluate.default_out_name("final")
 
 
 def recipe_differences(results) -> dict:
     """``{cell: ["field ours (paper's recipe: value)", ...]}`` for the cells whose recorded
-    config differs from ``paper.get_config(cell=...)`` in what they compute."""
+    config differs from ``paper.get_config(cell=...)`` in what they compute (the seed apart).
+
+    ``results`` maps a cell to one ``results.json`` or to a list of its replicates (whose
+    configs :func:`load_replicates` checked to be equal up to the seed: the first is read).
+    """
     out = {}
     for (dataset, model, loss), r in results.items():
+        r = r[0] if isinstance(r, list) else r
         try:
             recipe = paper_configs.get_config(f"cell={dataset}/{model}/{loss}")
         except ValueError as e:  # not a cell of the tables
             out[(dataset, model, loss)] = [str(e)]
             continue
         changed = train.field_differences(json.loads(recipe.to_json()), r.get("config", {}),
-                                          ignore=train.EXECUTION_FIELDS)
+                                          ignore=train.EXECUTION_FIELDS | SEED_FIELDS)
         if changed:
             out[(dataset, model, loss)] = [f"{k} {ours!r} (paper's recipe: {theirs!r})"
                                            for k, theirs, ours in changed]
@@ -49,81 +74,190 @@ def recipe_differences(results) -> dict:
 
 
 def load_results(workroot: Path):
+    """``{(dataset, model, loss): results.json}`` of the evaluated cells under ``workroot``."""
     results = {}
-    for path in sorted(workroot.glob("*/*/*/eval_final/results.json")):
+    for path in sorted(Path(workroot).glob(f"*/*/*/{RESULTS_FOLDER}/results.json")):
         dataset, model, loss = path.parts[-5:-2]
         results[(dataset, model, loss)] = json.loads(path.read_text())
     return results
 
 
-def fmt(value, digits=2, mark=""):
-    return "-" if value is None else f"{value:.{digits}f}{mark}"
+def load_replicates(workroots) -> dict:
+    """``{cell: [results.json, ...]}`` over several work roots (one per seed), in the roots'
+    order. Raises ValueError when two runs of a cell differ in anything but the seed and the
+    execution fields, have the same seed (the same run twice), or one has no recorded config."""
+    runs = {}  # cell -> [(root, results)]
+    for root in workroots:
+        for cell, r in load_results(root).items():
+            runs.setdefault(cell, []).append((root, r))
+    for cell, replicates in runs.items():
+        if len(replicates) < 2:
+            continue
+        name = "/".join(cell)
+        (first_root, first), *others = replicates
+        if any("config" not in r for _, r in replicates):
+            raise ValueError(f"cell {name}: a results.json without its config (written by an "
+                             f"older calib_jax) among the work roots "
+                             f"{[str(root) for root, _ in replicates]}: its seed is unknown; "
+                             "evaluate it again (python -m calib_jax.evaluate) or leave that "
+                             "work root out")
+        seeds = {}
+        for root, r in replicates:
+            changed = train.field_differences(first["config"], r["config"],
+                                              ignore=train.EXECUTION_FIELDS | SEED_FIELDS)
+            if changed:
+                raise ValueError(
+                    f"cell {name}: the runs in {first_root} and {root} differ in "
+                    + "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed)
+                    + ": replicates must differ only in their seed (train each work root "
+                      "with the same --set apart from seed=N)")
+            seed = r["config"].get("seed")
+            if seed in seeds:
+                raise ValueError(f"cell {name}: the runs in {seeds[seed]} and {root} both have "
+                                 f"seed {seed}, i.e. they are the same run: replicates need "
+                                 "distinct seeds (sweep.py --set seed=N, one work root per "
+                                 "seed); pass each work root once")
+            seeds[seed] = root
+    return {cell: [r for _, r in replicates] for cell, replicates in runs.items()}
+
+
+def stat(values, digits=2, mark=""):
+    """``"-"``, one value, or ``"mean ± sample std"`` of several, with ``mark`` after."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}{mark}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.{digits}f} ± {std:.{digits}f}{mark}"
+
+
+def mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def diff(ours, paper):
     return "-" if ours is None or paper is None else f"{ours - paper:+.2f}"
 
 
+def _paper(value, digits=2):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _as_lists(results) -> dict:
+    """One results.json per cell (one work root) or lists of replicates -> lists."""
+    return {cell: r if isinstance(r, list) else [r] for cell, r in results.items()}
+
+
+def _rows(results, paper_cells):
+    """The paper's cells in its order, then the evaluated cells of the tables it lacks."""
+    keys = [(c["dataset"], c["model"], c["loss"]) for c in paper_cells]
+    extra = [c for c in paper_configs.cells() if c in results and c not in set(keys)]
+    return [(key, cell) for key, cell in zip(keys, paper_cells)] + [(c, {}) for c in extra]
+
+
+def _test(runs, when, metric, scale=100.0):
+    """``scale`` x a test metric of each run; None where a results.json lacks it."""
+    values = (r["test"][when].get(metric) for r in runs)
+    return [None if v is None else scale * v for v in values]
+
+
 def ece_table(results, paper, off=()):
+    results = _as_lists(results)
     lines = ["| dataset | model | loss | ECE ours | ECE paper | diff | ECE (T) ours | "
              "ECE (T) paper | diff | T ours | T paper |", "|" + "---|" * 11]
-    for cell in paper["ece"]:
-        key = (cell["dataset"], cell["model"], cell["loss"])
-        r = results.get(key)
-        ours = ours_t = t = None
-        if r:
-            ours = 100 * r["test"]["before"]["ece"]
-            ours_t = 100 * r["test"]["after"]["ece"]
-            t = r["temperature"]["value"]
+    for key, cell in _rows(results, paper["ece"]):
+        runs = results.get(key, [])
+        before, after = _test(runs, "before", "ece"), _test(runs, "after", "ece")
+        temps = [r["temperature"]["value"] for r in runs]
         mark = OFF_RECIPE if key in off else ""
-        lines.append(f"| {' | '.join(key)} | {fmt(ours, mark=mark)} | {cell['ece']:.2f} | "
-                     f"{diff(ours, cell['ece'])} | {fmt(ours_t, mark=mark)} | "
-                     f"{cell['ece_t']:.2f} | "
-                     f"{diff(ours_t, cell['ece_t'])} | {fmt(t, 1)} | {cell['temperature']:.1f} |")
+        lines.append(f"| {' | '.join(key)} | {stat(before, mark=mark)} | "
+                     f"{_paper(cell.get('ece'))} | {diff(mean(before), cell.get('ece'))} | "
+                     f"{stat(after, mark=mark)} | {_paper(cell.get('ece_t'))} | "
+                     f"{diff(mean(after), cell.get('ece_t'))} | {stat(temps, 1)} | "
+                     f"{_paper(cell.get('temperature'), 1)} |")
     return "\n".join(lines)
 
 
 def error_table(results, paper, off=()):
+    results = _as_lists(results)
     lines = ["| dataset | model | loss | error ours | error paper | diff |", "|" + "---|" * 6]
-    for cell in paper["error"]:
-        key = (cell["dataset"], cell["model"], cell["loss"])
-        r = results.get(key)
-        ours = 100 * r["test"]["before"]["error"] if r else None
+    for key, cell in _rows(results, paper["error"]):
+        ours = _test(results.get(key, []), "before", "error")
         mark = OFF_RECIPE if key in off else ""
-        lines.append(f"| {' | '.join(key)} | {fmt(ours, mark=mark)} | {cell['error']:.2f} | "
-                     f"{diff(ours, cell['error'])} |")
+        lines.append(f"| {' | '.join(key)} | {stat(ours, mark=mark)} | "
+                     f"{_paper(cell.get('error'))} | {diff(mean(ours), cell.get('error'))} |")
     return "\n".join(lines)
 
 
 def ood_table(results, paper, off=()):
+    results = _as_lists(results)
     lines = ["| OOD set | model | loss | AUROC ours | paper | diff | AUROC (T) ours | paper | "
              "diff |", "|" + "---|" * 9]
     for cell in paper["ood_auroc"]:
         key = (cell["dataset"], cell["model"], cell["loss"])
-        r = results.get(key)
         mark = OFF_RECIPE if key in off else ""
-        ours = ours_t = None
-        if r and cell["ood"] in r["test"]["before"]["ood_auroc"]:
-            ours = 100 * r["test"]["before"]["ood_auroc"][cell["ood"]]["entropy"]
-            ours_t = 100 * r["test"]["after"]["ood_auroc"][cell["ood"]]["entropy"]
+        runs = [r for r in results.get(key, []) if cell["ood"] in r["test"]["before"]["ood_auroc"]]
+        ours = [100 * r["test"]["before"]["ood_auroc"][cell["ood"]]["entropy"] for r in runs]
+        ours_t = [100 * r["test"]["after"]["ood_auroc"][cell["ood"]]["entropy"] for r in runs]
         lines.append(f"| {cell['ood']} | {cell['model']} | {cell['loss']} | "
-                     f"{fmt(ours, mark=mark)} | "
-                     f"{cell['auroc_entropy']:.2f} | {diff(ours, cell['auroc_entropy'])} | "
-                     f"{fmt(ours_t, mark=mark)} | {cell['auroc_entropy_t']:.2f} | "
-                     f"{diff(ours_t, cell['auroc_entropy_t'])} |")
+                     f"{stat(ours, mark=mark)} | "
+                     f"{cell['auroc_entropy']:.2f} | {diff(mean(ours), cell['auroc_entropy'])} | "
+                     f"{stat(ours_t, mark=mark)} | {cell['auroc_entropy_t']:.2f} | "
+                     f"{diff(mean(ours_t), cell['auroc_entropy_t'])} |")
     return "\n".join(lines)
 
 
+def other_metrics_table(results, paper, off=()):
+    """Our AdaECE and classwise ECE (%) and NLL before / after scaling, per cell of the ECE
+    table (the paper's numbers for these are not in our docs)."""
+    results = _as_lists(results)
+    lines = ["| dataset | model | loss | AdaECE | AdaECE (T) | classwise ECE | "
+             "classwise ECE (T) | NLL | NLL (T) |", "|" + "---|" * 9]
+    for key, _ in _rows(results, paper["ece"]):
+        runs = results.get(key, [])
+        mark = OFF_RECIPE if key in off else ""
+        values = [stat(_test(runs, when, metric, scale), mark=mark)
+                  for metric, scale in (("adaptive_ece", 100.0), ("classwise_ece", 100.0),
+                                        ("nll", 1.0))
+                  for when in ("before", "after")]
+        lines.append(f"| {' | '.join(key)} | {' | '.join(values)} |")
+    return "\n".join(lines)
+
+
+def _replicate_notes(results, workroots) -> list:
+    if len(workroots) < 2:
+        return []
+    seeds = sorted({r.get("config", {}).get("seed") for runs in results.values() for r in runs},
+                   key=str)
+    note = (f"Replicates: {len(workroots)} work roots ({', '.join(map(str, workroots))}); "
+            f"seeds {', '.join(map(str, seeds))}. A number with `±` is the mean over a cell's "
+            "runs and the sample standard deviation; differences are of the mean.")
+    fewer = sorted((cell, len(runs)) for cell, runs in results.items()
+                   if len(runs) < len(workroots))
+    if fewer:
+        note += " Cells with fewer runs than work roots: " + ", ".join(
+            f"{'/'.join(cell)} ({n})" for cell, n in fewer) + "."
+    return [note]
+
+
 def build(workroot) -> str:
+    """The tables' markdown for one work root, or a list of work roots (replicates)."""
+    workroots = [Path(workroot)] if isinstance(workroot, (str, os.PathLike)) else \
+        [Path(w) for w in workroot]
     paper = json.loads(PAPER.read_text())
-    results = load_results(Path(workroot))
+    results = load_replicates(workroots)
     off = recipe_differences(results)
     sources = collections.Counter((r.get("config", {}).get("dataset", cell[0]),
                                    r.get("data", {}).get("test", "?"))
-                                  for cell, r in results.items())
-    notes = ["Test data: " + ", ".join(f"{d} from {src} ({n} cells)"
+                                  for cell, runs in results.items() for r in runs)
+    notes = ["Test data: " + ", ".join(f"{d} from {src} ({n} "
+                                       f"{'runs' if len(workroots) > 1 else 'cells'})"
                                        for (d, src), n in sorted(sources.items())) + "."] \
         if sources else []
+    notes += _replicate_notes(results, workroots)
     if off:
         notes.append(f"`{OFF_RECIPE}`: trained with another recipe than the paper's, not "
                      f"comparable with its numbers:")
@@ -134,21 +268,41 @@ def build(workroot) -> str:
         "## Test ECE (%), before / after temperature scaling", ece_table(results, paper, off),
         "## Test error (%)", error_table(results, paper, off),
         "## OOD AUROC (%), entropy score, models trained on CIFAR-10",
-        ood_table(results, paper, off)])
+        ood_table(results, paper, off),
+        "## Test AdaECE (%), classwise ECE (%) and NLL, before / after temperature scaling "
+        "(ours only: the paper's appendix tables are not in our docs)",
+        other_metrics_table(results, paper, off)])
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workroot", default="runs/paper")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--workroot", default="runs/paper",
+                        help="the --workroot of experiments/sweep.py; several, comma "
+                             "separated, are replicates (one per seed): mean ± std")
+    parser.add_argument("--out", default=None,
+                        help="default: <workroot>/tables.md (required with several work roots)")
     args = parser.parse_args(argv)
-    if not Path(args.workroot).is_dir():
-        # A mistyped path would otherwise give a table of the paper's numbers only.
-        parser.error(f"--workroot {args.workroot}: no such directory (the --workroot that "
-                     "experiments/sweep.py trained and evaluated into)")
-    text = build(args.workroot)
+    workroots = [w for w in args.workroot.split(",") if w]
+    if not workroots:
+        parser.error("--workroot: give the work root of experiments/sweep.py (or several, "
+                     "comma separated)")
+    for workroot in workroots:
+        if not Path(workroot).is_dir():
+            # A mistyped path would otherwise give a table of the paper's numbers only.
+            parser.error(f"--workroot {workroot}: no such directory (the --workroot that "
+                         "experiments/sweep.py trained and evaluated into)")
+    if len(set(map(os.path.realpath, workroots))) < len(workroots):
+        parser.error(f"--workroot {args.workroot}: a work root is given twice (each is one "
+                     "replicate: its runs would count twice)")
+    if len(workroots) > 1 and not args.out:
+        parser.error("--out: give the file for the tables of several work roots (the default, "
+                     "<workroot>/tables.md, is each single work root's own table)")
+    try:
+        text = build(workroots)
+    except ValueError as e:
+        parser.error(f"--workroot {args.workroot}: {e}")
     print(text)
-    out = Path(args.out) if args.out else Path(args.workroot) / "tables.md"
+    out = Path(args.out) if args.out else Path(workroots[0]) / "tables.md"
     atomic_write_text(out, text + "\n")
     return 0
 

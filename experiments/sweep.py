@@ -19,6 +19,10 @@ cell directory, so the results and ``build_tables.py`` do not change. Cells chec
 to different epochs (a sweep stopped midway, then run with other cells) train in separate
 programs, so none loses its progress (``split_by_progress``).
 
+Replicates for error bars: one work root per seed, e.g. ``--workroot runs/paper-seed2 --set
+seed=2`` (``--set seeds=...`` and ``--set loss=...`` are refused: a cell is one run), then
+``build_tables.py --workroot runs/paper,runs/paper-seed2,... --out ...`` gives mean ± std.
+
 A failing cell (e.g. a data set that is not on this machine) stops the sweep; with
 ``--keep-going`` the sweep goes on with the next cells, lists the failed ones at the end and
 exits with status 1 (for unattended sweeps: one missing data set does not waste the night).
@@ -74,6 +78,14 @@ def main(argv=None):
     if not cells:
         parser.error(f"no cell matches {args.cells!r}")
     rest = f",{args.set}" if args.set else ""
+    overrides = paper.cifar10.split_overrides(args.set) if args.set else []
+    if any(item.split("=", 1)[0].strip() in ("seeds", "loss") for item in overrides):
+        # Either would put several runs in a cell's directory, where neither the done-check
+        # nor build_tables.py looks for them.
+        parser.error(f"--set {args.set}: a cell is one loss and one seed; for replicates over "
+                     "seeds train one work root per seed (--workroot runs/paper-seed2 --set "
+                     "seed=2) and give them all to build_tables.py --workroot; for several "
+                     "losses in one program use --vmap-rows")
     rows = {}  # (dataset, model) -> unfinished losses, in cell order
     from calib_jax import evaluate, train
 

@@ -98,8 +98,24 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     assert "Test data: synthetic from generated (1 cells)." in text
     assert build_tables.main(["--workroot", str(tmp_path)]) == 0
     assert (tmp_path / "tables.md").read_text() == text + "\n"
+    # A replicate: the same sweep with another seed in its own work root; the tables of both
+    # give the mean and the sample standard deviation.
+    seed2 = tmp_path / "seed2"
+    assert sweep.main(["--cells", "cifar10/resnet50/ce", "--workroot", str(seed2),
+                       "--set", longer[-1] + ",seed=2"]) == 0
+    both = build_tables.build([tmp_path, seed2])
+    eces = [100 * json.loads((root / "cifar10" / "resnet50" / "ce" / "eval_final" /
+                              "results.json").read_text())["test"]["before"]["ece"]
+            for root in (tmp_path, seed2)]
+    assert eces[0] != eces[1]
+    assert f"| {sum(eces) / 2:.2f} ± {abs(eces[0] - eces[1]) / 2 ** 0.5:.2f}* | 4.35 |" in both
+    assert "seeds 1, 2" in both and "(2 runs)" in both
     with pytest.raises(SystemExit):
         sweep.main(["--cells", "mnist/*/*", "--workroot", str(tmp_path)])
+    for several_runs in ("seeds=[1,2]", "num_epochs=1,loss=flsd53"):  # a cell is one run
+        with pytest.raises(SystemExit):
+            sweep.main(args[:-1] + [several_runs])
+        assert "a cell is one loss and one seed" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a mistyped workroot: not a table of the paper's numbers
         build_tables.main(["--workroot", str(tmp_path / "typo")])
     assert not (tmp_path / "typo").exists()
@@ -130,6 +146,78 @@ def test_tables_mark_only_the_cells_off_the_papers_recipe(tmp_path):
     assert "- cifar10/resnet110/ce: learning_rate 0.2 (paper's recipe: 0.1)" in text
     assert "cifar10/resnet110/brier:" not in text
     assert "Test data: cifar10 from /data/cifar10 (2 cells)." in text
+
+
+def _write_results(root, cell, config, ece=0.01, **report):
+    """A results.json as evaluate_run writes it, with only the fields the tables read."""
+    report = {"ece": ece, "error": 0.05, "ood_auroc": {}, **report}
+    results = {"config": json.loads(config.to_json()), "data": {"test": "/data/cifar10"},
+               "temperature": {"value": 1.1}, "test": {"before": report, "after": report}}
+    path = Path(root).joinpath(*cell.split("/"), "eval_final", "results.json")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(results))
+
+
+def _row(text, prefix, table=0):
+    return [line for line in text.splitlines() if line.startswith(prefix)][table]
+
+
+def test_tables_of_replicates_give_mean_and_sample_std_over_seeds(tmp_path):
+    roots = [tmp_path / f"seed{s}" for s in (1, 2, 3)]
+    for root, seed, ece in zip(roots, (1, 2, 3), (0.01, 0.02, 0.06)):
+        config = paper.get_config(f"cell=cifar10/resnet110/ce,seed={seed}")
+        _write_results(root, "cifar10/resnet110/ce", config, ece=ece, adaptive_ece=ece / 2,
+                       classwise_ece=0.004, nll=0.25)
+    # A cell of only one root (FL-3 on CIFAR-100: no paper numbers) is shown as it is.
+    _write_results(roots[0], "cifar100/resnet110/focal",
+                   paper.get_config("cell=cifar100/resnet110/focal"), ece=0.03)
+    text = build_tables.build(roots)
+    # ECE 1, 2, 6 %: mean 3.00, sample std sqrt(((-2)^2 + (-1)^2 + 3^2) / 2) = 2.65.
+    ece_row = _row(text, "| cifar10 | resnet110 | ce | ")
+    assert ece_row.startswith("| cifar10 | resnet110 | ce | 3.00 ± 2.65 | 4.41 | -1.41 | "
+                              "3.00 ± 2.65 | ")
+    assert ece_row.endswith("| 1.1 ± 0.0 | 2.8 |")  # T, ours and the paper's
+    assert _row(text, "| cifar10 | resnet110 | ce | ", 1).startswith(
+        "| cifar10 | resnet110 | ce | 5.00 ± 0.00 | ")
+    assert _row(text, "| cifar10 | resnet110 | ce | ", 2) == (
+        "| cifar10 | resnet110 | ce | 1.50 ± 1.32 | 1.50 ± 1.32 | 0.40 ± 0.00 | 0.40 ± 0.00 | "
+        "0.25 ± 0.00 | 0.25 ± 0.00 |")
+    assert _row(text, "| cifar100 | resnet110 | focal | ").startswith(
+        "| cifar100 | resnet110 | focal | 3.00 | - | - | 3.00 | - | - | 1.1 | - |")
+    assert "seeds 1, 2, 3" in text and "fewer runs than work roots: cifar100/resnet110/focal (1)." in text
+    assert "*" not in ece_row  # the seed is not a recipe difference
+    # A single root keeps its plain numbers.
+    assert _row(build_tables.build(roots[2]), "| cifar10 | resnet110 | ce | ").startswith(
+        "| cifar10 | resnet110 | ce | 6.00 | 4.41 | +1.59 | ")
+
+    out = tmp_path / "tables.md"
+    assert build_tables.main(["--workroot", ",".join(map(str, roots)), "--out", str(out)]) == 0
+    assert out.read_text() == text + "\n"
+    for argv in (["--workroot", ",".join(map(str, roots))],            # --out needed
+                 ["--workroot", f"{roots[0]},{roots[0]}", "--out", str(out)]):  # a root twice
+        with pytest.raises(SystemExit):
+            build_tables.main(argv)
+    assert not (roots[0] / "tables.md").exists()
+
+
+def test_tables_refuse_replicates_that_are_not_other_seeds_of_one_recipe(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write_results(a, "cifar10/resnet110/ce", paper.get_config("cell=cifar10/resnet110/ce"))
+    _write_results(b, "cifar10/resnet110/ce", paper.get_config(
+        "cell=cifar10/resnet110/ce,steps_per_call=7"))  # how it ran: not a difference
+    with pytest.raises(ValueError, match=rf"cell cifar10/resnet110/ce: the runs in {a} and {b} "
+                                         r"both have seed 1, i.e. they are the same run"):
+        build_tables.build([a, b])
+    c = tmp_path / "c"
+    _write_results(c, "cifar10/resnet110/ce", paper.get_config(
+        "cell=cifar10/resnet110/ce,seed=2,num_epochs=1"))
+    with pytest.raises(ValueError, match=r"differ in num_epochs 350 -> 1: replicates must differ "
+                                         r"only in their seed"):
+        build_tables.build([a, c])
+    with pytest.raises(SystemExit):
+        build_tables.main(["--workroot", f"{a},{c}", "--out", str(tmp_path / "t.md")])
+    assert "differ in num_epochs 350 -> 1" in capsys.readouterr().err
+    assert not (tmp_path / "t.md").exists()
 
 
 def test_sweep_stops_at_a_failing_cell_or_with_keep_going_runs_the_rest(tmp_path, capsys,

@@ -1,6 +1,10 @@
 """Writes the notebooks from the cell sources below (so that they stay reviewable as code).
 
 Usage: python notebooks/make_notebooks.py    (then run them with Jupyter, or `make test`)
+
+The output is deterministic (cell ids derive from the notebook's name and the cell's
+position), so regenerating changes only what the sources changed; the test suite checks that
+the committed notebooks are this script's output.
 """
 
 from pathlib import Path
@@ -93,7 +97,7 @@ notebook makes its own: two one-epoch runs (CE and FLSD-53) of a ResNet-8 on the
 `synthetic` task, then the evaluation pass, in about a minute on a laptop CPU. It then
 builds the paper-style tables (ours beside the paper's), reliability diagrams and
 temperature curves."""),
-    ("code", """import json, os, sys, tempfile
+    ("code", """import os, sys, tempfile
 from pathlib import Path
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
@@ -101,7 +105,7 @@ from IPython.display import Markdown, display
 REPO = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 sys.path.insert(0, str(REPO / "experiments")); sys.path.insert(0, str(REPO / "experiments" / "configs"))
 import build_tables, paper
-from calib_jax import calibration, evaluate, metrics, plots, train
+from calib_jax import evaluate, train
 
 RESULTS_ROOT = os.environ.get("RESULTS_ROOT")"""),
     ("code", """if RESULTS_ROOT is None:
@@ -120,7 +124,7 @@ print(f"{len(runs)} evaluated runs under {root}")"""),
 display(Markdown(text.split("## Test error")[0]))"""),
     ("md", """## Reliability diagrams and temperature curves of each run"""),
     ("code", """for (dataset, model, loss), result in sorted(runs.items()):
-    out = root / dataset / model / loss / "eval_final"
+    out = root / dataset / model / loss / build_tables.RESULTS_FOLDER   # eval_final
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), constrained_layout=True)
     for ax, name in zip(axes, ("reliability.png", "temperature_curves.png", "confidence_histogram.png")):
         ax.imshow(plt.imread(out / name)); ax.axis("off")
@@ -168,19 +172,21 @@ plots.roc_curves(curves, title="simulated OOD, entropy score");"""),
 ]
 
 
-def build(cells):
+def build(name, cells):
     nb = new_notebook()
-    nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src)
-                for kind, src in cells]
+    nb.cells = [new_markdown_cell(src, id=f"{name[:2]}-{i:02d}") if kind == "md" else
+                new_code_cell(src, id=f"{name[:2]}-{i:02d}") for i, (kind, src) in enumerate(cells)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
     return nb
 
 
+NOTEBOOKS = {"01_losses_and_metrics": NB01, "02_explore_results": NB02, "03_ood": NB03}
+
+
 def main():
-    for name, cells in (("01_losses_and_metrics", NB01), ("02_explore_results", NB02),
-                        ("03_ood", NB03)):
-        nbformat.write(build(cells), HERE / f"{name}.ipynb")
+    for name, cells in NOTEBOOKS.items():
+        nbformat.write(build(name, cells), HERE / f"{name}.ipynb")
         print(f"wrote notebooks/{name}.ipynb")
 
 

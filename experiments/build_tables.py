@@ -24,7 +24,10 @@ deviation) where a cell has two or more; the differences to the paper are of the
 The runs of one cell must differ in their seed and in nothing else that changes what they
 compute; otherwise the tables are refused, naming the cell, the work roots and the fields
 (two copies of one run, or a trial run beside a full one, would give a wrong mean). The seed
-is not a recipe difference: it does not mark a cell ``*``.
+is not a recipe difference: it does not mark a cell ``*``. The members of a program trained
+with several seeds (``python -m calib_jax.train --workdir <workroot>/<dataset>/<model> --config
+'experiments/configs/paper.py:cell=<dataset>/<model>/[ce,flsd53],seeds=[1,2,3]'``: directories
+``ce-seed1``, ...) are replicates of their cell in the same way, within one work root.
 """
 
 import argparse
@@ -32,6 +35,7 @@ import collections
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -82,42 +86,55 @@ def load_results(workroot: Path):
     return results
 
 
+#: A member of a group trained with several seeds (``calib_jax.train.run_members``):
+#: ``<loss>-seed<s>``, a replicate of the cell ``<loss>``.
+SEED_MEMBER = re.compile(r"^(?P<loss>.+)-seed(?P<seed>\d+)$")
+
+
 def load_replicates(workroots) -> dict:
-    """``{cell: [results.json, ...]}`` over several work roots (one per seed), in the roots'
-    order. Raises ValueError when two runs of a cell differ in anything but the seed and the
-    execution fields, have the same seed (the same run twice), or one has no recorded config."""
-    runs = {}  # cell -> [(root, results)]
+    """``{cell: [results.json, ...]}`` over one or several work roots (one per seed), in the
+    roots' order. A run directory ``<loss>-seed<s>`` (a member of a program trained with
+    ``seeds=[...]``) is a run of the cell ``<loss>``.
+
+    Raises ValueError when two runs of a cell differ in anything but the seed and the
+    execution fields, have the same seed (the same run twice), or one has no recorded config.
+    """
+    runs = {}  # cell -> [(run directory, results)]
     for root in workroots:
-        for cell, r in load_results(root).items():
-            runs.setdefault(cell, []).append((root, r))
+        for (dataset, model, name), r in load_results(root).items():
+            member = SEED_MEMBER.match(name)
+            loss = member["loss"] if member else name
+            runs.setdefault((dataset, model, loss), []).append(
+                (Path(root) / dataset / model / name, r))
     for cell, replicates in runs.items():
         if len(replicates) < 2:
             continue
         name = "/".join(cell)
-        (first_root, first), *others = replicates
+        (first_dir, first), *_ = replicates
         if any("config" not in r for _, r in replicates):
             raise ValueError(f"cell {name}: a results.json without its config (written by an "
-                             f"older calib_jax) among the work roots "
-                             f"{[str(root) for root, _ in replicates]}: its seed is unknown; "
-                             "evaluate it again (python -m calib_jax.evaluate) or leave that "
-                             "work root out")
+                             f"older calib_jax) among the runs "
+                             f"{[str(run_dir) for run_dir, _ in replicates]}: its seed is "
+                             "unknown; evaluate it again (python -m calib_jax.evaluate) or "
+                             "leave its work root out")
         seeds = {}
-        for root, r in replicates:
+        for run_dir, r in replicates:
             changed = train.field_differences(first["config"], r["config"],
                                               ignore=train.EXECUTION_FIELDS | SEED_FIELDS)
             if changed:
                 raise ValueError(
-                    f"cell {name}: the runs in {first_root} and {root} differ in "
+                    f"cell {name}: the runs in {first_dir} and {run_dir} differ in "
                     + "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed)
                     + ": replicates must differ only in their seed (train each work root "
                       "with the same --set apart from seed=N)")
             seed = r["config"].get("seed")
             if seed in seeds:
-                raise ValueError(f"cell {name}: the runs in {seeds[seed]} and {root} both have "
-                                 f"seed {seed}, i.e. they are the same run: replicates need "
-                                 "distinct seeds (sweep.py --set seed=N, one work root per "
-                                 "seed); pass each work root once")
-            seeds[seed] = root
+                raise ValueError(f"cell {name}: the runs in {seeds[seed]} and {run_dir} both "
+                                 f"have seed {seed}, i.e. they are the same run: replicates "
+                                 "need distinct seeds (one work root per seed, sweep.py --set "
+                                 "seed=N, or one program with seeds=[...]); leave one of them "
+                                 "out")
+            seeds[seed] = run_dir
     return {cell: [r for _, r in replicates] for cell, replicates in runs.items()}
 
 

@@ -200,13 +200,36 @@ def test_tables_of_replicates_give_mean_and_sample_std_over_seeds(tmp_path):
     assert not (roots[0] / "tables.md").exists()
 
 
+def test_tables_read_the_members_of_a_program_trained_with_seeds_as_replicates(tmp_path):
+    # What train_and_evaluate writes for a row trained with seeds in one program: each member
+    # a run directory <loss>-seed<s> in the row's directory, with its single-run config.
+    group = paper.get_config("cell=cifar10/resnet110/[ce,flsd53],seeds=[1,2]")
+    members = train.run_members(group)
+    assert [name for name, _ in members] == ["ce-seed1", "ce-seed2", "flsd53-seed1",
+                                             "flsd53-seed2"]
+    for (name, config), ece in zip(members, (0.01, 0.03, 0.02, 0.02)):
+        _write_results(tmp_path, f"cifar10/resnet110/{name}", config, ece=ece)
+    text = build_tables.build(tmp_path)
+    assert _row(text, "| cifar10 | resnet110 | ce | ").startswith(
+        "| cifar10 | resnet110 | ce | 2.00 ± 1.41 | 4.41 | -2.41 | ")
+    assert _row(text, "| cifar10 | resnet110 | flsd53 | ").startswith(
+        "| cifar10 | resnet110 | flsd53 | 2.00 ± 0.00 | 1.87 | +0.13 | ")
+    assert "(2 cells evaluated)" in text and "*" not in _row(text, "| cifar10 | resnet110 | ce")
+    # The single run of seed 1 beside its member: the same run twice.
+    _write_results(tmp_path, "cifar10/resnet110/ce", paper.get_config("cell=cifar10/resnet110/ce"))
+    with pytest.raises(ValueError, match=r"resnet110/ce and \S*/ce-seed1 both have seed 1"):
+        build_tables.build(tmp_path)
+
+
 def test_tables_refuse_replicates_that_are_not_other_seeds_of_one_recipe(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     _write_results(a, "cifar10/resnet110/ce", paper.get_config("cell=cifar10/resnet110/ce"))
     _write_results(b, "cifar10/resnet110/ce", paper.get_config(
         "cell=cifar10/resnet110/ce,steps_per_call=7"))  # how it ran: not a difference
-    with pytest.raises(ValueError, match=rf"cell cifar10/resnet110/ce: the runs in {a} and {b} "
-                                         r"both have seed 1, i.e. they are the same run"):
+    with pytest.raises(ValueError, match=rf"cell cifar10/resnet110/ce: the runs in "
+                                         rf"{a / 'cifar10/resnet110/ce'} and "
+                                         rf"{b / 'cifar10/resnet110/ce'} both have seed 1, "
+                                         r"i.e. they are the same run"):
         build_tables.build([a, b])
     c = tmp_path / "c"
     _write_results(c, "cifar10/resnet110/ce", paper.get_config(

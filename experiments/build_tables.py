@@ -270,8 +270,7 @@ def build(workroot) -> str:
     sources = collections.Counter((r.get("config", {}).get("dataset", cell[0]),
                                    r.get("data", {}).get("test", "?"))
                                   for cell, runs in results.items() for r in runs)
-    notes = ["Test data: " + ", ".join(f"{d} from {src} ({n} "
-                                       f"{'runs' if len(workroots) > 1 else 'cells'})"
+    notes = ["Test data: " + ", ".join(f"{d} from {src} ({n} run{'s' if n != 1 else ''})"
                                        for (d, src), n in sorted(sources.items())) + "."] \
         if sources else []
     notes += _replicate_notes(results, workroots)

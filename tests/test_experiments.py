@@ -95,7 +95,7 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     assert f"| {ours:.2f}* | 4.35 |" in row
     assert ("- cifar10/resnet50/ce: dataset 'synthetic' (paper's recipe: 'cifar10'); model "
             "'resnet8' (paper's recipe: 'resnet50'); num_epochs 2 (paper's recipe: 350)") in text
-    assert "Test data: synthetic from generated (1 cells)." in text
+    assert "Test data: synthetic from generated (1 run)." in text
     assert build_tables.main(["--workroot", str(tmp_path)]) == 0
     assert (tmp_path / "tables.md").read_text() == text + "\n"
     # A replicate: the same sweep with another seed in its own work root; the tables of both
@@ -145,7 +145,7 @@ def test_tables_mark_only_the_cells_off_the_papers_recipe(tmp_path):
     assert "| 1.00* |" in rows["ce"][0] and "| 5.00* |" in rows["ce"][1]
     assert "- cifar10/resnet110/ce: learning_rate 0.2 (paper's recipe: 0.1)" in text
     assert "cifar10/resnet110/brier:" not in text
-    assert "Test data: cifar10 from /data/cifar10 (2 cells)." in text
+    assert "Test data: cifar10 from /data/cifar10 (2 runs)." in text
 
 
 def _write_results(root, cell, config, ece=0.01, **report):

@@ -245,17 +245,21 @@ def other_metrics_table(results, paper, off=()):
 
 
 def _replicate_notes(results, workroots) -> list:
-    if len(workroots) < 2:
+    """What ``±`` means, the seeds and the work roots, and the cells with fewer runs than the
+    most; nothing when every cell has one run."""
+    most = max((len(runs) for runs in results.values()), default=0)
+    if most < 2:
         return []
     seeds = sorted({r.get("config", {}).get("seed") for runs in results.values() for r in runs},
-                   key=str)
-    note = (f"Replicates: {len(workroots)} work roots ({', '.join(map(str, workroots))}); "
-            f"seeds {', '.join(map(str, seeds))}. A number with `±` is the mean over a cell's "
-            "runs and the sample standard deviation; differences are of the mean.")
-    fewer = sorted((cell, len(runs)) for cell, runs in results.items()
-                   if len(runs) < len(workroots))
+                   key=lambda s: (s is None, s if isinstance(s, int) else 0))
+    roots = f"{len(workroots)} work roots ({', '.join(map(str, workroots))})" \
+        if len(workroots) > 1 else f"work root {workroots[0]}"
+    note = (f"Replicates: seeds {', '.join(map(str, seeds))}; {roots}. A number with `±` is "
+            "the mean over a cell's runs and the sample standard deviation; differences are of "
+            "the mean.")
+    fewer = sorted((cell, len(runs)) for cell, runs in results.items() if len(runs) < most)
     if fewer:
-        note += " Cells with fewer runs than work roots: " + ", ".join(
+        note += f" Cells with fewer than {most} runs: " + ", ".join(
             f"{'/'.join(cell)} ({n})" for cell, n in fewer) + "."
     return [note]
 

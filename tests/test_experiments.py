@@ -184,7 +184,7 @@ def test_tables_of_replicates_give_mean_and_sample_std_over_seeds(tmp_path):
         "0.25 ± 0.00 | 0.25 ± 0.00 |")
     assert _row(text, "| cifar100 | resnet110 | focal | ").startswith(
         "| cifar100 | resnet110 | focal | 3.00 | - | - | 3.00 | - | - | 1.1 | - |")
-    assert "seeds 1, 2, 3" in text and "fewer runs than work roots: cifar100/resnet110/focal (1)." in text
+    assert "seeds 1, 2, 3" in text and "Cells with fewer than 3 runs: cifar100/resnet110/focal (1)." in text
     assert "*" not in ece_row  # the seed is not a recipe difference
     # A single root keeps its plain numbers.
     assert _row(build_tables.build(roots[2]), "| cifar10 | resnet110 | ce | ").startswith(
@@ -215,6 +215,7 @@ def test_tables_read_the_members_of_a_program_trained_with_seeds_as_replicates(t
     assert _row(text, "| cifar10 | resnet110 | flsd53 | ").startswith(
         "| cifar10 | resnet110 | flsd53 | 2.00 ± 0.00 | 1.87 | +0.13 | ")
     assert "(2 cells evaluated)" in text and "*" not in _row(text, "| cifar10 | resnet110 | ce")
+    assert f"Replicates: seeds 1, 2; work root {tmp_path}." in text
     # The single run of seed 1 beside its member: the same run twice.
     _write_results(tmp_path, "cifar10/resnet110/ce", paper.get_config("cell=cifar10/resnet110/ce"))
     with pytest.raises(ValueError, match=r"resnet110/ce and \S*/ce-seed1 both have seed 1"):

@@ -17,10 +17,12 @@ and its differences are listed under the title, with the data the results came f
 offline CIFAR-10 copy is JPEG-compressed: its numbers are close to, not equal to, the
 original's).
 
-**Replicates (error bars over seeds).** Several work roots, each the same sweep trained
-with another seed (``sweep.py --workroot runs/paper-seed2 --set seed=2``), give one table
-whose numbers are the mean over a cell's runs, followed by ``± s`` (the sample standard
-deviation) where a cell has two or more; the differences to the paper are of the mean.
+**Replicates (error bars over seeds).** A cell's runs with other seeds -- ``<loss>-seed<s>/``
+beside ``<loss>/``, as ``sweep.py --seeds 1,2,3`` trains them, or the same cell in several work
+roots, each the sweep trained with another seed (``sweep.py --workroot runs/paper-seed2 --set
+seed=2``) -- give one table whose numbers are the mean over a cell's runs, followed by
+``± s`` (the sample standard deviation) where a cell has two or more; the differences to the
+paper are of the mean.
 The runs of one cell must differ in their seed and in nothing else that changes what they
 compute; otherwise the tables are refused, naming the cell, the work roots and the fields
 (two copies of one run, or a trial run beside a full one, would give a wrong mean). The seed
@@ -125,15 +127,14 @@ def load_replicates(workroots) -> dict:
                 raise ValueError(
                     f"cell {name}: the runs in {first_dir} and {run_dir} differ in "
                     + "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changed)
-                    + ": replicates must differ only in their seed (train each work root "
-                      "with the same --set apart from seed=N)")
+                    + ": replicates must differ only in their seed (train them with the "
+                      "same --set, and sweep.py --seeds)")
             seed = r["config"].get("seed")
             if seed in seeds:
                 raise ValueError(f"cell {name}: the runs in {seeds[seed]} and {run_dir} both "
                                  f"have seed {seed}, i.e. they are the same run: replicates "
-                                 "need distinct seeds (one work root per seed, sweep.py --set "
-                                 "seed=N, or one program with seeds=[...]); leave one of them "
-                                 "out")
+                                 "need distinct seeds (sweep.py --seeds 1,2,3); leave one of "
+                                 "them out")
             seeds[seed] = run_dir
     return {cell: [r for _, r in replicates] for cell, replicates in runs.items()}
 

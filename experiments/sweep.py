@@ -19,9 +19,13 @@ cell directory, so the results and ``build_tables.py`` do not change. Cells chec
 to different epochs (a sweep stopped midway, then run with other cells) train in separate
 programs, so none loses its progress (``split_by_progress``).
 
-Replicates for error bars: one work root per seed, e.g. ``--workroot runs/paper-seed2 --set
-seed=2`` (``--set seeds=...`` and ``--set loss=...`` are refused: a cell is one run), then
-``build_tables.py --workroot runs/paper,runs/paper-seed2,... --out ...`` gives mean ± std.
+Replicates for error bars: ``--seeds 1,2,3`` trains every selected cell with each seed, the
+recipe's seed (1) in ``<loss>/`` as without ``--seeds`` (so a finished sweep's cells are
+done), each other seed ``s`` in ``<loss>-seed<s>/`` as a single run (``--vmap-rows`` groups the
+recipe seed's cells only); ``build_tables.py`` then gives mean ± std over a cell's runs.
+Equivalently, one work root per seed (``--workroot runs/paper-seed2 --set seed=2``) given
+together to ``build_tables.py --workroot``. ``--set seeds=...`` and ``--set loss=...`` are
+refused: a cell is one run.
 
 A failing cell (e.g. a data set that is not on this machine) stops the sweep; with
 ``--keep-going`` the sweep goes on with the next cells, lists the failed ones at the end and
@@ -73,40 +77,56 @@ def main(argv=None):
                         help="train each row's cells that share a recipe as one program")
     parser.add_argument("--keep-going", action="store_true",
                         help="after a failing cell go on with the others; exit 1 at the end")
+    parser.add_argument("--seeds", default="",
+                        help="comma-separated seeds, for error bars: the recipe's seed trains "
+                             "in <loss>/, any other seed s in <loss>-seed<s>/ (default: the "
+                             "recipe's seed alone)")
     args = parser.parse_args(argv)
     cells = selected(args.cells.split(","))
     if not cells:
         parser.error(f"no cell matches {args.cells!r}")
     rest = f",{args.set}" if args.set else ""
-    overrides = paper.cifar10.split_overrides(args.set) if args.set else []
-    if any(item.split("=", 1)[0].strip() in ("seeds", "loss") for item in overrides):
+    overrides = [item.split("=", 1)[0].strip()
+                 for item in (paper.cifar10.split_overrides(args.set) if args.set else [])]
+    if "seeds" in overrides or "loss" in overrides:
         # Either would put several runs in a cell's directory, where neither the done-check
         # nor build_tables.py looks for them.
         parser.error(f"--set {args.set}: a cell is one loss and one seed; for replicates over "
-                     "seeds train one work root per seed (--workroot runs/paper-seed2 --set "
-                     "seed=2) and give them all to build_tables.py --workroot; for several "
-                     "losses in one program use --vmap-rows")
-    rows = {}  # (dataset, model) -> unfinished losses, in cell order
+                     "seeds use --seeds 1,2,3 (or one work root per seed: --set seed=N); for "
+                     "several losses in one program use --vmap-rows")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds}: give integers, comma separated, e.g. --seeds 1,2,3")
+    if len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds {args.seeds}: a seed is given twice")
+    if seeds and "seed" in overrides:
+        parser.error(f"--set {args.set} and --seeds {args.seeds}: give the seeds in --seeds "
+                     "alone")
     from calib_jax import evaluate, train
 
+    todo = {}  # seed (None: the recipe's) -> {(dataset, model): unfinished losses}
     for dataset, model, loss in cells:
-        workdir = Path(args.workroot) / dataset / model / loss
-        results = workdir / evaluate.default_out_name("final") / "results.json"  # eval_final/
-        done, why = results.exists(), ""
-        if done:
-            changed = train.config_differences(
-                workdir, paper.get_config(f"cell={dataset}/{model}/{loss}{rest}"),
-                ignore=train.EXECUTION_FIELDS)  # num_epochs must match
-            if changed is None:
-                done, why = False, " (results without a config.json)"
-            elif changed:
-                done, why = False, f" (its results are of another config: {'; '.join(changed)})"
-        print(f"{'done ' if done else 'todo '} cell={dataset}/{model}/{loss} -> {workdir}{why}",
-              flush=True)
-        if not done:
-            rows.setdefault((dataset, model), []).append(loss)
+        recipe_seed = paper.get_config(f"cell={dataset}/{model}/{loss}{rest}").seed
+        for seed in seeds or [recipe_seed]:
+            other = None if seed == recipe_seed else seed  # a replicate: its own directory
+            spec = f"cell={dataset}/{model}/{loss}" + ("" if other is None else f",seed={other}")
+            workdir = Path(args.workroot) / dataset / model / (
+                loss if other is None else f"{loss}-seed{other}")  # build_tables' replicates
+            results = workdir / evaluate.default_out_name("final") / "results.json"
+            done, why = results.exists(), ""
+            if done:
+                changed = train.config_differences(workdir, paper.get_config(spec + rest),
+                                                   ignore=train.EXECUTION_FIELDS)
+                if changed is None:
+                    done, why = False, " (results without a config.json)"
+                elif changed:
+                    done, why = False, f" (its results are of another config: {'; '.join(changed)})"
+            print(f"{'done ' if done else 'todo '} {spec} -> {workdir}{why}", flush=True)
+            if not done:
+                todo.setdefault(other, {}).setdefault((dataset, model), []).append(loss)
     jobs = []  # (config spec, work directory, the cell directories it writes)
-    for (dataset, model), losses in rows.items():
+    for (dataset, model), losses in todo.get(None, {}).items():
         row_dir = Path(args.workroot) / dataset / model
         groups = [part for group in paper.row_groups(dataset, model, losses)
                   for part in split_by_progress(group, row_dir)] if args.vmap_rows else \
@@ -118,6 +138,14 @@ def main(argv=None):
             else:
                 jobs.append((f"cell={dataset}/{model}/[{','.join(group)}]", row_dir,
                              [row_dir / loss for loss in group]))
+    # Other seeds train one run per program: a group of several losses with a single seed
+    # would name its members <loss>, the recipe seed's directories (on a GPU, members run
+    # one after another anyway: a group saves compiles, not time).
+    for seed in seeds:
+        for (dataset, model), losses in todo.get(seed, {}).items():
+            for loss in losses:
+                run_dir = Path(args.workroot) / dataset / model / f"{loss}-seed{seed}"
+                jobs.append((f"cell={dataset}/{model}/{loss},seed={seed}", run_dir, [run_dir]))
     failed = []
     for spec, workdir, run_dirs in jobs:
         print(f"run   {spec + rest} -> {workdir}", flush=True)

@@ -98,24 +98,35 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     assert "Test data: synthetic from generated (1 run)." in text
     assert build_tables.main(["--workroot", str(tmp_path)]) == 0
     assert (tmp_path / "tables.md").read_text() == text + "\n"
-    # A replicate: the same sweep with another seed in its own work root; the tables of both
-    # give the mean and the sample standard deviation.
-    seed2 = tmp_path / "seed2"
-    assert sweep.main(["--cells", "cifar10/resnet50/ce", "--workroot", str(seed2),
-                       "--set", longer[-1] + ",seed=2"]) == 0
-    both = build_tables.build([tmp_path, seed2])
-    eces = [100 * json.loads((root / "cifar10" / "resnet50" / "ce" / "eval_final" /
-                              "results.json").read_text())["test"]["before"]["ece"]
-            for root in (tmp_path, seed2)]
+    # Replicates: --seeds trains the other seeds beside the recipe seed's (done) cell, and the
+    # tables give the mean and the sample standard deviation of each number.
+    assert sweep.main(longer + ["--seeds", "1,2"]) == 0
+    out = capsys.readouterr().out
+    seed2 = tmp_path / "cifar10" / "resnet50" / "ce-seed2"
+    assert "done  cell=cifar10/resnet50/ce -> " in out
+    assert f"run   cell=cifar10/resnet50/ce,seed=2,{longer[-1]} -> {seed2}" in out
+    assert json.loads((seed2 / "config.json").read_text())["seed"] == 2
+    both = build_tables.build(tmp_path)
+    eces = [100 * json.loads((run_dir / "eval_final" / "results.json").read_text())[
+        "test"]["before"]["ece"] for run_dir in (results.parents[1], seed2)]
     assert eces[0] != eces[1]
     assert f"| {sum(eces) / 2:.2f} ± {abs(eces[0] - eces[1]) / 2 ** 0.5:.2f}* | 4.35 |" in both
-    assert "seeds 1, 2" in both and "(2 runs)" in both
+    assert "Replicates: seeds 1, 2;" in both and "(2 runs)" in both
+    assert sweep.main(longer + ["--seeds", "1,2"]) == 0  # both done now
+    assert "done  cell=cifar10/resnet50/ce,seed=2 -> " in capsys.readouterr().out
     with pytest.raises(SystemExit):
         sweep.main(["--cells", "mnist/*/*", "--workroot", str(tmp_path)])
     for several_runs in ("seeds=[1,2]", "num_epochs=1,loss=flsd53"):  # a cell is one run
         with pytest.raises(SystemExit):
             sweep.main(args[:-1] + [several_runs])
         assert "a cell is one loss and one seed" in capsys.readouterr().err
+    for bad_seeds, why in (("1,x", "give integers"), ("2,2", "a seed is given twice")):
+        with pytest.raises(SystemExit):
+            sweep.main(args + ["--seeds", bad_seeds])
+        assert why in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main(args[:-1] + [args[-1] + ",seed=3", "--seeds", "1,2"])
+    assert "give the seeds in --seeds alone" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a mistyped workroot: not a table of the paper's numbers
         build_tables.main(["--workroot", str(tmp_path / "typo")])
     assert not (tmp_path / "typo").exists()
@@ -295,3 +306,13 @@ def test_sweep_trains_a_row_as_one_program_except_its_exception_cells(tmp_path, 
         f"run   cell=cifar10/wide_resnet_26_10/[mmce_weighted,label_smoothing] -> {row}",
         f"run   cell=cifar10/wide_resnet_26_10/flsd53 -> {row / 'flsd53'}",
         f"run   cell=cifar10/wide_resnet_26_10/brier -> {row / 'brier'}"]
+    # Other seeds train one run each, in <loss>-seed<s> (a group with one seed would name its
+    # members <loss>: the recipe seed's directories).
+    assert sweep.main(["--cells", "cifar10/wide_resnet_26_10/[cb]*", "--workroot", str(tmp_path),
+                       "--vmap-rows", "--dry-run", "--seeds", "1,3"]) == 0
+    runs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run")]
+    assert runs == [
+        f"run   cell=cifar10/wide_resnet_26_10/ce -> {row / 'ce'}",
+        f"run   cell=cifar10/wide_resnet_26_10/brier -> {row / 'brier'}",
+        f"run   cell=cifar10/wide_resnet_26_10/ce,seed=3 -> {row / 'ce-seed3'}",
+        f"run   cell=cifar10/wide_resnet_26_10/brier,seed=3 -> {row / 'brier-seed3'}"]

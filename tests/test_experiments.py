@@ -281,9 +281,12 @@ def test_sweep_stops_at_a_failing_cell_or_with_keep_going_runs_the_rest(tmp_path
 
 
 def test_sweep_trains_a_row_as_one_program_except_its_exception_cells(tmp_path, capsys):
-    assert sweep.main(["--cells", "cifar10/wide_resnet_26_10/*", "--workroot", str(tmp_path),
-                       "--vmap-rows", "--dry-run"]) == 0
-    runs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run")]
+    def planned_runs(cells="cifar10/wide_resnet_26_10/*", *more):  # --vmap-rows --dry-run
+        assert sweep.main(["--cells", cells, "--workroot", str(tmp_path), "--vmap-rows",
+                           "--dry-run", *more]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("run")]
+
+    runs = planned_runs()
     row = tmp_path / "cifar10" / "wide_resnet_26_10"
     assert runs == [
         f"run   cell=cifar10/wide_resnet_26_10/[ce,mmce_weighted,label_smoothing,focal,flsd53] "
@@ -298,20 +301,14 @@ def test_sweep_trains_a_row_as_one_program_except_its_exception_cells(tmp_path, 
     (row / "ce" / "checkpoints" / "30.orbax-checkpoint-tmp-1").mkdir()  # a save in flight
     assert sweep.split_by_progress(["ce", "brier", "focal", "flsd53"], row) == [
         ["ce", "focal"], ["brier"], ["flsd53"]]
-    assert sweep.main(["--cells", "cifar10/wide_resnet_26_10/*", "--workroot", str(tmp_path),
-                       "--vmap-rows", "--dry-run"]) == 0
-    runs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run")]
-    assert runs == [
+    assert planned_runs() == [
         f"run   cell=cifar10/wide_resnet_26_10/[ce,focal] -> {row}",
         f"run   cell=cifar10/wide_resnet_26_10/[mmce_weighted,label_smoothing] -> {row}",
         f"run   cell=cifar10/wide_resnet_26_10/flsd53 -> {row / 'flsd53'}",
         f"run   cell=cifar10/wide_resnet_26_10/brier -> {row / 'brier'}"]
     # Other seeds train one run each, in <loss>-seed<s> (a group with one seed would name its
     # members <loss>: the recipe seed's directories).
-    assert sweep.main(["--cells", "cifar10/wide_resnet_26_10/[cb]*", "--workroot", str(tmp_path),
-                       "--vmap-rows", "--dry-run", "--seeds", "1,3"]) == 0
-    runs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run")]
-    assert runs == [
+    assert planned_runs("cifar10/wide_resnet_26_10/[cb]*", "--seeds", "1,3") == [
         f"run   cell=cifar10/wide_resnet_26_10/ce -> {row / 'ce'}",
         f"run   cell=cifar10/wide_resnet_26_10/brier -> {row / 'brier'}",
         f"run   cell=cifar10/wide_resnet_26_10/ce,seed=3 -> {row / 'ce-seed3'}",

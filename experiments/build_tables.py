@@ -17,6 +17,9 @@ and its differences are listed under the title, with the data the results came f
 offline CIFAR-10 copy is JPEG-compressed: its numbers are close to, not equal to, the
 original's).
 
+Beside the markdown goes ``<out>.json`` (default ``tables.json``): every evaluated cell's
+numbers over its runs, mean and sample standard deviation (:func:`cell_summary`).
+
 **Replicates (error bars over seeds).** A cell's runs with other seeds -- ``<loss>-seed<s>/``
 beside ``<loss>/``, as ``sweep.py --seeds 1,2,3`` trains them, or the same cell in several work
 roots, each the sweep trained with another seed (``sweep.py --workroot runs/paper-seed2 --set
@@ -139,21 +142,63 @@ def load_replicates(workroots) -> dict:
     return {cell: [r for _, r in replicates] for cell, replicates in runs.items()}
 
 
-def stat(values, digits=2, mark=""):
-    """``"-"``, one value, or ``"mean ± sample std"`` of several, with ``mark`` after."""
+def mean_std(values) -> tuple:
+    """``(mean, sample standard deviation)`` of the values that are not None; the deviation is
+    None for a single value, both are None for none."""
     values = [v for v in values if v is not None]
     if not values:
-        return "-"
+        return None, None
     mean = sum(values) / len(values)
     if len(values) == 1:
-        return f"{mean:.{digits}f}{mark}"
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.{digits}f} ± {std:.{digits}f}{mark}"
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def stat(values, digits=2, mark=""):
+    """``"-"``, one value, or ``"mean ± sample std"`` of several, with ``mark`` after."""
+    m, s = mean_std(values)
+    if m is None:
+        return "-"
+    return f"{m:.{digits}f}{mark}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}{mark}"
 
 
 def mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+    return mean_std(values)[0]
+
+
+def cell_summary(workroot) -> dict:
+    """Every evaluated cell's numbers over its runs, for notebooks and scripts (what
+    ``main`` also writes as JSON beside the tables): ``{"dataset/model/loss": {"runs": n,
+    "seeds": [...], "temperature": {"mean", "std"}, "test": {"before" | "after": {metric:
+    {"mean", "std"}, "ood_auroc": {set: {score: {"mean", "std"}}}}}}}``, metrics as fractions
+    (the tables' percentages / 100), ``std`` the sample standard deviation (None for one run).
+    ``workroot``: one work root or a list of them, as :func:`build`."""
+    def summary(values):
+        m, s = mean_std(values)
+        return {"mean": m, "std": s}
+
+    out = {}
+    for cell, runs in load_replicates(_workroots(workroot)).items():
+        test = {}
+        for when in ("before", "after"):
+            reports = [r["test"][when] for r in runs]
+            metrics = sorted({k for rep in reports for k, v in rep.items()
+                              if isinstance(v, (int, float))})
+            test[when] = {k: summary([rep.get(k) for rep in reports]) for k in metrics}
+            sets = sorted({s for rep in reports for s in rep.get("ood_auroc", {})})
+            test[when]["ood_auroc"] = {
+                s: {score: summary([rep["ood_auroc"][s][score] for rep in reports
+                                    if s in rep.get("ood_auroc", {})])
+                    for score in ("entropy", "confidence")} for s in sets}
+        out["/".join(cell)] = {
+            "runs": len(runs), "seeds": [r.get("config", {}).get("seed") for r in runs],
+            "temperature": summary([r["temperature"]["value"] for r in runs]), "test": test}
+    return out
+
+
+def _workroots(workroot) -> list:
+    return [Path(workroot)] if isinstance(workroot, (str, os.PathLike)) else \
+        [Path(w) for w in workroot]
 
 
 def diff(ours, paper):
@@ -267,8 +312,7 @@ def _replicate_notes(results, workroots) -> list:
 
 def build(workroot) -> str:
     """The tables' markdown for one work root, or a list of work roots (replicates)."""
-    workroots = [Path(workroot)] if isinstance(workroot, (str, os.PathLike)) else \
-        [Path(w) for w in workroot]
+    workroots = _workroots(workroot)
     paper = json.loads(PAPER.read_text())
     results = load_replicates(workroots)
     off = recipe_differences(results)
@@ -301,7 +345,8 @@ def main(argv=None):
                         help="the --workroot of experiments/sweep.py; several, comma "
                              "separated, are replicates (one per seed): mean ± std")
     parser.add_argument("--out", default=None,
-                        help="default: <workroot>/tables.md (required with several work roots)")
+                        help="default: <workroot>/tables.md (required with several work roots); "
+                             "the numbers per cell go beside it as JSON (tables.json)")
     args = parser.parse_args(argv)
     workroots = [w for w in args.workroot.split(",") if w]
     if not workroots:
@@ -319,12 +364,13 @@ def main(argv=None):
         parser.error("--out: give the file for the tables of several work roots (the default, "
                      "<workroot>/tables.md, is each single work root's own table)")
     try:
-        text = build(workroots)
+        text, summary = build(workroots), cell_summary(workroots)
     except ValueError as e:
         parser.error(f"--workroot {args.workroot}: {e}")
     print(text)
     out = Path(args.out) if args.out else Path(workroots[0]) / "tables.md"
     atomic_write_text(out, text + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=1) + "\n")
     return 0
 
 

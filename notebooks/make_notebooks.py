@@ -122,6 +122,21 @@ print(f"{len(runs)} evaluated runs under {root}")"""),
     ("md", """## Tables: ours beside the paper's (percent)"""),
     ("code", """text = build_tables.build(root)
 display(Markdown(text.split("## Test error")[0]))"""),
+    ("md", """## ECE before and after temperature scaling, per cell
+
+Mean over each cell's runs, with the sample standard deviation as error bars where a cell has
+several seeds (`experiments/sweep.py --seeds 1,2,3`); `build_tables.cell_summary` gives every
+metric this way (and `build_tables.py` writes it as `tables.json`)."""),
+    ("code", """summary = build_tables.cell_summary(root)
+names = sorted(summary)
+fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names)), 3.4), constrained_layout=True)
+for offset, when in ((-0.15, "before"), (0.15, "after")):
+    stats = [summary[n]["test"][when]["ece"] for n in names]
+    ax.errorbar([i + offset for i in range(len(names))], [100 * s["mean"] for s in stats],
+                yerr=[100 * (s["std"] or 0) for s in stats], fmt="o", capsize=4,
+                label=f"{when} temperature scaling")
+ax.set_xticks(range(len(names)), [f"{n}\\n({summary[n]['runs']} runs)" for n in names], fontsize=8)
+ax.set_ylabel("test ECE (%)"); ax.set_ylim(bottom=0); ax.legend(fontsize=8); plt.show()"""),
     ("md", """## Reliability diagrams and temperature curves of each run"""),
     ("code", """for (dataset, model, loss), result in sorted(runs.items()):
     out = root / dataset / model / loss / build_tables.RESULTS_FOLDER   # eval_final

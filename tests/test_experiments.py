@@ -204,6 +204,14 @@ def test_tables_of_replicates_give_mean_and_sample_std_over_seeds(tmp_path):
     out = tmp_path / "tables.md"
     assert build_tables.main(["--workroot", ",".join(map(str, roots)), "--out", str(out)]) == 0
     assert out.read_text() == text + "\n"
+    summary = json.loads((tmp_path / "tables.json").read_text())  # the numbers, for scripts
+    ce = summary["cifar10/resnet110/ce"]
+    assert (ce["runs"], ce["seeds"]) == (3, [1, 2, 3])
+    assert ce["test"]["before"]["ece"] == pytest.approx({"mean": 0.03, "std": 0.0264575})
+    assert ce["test"]["after"]["nll"] == pytest.approx({"mean": 0.25, "std": 0.0})
+    assert summary["cifar100/resnet110/focal"]["test"]["before"]["ece"] == {"mean": 0.03,
+                                                                           "std": None}
+    assert ce["temperature"] == pytest.approx({"mean": 1.1, "std": 0.0})
     for argv in (["--workroot", ",".join(map(str, roots))],            # --out needed
                  ["--workroot", f"{roots[0]},{roots[0]}", "--out", str(out)]):  # a root twice
         with pytest.raises(SystemExit):

@@ -62,6 +62,21 @@ def split_by_progress(losses, row_dir):
     return list(groups.values())
 
 
+def finished(workdir, config) -> tuple[bool, str]:
+    """``(done, why not)``: a run is done when its final evaluation exists and its
+    ``config.json`` computes what ``config`` does (``num_epochs`` included)."""
+    from calib_jax import evaluate, train
+
+    if not (Path(workdir) / evaluate.default_out_name("final") / "results.json").exists():
+        return False, ""
+    changed = train.config_differences(workdir, config, ignore=train.EXECUTION_FIELDS)
+    if changed is None:
+        return False, " (results without a config.json)"
+    if changed:
+        return False, f" (its results are of another config: {'; '.join(changed)})"
+    return True, ""
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", required=True,
@@ -113,15 +128,7 @@ def main(argv=None):
             spec = f"cell={dataset}/{model}/{loss}" + ("" if other is None else f",seed={other}")
             workdir = Path(args.workroot) / dataset / model / (
                 loss if other is None else f"{loss}-seed{other}")  # build_tables' replicates
-            results = workdir / evaluate.default_out_name("final") / "results.json"
-            done, why = results.exists(), ""
-            if done:
-                changed = train.config_differences(workdir, paper.get_config(spec + rest),
-                                                   ignore=train.EXECUTION_FIELDS)
-                if changed is None:
-                    done, why = False, " (results without a config.json)"
-                elif changed:
-                    done, why = False, f" (its results are of another config: {'; '.join(changed)})"
+            done, why = finished(workdir, paper.get_config(spec + rest))
             print(f"{'done ' if done else 'todo '} {spec} -> {workdir}{why}", flush=True)
             if not done:
                 todo.setdefault(other, {}).setdefault((dataset, model), []).append(loss)

@@ -360,6 +360,9 @@ def main(argv=None):
     if len(set(map(os.path.realpath, workroots))) < len(workroots):
         parser.error(f"--workroot {args.workroot}: a work root is given twice (each is one "
                      "replicate: its runs would count twice)")
+    if args.out and Path(args.out).suffix == ".json":
+        parser.error(f"--out {args.out}: give the markdown file (e.g. tables.md); the numbers "
+                     "go beside it as <name>.json")
     if len(workroots) > 1 and not args.out:
         parser.error("--out: give the file for the tables of several work roots (the default, "
                      "<workroot>/tables.md, is each single work root's own table)")

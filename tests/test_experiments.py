@@ -213,7 +213,8 @@ def test_tables_of_replicates_give_mean_and_sample_std_over_seeds(tmp_path):
                                                                            "std": None}
     assert ce["temperature"] == pytest.approx({"mean": 1.1, "std": 0.0})
     for argv in (["--workroot", ",".join(map(str, roots))],            # --out needed
-                 ["--workroot", f"{roots[0]},{roots[0]}", "--out", str(out)]):  # a root twice
+                 ["--workroot", f"{roots[0]},{roots[0]}", "--out", str(out)],  # a root twice
+                 ["--workroot", str(roots[0]), "--out", str(tmp_path / "t.json")]):  # -> .json
         with pytest.raises(SystemExit):
             build_tables.main(argv)
     assert not (roots[0] / "tables.md").exists()

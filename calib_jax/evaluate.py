@@ -3,6 +3,10 @@
 ``python -m calib_jax.evaluate --workdir runs/X [--checkpoint final|best|latest|EPOCH]
 [--criterion ece|nll] [--out DIR] [--data_dir DIR]``
 
+The checkpoint defaults to the run's ``config.eval_checkpoint``: ``final`` (the last epoch,
+the reference's protocol for the image data sets) or ``best`` (the highest validation
+accuracy, its protocol for 20 Newsgroups and SST).
+
 A work directory of several runs trained as one program (``members.json``,
 see ``calib_jax.train.run_members``) evaluates every member in its own
 directory.
@@ -36,7 +40,7 @@ from calib_jax.data import datasets
 from calib_jax.files import atomic_save_figure, atomic_write_text
 
 __all__ = ["default_out_name", "evaluate_run", "markdown_report", "main", "member_dirs",
-           "test_report"]
+           "table_checkpoint", "test_report"]
 
 OOD_SETS = {"cifar10": ("svhn", "cifar10_c"), "cifar100": ("svhn", "cifar10_c"),
             "synthetic": ("synthetic_c",)}
@@ -87,13 +91,17 @@ def test_report(test_logits, test_labels, temperature: float, ood_logits: dict) 
     return report
 
 
-def evaluate_run(workdir, *, which: str = "final", criterion: str = "ece", out=None,
+def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", out=None,
                  data_dir=None) -> dict:
-    """Runs the evaluation pass (see the module docstring) and returns the results dict."""
+    """Runs the evaluation pass (see the module docstring) and returns the results dict.
+
+    ``which``: ``"final"``, ``"best"``, ``"latest"`` or an epoch; None (default) takes the
+    run's ``config.eval_checkpoint`` (:func:`table_checkpoint`)."""
     if criterion not in calibration.CRITERIA:
         raise ValueError(f"`criterion` must be one of {calibration.CRITERIA}, got {criterion!r}.")
     workdir = Path(workdir)
     config = load_run_config(workdir)
+    which = which or table_checkpoint(config)
     data_dir = data_dir or config.get("data_dir") or None
     dtype = train._DTYPES[config.dtype]
     options = train.dataset_options(config)
@@ -142,6 +150,12 @@ def evaluate_run(workdir, *, which: str = "final", criterion: str = "ece", out=N
     atomic_write_text(out / "results.md", markdown_report(results) + "\n")
     _write_plots(out, test_logits, test.labels, t, search, ood_logits)
     return results
+
+
+def table_checkpoint(config) -> str:
+    """The checkpoint a run's evaluation reports by default (``config.eval_checkpoint``;
+    ``"final"`` for configs written before that field existed)."""
+    return config.get("eval_checkpoint", "final")
 
 
 def default_out_name(which: str, criterion: str = "ece") -> str:
@@ -213,13 +227,15 @@ def markdown_report(results: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--checkpoint", default="final",
-                        help="final (default), best, latest, or an epoch number")
+    parser.add_argument("--checkpoint", default=None,
+                        help="final, best, latest, or an epoch number (default: the run's "
+                             "config.eval_checkpoint: final; best for 20 Newsgroups and SST)")
     parser.add_argument("--criterion", default="ece", choices=list(calibration.CRITERIA))
     parser.add_argument("--out", default=None)
     parser.add_argument("--data_dir", default=None)
     args = parser.parse_args(argv)
-    if args.checkpoint not in ("final", "best", "latest") and not args.checkpoint.isdigit():
+    if args.checkpoint not in (None, "final", "best", "latest") and \
+            not args.checkpoint.isdigit():
         parser.error("--checkpoint must be final, best, latest or an epoch number")
     run_dirs = member_dirs(args.workdir)
     if args.out and len(run_dirs) > 1:

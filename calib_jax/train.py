@@ -52,7 +52,7 @@ from calib_jax import losses
 from calib_jax.data import pipeline
 from calib_jax.files import atomic_write_text
 
-__all__ = ["EXECUTION_FIELDS", "LOSS_NAMES", "LossSpec", "RESUMABLE_FIELDS", "TrainState",
+__all__ = ["EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES", "LossSpec", "RESUMABLE_FIELDS", "TrainState",
            "batch_loss", "batch_sharding", "check_resumable", "clip_by_global_norm",
            "config_differences", "create_train_state", "default_member_mode",
            "default_steps_per_call", "default_unroll", "exit_on_sigterm", "field_differences",
@@ -626,16 +626,19 @@ def run_members(config) -> list[tuple[str, Any]]:
     return members
 
 
+#: What ``config.eval_checkpoint`` may name: the checkpoint a run's evaluation reports.
+EVAL_CHECKPOINTS = ("final", "best")
 #: Config fields that decide how a run is executed, logged or saved, not what it computes
 #: (results agree to float rounding whatever their values).
 EXECUTION_FIELDS = frozenset({
     "eval_batch_size", "data_dir", "multi_mode", "checkpoint_every_epochs", "keep_checkpoints",
     "log_every_steps", "steps_per_call", "scan_unroll"})
-#: Config fields a resumed run may change: the execution fields and ``num_epochs``, which
+#: Config fields a resumed run may change: the execution fields, ``num_epochs``, which
 #: lengthens or shortens the run (the learning-rate and gamma schedules are in epochs, not
-#: fractions of the run). Any other difference between a work directory's ``config.json`` and
+#: fractions of the run), and ``eval_checkpoint``, which checkpoint the evaluation reports
+#: (training saves both). Any other difference between a work directory's ``config.json`` and
 #: the config given is refused.
-RESUMABLE_FIELDS = EXECUTION_FIELDS | {"num_epochs"}
+RESUMABLE_FIELDS = EXECUTION_FIELDS | {"num_epochs", "eval_checkpoint"}
 
 
 def field_differences(saved: dict, given: dict, *, ignore=RESUMABLE_FIELDS) -> list[tuple]:
@@ -742,6 +745,9 @@ def validate_config(config, num_devices: int) -> None:
         bad("gamma", "must be >= 0")
     if config.checkpoint_every_epochs < 1:
         bad("checkpoint_every_epochs", "must be >= 1")
+    if config.get("eval_checkpoint", "final") not in EVAL_CHECKPOINTS:
+        bad("eval_checkpoint", f"must be one of {EVAL_CHECKPOINTS} (the last epoch, or the "
+                               "highest validation accuracy)")
     if config.log_every_steps < 1:
         bad("log_every_steps", "must be >= 1")
     if config.get("multi_mode", "auto") not in ("auto",) + MEMBER_MODES:

@@ -4,7 +4,8 @@ Usage: python experiments/build_tables.py --workroot runs/paper [--out runs/pape
        python experiments/build_tables.py --workroot runs/paper,runs/paper-seed2,runs/paper-seed3 \
            --out runs/tables-3-seeds.md
 
-Reads ``<workroot>/<dataset>/<model>/<loss>/eval_final/results.json`` and
+Reads ``<workroot>/<dataset>/<model>/<loss>/eval_final/results.json`` (``eval_best/`` for a
+run whose ``config.eval_checkpoint`` is ``best``: 20 Newsgroups and SST, as the reference) and
 ``experiments/paper_numbers.json``; prints (and writes) markdown tables of test
 ECE before / after temperature scaling with T, test error, and OOD AUROC
 (entropy), each as "ours | paper | difference" in percent, then our AdaECE, classwise
@@ -55,8 +56,6 @@ PAPER = Path(__file__).with_name("paper_numbers.json")
 OFF_RECIPE = "*"
 #: Config fields in which the replicates of a cell differ: not a recipe difference.
 SEED_FIELDS = frozenset({"seed", "seeds"})
-#: The folder of a run that the tables read (``evaluate_run(which="final")``'s output).
-RESULTS_FOLDER = evaluate.default_out_name("final")
 
 
 def recipe_differences(results) -> dict:
@@ -83,12 +82,22 @@ def recipe_differences(results) -> dict:
 
 
 def load_results(workroot: Path):
-    """``{(dataset, model, loss): results.json}`` of the evaluated cells under ``workroot``."""
+    """``{(dataset, model, loss): results.json}`` of the evaluated cells under ``workroot``:
+    each run's evaluation of its ``config.eval_checkpoint`` (``eval_final/``; ``eval_best/``
+    for 20 Newsgroups and SST, the reference's protocol)."""
     results = {}
-    for path in sorted(Path(workroot).glob(f"*/*/*/{RESULTS_FOLDER}/results.json")):
-        dataset, model, loss = path.parts[-5:-2]
-        results[(dataset, model, loss)] = json.loads(path.read_text())
+    for run_dir in sorted({p.parents[1] for p in Path(workroot).glob("*/*/*/eval_*/results.json")}):
+        path = run_dir / evaluate.default_out_name(_table_checkpoint(run_dir)) / "results.json"
+        if path.exists():
+            results[run_dir.parts[-3:]] = json.loads(path.read_text())
     return results
+
+
+def _table_checkpoint(run_dir) -> str:
+    """The checkpoint whose evaluation the tables read: the run's own ``config.json`` says
+    (``final`` without one)."""
+    config = Path(run_dir) / "config.json"
+    return evaluate.table_checkpoint(json.loads(config.read_text()) if config.exists() else {})
 
 
 #: A member of a group trained with several seeds (``calib_jax.train.run_members``):

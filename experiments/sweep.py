@@ -5,8 +5,10 @@ Usage:
       [--set num_epochs=1,batch_size=64]
 
 ``--cells`` takes shell-style patterns over ``dataset/model/loss`` (comma
-separated); a cell whose ``eval_final/results.json`` exists and whose ``config.json`` is the
-config the sweep would train (``--set`` included) is skipped, and a half-trained cell resumes
+separated); a cell whose evaluation exists (``eval_final/results.json``, or ``eval_best/`` for
+the recipes that report the best-validation checkpoint: 20 Newsgroups and SST, as the
+reference) and whose ``config.json`` is the config the sweep would train (``--set`` included)
+is skipped, and a half-trained cell resumes
 from its checkpoint, so the sweep can be restarted at any time. A cell finished under another
 config is not "done": a shorter run (e.g. an earlier ``--set num_epochs=1``) is trained on to
 the full length and evaluated again; any other difference is refused by the training (it
@@ -63,11 +65,13 @@ def split_by_progress(losses, row_dir):
 
 
 def finished(workdir, config) -> tuple[bool, str]:
-    """``(done, why not)``: a run is done when its final evaluation exists and its
-    ``config.json`` computes what ``config`` does (``num_epochs`` included)."""
+    """``(done, why not)``: a run is done when the evaluation of its ``eval_checkpoint`` exists
+    and its ``config.json`` computes what ``config`` does (``num_epochs`` included; a changed
+    ``eval_checkpoint`` is not done either, its results are of the other checkpoint)."""
     from calib_jax import evaluate, train
 
-    if not (Path(workdir) / evaluate.default_out_name("final") / "results.json").exists():
+    which = evaluate.table_checkpoint(config)  # final; best for the text data sets
+    if not (Path(workdir) / evaluate.default_out_name(which) / "results.json").exists():
         return False, ""
     changed = train.config_differences(workdir, config, ignore=train.EXECUTION_FIELDS)
     if changed is None:
@@ -161,7 +165,7 @@ def main(argv=None):
         try:
             train.train_and_evaluate(paper.get_config(spec + rest), workdir)
             for run_dir in run_dirs:
-                evaluate.evaluate_run(run_dir, which="final")
+                evaluate.evaluate_run(run_dir)  # the run's eval_checkpoint
         except Exception as error:  # noqa: BLE001 -- reported below, the sweep exits 1
             if not args.keep_going:
                 raise

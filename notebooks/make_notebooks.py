@@ -92,7 +92,8 @@ NB02 = [
     ("md", """# 02 — Explore evaluation results
 
 Point `RESULTS_ROOT` at a directory of runs laid out as `<dataset>/<model>/<loss>/` with
-`eval_final/results.json` inside (what `experiments/sweep.py` writes). Left unset, the
+`eval_final/results.json` (`eval_best/` for 20 Newsgroups and SST) inside (what
+`experiments/sweep.py` writes). Left unset, the
 notebook makes its own: two one-epoch runs (CE and FLSD-53) of a ResNet-8 on the generated
 `synthetic` task, then the evaluation pass, in about a minute on a laptop CPU. It then
 builds the paper-style tables (ours beside the paper's), reliability diagrams and
@@ -139,7 +140,7 @@ ax.set_xticks(range(len(names)), [f"{n}\\n({summary[n]['runs']} runs)" for n in 
 ax.set_ylabel("test ECE (%)"); ax.set_ylim(bottom=0); ax.legend(fontsize=8); plt.show()"""),
     ("md", """## Reliability diagrams and temperature curves of each run"""),
     ("code", """for (dataset, model, loss), result in sorted(runs.items()):
-    out = root / dataset / model / loss / build_tables.RESULTS_FOLDER   # eval_final
+    out = root / dataset / model / loss / evaluate.default_out_name(result["checkpoint"])
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), constrained_layout=True)
     for ax, name in zip(axes, ("reliability.png", "temperature_curves.png", "confidence_histogram.png")):
         ax.imshow(plt.imread(out / name)); ax.axis("off")

@@ -1,6 +1,7 @@
 """calib_jax.evaluate: the evaluation pass on a saved checkpoint of a tiny run."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -58,6 +59,20 @@ def test_evaluate_best_and_epoch_checkpoints(run_dir, tmp_path):
     assert first["epoch"] == 1
     with pytest.raises(FileNotFoundError, match="epoch 7"):
         evaluate.evaluate_run(run_dir, which="7", out=tmp_path / "seven")
+
+
+def test_the_default_checkpoint_is_the_runs_eval_checkpoint(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    assert config["eval_checkpoint"] == "final"
+    (copy / "config.json").write_text(json.dumps(dict(config, eval_checkpoint="best")))
+    results = evaluate.evaluate_run(copy)
+    best_epoch = json.loads(next((copy / "best").glob("*/meta/metadata")).read_text())["epoch"]
+    assert results["checkpoint"] == "best" and results["epoch"] == best_epoch
+    assert json.loads((copy / "eval_best" / "results.json").read_text()) == results
+    assert evaluate.main(["--workdir", str(copy), "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads((tmp_path / "cli" / "results.json").read_text())["checkpoint"] == "best"
 
 
 def test_unfinished_run_needs_latest(tmp_path):

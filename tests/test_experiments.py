@@ -59,6 +59,13 @@ def test_reference_exceptions_and_recipes():
         (0.035, 100, (40, 60), 64)
     assert tiny_imagenet.get_config("loss=ce").learning_rate == 0.1
     assert paper.get_config("cell=cifar10/resnet50/ce,num_epochs=2").num_epochs == 2
+    # The checkpoint each recipe reports: the last epoch, or (text) the best validation one.
+    assert [paper.get_config(f"cell={cell}").eval_checkpoint for cell in (
+        "cifar10/resnet50/ce", "tiny_imagenet/resnet50_tiny_imagenet/ce",
+        "20news/global_pooling_cnn/ce", "sst/tree_lstm/ce")] == ["final", "final", "best", "best"]
+    bad = paper.get_config("cell=cifar10/resnet50/ce,eval_checkpoint=latest")
+    with pytest.raises(ValueError, match="config.eval_checkpoint = 'latest': must be one of"):
+        train.validate_config(bad, num_devices=1)
     with pytest.raises(ValueError, match="cell="):
         paper.get_config("model=resnet50")
 
@@ -163,7 +170,8 @@ def _write_results(root, cell, config, ece=0.01, **report):
     """A results.json as evaluate_run writes it, with only the fields the tables read."""
     report = {"ece": ece, "error": 0.05, "ood_auroc": {}, **report}
     results = {"config": json.loads(config.to_json()), "data": {"test": "/data/cifar10"},
-               "temperature": {"value": 1.1}, "test": {"before": report, "after": report}}
+               "checkpoint": "final", "temperature": {"value": 1.1},
+               "test": {"before": report, "after": report}}
     path = Path(root).joinpath(*cell.split("/"), "eval_final", "results.json")
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(results))
@@ -171,6 +179,28 @@ def _write_results(root, cell, config, ece=0.01, **report):
 
 def _row(text, prefix, table=0):
     return [line for line in text.splitlines() if line.startswith(prefix)][table]
+
+
+def test_tables_and_sweep_read_the_checkpoint_each_recipe_reports(tmp_path):
+    # 20 Newsgroups reports the best-validation checkpoint (the reference keeps that model).
+    cell = "20news/global_pooling_cnn/flsd53"
+    config = paper.get_config(f"cell={cell}")
+    run_dir = tmp_path.joinpath(*cell.split("/"))
+    _write_results(tmp_path, cell, config, ece=0.07)  # eval_final/: not the table's
+    assert sweep.finished(run_dir, config) == (False, "")
+    best = json.loads((run_dir / "eval_final" / "results.json").read_text())
+    best["checkpoint"], best["test"]["before"]["ece"] = "best", 0.02
+    (run_dir / "eval_best").mkdir()
+    (run_dir / "eval_best" / "results.json").write_text(json.dumps(best))
+    assert build_tables.load_results(tmp_path)[tuple(cell.split("/"))]["checkpoint"] == "final"
+    (run_dir / "config.json").write_text(config.to_json())  # the run's record says best
+    assert build_tables.load_results(tmp_path)[tuple(cell.split("/"))]["checkpoint"] == "best"
+    assert "| 20news | global_pooling_cnn | flsd53 | 2.00 |" in build_tables.build(tmp_path)
+    assert sweep.finished(run_dir, config) == (True, "")
+    # Asked for the other checkpoint, the cell is not done (its results are of the other one).
+    final = paper.get_config(f"cell={cell},eval_checkpoint=final")
+    assert sweep.finished(run_dir, final) == (
+        False, " (its results are of another config: eval_checkpoint 'best' -> 'final')")
 
 
 def test_tables_of_replicates_give_mean_and_sample_std_over_seeds(tmp_path):
@@ -276,7 +306,7 @@ def test_sweep_stops_at_a_failing_cell_or_with_keep_going_runs_the_rest(tmp_path
 
     monkeypatch.setattr(train, "train_and_evaluate", fake_train)
     monkeypatch.setattr(evaluate, "evaluate_run",
-                        lambda run_dir, which: evaluated.append(Path(run_dir).name))
+                        lambda run_dir: evaluated.append(Path(run_dir).name))
     # Cells run in table order: the CIFAR-100 cell before the Tiny-ImageNet one.
     cells = ["--cells", "tiny_imagenet/*/ce,cifar100/resnet110/ce", "--workroot", str(tmp_path)]
     with pytest.raises(data.DataNotFoundError):

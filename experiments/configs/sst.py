@@ -3,7 +3,7 @@
 Constituency Tree-LSTM (300-d embeddings, memory 168), Adagrad lr 0.05, weight
 decay 1e-4, batch 25, 25 epochs, mean-reduced losses, FLSD threshold 0.19,
 FLSc-531 switching at epochs 3 and 7; the reference keeps the best-dev model,
-so evaluate with ``--checkpoint best``.
+so ``eval_checkpoint="best"``: the evaluation pass (and the sweep's tables) report it.
 
 Differences: the reference feeds GloVe 840B-300d vectors (not available here:
 random trainable embeddings by default; ``embeddings_path`` takes a .npy) and
@@ -37,6 +37,7 @@ def get_config(arg=None):
     c.loss_mean = True
     c.flsd_threshold = 0.19
     c.gamma_boundaries = (3, 7)
+    c.eval_checkpoint = "best"  # the reference keeps the best-dev model
     c.embed_dim = 300
     c.mem_dim = 168
     c.checkpoint_every_epochs = 5

@@ -139,14 +139,24 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     assert not (tmp_path / "typo").exists()
 
 
+def _write_results(root, cell, config, ece=0.01, **report):
+    """A results.json as evaluate_run writes it, with only the fields the tables read."""
+    report = {"ece": ece, "error": 0.05, "ood_auroc": {}, **report}
+    results = {"config": json.loads(config.to_json()), "data": {"test": "/data/cifar10"},
+               "checkpoint": "final", "temperature": {"value": 1.1},
+               "test": {"before": report, "after": report}}
+    path = Path(root).joinpath(*cell.split("/"), "eval_final", "results.json")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(results))
+
+
+def _row(text, prefix, table=0):
+    return [line for line in text.splitlines() if line.startswith(prefix)][table]
+
+
 def test_tables_mark_only_the_cells_off_the_papers_recipe(tmp_path):
     def write(cell, config):
-        report = {"ece": 0.01, "error": 0.05, "ood_auroc": {}}
-        results = {"config": json.loads(config.to_json()), "data": {"test": "/data/cifar10"},
-                   "temperature": {"value": 1.1}, "test": {"before": report, "after": report}}
-        path = tmp_path.joinpath(*cell.split("/"), "eval_final", "results.json")
-        path.parent.mkdir(parents=True)
-        path.write_text(json.dumps(results))
+        _write_results(tmp_path, cell, config)
 
     write("cifar10/resnet110/brier", paper.get_config("cell=cifar10/resnet110/brier"))
     recipe = paper.get_config("cell=cifar10/resnet110/ce")
@@ -164,21 +174,6 @@ def test_tables_mark_only_the_cells_off_the_papers_recipe(tmp_path):
     assert "- cifar10/resnet110/ce: learning_rate 0.2 (paper's recipe: 0.1)" in text
     assert "cifar10/resnet110/brier:" not in text
     assert "Test data: cifar10 from /data/cifar10 (2 runs)." in text
-
-
-def _write_results(root, cell, config, ece=0.01, **report):
-    """A results.json as evaluate_run writes it, with only the fields the tables read."""
-    report = {"ece": ece, "error": 0.05, "ood_auroc": {}, **report}
-    results = {"config": json.loads(config.to_json()), "data": {"test": "/data/cifar10"},
-               "checkpoint": "final", "temperature": {"value": 1.1},
-               "test": {"before": report, "after": report}}
-    path = Path(root).joinpath(*cell.split("/"), "eval_final", "results.json")
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(results))
-
-
-def _row(text, prefix, table=0):
-    return [line for line in text.splitlines() if line.startswith(prefix)][table]
 
 
 def test_tables_and_sweep_read_the_checkpoint_each_recipe_reports(tmp_path):

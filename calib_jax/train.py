@@ -52,8 +52,8 @@ from calib_jax import losses
 from calib_jax.data import pipeline
 from calib_jax.files import atomic_write_text
 
-__all__ = ["EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES", "LossSpec", "RESUMABLE_FIELDS", "TrainState",
-           "batch_loss", "batch_sharding", "check_resumable", "clip_by_global_norm",
+__all__ = ["EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES", "LossSpec", "RESUMABLE_FIELDS",
+           "TrainState", "batch_loss", "batch_sharding", "check_resumable", "clip_by_global_norm",
            "config_differences", "create_train_state", "default_member_mode",
            "default_steps_per_call", "default_unroll", "exit_on_sigterm", "field_differences",
            "global_norm", "make_optimizer", "multi_train_steps", "piecewise_lr", "predict",

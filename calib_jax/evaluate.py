@@ -96,12 +96,21 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
     """Runs the evaluation pass (see the module docstring) and returns the results dict.
 
     ``which``: ``"final"``, ``"best"``, ``"latest"`` or an epoch; None (default) takes the
-    run's ``config.eval_checkpoint`` (:func:`table_checkpoint`)."""
+    run's ``config.eval_checkpoint`` (:func:`table_checkpoint`), and refuses a run that has not
+    finished, whichever checkpoint that names (a table's "best" is the best of the whole run;
+    ``which="best"`` evaluates the best so far)."""
     if criterion not in calibration.CRITERIA:
         raise ValueError(f"`criterion` must be one of {calibration.CRITERIA}, got {criterion!r}.")
     workdir = Path(workdir)
     config = load_run_config(workdir)
-    which = which or table_checkpoint(config)
+    if which is None:
+        which = table_checkpoint(config)
+        trained = max(checkpoints.saved_epochs(workdir, "latest"), default=0)
+        if which != "final" and trained < config.num_epochs:  # "final" checks it on restore
+            raise ValueError(f"the run in {workdir} has not finished (latest checkpoint: epoch "
+                             f"{trained} of {config.num_epochs}), so its best checkpoint "
+                             f"(config.eval_checkpoint) is not the run's yet; pass --checkpoint "
+                             f"{which} to evaluate the best so far anyway.")
     data_dir = data_dir or config.get("data_dir") or None
     dtype = train._DTYPES[config.dtype]
     options = train.dataset_options(config)

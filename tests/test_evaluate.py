@@ -66,6 +66,12 @@ def test_the_default_checkpoint_is_the_runs_eval_checkpoint(run_dir, tmp_path):
     shutil.copytree(run_dir, copy)
     config = json.loads((copy / "config.json").read_text())
     assert config["eval_checkpoint"] == "final"
+    # Not finished (the config asks for more epochs): the best so far is not the run's best.
+    (copy / "config.json").write_text(json.dumps(dict(config, eval_checkpoint="best",
+                                                      num_epochs=3)))
+    with pytest.raises(ValueError, match=r"has not finished \(latest checkpoint: epoch 2 of 3\)"):
+        evaluate.evaluate_run(copy)
+    assert not (copy / "eval_best").exists()
     (copy / "config.json").write_text(json.dumps(dict(config, eval_checkpoint="best")))
     results = evaluate.evaluate_run(copy)
     best_epoch = json.loads(next((copy / "best").glob("*/meta/metadata")).read_text())["epoch"]

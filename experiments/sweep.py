@@ -23,8 +23,10 @@ programs, so none loses its progress (``split_by_progress``).
 
 Replicates for error bars: ``--seeds 1,2,3`` trains every selected cell with each seed, the
 recipe's seed (1) in ``<loss>/`` as without ``--seeds`` (so a finished sweep's cells are
-done), each other seed ``s`` in ``<loss>-seed<s>/`` as a single run (``--vmap-rows`` groups the
-recipe seed's cells only); ``build_tables.py`` then gives mean ± std over a cell's runs.
+done), each other seed ``s`` in ``<loss>-seed<s>/`` (with ``--vmap-rows``, a row's cells that
+share a recipe train with all its other seeds as one program when there are two or more:
+``cell=<dataset>/<model>/[losses],seeds=[2,3]``, ``other_seed_jobs``); ``build_tables.py`` then
+gives mean ± std over a cell's runs.
 Equivalently, one work root per seed (``--workroot runs/paper-seed2 --set seed=2``) given
 together to ``build_tables.py --workroot``. ``--set seeds=...`` and ``--set loss=...`` are
 refused: a cell is one run.
@@ -62,6 +64,46 @@ def split_by_progress(losses, row_dir):
         newest = max(checkpoints.saved_epochs(Path(row_dir) / loss), default=None)
         groups.setdefault(newest, []).append(loss)
     return list(groups.values())
+
+
+def other_seed_jobs(workroot, todo, vmap_rows):
+    """The jobs of the seeds other than the recipe's: ``todo`` maps each such seed (in
+    ``--seeds`` order) to ``{(dataset, model): unfinished losses}``.
+
+    With ``vmap_rows``, a row's losses unfinished for every one of its two or more other seeds,
+    sharing a recipe and checkpointed to the same epoch, train as one program
+    (``cell=<dataset>/<model>/[losses],seeds=[...]``: its members are named
+    ``<loss>-seed<s>``); everything else, and everything without ``vmap_rows``, trains one run
+    per program (a program with a single seed would name its members ``<loss>``, the recipe
+    seed's directories).
+    """
+    from calib_jax import checkpoints
+
+    jobs, pending = [], []  # pending: (dataset, model, loss, seed) still without a job
+    for seed, rows in todo.items():
+        pending += [(d, m, loss, seed) for (d, m), losses in rows.items() for loss in losses]
+    for dataset, model in dict.fromkeys((d, m) for d, m, _, _ in pending) if vmap_rows else ():
+        row_dir = workroot / dataset / model
+        row_seeds = list(dict.fromkeys(s for d, m, _, s in pending if (d, m) == (dataset, model)))
+        common = [loss for loss in todo[row_seeds[0]][(dataset, model)]
+                  if all((dataset, model, loss, s) in pending for s in row_seeds)]
+        if len(row_seeds) < 2 or not common:
+            continue
+        for group in paper.row_groups(dataset, model, common):
+            epochs = {max(checkpoints.saved_epochs(row_dir / f"{loss}-seed{s}"), default=None)
+                      for loss in group for s in row_seeds}
+            if len(epochs) > 1:  # one program restarts its members from a shared epoch
+                continue
+            losses = group[0] if len(group) == 1 else f"[{','.join(group)}]"
+            spec = f"cell={dataset}/{model}/{losses},seeds=[{','.join(map(str, row_seeds))}]"
+            jobs.append((spec, row_dir, [row_dir / f"{loss}-seed{s}"
+                                         for loss in group for s in row_seeds]))
+            pending = [p for p in pending
+                       if not ((p[0], p[1]) == (dataset, model) and p[2] in group)]
+    for dataset, model, loss, seed in pending:
+        run_dir = workroot / dataset / model / f"{loss}-seed{seed}"
+        jobs.append((f"cell={dataset}/{model}/{loss},seed={seed}", run_dir, [run_dir]))
+    return jobs
 
 
 def finished(workdir, config) -> tuple[bool, str]:
@@ -149,14 +191,8 @@ def main(argv=None):
             else:
                 jobs.append((f"cell={dataset}/{model}/[{','.join(group)}]", row_dir,
                              [row_dir / loss for loss in group]))
-    # Other seeds train one run per program: a group of several losses with a single seed
-    # would name its members <loss>, the recipe seed's directories (on a GPU, members run
-    # one after another anyway: a group saves compiles, not time).
-    for seed in seeds:
-        for (dataset, model), losses in todo.get(seed, {}).items():
-            for loss in losses:
-                run_dir = Path(args.workroot) / dataset / model / f"{loss}-seed{seed}"
-                jobs.append((f"cell={dataset}/{model}/{loss},seed={seed}", run_dir, [run_dir]))
+    jobs += other_seed_jobs(Path(args.workroot), {s: todo[s] for s in seeds if s in todo},
+                            args.vmap_rows)
     failed = []
     for spec, workdir, run_dirs in jobs:
         print(f"run   {spec + rest} -> {workdir}", flush=True)

@@ -220,7 +220,8 @@ def test_tables_of_replicates_give_mean_and_sample_std_over_seeds(tmp_path):
         "0.25 ± 0.00 | 0.25 ± 0.00 |")
     assert _row(text, "| cifar100 | resnet110 | focal | ").startswith(
         "| cifar100 | resnet110 | focal | 3.00 | - | - | 3.00 | - | - | 1.1 | - |")
-    assert "seeds 1, 2, 3" in text and "Cells with fewer than 3 runs: cifar100/resnet110/focal (1)." in text
+    assert "seeds 1, 2, 3" in text
+    assert "Cells with fewer than 3 runs: cifar100/resnet110/focal (1)." in text
     assert "*" not in ece_row  # the seed is not a recipe difference
     # A single root keeps its plain numbers.
     assert _row(build_tables.build(roots[2]), "| cifar10 | resnet110 | ce | ").startswith(
@@ -340,10 +341,32 @@ def test_sweep_trains_a_row_as_one_program_except_its_exception_cells(tmp_path, 
         f"run   cell=cifar10/wide_resnet_26_10/[mmce_weighted,label_smoothing] -> {row}",
         f"run   cell=cifar10/wide_resnet_26_10/flsd53 -> {row / 'flsd53'}",
         f"run   cell=cifar10/wide_resnet_26_10/brier -> {row / 'brier'}"]
-    # Other seeds train one run each, in <loss>-seed<s> (a group with one seed would name its
-    # members <loss>: the recipe seed's directories).
+    # One other seed trains one run per cell, in <loss>-seed<s> (a program with one seed would
+    # name its members <loss>: the recipe seed's directories) ...
     assert planned_runs("cifar10/wide_resnet_26_10/[cb]*", "--seeds", "1,3") == [
         f"run   cell=cifar10/wide_resnet_26_10/ce -> {row / 'ce'}",
         f"run   cell=cifar10/wide_resnet_26_10/brier -> {row / 'brier'}",
         f"run   cell=cifar10/wide_resnet_26_10/ce,seed=3 -> {row / 'ce-seed3'}",
         f"run   cell=cifar10/wide_resnet_26_10/brier,seed=3 -> {row / 'brier-seed3'}"]
+    # ... two or more train as one program per recipe, members <loss>-seed<s> with the configs
+    # of the single runs (so the done-check and the tables see the same runs) ...
+    assert planned_runs("cifar10/wide_resnet_26_10/[cbm]*", "--seeds", "1,3,2")[-2:] == [
+        f"run   cell=cifar10/wide_resnet_26_10/[ce,mmce_weighted],seeds=[3,2] -> {row}",
+        f"run   cell=cifar10/wide_resnet_26_10/brier,seeds=[3,2] -> {row}"]
+    group = paper.get_config("cell=cifar10/wide_resnet_26_10/[ce,mmce_weighted],seeds=[3,2]")
+    members = train.run_members(group)
+    assert [name for name, _ in members] == ["ce-seed3", "ce-seed2", "mmce_weighted-seed3",
+                                             "mmce_weighted-seed2"]
+    for name, member in members:
+        loss, seed = name.split("-seed")
+        single = paper.get_config(f"cell=cifar10/wide_resnet_26_10/{loss},seed={seed}")
+        assert json.loads(member.to_json()) == json.loads(single.to_json())
+    # ... unless a member has progress the others lack: then each trains on alone.
+    (row / "ce-seed2" / "checkpoints" / "5").mkdir(parents=True)
+    mmce = "cell=cifar10/wide_resnet_26_10/mmce_weighted"
+    assert planned_runs("cifar10/wide_resnet_26_10/[cbm]*", "--seeds", "1,3,2")[-5:] == [
+        f"run   cell=cifar10/wide_resnet_26_10/brier,seeds=[3,2] -> {row}",
+        f"run   cell=cifar10/wide_resnet_26_10/ce,seed=3 -> {row / 'ce-seed3'}",
+        f"run   {mmce},seed=3 -> {row / 'mmce_weighted-seed3'}",
+        f"run   cell=cifar10/wide_resnet_26_10/ce,seed=2 -> {row / 'ce-seed2'}",
+        f"run   {mmce},seed=2 -> {row / 'mmce_weighted-seed2'}"]

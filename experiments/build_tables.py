@@ -62,12 +62,11 @@ def recipe_differences(results) -> dict:
     """``{cell: ["field ours (paper's recipe: value)", ...]}`` for the cells whose recorded
     config differs from ``paper.get_config(cell=...)`` in what they compute (the seed apart).
 
-    ``results`` maps a cell to one ``results.json`` or to a list of its replicates (whose
-    configs :func:`load_replicates` checked to be equal up to the seed: the first is read).
+    ``results`` maps a cell to its runs (:func:`load_replicates`, which checked their configs
+    to be equal up to the seed: the first is read).
     """
     out = {}
-    for (dataset, model, loss), r in results.items():
-        r = r[0] if isinstance(r, list) else r
+    for (dataset, model, loss), (r, *_) in results.items():
         try:
             recipe = paper_configs.get_config(f"cell={dataset}/{model}/{loss}")
         except ValueError as e:  # not a cell of the tables
@@ -182,12 +181,17 @@ def cell_summary(workroot) -> dict:
     {"mean", "std"}, "ood_auroc": {set: {score: {"mean", "std"}}}}}}}``, metrics as fractions
     (the tables' percentages / 100), ``std`` the sample standard deviation (None for one run).
     ``workroot``: one work root or a list of them, as :func:`build`."""
+    return _summary(load_replicates(_workroots(workroot)))
+
+
+def _summary(results) -> dict:
+    """:func:`cell_summary` of the runs :func:`load_replicates` gave."""
     def summary(values):
         m, s = mean_std(values)
         return {"mean": m, "std": s}
 
     out = {}
-    for cell, runs in load_replicates(_workroots(workroot)).items():
+    for cell, runs in results.items():
         test = {}
         for when in ("before", "after"):
             reports = [r["test"][when] for r in runs]
@@ -218,11 +222,6 @@ def _paper(value, digits=2):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _as_lists(results) -> dict:
-    """One results.json per cell (one work root) or lists of replicates -> lists."""
-    return {cell: r if isinstance(r, list) else [r] for cell, r in results.items()}
-
-
 def _rows(results, paper_cells):
     """The paper's cells in its order, then the evaluated cells of the tables it lacks."""
     keys = [(c["dataset"], c["model"], c["loss"]) for c in paper_cells]
@@ -237,7 +236,6 @@ def _test(runs, when, metric, scale=100.0):
 
 
 def ece_table(results, paper, off=()):
-    results = _as_lists(results)
     lines = ["| dataset | model | loss | ECE ours | ECE paper | diff | ECE (T) ours | "
              "ECE (T) paper | diff | T ours | T paper |", "|" + "---|" * 11]
     for key, cell in _rows(results, paper["ece"]):
@@ -254,7 +252,6 @@ def ece_table(results, paper, off=()):
 
 
 def error_table(results, paper, off=()):
-    results = _as_lists(results)
     lines = ["| dataset | model | loss | error ours | error paper | diff |", "|" + "---|" * 6]
     for key, cell in _rows(results, paper["error"]):
         ours = _test(results.get(key, []), "before", "error")
@@ -265,7 +262,6 @@ def error_table(results, paper, off=()):
 
 
 def ood_table(results, paper, off=()):
-    results = _as_lists(results)
     lines = ["| OOD set | model | loss | AUROC ours | paper | diff | AUROC (T) ours | paper | "
              "diff |", "|" + "---|" * 9]
     for cell in paper["ood_auroc"]:
@@ -285,7 +281,6 @@ def ood_table(results, paper, off=()):
 def other_metrics_table(results, paper, off=()):
     """Our AdaECE and classwise ECE (%) and NLL before / after scaling, per cell of the ECE
     table (the paper's numbers for these are not in our docs)."""
-    results = _as_lists(results)
     lines = ["| dataset | model | loss | AdaECE | AdaECE (T) | classwise ECE | "
              "classwise ECE (T) | NLL | NLL (T) |", "|" + "---|" * 9]
     for key, _ in _rows(results, paper["ece"]):
@@ -322,8 +317,12 @@ def _replicate_notes(results, workroots) -> list:
 def build(workroot) -> str:
     """The tables' markdown for one work root, or a list of work roots (replicates)."""
     workroots = _workroots(workroot)
+    return _tables(load_replicates(workroots), workroots)
+
+
+def _tables(results, workroots) -> str:
+    """:func:`build` of the runs :func:`load_replicates` read from ``workroots``."""
     paper = json.loads(PAPER.read_text())
-    results = load_replicates(workroots)
     off = recipe_differences(results)
     sources = collections.Counter((r.get("config", {}).get("dataset", cell[0]),
                                    r.get("data", {}).get("test", "?"))
@@ -376,7 +375,9 @@ def main(argv=None):
         parser.error("--out: give the file for the tables of several work roots (the default, "
                      "<workroot>/tables.md, is each single work root's own table)")
     try:
-        text, summary = build(workroots), cell_summary(workroots)
+        roots = _workroots(workroots)
+        results = load_replicates(roots)  # read once for both files
+        text, summary = _tables(results, roots), _summary(results)
     except ValueError as e:
         parser.error(f"--workroot {args.workroot}: {e}")
     print(text)

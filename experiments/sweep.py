@@ -50,6 +50,13 @@ def selected(patterns):
     return [c for c in paper.cells() if any(fnmatch.fnmatch("/".join(c), p) for p in patterns)]
 
 
+def newest_epoch(run_dir):
+    """The newest epoch checkpointed in ``run_dir``; None without any."""
+    from calib_jax import checkpoints
+
+    return max(checkpoints.saved_epochs(run_dir), default=None)
+
+
 def split_by_progress(losses, row_dir):
     """``losses`` (one recipe's cells of a row) in groups of cells saved up to the same epoch.
 
@@ -57,12 +64,9 @@ def split_by_progress(losses, row_dir):
     half-trained cell grouped with new ones would train again from epoch 0; cells at
     different epochs therefore train in separate programs, each resuming where it stopped.
     """
-    from calib_jax import checkpoints
-
     groups = {}  # newest checkpointed epoch (None: none) -> cells
     for loss in losses:
-        newest = max(checkpoints.saved_epochs(Path(row_dir) / loss), default=None)
-        groups.setdefault(newest, []).append(loss)
+        groups.setdefault(newest_epoch(Path(row_dir) / loss), []).append(loss)
     return list(groups.values())
 
 
@@ -77,8 +81,6 @@ def other_seed_jobs(workroot, todo, vmap_rows):
     per program (a program with a single seed would name its members ``<loss>``, the recipe
     seed's directories).
     """
-    from calib_jax import checkpoints
-
     jobs, pending = [], []  # pending: (dataset, model, loss, seed) still without a job
     for seed, rows in todo.items():
         pending += [(d, m, loss, seed) for (d, m), losses in rows.items() for loss in losses]
@@ -90,9 +92,8 @@ def other_seed_jobs(workroot, todo, vmap_rows):
         if len(row_seeds) < 2 or not common:
             continue
         for group in paper.row_groups(dataset, model, common):
-            epochs = {max(checkpoints.saved_epochs(row_dir / f"{loss}-seed{s}"), default=None)
-                      for loss in group for s in row_seeds}
-            if len(epochs) > 1:  # one program restarts its members from a shared epoch
+            if len({newest_epoch(row_dir / f"{loss}-seed{s}")
+                    for loss in group for s in row_seeds}) > 1:  # one program restarts its members from a shared epoch
                 continue
             losses = group[0] if len(group) == 1 else f"[{','.join(group)}]"
             spec = f"cell={dataset}/{model}/{losses},seeds=[{','.join(map(str, row_seeds))}]"
@@ -168,13 +169,14 @@ def main(argv=None):
 
     todo = {}  # seed (None: the recipe's) -> {(dataset, model): unfinished losses}
     for dataset, model, loss in cells:
-        recipe_seed = paper.get_config(f"cell={dataset}/{model}/{loss}{rest}").seed
-        for seed in seeds or [recipe_seed]:
-            other = None if seed == recipe_seed else seed  # a replicate: its own directory
+        recipe = paper.get_config(f"cell={dataset}/{model}/{loss}{rest}")
+        for seed in seeds or [recipe.seed]:
+            other = None if seed == recipe.seed else seed  # a replicate: its own directory
             spec = f"cell={dataset}/{model}/{loss}" + ("" if other is None else f",seed={other}")
             workdir = Path(args.workroot) / dataset / model / (
                 loss if other is None else f"{loss}-seed{other}")  # build_tables' replicates
-            done, why = finished(workdir, paper.get_config(spec + rest))
+            done, why = finished(workdir, recipe if other is None else
+                                 paper.get_config(spec + rest))
             print(f"{'done ' if done else 'todo '} {spec} -> {workdir}{why}", flush=True)
             if not done:
                 todo.setdefault(other, {}).setdefault((dataset, model), []).append(loss)

@@ -4,7 +4,7 @@ Usage: python notebooks/make_notebooks.py    (then run them with Jupyter, or `ma
 
 The output is deterministic (cell ids derive from the notebook's name and the cell's
 position), so regenerating changes only what the sources changed; the test suite checks that
-the committed notebooks are this script's output.
+the committed notebooks hold this script's cells.
 """
 
 from pathlib import Path
@@ -190,8 +190,8 @@ plots.roc_curves(curves, title="simulated OOD, entropy score");"""),
 
 def build(name, cells):
     nb = new_notebook()
-    nb.cells = [new_markdown_cell(src, id=f"{name[:2]}-{i:02d}") if kind == "md" else
-                new_code_cell(src, id=f"{name[:2]}-{i:02d}") for i, (kind, src) in enumerate(cells)]
+    nb.cells = [(new_markdown_cell if kind == "md" else new_code_cell)(src, id=f"{name[:2]}-{i:02d}")
+                for i, (kind, src) in enumerate(cells)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
     return nb

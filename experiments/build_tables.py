@@ -235,6 +235,12 @@ def _test(runs, when, metric, scale=100.0):
     return [None if v is None else scale * v for v in values]
 
 
+def _beside(ours, paper, mark):
+    """``"ours | paper | difference"``: our runs' values (mean ± std), the paper's number, and
+    the difference of the mean."""
+    return f"{stat(ours, mark=mark)} | {_paper(paper)} | {diff(mean(ours), paper)}"
+
+
 def ece_table(results, paper, off=()):
     lines = ["| dataset | model | loss | ECE ours | ECE paper | diff | ECE (T) ours | "
              "ECE (T) paper | diff | T ours | T paper |", "|" + "---|" * 11]
@@ -243,10 +249,8 @@ def ece_table(results, paper, off=()):
         before, after = _test(runs, "before", "ece"), _test(runs, "after", "ece")
         temps = [r["temperature"]["value"] for r in runs]
         mark = OFF_RECIPE if key in off else ""
-        lines.append(f"| {' | '.join(key)} | {stat(before, mark=mark)} | "
-                     f"{_paper(cell.get('ece'))} | {diff(mean(before), cell.get('ece'))} | "
-                     f"{stat(after, mark=mark)} | {_paper(cell.get('ece_t'))} | "
-                     f"{diff(mean(after), cell.get('ece_t'))} | {stat(temps, 1)} | "
+        lines.append(f"| {' | '.join(key)} | {_beside(before, cell.get('ece'), mark)} | "
+                     f"{_beside(after, cell.get('ece_t'), mark)} | {stat(temps, 1)} | "
                      f"{_paper(cell.get('temperature'), 1)} |")
     return "\n".join(lines)
 
@@ -256,8 +260,7 @@ def error_table(results, paper, off=()):
     for key, cell in _rows(results, paper["error"]):
         ours = _test(results.get(key, []), "before", "error")
         mark = OFF_RECIPE if key in off else ""
-        lines.append(f"| {' | '.join(key)} | {stat(ours, mark=mark)} | "
-                     f"{_paper(cell.get('error'))} | {diff(mean(ours), cell.get('error'))} |")
+        lines.append(f"| {' | '.join(key)} | {_beside(ours, cell.get('error'), mark)} |")
     return "\n".join(lines)
 
 
@@ -271,10 +274,8 @@ def ood_table(results, paper, off=()):
         ours = [100 * r["test"]["before"]["ood_auroc"][cell["ood"]]["entropy"] for r in runs]
         ours_t = [100 * r["test"]["after"]["ood_auroc"][cell["ood"]]["entropy"] for r in runs]
         lines.append(f"| {cell['ood']} | {cell['model']} | {cell['loss']} | "
-                     f"{stat(ours, mark=mark)} | "
-                     f"{cell['auroc_entropy']:.2f} | {diff(mean(ours), cell['auroc_entropy'])} | "
-                     f"{stat(ours_t, mark=mark)} | {cell['auroc_entropy_t']:.2f} | "
-                     f"{diff(mean(ours_t), cell['auroc_entropy_t'])} |")
+                     f"{_beside(ours, cell['auroc_entropy'], mark)} | "
+                     f"{_beside(ours_t, cell['auroc_entropy_t'], mark)} |")
     return "\n".join(lines)
 
 

@@ -36,14 +36,29 @@ if os.environ.get("CALIB_JAX_REQUIRE_TEST_EXTRAS"):
 
 
 @pytest.fixture(scope="session")
-def evaluated_runs(tmp_path_factory):
-    """A results root with one tiny trained + evaluated run at cifar10/resnet50/ce (the
-    layout of experiments/sweep.py), shared by the evaluation and notebook tests."""
+def tiny_run(tmp_path_factory):
+    """``(root, compiles)``: a results root with one tiny trained run at cifar10/resnet50/ce
+    (the layout of experiments/sweep.py; ``experiment_configs.TINY_RUN``, two epochs), and
+    the XLA compilations its training took before its first epoch and in each epoch
+    (``compile_counter.compiles_per_epoch``)."""
+    import compile_counter
     import experiment_configs
-    from calib_jax import evaluate, train
+    from calib_jax import train
     config = experiment_configs.load("cifar10", experiment_configs.TINY_RUN)
     root = tmp_path_factory.mktemp("results")
-    workdir = root / "cifar10" / "resnet50" / "ce"
-    train.train_and_evaluate(config, workdir)
-    evaluate.evaluate_run(workdir, which="final")
+    # A test before this one in the same process may have compiled some of the run's calls:
+    # start from empty caches, so that the first epoch compiles all of them.
+    jax.clear_caches()
+    with compile_counter.compiles_per_epoch() as compiles:
+        train.train_and_evaluate(config, root / "cifar10" / "resnet50" / "ce")
+    return root, compiles
+
+
+@pytest.fixture(scope="session")
+def evaluated_runs(tiny_run):
+    """The tiny run's results root, the run evaluated (final checkpoint), shared by the
+    evaluation and notebook tests."""
+    from calib_jax import evaluate
+    root, _ = tiny_run
+    evaluate.evaluate_run(root / "cifar10" / "resnet50" / "ce", which="final")
     return root

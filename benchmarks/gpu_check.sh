@@ -12,7 +12,8 @@
 #    program (sequential members, the GPU default, after the rows that change one of batch,
 #    dtype, loss; vmapped members last); and the evaluation pass. Rows run in priority order
 #    and the JSON is rewritten after each, so a run cut short keeps its figures; a row that
-#    fails is recorded and the others still run. (On an H200: a ResNet-50 row compiles in
+#    fails is recorded and the others still run (the part's "exit status" line then says 1;
+#    gpu_profile.py likewise for a variant, a trace or the rounds that failed). (On an H200: a ResNet-50 row compiles in
 #    15-40 s, the six-member program in ~90 s; the first five rows, through the six-loss
 #    sequential row, take ~290 s; all nine but the vmapped row took 450 s.)
 # profile (at most PROFILE_S, then GRAPHS_S seconds):

@@ -442,7 +442,9 @@ def format_summary(summary) -> str:
     return "\n".join(rows) if rows else "no device plane in the trace"
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``argv``; None: ``sys.argv``), checked: unknown variants, a negative
+    ``--rounds`` and ``--trace-variants`` outside ``--variants`` are usage errors (exit 2)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch", type=int, default=128)
@@ -465,7 +467,7 @@ def main():
     parser.add_argument("--plane-prefix", default="/device:GPU",
                         help="trace planes to summarise ('/host:CPU' for a CPU smoke run)")
     parser.add_argument("--out", default="gpu_results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     names = args.variants.split(",")
     if args.rounds < 0:
         parser.error(f"--rounds must be >= 0, got {args.rounds}")
@@ -478,6 +480,17 @@ def main():
     if "default" in trace_names or not set(trace_names) <= set(names):
         parser.error(f"--trace-variants: {trace_names} must be other variants of --variants "
                      f"({names}); the default is traced anyway (unless --no-profile)")
+    args.trace_names = trace_names
+    return args
+
+
+def main(argv=None) -> int:
+    """Compiles, times (and traces) the variants (see the module docstring); returns the exit
+    status: 1 when a variant, a trace or the rounds failed (what ran is printed and in
+    ``gpu_profile.json``), else 0."""
+    args = parse_args(argv)
+    names, trace_names = args.variants.split(","), args.trace_names
+    failures = []  # what went wrong, for the exit status and the last line
     os.makedirs(args.out, exist_ok=True)
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
@@ -573,6 +586,7 @@ def main():
         report["variants"].append(row)
         save()
         if "error" in row:
+            failures.append(f"variant {name}")
             print(f"| {name} | failed: {row['error'][:200]} | | |", flush=True)
         else:
             print(f"| {name} | {row['img_per_s']:,.0f} | {row['compile_s']:.1f} | "
@@ -584,6 +598,7 @@ def main():
                 try:
                     profile(compiled, hlo)
                 except Exception as error:  # the variants still run; the error is shown
+                    failures.append("trace of default")
                     print(f"profile failed: {type(error).__name__}: {error}", flush=True)
                 print("| variant | img/s | compile (s) | losses vs default |",
                       flush=True)
@@ -591,6 +606,7 @@ def main():
         try:
             interleaved_rounds(timed, args.rounds, run, n * args.batch, save)
         except Exception as error:  # the rows above are saved; the rounds' so far too
+            failures.append("interleaved rounds")
             print(f"interleaved rounds failed: {type(error).__name__}: {error}", flush=True)
     # Last, as the least needed: traces of other variants (what is left once they change
     # the step), each from its own compiled call and state.
@@ -602,7 +618,11 @@ def main():
         try:
             entry[2] = profile(entry[1], entry[1].as_text(), name, state=entry[2])
         except Exception as error:
+            failures.append(f"trace of {name}")
             print(f"trace of {name} failed: {type(error).__name__}: {error}", flush=True)
+    if failures:
+        print(f"failed: {', '.join(failures)}", flush=True)
+    return 1 if failures else 0
 
 
 def interleaved_rounds(timed, rounds, run, images_per_call, save):
@@ -633,4 +653,4 @@ def interleaved_rounds(timed, rounds, run, images_per_call, save):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,7 +25,9 @@ Rows run in priority order and the JSON is rewritten after every row, so a run
 cut short still leaves its figures: the evaluation pass; the headline
 configuration (first loss, dtype and batch size) with its per-step baseline and
 epoch overhead; the configurations that change one of the three; the multi-run's
-first mode; the rest; the multi-run's other modes.
+first mode; the rest; the multi-run's other modes. A row that fails (an XLA error, out of
+memory) is printed and recorded with its error, the rows after it still run, and the script
+then exits with status 1.
 The full-run estimate is 350 epochs x 351 steps x 128 images at the measured
 rate (plus the compile time).
 
@@ -33,6 +35,9 @@ Usage (GPU):  python benchmarks/train_throughput.py --models resnet50 --per-step
     --multi ce,brier,mmce_weighted,label_smoothing,focal,flsd53 --eval --json out.json
 Usage (CPU smoke): python benchmarks/train_throughput.py --models resnet8 \
     --batch-sizes 32 --steps-per-call 1 --calls 3 --dtypes float32 --losses ce
+(``tests/test_train_throughput.py`` runs the table part's kinds of row at ResNet-8 size and
+``tests/test_gpu_profile.py`` parses every command line of ``gpu_check.sh``, so that a lent GPU
+session is not the first to find the scripts broken.)
 Data are synthetic device-resident uint8 images (45,000 x 32 x 32 x 3), so the
 input files are not counted; the augmentation and batching are. XLA options for
 every row come from the environment (``XLA_FLAGS``, recorded in the JSON), e.g. the
@@ -45,6 +50,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -57,7 +63,8 @@ from calib_jax.files import atomic_write_text
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-NUM_TRAIN, EPOCHS = 45000, 350
+# CIFAR-10's training and validation splits (the reference's 45,000 / 5,000), the paper's epochs.
+NUM_TRAIN, NUM_VAL, EPOCHS = 45000, 5000, 350
 
 
 def _timed_calls(call, state, calls):
@@ -220,7 +227,7 @@ def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
     stacked = train.stack_states([
         train.create_train_state(jax.random.PRNGKey(0), model, tx, models.input_shape(name))
         for _ in losses])
-    images, labels = _val_split(5000)
+    images, labels = _val_split(NUM_VAL)
 
     def validate():  # what train_and_evaluate runs after each epoch
         return train._validate_members(stacked, images, labels, len(losses), mode, mean=MEAN,
@@ -239,18 +246,18 @@ def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
             "losses_vs_single_run": agreement, "member_losses": member_losses,
             "compile_s": compile_s,
             "row_time_over_single_run": (single_rate / rate) if single_rate else None,
-            "val_pass_s": val_s, "val_compile_s": val_compile_s, "val_images": 5000,
+            "val_pass_s": val_s, "val_compile_s": val_compile_s, "val_images": NUM_VAL,
             "full_row_min": EPOCHS * (NUM_TRAIN // batch_size) * batch_size / rate / 60}
 
 
-def bench_epoch_overhead(name, batch_size, dtype, single_row, num_val=5000, repeats=3):
+def bench_epoch_overhead(name, batch_size, dtype, single_row, repeats=3):
     """Seconds per epoch of the validation pass, and per checkpoint of a synchronous and an
     asynchronous save (blocking part, and until complete), for ``name``'s state."""
     import tempfile
 
     from calib_jax import checkpoints
     _, _, state = _state(name, dtype)
-    images, labels = _val_split(num_val)
+    images, labels = _val_split(NUM_VAL)
 
     def validate():  # what train_and_evaluate runs after each epoch
         return train._validate_members(state, images, labels, 1, "vmap", mean=MEAN, std=STD,
@@ -274,7 +281,7 @@ def bench_epoch_overhead(name, batch_size, dtype, single_row, num_val=5000, repe
     epoch_train_s = (NUM_TRAIN // batch_size) * batch_size / single_row["img_per_s"]
     per_epoch = {mode: epoch_train_s + val_s + t[0] for mode, t in timings.items()}
     return {"model": name, "batch": batch_size, "dtype": dtype, "epoch_overhead": True,
-            "val_pass_s": val_s, "val_compile_s": val_compile, "val_images": num_val,
+            "val_pass_s": val_s, "val_compile_s": val_compile, "val_images": NUM_VAL,
             "state_mb": state_mb, "ckpt_sync_s": timings["sync"][0],
             "ckpt_async_blocking_s": timings["async"][0],
             "ckpt_async_complete_s": timings["async"][1], "train_epoch_s": epoch_train_s,
@@ -330,7 +337,8 @@ def _print_row(r):
               f"{r['img_per_s']:,.0f} | {r['compile_s']:.1f} |", flush=True)
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``argv``; None: ``sys.argv``); exits with a usage error on a bad one."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50")
     parser.add_argument("--batch-sizes", default="128,1024")
@@ -352,9 +360,16 @@ def main():
     parser.add_argument("--epoch-overhead", action="store_true",
                         help="time the per-epoch validation pass and checkpoint saves")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.unroll < 0:
         parser.error(f"--unroll must be >= 0 (0 = the training loop's default), got {args.unroll}")
+    return args
+
+
+def main(argv=None) -> int:
+    """Runs the rows (see the module docstring); returns the exit status: 1 when a row
+    failed (every other row still ran and is in the table and the JSON), else 0."""
+    args = parse_args(argv)
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, "
           f"{platform.machine()}"
@@ -424,6 +439,11 @@ def main():
                 multi(modes[:1])
         if headline is not None:
             multi(modes[1:])
+    failed = [r["row"] for r in rows if "error" in r]
+    if failed:
+        print(f"{len(failed)} row(s) failed: {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,8 @@
 """benchmarks/gpu_profile.py: the pieces its GPU comparisons rest on (its timings need a
 GPU: benchmarks/NOTES.md), checked on CPU."""
 
+import collections
+import json
 import os
 import sys
 
@@ -12,6 +14,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 gpu_profile = pytest.importorskip("gpu_profile")
+import train_throughput  # noqa: E402  (gpu_profile's sibling, on the path above)
 
 from calib_jax.models import layers  # noqa: E402
 
@@ -112,3 +115,66 @@ def test_gpu_check_script_names_only_known_variants_models_and_losses():
     used = {n for m in re.findall(r"--(?:losses|multi) (\S+)", script) for n in m.split(",")}
     assert {"ce", "flsd53", "mmce_weighted"} <= used
     assert used <= set(train.LOSS_NAMES), used - set(train.LOSS_NAMES)
+
+
+def _gpu_check_command_lines():
+    """``(script, argv)`` of every Python command in gpu_check.sh, ``$OUT`` spelled out."""
+    import re
+    import shlex
+    script = open(os.path.join(os.path.dirname(gpu_profile.__file__), "gpu_check.sh")).read()
+    joined = script.replace("\\\n", " ")
+    found = re.findall(r'"\$PYTHON" benchmarks/(\w+)\.py ([^\n|]*?)\s*(?:2>&1|\n|$)', joined)
+    return [(name, shlex.split(args.replace("$OUT", "/tmp/out"))) for name, args in found]
+
+
+def test_gpu_check_command_lines_parse():
+    """Every flag gpu_check.sh passes exists, with valid values: a usage error would
+    only show on the lent machine."""
+    lines = _gpu_check_command_lines()
+    assert sorted(collections.Counter(name for name, _ in lines).items()) == \
+        [("gpu_profile", 2), ("train_throughput", 3)]
+    parsers = {"gpu_profile": gpu_profile.parse_args, "train_throughput": train_throughput.parse_args}
+    for name, argv in lines:
+        args = parsers[name](argv)  # exits (SystemExit 2) on an unknown flag or a bad value
+        assert args.out.startswith("/tmp/out") if name == "gpu_profile" else \
+            args.json.startswith("/tmp/out")
+
+
+def test_profile_part_runs_and_a_failed_variant_sets_the_exit_status(tmp_path, monkeypatch,
+                                                                    capsys):
+    """gpu_check.sh profile's flow at ResNet-8 size on CPU: the default's trace, a second
+    variant, the interleaved rounds and the second variant's trace; then a variant that
+    fails to compile: recorded, the others still run, exit status 1."""
+    monkeypatch.setattr(gpu_profile, "NUM_TRAIN", 512)
+    monkeypatch.setattr(train_throughput, "NUM_TRAIN", 512)
+    argv = ["--model", "resnet8", "--batch", "8", "--steps-per-call", "2", "--calls", "1",
+            "--rounds", "1", "--plane-prefix", "/host:CPU"]
+    out = tmp_path / "ok"
+    status = gpu_profile.main(argv + ["--variants", "default,fewer_kernels",
+                                      "--trace-variants", "fewer_kernels", "--out", str(out)])
+    assert status == 0, capsys.readouterr().out[-2000:]
+    report = json.loads((out / "gpu_profile.json").read_text())
+    assert [v["variant"] for v in report["variants"]] == ["default", "fewer_kernels"]
+    assert all("error" not in v and len(v["interleaved_img_per_s"]) == 1
+               for v in report["variants"])
+    assert "profile" in report and "fewer_kernels" in report["profiles"]
+    assert (out / "trace.xplane.pb.gz").exists() and (out / "trace_fewer_kernels.xplane.pb.gz").exists()
+
+    real = gpu_profile.lower_variant
+
+    def lower(name, *args, **kwargs):
+        if name == "before_bytes":
+            raise RuntimeError("XLA rejected an option")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(gpu_profile, "lower_variant", lower)
+    out = tmp_path / "failed"
+    capsys.readouterr()
+    status = gpu_profile.main(argv + ["--variants", "before_bytes,default", "--no-profile",
+                                      "--rounds", "0", "--out", str(out)])
+    assert status == 1
+    variants = json.loads((out / "gpu_profile.json").read_text())["variants"]
+    assert variants[0] == {"variant": "before_bytes", "options": {},
+                           "error": "RuntimeError: XLA rejected an option"}
+    assert "error" not in variants[1] and variants[1]["img_per_s"] > 0
+    assert "failed: variant before_bytes" in capsys.readouterr().out

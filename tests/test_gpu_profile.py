@@ -142,24 +142,11 @@ def test_gpu_check_command_lines_parse():
 
 def test_profile_part_runs_and_a_failed_variant_sets_the_exit_status(tmp_path, monkeypatch,
                                                                     capsys):
-    """gpu_check.sh profile's flow at ResNet-8 size on CPU: the default's trace, a second
-    variant, the interleaved rounds and the second variant's trace; then a variant that
-    fails to compile: recorded, the others still run, exit status 1."""
+    """gpu_check.sh profile's flow at ResNet-8 size on CPU, with a variant that fails to
+    compile between two that run: the default and its trace, the failure recorded, the next
+    variant, the interleaved rounds of the two that ran, the next one's trace; exit status 1."""
     monkeypatch.setattr(gpu_profile, "NUM_TRAIN", 512)
     monkeypatch.setattr(train_throughput, "NUM_TRAIN", 512)
-    argv = ["--model", "resnet8", "--batch", "8", "--steps-per-call", "2", "--calls", "1",
-            "--rounds", "1", "--plane-prefix", "/host:CPU"]
-    out = tmp_path / "ok"
-    status = gpu_profile.main(argv + ["--variants", "default,fewer_kernels",
-                                      "--trace-variants", "fewer_kernels", "--out", str(out)])
-    assert status == 0, capsys.readouterr().out[-2000:]
-    report = json.loads((out / "gpu_profile.json").read_text())
-    assert [v["variant"] for v in report["variants"]] == ["default", "fewer_kernels"]
-    assert all("error" not in v and len(v["interleaved_img_per_s"]) == 1
-               for v in report["variants"])
-    assert "profile" in report and "fewer_kernels" in report["profiles"]
-    assert (out / "trace.xplane.pb.gz").exists() and (out / "trace_fewer_kernels.xplane.pb.gz").exists()
-
     real = gpu_profile.lower_variant
 
     def lower(name, *args, **kwargs):
@@ -168,13 +155,22 @@ def test_profile_part_runs_and_a_failed_variant_sets_the_exit_status(tmp_path, m
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(gpu_profile, "lower_variant", lower)
-    out = tmp_path / "failed"
-    capsys.readouterr()
-    status = gpu_profile.main(argv + ["--variants", "before_bytes,default", "--no-profile",
-                                      "--rounds", "0", "--out", str(out)])
-    assert status == 1
-    variants = json.loads((out / "gpu_profile.json").read_text())["variants"]
-    assert variants[0] == {"variant": "before_bytes", "options": {},
-                           "error": "RuntimeError: XLA rejected an option"}
-    assert "error" not in variants[1] and variants[1]["img_per_s"] > 0
-    assert "failed: variant before_bytes" in capsys.readouterr().out
+    out = tmp_path / "profile"
+    status = gpu_profile.main([
+        "--model", "resnet8", "--batch", "8", "--steps-per-call", "2", "--calls", "1",
+        "--rounds", "1", "--plane-prefix", "/host:CPU", "--out", str(out),
+        "--variants", "default,before_bytes,fewer_kernels", "--trace-variants", "fewer_kernels"])
+    printed = capsys.readouterr().out
+    assert status == 1, printed[-2000:]
+    assert "failed: variant before_bytes" in printed
+    report = json.loads((out / "gpu_profile.json").read_text())
+    default, failed, candidate = report["variants"]
+    assert failed == {"variant": "before_bytes", "options": {},
+                      "error": "RuntimeError: XLA rejected an option"}
+    for row in (default, candidate):
+        assert "error" not in row and row["img_per_s"] > 0
+        assert len(row["interleaved_img_per_s"]) == 1
+    assert candidate["variant"] == "fewer_kernels"
+    assert "profile" in report and "fewer_kernels" in report["profiles"]
+    assert (out / "trace.xplane.pb.gz").exists()
+    assert (out / "trace_fewer_kernels.xplane.pb.gz").exists()

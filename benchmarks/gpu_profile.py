@@ -444,7 +444,8 @@ def format_summary(summary) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line (``argv``; None: ``sys.argv``), checked: unknown variants, a negative
-    ``--rounds`` and ``--trace-variants`` outside ``--variants`` are usage errors (exit 2)."""
+    ``--rounds`` and ``--trace-variants`` outside ``--variants`` are usage errors (exit 2).
+    ``variants`` and ``trace_variants`` come back as lists of names."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch", type=int, default=128)
@@ -480,7 +481,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "default" in trace_names or not set(trace_names) <= set(names):
         parser.error(f"--trace-variants: {trace_names} must be other variants of --variants "
                      f"({names}); the default is traced anyway (unless --no-profile)")
-    args.trace_names = trace_names
+    args.variants, args.trace_variants = names, trace_names
     return args
 
 
@@ -489,7 +490,7 @@ def main(argv=None) -> int:
     status: 1 when a variant, a trace or the rounds failed (what ran is printed and in
     ``gpu_profile.json``), else 0."""
     args = parse_args(argv)
-    names, trace_names = args.variants.split(","), args.trace_names
+    names, trace_names = args.variants, args.trace_variants
     failures = []  # what went wrong, for the exit status and the last line
     os.makedirs(args.out, exist_ok=True)
     device = jax.devices()[0]

@@ -4,6 +4,8 @@ GPU: benchmarks/NOTES.md), checked on CPU."""
 import collections
 import json
 import os
+import re
+import shlex
 import sys
 
 import flax.linen as nn
@@ -97,14 +99,16 @@ def test_flat_params_loop_equals_the_library_loop():
     assert int(got.step) == 2
 
 
+def _gpu_check_script() -> str:
+    return open(os.path.join(os.path.dirname(gpu_profile.__file__), "gpu_check.sh")).read()
+
+
 def test_gpu_check_script_names_only_known_variants_models_and_losses():
     """A misspelt name in gpu_check.sh would cost a GPU session's scarce minutes (the
     script runs only on the lent machine): every variant, model and loss it passes must
     exist."""
-    import re
-
     from calib_jax import models, train
-    script = open(os.path.join(os.path.dirname(gpu_profile.__file__), "gpu_check.sh")).read()
+    script = _gpu_check_script()
     variants = [v for m in re.findall(r"--(?:trace-)?variants (\S+)", script)
                 for v in m.split(",")] + re.findall(r'xla_flags\("(\w+)"\)', script)
     assert {"default", "lean", "graph_conv_concurrent", "autodiff_bn"} <= set(variants)
@@ -119,10 +123,7 @@ def test_gpu_check_script_names_only_known_variants_models_and_losses():
 
 def _gpu_check_command_lines():
     """``(script, argv)`` of every Python command in gpu_check.sh, ``$OUT`` spelled out."""
-    import re
-    import shlex
-    script = open(os.path.join(os.path.dirname(gpu_profile.__file__), "gpu_check.sh")).read()
-    joined = script.replace("\\\n", " ")
+    joined = _gpu_check_script().replace("\\\n", " ")
     found = re.findall(r'"\$PYTHON" benchmarks/(\w+)\.py ([^\n|]*?)\s*(?:2>&1|\n|$)', joined)
     return [(name, shlex.split(args.replace("$OUT", "/tmp/out"))) for name, args in found]
 

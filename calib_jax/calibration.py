@@ -153,12 +153,21 @@ def temperature_grid_search(logits, labels, *, criterion: str = "ece", temperatu
     logits, labels = validation.check_logits_and_labels(logits, labels)
     if temperatures is None:
         temperatures = reference_temperature_grid()
-    temps = jnp.asarray(temperatures, dtype=jnp.float32)
+    if validation.is_concrete(temperatures):
+        # Checked in NumPy: jnp's eager ops would compile one small program each on a first call.
+        temps = np.asarray(temperatures, dtype=np.float32)
+        _check_grid_shape(temps)
+        if not np.all(np.isfinite(temps) & (temps > 0)):
+            raise ValueError("`temperatures` must all be finite and > 0.")
+    else:
+        temps = jnp.asarray(temperatures, dtype=jnp.float32)
+        _check_grid_shape(temps)
+    return _grid_search(logits, labels, temps, criterion, int(num_bins), convention)
+
+
+def _check_grid_shape(temps):
     if temps.ndim != 1 or temps.shape[0] == 0:
         raise ValueError(f"`temperatures` must be a non-empty 1-D array, got shape {temps.shape}.")
-    if validation.is_concrete(temps) and not bool(jnp.all(jnp.isfinite(temps) & (temps > 0))):
-        raise ValueError("`temperatures` must all be finite and > 0.")
-    return _grid_search(logits, labels, temps, criterion, int(num_bins), convention)
 
 
 class FitTemperatureResult(NamedTuple):

@@ -161,10 +161,9 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
     return results
 
 
-def table_checkpoint(config) -> str:
-    """The checkpoint a run's evaluation reports by default (``config.eval_checkpoint``;
-    ``"final"`` for configs written before that field existed)."""
-    return config.get("eval_checkpoint", "final")
+#: The checkpoint a run's evaluation reports by default (``config.eval_checkpoint``; defined
+#: in :mod:`calib_jax.train`, whose config check needs it too).
+table_checkpoint = train.table_checkpoint
 
 
 def default_out_name(which: str, criterion: str = "ece") -> str:

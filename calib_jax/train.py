@@ -57,8 +57,8 @@ __all__ = ["EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES", "LossSpec", "RE
            "config_differences", "create_train_state", "default_member_mode",
            "default_steps_per_call", "default_unroll", "exit_on_sigterm", "field_differences",
            "global_norm", "make_optimizer", "multi_train_steps", "piecewise_lr", "predict",
-           "predict_members", "replicate", "replicated", "stack_states", "train_step",
-           "train_steps", "unstack_state"]
+           "predict_members", "replicate", "replicated", "stack_states", "table_checkpoint",
+           "train_step", "train_steps", "unstack_state"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")
@@ -628,6 +628,13 @@ def run_members(config) -> list[tuple[str, Any]]:
 
 #: What ``config.eval_checkpoint`` may name: the checkpoint a run's evaluation reports.
 EVAL_CHECKPOINTS = ("final", "best")
+
+
+def table_checkpoint(config) -> str:
+    """The checkpoint a run's evaluation reports by default (``config.eval_checkpoint``;
+    ``"final"`` for configs written before that field existed)."""
+    return config.get("eval_checkpoint", "final")
+
 #: Config fields that decide how a run is executed, logged or saved, not what it computes
 #: (results agree to float rounding whatever their values).
 EXECUTION_FIELDS = frozenset({
@@ -745,7 +752,7 @@ def validate_config(config, num_devices: int) -> None:
         bad("gamma", "must be >= 0")
     if config.checkpoint_every_epochs < 1:
         bad("checkpoint_every_epochs", "must be >= 1")
-    if config.get("eval_checkpoint", "final") not in EVAL_CHECKPOINTS:
+    if table_checkpoint(config) not in EVAL_CHECKPOINTS:
         bad("eval_checkpoint", f"must be one of {EVAL_CHECKPOINTS} (the last epoch, or the "
                                "highest validation accuracy)")
     if config.log_every_steps < 1:

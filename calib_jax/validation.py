@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 
 __all__ = [
@@ -93,7 +94,8 @@ def _joint_summary(logits, labels, where):
 
 def _rows(shape, where):
     """The rows to value-check: all of them, or those where ``where`` is True."""
-    return jnp.ones(shape, bool) if where is None else jnp.asarray(where, bool)
+    # NumPy for the default: an eager jnp.ones would compile a program of its own per shape.
+    return np.ones(shape, bool) if where is None else jnp.asarray(where, bool)
 
 
 def _check_logit_values(logits, name: str, where=None, summary=None):

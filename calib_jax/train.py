@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -585,10 +586,15 @@ def _member_loss_fields(token: str):
         return token, None
     if token.startswith("focal"):
         try:
-            return "focal", float(token[len("focal"):])
+            gamma = float(token[len("focal"):])
         except ValueError:
             pass
-    raise ValueError(token)
+        else:
+            if not math.isfinite(gamma) or gamma < 0:  # "focal-1", "focalnan", "focalinf"
+                raise ValueError(f"{token!r}: focal<gamma> needs a finite gamma >= 0")
+            return "focal", gamma
+    raise ValueError(f"unknown loss {token!r}; choose from {LOSS_NAMES}, or focal<gamma> "
+                     f"(e.g. focal3) in a list such as [ce,flsd53]")
 
 
 def run_members(config) -> list[tuple[str, Any]]:
@@ -718,9 +724,8 @@ def validate_config(config, num_devices: int) -> None:
     for token in tokens:
         try:
             _member_loss_fields(token)
-        except ValueError:
-            bad("loss", f"unknown loss {token!r}; choose from {LOSS_NAMES}, or focal<gamma> "
-                        f"(e.g. focal3) in a list such as [ce,flsd53]")
+        except ValueError as e:
+            bad("loss", str(e))
     if len(set(tokens)) != len(tokens):
         bad("loss", "lists a loss twice; each member needs its own name")
     seeds = tuple(config.get("seeds", ()))
@@ -735,23 +740,36 @@ def validate_config(config, num_devices: int) -> None:
         bad("model", f"{config.dataset!r} needs a {kind} model")
     if config.get("optimizer", "sgd") not in ("sgd", "adam", "adagrad"):
         bad("optimizer", "must be sgd, adam or adagrad")
-    if not config.learning_rate > 0:
-        bad("learning_rate", "must be > 0")
+    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+        bad("learning_rate", "must be finite and > 0")
     if config.num_epochs < 1:
         bad("num_epochs", "must be >= 1")
     if config.batch_size < 1 or config.batch_size % num_devices:
         bad("batch_size", f"must be a positive multiple of the {num_devices} devices")
     if config.dtype not in _DTYPES:
         bad("dtype", f"must be one of {sorted(_DTYPES)}")
-    for field in ("weight_decay", "clip_norm"):
-        if config[field] < 0:
-            bad(field, "must be >= 0")
+    # Every loss's hyper-parameters are checked whichever loss trains: config.json records
+    # them all, and a later member or resume may use them. (NaN fails every comparison.)
+    for field in ("weight_decay", "clip_norm", "gamma", "mmce_lambda"):
+        if not (math.isfinite(config[field]) and config[field] >= 0):
+            bad(field, "must be finite and >= 0" + (" (0 = no clipping)" if field == "clip_norm"
+                                                     else ""))
+    if not (math.isfinite(config.lr_factor) and config.lr_factor > 0):
+        bad("lr_factor", "must be finite and > 0 (the learning rate's factor at each boundary)")
+    if not 0 <= config.smoothing < 1:
+        bad("smoothing", "must be in [0, 1)")
+    if not 0 < config.get("flsd_threshold", 0.2) < 0.5:
+        bad("flsd_threshold", "must be in (0, 0.5): FLSD's gamma is 5 below it, 3 up to 0.5")
+    gamma_boundaries = tuple(config.get("gamma_boundaries", (100, 250)))
+    if len(gamma_boundaries) != 2 or not _increasing_epochs(gamma_boundaries, first=0):
+        bad("gamma_boundaries", "must be two increasing epochs >= 0 (FLSc-531's gamma goes "
+                                "5 -> 3 -> 1 there)")
     if not 0 <= config.momentum < 1:
         bad("momentum", "must be in [0, 1)")
-    if config.gamma < 0:
-        bad("gamma", "must be >= 0")
-    if config.checkpoint_every_epochs < 1:
-        bad("checkpoint_every_epochs", "must be >= 1")
+    for field in ("checkpoint_every_epochs", "keep_checkpoints", "eval_batch_size"):
+        if config[field] < 1:
+            bad(field, "must be >= 1" + (" (the final checkpoint is one of those kept)"
+                                         if field == "keep_checkpoints" else ""))
     if table_checkpoint(config) not in EVAL_CHECKPOINTS:
         bad("eval_checkpoint", f"must be one of {EVAL_CHECKPOINTS} (the last epoch, or the "
                                "highest validation accuracy)")
@@ -764,14 +782,21 @@ def validate_config(config, num_devices: int) -> None:
     scan_unroll = config.get("scan_unroll", 0)
     if isinstance(scan_unroll, bool) or not isinstance(scan_unroll, int) or scan_unroll < 0:
         bad("scan_unroll", "must be an integer >= 0 (0 = automatic, see default_unroll)")
-    if list(config.lr_boundaries) != sorted(config.lr_boundaries):
-        bad("lr_boundaries", "must be increasing")
+    if not _increasing_epochs(tuple(config.lr_boundaries), first=1):
+        bad("lr_boundaries", "must be increasing epochs >= 1 (each decays the learning rate "
+                             "once: two equal epochs would decay it once)")
     if config.train_subset < 0:
         bad("train_subset", "must be >= 0 (0 = all)")
     if config.train_subset and len(seeds) > 1:
         # The subset is drawn with the seed, so members would not match their single runs.
         bad("train_subset", "cannot be combined with several config.seeds (each seed draws "
                             "its own subset); train the seeds as separate runs")
+
+
+def _increasing_epochs(epochs: tuple, *, first: int) -> bool:
+    """Integers >= ``first``, strictly increasing."""
+    return (all(isinstance(e, int) and not isinstance(e, bool) and e >= first for e in epochs)
+            and all(a < b for a, b in zip(epochs, epochs[1:])))
 
 
 def maybe_initialize_distributed(force: bool = False) -> None:
@@ -1015,6 +1040,9 @@ def train_and_evaluate(config, workdir):
     train_split = datasets.load(config.dataset, "train", data_dir=data_dir, **options)
     val_split = datasets.load(config.dataset, "val", data_dir=data_dir, **options)
     images, labels = train_split.inputs, train_split.labels
+    if config.train_subset > len(labels):
+        raise ValueError(f"config.train_subset = {config.train_subset}: larger than the "
+                         f"training split ({len(labels)} examples); use 0 for all of them")
     if config.train_subset:
         # Drawn with config.seed: members share it (validate_config refuses several seeds).
         subset = np.random.default_rng(config.seed).permutation(len(labels))[:config.train_subset]

@@ -370,6 +370,15 @@ def json_epochs(lines):
     ("loss=focal_loss", "loss"), ("model=resnet51", "model"), ("learning_rate=-0.1", "learning_rate"),
     ("batch_size=6", "batch_size"), ("dtype=float16", "dtype"), ("num_epochs=0", "num_epochs"),
     ("scan_unroll=-1", "scan_unroll"),
+    # Each of these used to train, or fail only after compiling, with config.json written:
+    ("keep_checkpoints=0", "keep_checkpoints"),  # trained, then kept no checkpoint at all
+    ("loss=mmce_weighted,mmce_lambda=-1", "mmce_lambda"),  # trained, rewarding miscalibration
+    ("lr_boundaries=[150,150]", "lr_boundaries"),  # trained, decaying once instead of twice
+    ("loss=focal-1", "loss"), ("loss=[ce,focalnan]", "loss"), ("gamma=nan", "gamma"),
+    ("weight_decay=nan", "weight_decay"), ("learning_rate=inf", "learning_rate"),
+    ("lr_factor=-1", "lr_factor"), ("loss=label_smoothing,smoothing=-0.1", "smoothing"),
+    ("flsd_threshold=0.6", "flsd_threshold"), ("gamma_boundaries=[5]", "gamma_boundaries"),
+    ("eval_batch_size=0", "eval_batch_size"),
 ])
 def test_bad_config_fails_before_any_compute(override, field, tmp_path, monkeypatch):
     config = load_config(SMOKE + "," + override)
@@ -377,6 +386,15 @@ def test_bad_config_fails_before_any_compute(override, field, tmp_path, monkeypa
     monkeypatch.setattr(datasets, "load", lambda *a, **k: pytest.fail("data was loaded"))
     with pytest.raises(ValueError, match=f"config.{field}"):
         train.train_and_evaluate(config, tmp_path)  # 4 CPU devices: batch 6 is not divisible
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_train_subset_larger_than_the_split_is_refused(tmp_path):
+    # It used to train on the whole split, silently.
+    config = load_config(SMOKE + ",train_subset=100000")
+    with pytest.raises(ValueError, match=r"config.train_subset = 100000: larger than the "
+                                         r"training split \(\d+ examples\)"):
+        train.train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 
 

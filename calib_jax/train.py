@@ -728,9 +728,20 @@ def validate_config(config, num_devices: int) -> None:
             bad("loss", str(e))
     if len(set(tokens)) != len(tokens):
         bad("loss", "lists a loss twice; each member needs its own name")
+    def is_seed(x):  # NumPy's generators (the subset, the splits) refuse negative seeds
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2 ** 63
+
+    if not is_seed(config.seed):
+        bad("seed", "must be an integer in [0, 2**63)")
     seeds = tuple(config.get("seeds", ()))
-    if len(set(seeds)) != len(seeds) or not all(isinstance(x, int) for x in seeds):
-        bad("seeds", "must be distinct integers (or empty for config.seed alone)")
+    if len(set(seeds)) != len(seeds) or not all(is_seed(x) for x in seeds):
+        bad("seeds", "must be distinct integers in [0, 2**63) (or empty for config.seed alone)")
+    if config.get("data_dir") and not Path(config.data_dir).is_dir():
+        bad("data_dir", "no such directory (\"\" searches $CALIB_JAX_DATA_DIR, then "
+                        "../shared/data, then TFDS)")
+    for field in ("vocab_size", "embed_dim", "mem_dim"):  # the text models' sizes
+        if field in config and not config[field] >= 1:
+            bad(field, "must be >= 1")
     if config.model not in model_zoo.names():
         bad("model", f"unknown model; choose one of {model_zoo.names()}")
     if config.dataset not in IMAGE_DATASETS + TEXT_DATASETS:

@@ -378,7 +378,10 @@ def json_epochs(lines):
     ("weight_decay=nan", "weight_decay"), ("learning_rate=inf", "learning_rate"),
     ("lr_factor=-1", "lr_factor"), ("loss=label_smoothing,smoothing=-0.1", "smoothing"),
     ("flsd_threshold=0.6", "flsd_threshold"), ("gamma_boundaries=[5]", "gamma_boundaries"),
-    ("eval_batch_size=0", "eval_batch_size"),
+    ("eval_batch_size=0", "eval_batch_size"), ("seed=-1", "seed"),
+    ("seeds=[-1,2]", "seeds"),  # trained a member "ce-seed-1"
+    ("data_dir=/no/such/dir", "data_dir"),  # trained on the default data instead
+    ("vocab_size=0", "vocab_size"),
 ])
 def test_bad_config_fails_before_any_compute(override, field, tmp_path, monkeypatch):
     config = load_config(SMOKE + "," + override)

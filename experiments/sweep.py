@@ -31,6 +31,8 @@ Equivalently, one work root per seed (``--workroot runs/paper-seed2 --set seed=2
 together to ``build_tables.py --workroot``. ``--set seeds=...`` and ``--set loss=...`` are
 refused: a cell is one run.
 
+Every run's config is validated before the first run trains (and in ``--dry-run``): a bad
+``--set`` value or seed is refused at once, naming the field.
 A failing cell (e.g. a data set that is not on this machine) stops the sweep; with
 ``--keep-going`` the sweep goes on with the next cells, lists the failed ones at the end and
 exits with status 1 (for unattended sweeps: one missing data set does not waste the night).
@@ -195,6 +197,15 @@ def main(argv=None):
                              [row_dir / loss for loss in group]))
     jobs += other_seed_jobs(Path(args.workroot), {s: todo[s] for s in seeds if s in todo},
                             args.vmap_rows)
+    # Every run's config is checked before the first trains (and in a dry run): a bad --set
+    # value would otherwise stop the sweep at its first cell, or with --keep-going fail every
+    # cell one after another.
+    import jax
+    for spec, _, _ in jobs:
+        try:
+            train.validate_config(paper.get_config(spec + rest), jax.device_count())
+        except ValueError as error:
+            parser.error(f"{spec + rest}: {error}")
     failed = []
     for spec, workdir, run_dirs in jobs:
         print(f"run   {spec + rest} -> {workdir}", flush=True)

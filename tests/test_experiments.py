@@ -134,6 +134,14 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sweep.main(args[:-1] + [args[-1] + ",seed=3", "--seeds", "1,2"])
     assert "give the seeds in --seeds alone" in capsys.readouterr().err
+    # A bad value is refused before any run trains, also in a dry run.
+    fresh = ["--cells", "cifar10/resnet50/ce", "--workroot", str(tmp_path / "fresh"), "--dry-run"]
+    for more, why in ((["--set", "keep_checkpoints=0"], "config.keep_checkpoints = 0"),
+                      (["--seeds", "1,-2"], "config.seed = -2")):
+        with pytest.raises(SystemExit):
+            sweep.main(fresh + more)
+        assert why in capsys.readouterr().err
+    assert not (tmp_path / "fresh").exists()
     with pytest.raises(SystemExit):  # a mistyped workroot: not a table of the paper's numbers
         build_tables.main(["--workroot", str(tmp_path / "typo")])
     assert not (tmp_path / "typo").exists()

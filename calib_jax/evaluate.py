@@ -103,6 +103,9 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
         raise ValueError(f"`criterion` must be one of {calibration.CRITERIA}, got {criterion!r}.")
     workdir = Path(workdir)
     config = load_run_config(workdir)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"`out` = {out} is a file; give a directory (the results, plots and "
+                         f"report go into it)")
     if which is None:
         which = table_checkpoint(config)
         trained = max(checkpoints.saved_epochs(workdir, "latest"), default=0)

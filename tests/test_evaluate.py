@@ -59,6 +59,10 @@ def test_evaluate_best_and_epoch_checkpoints(run_dir, tmp_path):
     assert first["epoch"] == 1
     with pytest.raises(FileNotFoundError, match="epoch 7"):
         evaluate.evaluate_run(run_dir, which="7", out=tmp_path / "seven")
+    (tmp_path / "a_file").write_text("kept")  # refused before any compute, and left as it is
+    with pytest.raises(ValueError, match="`out` = .*a_file is a file; give a directory"):
+        evaluate.evaluate_run(run_dir, which="1", out=tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "kept"
 
 
 def test_the_default_checkpoint_is_the_runs_eval_checkpoint(run_dir, tmp_path):

@@ -1035,6 +1035,8 @@ def train_and_evaluate(config, workdir):
     from calib_jax.data import datasets
 
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"workdir {workdir} is a file; give a directory (new, or a run's)")
     mesh = pipeline.data_mesh()
     validate_config(config, mesh.size)
     members = run_members(config)

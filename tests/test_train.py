@@ -392,6 +392,13 @@ def test_bad_config_fails_before_any_compute(override, field, tmp_path, monkeypa
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_workdir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "run").write_text("kept")
+    with pytest.raises(ValueError, match="workdir .*run is a file; give a directory"):
+        train.train_and_evaluate(load_config(SMOKE), tmp_path / "run")
+    assert (tmp_path / "run").read_text() == "kept"
+
+
 def test_a_train_subset_larger_than_the_split_is_refused(tmp_path):
     # It used to train on the whole split, silently.
     config = load_config(SMOKE + ",train_subset=100000")

@@ -648,7 +648,7 @@ EXECUTION_FIELDS = frozenset({
     "log_every_steps", "steps_per_call", "scan_unroll"})
 #: Config fields a resumed run may change: the execution fields, ``num_epochs``, which
 #: lengthens or shortens the run (the learning-rate and gamma schedules are in epochs, not
-#: fractions of the run), and ``eval_checkpoint``, which checkpoint the evaluation reports
+#: fractions of the run; not below the epochs already checkpointed, see check_resumable), and ``eval_checkpoint``, which checkpoint the evaluation reports
 #: (training saves both). Any other difference between a work directory's ``config.json`` and
 #: the config given is refused.
 RESUMABLE_FIELDS = EXECUTION_FIELDS | {"num_epochs", "eval_checkpoint"}
@@ -696,7 +696,8 @@ def check_resumable(run_dir, config) -> None:
     another recipe and overwrite the record of the first. (A different model is caught too,
     here rather than by the checkpoint's tree structure.) Fields that only one side has
     (written by another calib_jax version) are not compared. A directory without training,
-    e.g. a run killed in its first epoch, may be reused with any config.
+    e.g. a run killed in its first epoch, may be reused with any config. A ``num_epochs``
+    below the newest periodic checkpoint's epoch is refused too (the run is past it).
     """
     from calib_jax import checkpoints
 
@@ -709,6 +710,16 @@ def check_resumable(run_dir, config) -> None:
             f"workdir {run_dir} holds a run of another configuration ({run_dir}/config.json): "
             f"{'; '.join(changed)}. Use a new --workdir, or resume with the run's own config "
             f"(only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume).")
+    newest = max(checkpoints.saved_epochs(run_dir, "latest"), default=0)
+    if newest > config.num_epochs:
+        # Its config.json would say num_epochs while its final state (and every evaluation of
+        # it) is of a longer run.
+        raise ValueError(
+            f"workdir {run_dir} has trained {newest} epochs, more than config.num_epochs = "
+            f"{config.num_epochs}: a run can be shortened only before it gets there. Resume "
+            f"with num_epochs >= {newest}, or use a new --workdir (an earlier checkpoint of "
+            f"this run, if kept, is evaluated with `python -m calib_jax.evaluate --checkpoint "
+            f"EPOCH`).")
 
 
 def validate_config(config, num_devices: int) -> None:

@@ -423,6 +423,11 @@ def test_a_trained_workdir_refuses_a_config_that_computes_something_else(
     # that the saved config.json does not have (another calib_jax version).
     train.check_resumable(run, load_config(SMOKE + ",num_epochs=4,steps_per_call=3,"
                                                    "eval_batch_size=64,checkpoint_every_epochs=2"))
+    # Shorter than what it has trained (2 epochs): refused, before the data (it used to rewrite
+    # config.json with num_epochs=1 beside the epoch-2 state, and evaluate that as final).
+    with pytest.raises(ValueError, match=r"has trained 2 epochs, more than config.num_epochs = 1"):
+        train.train_and_evaluate(load_config(SMOKE + ",num_epochs=1"), run)
+    assert ((run / "config.json").read_text(), (run / "log.jsonl").read_text()) == before
     extra = load_config(SMOKE)
     with extra.unlocked():
         extra.new_field = 1

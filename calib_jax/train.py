@@ -722,6 +722,19 @@ def check_resumable(run_dir, config) -> None:
             f"EPOCH`).")
 
 
+def _check_run_layout(workdir: Path, *, several: bool) -> None:
+    """Refuses to mix a single run and a group of runs in one work directory: the evaluation
+    pass (``evaluate.member_dirs``) would see only one of them."""
+    if several and (workdir / "config.json").exists():
+        raise ValueError(f"workdir {workdir} holds a single run ({workdir}/config.json); train "
+                         f"several runs in a new workdir (each member goes to <workdir>/<name>)")
+    if not several and (workdir / "members.json").exists():
+        listed = json.loads((workdir / "members.json").read_text()).get("members", [])
+        raise ValueError(f"workdir {workdir} holds a group of runs (members.json: "
+                         f"{', '.join(listed)}); train this run in a directory of its own, or "
+                         f"with the group's members as one more member (loss=[...])")
+
+
 def validate_config(config, num_devices: int) -> None:
     """Raises ``ValueError`` naming the field for any bad value, before any compute."""
     from calib_jax import models as model_zoo
@@ -1053,6 +1066,7 @@ def train_and_evaluate(config, workdir):
     members = run_members(config)
     names = [name for name, _ in members]
     member_dirs = [workdir / name if name else workdir for name in names]
+    _check_run_layout(workdir, several=names != [""])
     for d, (_, c) in zip(member_dirs, members):
         check_resumable(d, c)
     specs = tuple(LossSpec.from_config(c) for _, c in members)

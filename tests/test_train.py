@@ -392,6 +392,23 @@ def test_bad_config_fails_before_any_compute(override, field, tmp_path, monkeypa
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_single_run_and_a_group_never_share_a_workdir(tmp_path, monkeypatch):
+    # The evaluation pass would see only one of them (members.json or config.json).
+    from calib_jax.data import datasets
+    monkeypatch.setattr(datasets, "load", lambda *a, **k: pytest.fail("data was loaded"))
+    group, single = tmp_path / "group", tmp_path / "single"
+    group.mkdir()
+    (group / "members.json").write_text(json.dumps({"members": ["ce", "flsd53"]}))
+    with pytest.raises(ValueError, match=r"holds a group of runs \(members.json: ce, flsd53\)"):
+        train.train_and_evaluate(load_config(SMOKE + ",loss=brier"), group)
+    single.mkdir()
+    (single / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds a single run .*train several runs in a new"):
+        train.train_and_evaluate(load_config(SMOKE + ",loss=[ce,brier]"), single)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [
+        "config.json", "group", "members.json", "single"]
+
+
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "run").write_text("kept")
     with pytest.raises(ValueError, match="workdir .*run is a file; give a directory"):

@@ -103,6 +103,11 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
         raise ValueError(f"`criterion` must be one of {calibration.CRITERIA}, got {criterion!r}.")
     workdir = Path(workdir)
     config = load_run_config(workdir)
+    # Only the argument: the run's own config.data_dir may not exist on this machine, and
+    # then the default search finds the data.
+    if data_dir and not Path(data_dir).is_dir():
+        raise ValueError(f"`data_dir` = {data_dir}: no such directory (None searches the run's "
+                         f"data_dir, $CALIB_JAX_DATA_DIR, ../shared/data, then TFDS)")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"`out` = {out} is a file; give a directory (the results, plots and "
                          f"report go into it)")

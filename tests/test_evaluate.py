@@ -63,6 +63,8 @@ def test_evaluate_best_and_epoch_checkpoints(run_dir, tmp_path):
     with pytest.raises(ValueError, match="`out` = .*a_file is a file; give a directory"):
         evaluate.evaluate_run(run_dir, which="1", out=tmp_path / "a_file")
     assert (tmp_path / "a_file").read_text() == "kept"
+    with pytest.raises(ValueError, match="`data_dir` = .*nowhere: no such directory"):
+        evaluate.evaluate_run(run_dir, which="1", data_dir=tmp_path / "nowhere")
 
 
 def test_the_default_checkpoint_is_the_runs_eval_checkpoint(run_dir, tmp_path):

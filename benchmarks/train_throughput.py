@@ -363,6 +363,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.unroll < 0:
         parser.error(f"--unroll must be >= 0 (0 = the training loop's default), got {args.unroll}")
+    # Names and sizes are checked here, not row by row: a typo in gpu_check.sh would otherwise
+    # cost its rows' GPU time in a session, each failing on its own.
+    image_models = tuple(m for m in models.names() if m not in train.TEXT_MODELS)
+    for flag, allowed in (("models", image_models), ("dtypes", tuple(train._DTYPES)),
+                          ("losses", train.LOSS_NAMES), ("multi", train.LOSS_NAMES),
+                          ("multi_modes", train.MEMBER_MODES)):
+        text = getattr(args, flag)
+        unknown = [v for v in text.split(",") if v not in allowed] if text else []
+        if unknown:
+            parser.error(f"--{flag.replace('_', '-')}: unknown {', '.join(unknown)}; choose from "
+                         f"{', '.join(allowed)}")
+    if not all(b.strip().isdigit() and int(b) >= 1 for b in args.batch_sizes.split(",")):
+        parser.error(f"--batch-sizes takes positive integers, e.g. 128,1024; got {args.batch_sizes}")
+    for flag in ("steps_per_call", "calls"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     return args
 
 

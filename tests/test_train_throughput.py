@@ -62,7 +62,20 @@ def test_a_failed_row_is_recorded_the_others_run_and_the_status_says_so(
     assert "1 row(s) failed: resnet8/8/float32/ce" in capsys.readouterr().out
 
 
-def test_bad_unroll_is_a_usage_error():
+@pytest.mark.parametrize("argv,why", [
+    (["--unroll", "-1"], "--unroll must be >= 0"),
+    # Each of these ran every row, each failing on its own (GPU time lost to a typo):
+    (["--models", "resnet50,resnet9"], "--models: unknown resnet9"),
+    (["--models", "tree_lstm"], "--models: unknown tree_lstm"),  # the task is images
+    (["--dtypes", "float16"], "--dtypes: unknown float16"),
+    (["--losses", "ce,fsld53"], "--losses: unknown fsld53"),
+    (["--multi", "ce,brier,mmce"], "--multi: unknown mmce"),
+    (["--multi", "ce", "--multi-modes", "vmap,parallel"], "--multi-modes: unknown parallel"),
+    (["--batch-sizes", "128,0"], "--batch-sizes takes positive integers"),
+    (["--steps-per-call", "0"], "--steps-per-call must be >= 1"),
+    (["--calls", "0"], "--calls must be >= 1"),
+])
+def test_bad_arguments_are_usage_errors(argv, why, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_throughput.parse_args(["--unroll", "-1"])
-    assert exit_info.value.code == 2
+        train_throughput.parse_args(argv)
+    assert exit_info.value.code == 2 and why in capsys.readouterr().err

@@ -472,6 +472,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     names = args.variants.split(",")
     if args.rounds < 0:
         parser.error(f"--rounds must be >= 0, got {args.rounds}")
+    image_models = [m for m in models.names() if m not in train.TEXT_MODELS]
+    if args.model not in image_models:
+        parser.error(f"--model: unknown {args.model}; choose from {', '.join(image_models)}")
+    if args.loss not in train.LOSS_NAMES:
+        parser.error(f"--loss: unknown {args.loss}; choose from {', '.join(train.LOSS_NAMES)}")
+    for flag in ("batch", "steps_per_call", "calls"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")

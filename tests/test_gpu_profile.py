@@ -175,3 +175,18 @@ def test_profile_part_runs_and_a_failed_variant_sets_the_exit_status(tmp_path, m
     assert "profile" in report and "fewer_kernels" in report["profiles"]
     assert (out / "trace.xplane.pb.gz").exists()
     assert (out / "trace_fewer_kernels.xplane.pb.gz").exists()
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["--rounds", "-1"], "--rounds must be >= 0"),
+    (["--variants", "default,lena"], "--variants: unknown ['lena']"),
+    (["--variants", "default,lean", "--trace-variants", "graph_conv"], "--trace-variants"),
+    (["--model", "resnet5"], "--model: unknown resnet5"),
+    (["--loss", "flsd35"], "--loss: unknown flsd35"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--calls", "0"], "--calls must be >= 1"),
+])
+def test_bad_arguments_are_usage_errors(argv, why, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_profile.parse_args(argv)
+    assert exit_info.value.code == 2 and why in capsys.readouterr().err

@@ -319,9 +319,28 @@ def update_stats(stats: CalibrationStats, logits, labels, *, mask=None,
 
 
 def merge_stats(a: CalibrationStats, b: CalibrationStats) -> CalibrationStats:
-    """Sum of two stats (e.g. from two hosts); both must use the same edges."""
+    """Sum of two stats (e.g. from two hosts); both must use the same edges.
+
+    Stats of other shapes (classes, bins) raise ``ValueError``; so do concrete stats binned
+    under different edges (e.g. two hosts' own AdaECE edges: compute the edges once from all
+    confidences). Under ``jit`` different edges make the top-label sums, hence ECE and MCE,
+    NaN: their bins do not add up to any binning.
+    """
+    shapes = [tuple(jnp.shape(x)) for x in jax.tree_util.tree_leaves(a)]
+    if shapes != [tuple(jnp.shape(x)) for x in jax.tree_util.tree_leaves(b)]:
+        raise ValueError(
+            f"`a` and `b` must come from init_stats with the same num_classes and num_bins; got "
+            f"{a.class_count.shape[0]} classes x {a.count.shape[0]} bins and "
+            f"{b.class_count.shape[0]} classes x {b.count.shape[0]} bins.")
+    same_edges = jnp.all(a.edges == b.edges)
+    if validation.is_concrete(a.edges, b.edges) and not bool(same_edges):
+        raise ValueError("`a` and `b` were binned under different top-label edges; merge only "
+                         "stats made with the same init_stats(..., edges=...) edges.")
     merged = jax.tree_util.tree_map(jnp.add, a._replace(edges=None), b._replace(edges=None))
-    return merged._replace(edges=a.edges)
+    nan = jnp.float32(jnp.nan)
+    return merged._replace(edges=a.edges,
+                           conf_sum=jnp.where(same_edges, merged.conf_sum, nan),
+                           acc_sum=jnp.where(same_edges, merged.acc_sum, nan))
 
 
 def psum_stats(stats: CalibrationStats, axis_name) -> CalibrationStats:
@@ -346,14 +365,14 @@ def metrics_from_stats(stats: CalibrationStats, convention: str = "reference") -
     """All streamable metrics from :class:`CalibrationStats`, as a dict of scalars.
 
     Keys: ``ece``, ``mce``, ``classwise_ece``, ``nll``, ``accuracy``,
-    ``error``, ``brier``, ``num_samples``.
+    ``error``, ``brier``, ``num_samples``. With no sample seen every metric is NaN.
     """
     top = _BinSums(stats.count, stats.conf_sum, stats.acc_sum)
     weighted, gap = _weighted_gap(top, stats.num_samples)
     cls = _BinSums(stats.class_count, stats.class_conf_sum, stats.class_hit_sum)
     n = jnp.maximum(stats.num_samples, 1).astype(jnp.float32)
     acc = stats.correct.astype(jnp.float32) / n
-    return {
+    values = {
         "ece": jnp.sum(weighted),
         "mce": jnp.max(gap),
         "classwise_ece": _classwise_from_sums(cls, stats.label_count, stats.num_samples,
@@ -362,8 +381,11 @@ def metrics_from_stats(stats: CalibrationStats, convention: str = "reference") -
         "accuracy": acc,
         "error": 1.0 - acc,
         "brier": stats.brier_sum / n,
-        "num_samples": stats.num_samples,
     }
+    # No sample seen: every metric is undefined (NaN), not a perfect 0.
+    seen = stats.num_samples > 0
+    values = {k: jnp.where(seen, v, jnp.float32(jnp.nan)) for k, v in values.items()}
+    return {**values, "num_samples": stats.num_samples}
 
 
 # ----------------------------------------------------------------------------

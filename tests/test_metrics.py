@@ -191,6 +191,26 @@ def test_streamed_adaptive_ece_two_pass():
                                float(metrics.adaptive_ece(logits, labels)), atol=1e-6)
 
 
+def test_merge_refuses_stats_that_do_not_add_up_and_empty_stats_give_nan():
+    logits, labels = random_problem(n=40, c=4, seed=3)
+    stats = metrics.update_stats(metrics.init_stats(4), logits, labels)
+    for other in (metrics.init_stats(3), metrics.init_stats(4, num_bins=10)):
+        with pytest.raises(ValueError, match="same num_classes and num_bins"):
+            metrics.merge_stats(stats, other)
+    conf = metrics.top_label_confidence(logits)
+    own_edges = metrics.init_stats(4, edges=metrics.adaptive_bin_edges(conf))
+    with pytest.raises(ValueError, match="different top-label edges"):  # was merged silently
+        metrics.merge_stats(stats, own_edges)
+    traced = jax.jit(lambda a, b: metrics.metrics_from_stats(metrics.merge_stats(a, b)))
+    merged = traced(stats, own_edges)
+    assert np.isnan(merged["ece"]) and np.isnan(merged["mce"])
+    assert float(merged["nll"]) == float(metrics.metrics_from_stats(stats)["nll"])
+    assert float(traced(stats, stats)["ece"]) >= 0  # same edges: a number
+    empty = metrics.metrics_from_stats(metrics.init_stats(4))  # was ECE 0, accuracy 0
+    assert int(empty["num_samples"]) == 0
+    assert all(np.isnan(v) for k, v in empty.items() if k != "num_samples")
+
+
 def test_merge_and_psum_stats_across_devices():
     from jax.sharding import PartitionSpec as P
     logits, labels = random_problem(n=64, c=4, seed=12)

@@ -64,9 +64,9 @@ from calib_jax.models import layers
 from calib_jax.files import atomic_write_bytes, atomic_write_text
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling script
-from train_throughput import (DTYPES, MEAN, NUM_TRAIN, STD, _agreement_text,  # noqa: E402
-                              loss_agreement, model_and_optimizer, optimizer,
-                              synthetic_train_data)
+from train_throughput import (DTYPES, IMAGE_MODELS, MEAN, NUM_TRAIN, STD,  # noqa: E402
+                              _agreement_text, loss_agreement, model_and_optimizer, optimizer,
+                              require_at_least_one, synthetic_train_data)
 
 # XLA's default command-buffer kinds (read from the DebugOptions that jaxlib 0.11.2 dumps),
 # to which the graph variants add WHILE: the whole lax.scan as one CUDA graph.
@@ -472,14 +472,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     names = args.variants.split(",")
     if args.rounds < 0:
         parser.error(f"--rounds must be >= 0, got {args.rounds}")
-    image_models = [m for m in models.names() if m not in train.TEXT_MODELS]
-    if args.model not in image_models:
-        parser.error(f"--model: unknown {args.model}; choose from {', '.join(image_models)}")
+    if args.model not in IMAGE_MODELS:
+        parser.error(f"--model: unknown {args.model}; choose from {', '.join(IMAGE_MODELS)}")
     if args.loss not in train.LOSS_NAMES:
         parser.error(f"--loss: unknown {args.loss}; choose from {', '.join(train.LOSS_NAMES)}")
-    for flag in ("batch", "steps_per_call", "calls"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    require_at_least_one(parser, args, ("batch", "steps_per_call", "calls"))
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")

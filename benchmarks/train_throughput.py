@@ -65,6 +65,8 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # CIFAR-10's training and validation splits (the reference's 45,000 / 5,000), the paper's epochs.
 NUM_TRAIN, NUM_VAL, EPOCHS = 45000, 5000, 350
+#: The models the benchmarks time: the image models (their data is CIFAR-sized images).
+IMAGE_MODELS = tuple(m for m in models.names() if m not in train.TEXT_MODELS)
 
 
 def _timed_calls(call, state, calls):
@@ -365,8 +367,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--unroll must be >= 0 (0 = the training loop's default), got {args.unroll}")
     # Names and sizes are checked here, not row by row: a typo in gpu_check.sh would otherwise
     # cost its rows' GPU time in a session, each failing on its own.
-    image_models = tuple(m for m in models.names() if m not in train.TEXT_MODELS)
-    for flag, allowed in (("models", image_models), ("dtypes", tuple(train._DTYPES)),
+    for flag, allowed in (("models", IMAGE_MODELS), ("dtypes", tuple(DTYPES)),
                           ("losses", train.LOSS_NAMES), ("multi", train.LOSS_NAMES),
                           ("multi_modes", train.MEMBER_MODES)):
         text = getattr(args, flag)
@@ -376,10 +377,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                          f"{', '.join(allowed)}")
     if not all(b.strip().isdigit() and int(b) >= 1 for b in args.batch_sizes.split(",")):
         parser.error(f"--batch-sizes takes positive integers, e.g. 128,1024; got {args.batch_sizes}")
-    for flag in ("steps_per_call", "calls"):
+    require_at_least_one(parser, args, ("steps_per_call", "calls"))
+    return args
+
+
+def require_at_least_one(parser, args, flags) -> None:
+    """A usage error for the first of ``flags`` (argparse destinations) below 1."""
+    for flag in flags:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    return args
 
 
 def main(argv=None) -> int:

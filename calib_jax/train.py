@@ -641,6 +641,7 @@ def table_checkpoint(config) -> str:
     ``"final"`` for configs written before that field existed)."""
     return config.get("eval_checkpoint", "final")
 
+
 #: Config fields that decide how a run is executed, logged or saved, not what it computes
 #: (results agree to float rounding whatever their values).
 EXECUTION_FIELDS = frozenset({
@@ -648,9 +649,10 @@ EXECUTION_FIELDS = frozenset({
     "log_every_steps", "steps_per_call", "scan_unroll"})
 #: Config fields a resumed run may change: the execution fields, ``num_epochs``, which
 #: lengthens or shortens the run (the learning-rate and gamma schedules are in epochs, not
-#: fractions of the run; not below the epochs already checkpointed, see check_resumable), and ``eval_checkpoint``, which checkpoint the evaluation reports
-#: (training saves both). Any other difference between a work directory's ``config.json`` and
-#: the config given is refused.
+#: fractions of the run; not below the epochs already checkpointed, see check_resumable),
+#: and ``eval_checkpoint``, which checkpoint the evaluation reports (training saves both).
+#: Any other difference between a work directory's ``config.json`` and the config given is
+#: refused.
 RESUMABLE_FIELDS = EXECUTION_FIELDS | {"num_epochs", "eval_checkpoint"}
 
 
@@ -702,15 +704,15 @@ def check_resumable(run_dir, config) -> None:
     from calib_jax import checkpoints
 
     log = Path(run_dir) / "log.jsonl"
-    trained = (log.exists() and log.stat().st_size > 0) or any(
-        checkpoints.saved_epochs(run_dir, which) for which in checkpoints.FOLDERS)
+    saved = {which: checkpoints.saved_epochs(run_dir, which) for which in checkpoints.FOLDERS}
+    trained = (log.exists() and log.stat().st_size > 0) or any(saved.values())
     changed = config_differences(run_dir, config) if trained else None
     if changed:
         raise ValueError(
             f"workdir {run_dir} holds a run of another configuration ({run_dir}/config.json): "
             f"{'; '.join(changed)}. Use a new --workdir, or resume with the run's own config "
             f"(only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume).")
-    newest = max(checkpoints.saved_epochs(run_dir, "latest"), default=0)
+    newest = max(saved["latest"], default=0)
     if newest > config.num_epochs:
         # Its config.json would say num_epochs while its final state (and every evaluation of
         # it) is of a longer run.
@@ -752,6 +754,7 @@ def validate_config(config, num_devices: int) -> None:
             bad("loss", str(e))
     if len(set(tokens)) != len(tokens):
         bad("loss", "lists a loss twice; each member needs its own name")
+
     def is_seed(x):  # NumPy's generators (the subset, the splits) refuse negative seeds
         return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2 ** 63
 

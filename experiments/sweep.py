@@ -201,18 +201,19 @@ def main(argv=None):
     # value would otherwise stop the sweep at its first cell, or with --keep-going fail every
     # cell one after another.
     import jax
-    for spec, _, _ in jobs:
+    configs = [paper.get_config(spec + rest) for spec, _, _ in jobs]
+    for (spec, _, _), config in zip(jobs, configs):
         try:
-            train.validate_config(paper.get_config(spec + rest), jax.device_count())
+            train.validate_config(config, jax.device_count())
         except ValueError as error:
             parser.error(f"{spec + rest}: {error}")
     failed = []
-    for spec, workdir, run_dirs in jobs:
+    for (spec, workdir, run_dirs), config in zip(jobs, configs):
         print(f"run   {spec + rest} -> {workdir}", flush=True)
         if args.dry_run:
             continue
         try:
-            train.train_and_evaluate(paper.get_config(spec + rest), workdir)
+            train.train_and_evaluate(config, workdir)
             for run_dir in run_dirs:
                 evaluate.evaluate_run(run_dir)  # the run's eval_checkpoint
         except Exception as error:  # noqa: BLE001 -- reported below, the sweep exits 1

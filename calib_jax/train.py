@@ -54,7 +54,7 @@ from calib_jax.data import pipeline
 from calib_jax.files import atomic_write_text
 
 __all__ = ["EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES", "LossSpec", "RESUMABLE_FIELDS",
-           "TrainState", "batch_loss", "batch_sharding", "check_resumable", "clip_by_global_norm",
+           "TrainState", "TrainingDivergedError", "batch_loss", "batch_sharding", "check_resumable", "clip_by_global_norm",
            "config_differences", "create_train_state", "default_member_mode",
            "default_steps_per_call", "default_unroll", "exit_on_sigterm", "field_differences",
            "global_norm", "make_optimizer", "multi_train_steps", "piecewise_lr", "predict",
@@ -865,12 +865,49 @@ def _validation_metrics(logits, labels) -> dict:
 
 
 def _validate_members(state, images, labels, num_members: int, member_mode: str,
-                      **eval_options) -> list[dict]:
+                      **eval_options) -> list[dict | None]:
     """The per-epoch validation metrics of each run: one :func:`predict` for a single
-    run, :func:`predict_members` (``member_mode``) for a stacked group."""
+    run, :func:`predict_members` (``member_mode``) for a stacked group; None for a run whose
+    logits are not all finite (a diverged model: :func:`_check_finite_epoch` stops there)."""
     logits = predict(state, images, **eval_options)[None] if num_members == 1 else \
         predict_members(state, images, members=member_mode, **eval_options)
-    return [_validation_metrics(member_logits, labels) for member_logits in logits]
+    return [_validation_metrics(member_logits, labels) if np.isfinite(member_logits).all()
+            else None for member_logits in logits]
+
+
+class TrainingDivergedError(FloatingPointError):
+    """A run's training loss or model became NaN / infinite; the message says what to change."""
+
+
+def _check_finite_epoch(config, epoch: int, names, loss_sums, vals, saved_epoch: int) -> None:
+    """Raises :class:`TrainingDivergedError` when a run's epoch ended non-finite.
+
+    A NaN or infinite loss or model never recovers under SGD: the rest of the run would spend
+    its hours on NaN, and its periodic checkpoints would push the last good ones out
+    (``keep_checkpoints``). So the loop stops at the first such epoch, before it logs or
+    saves anything of it: the checkpoints keep epoch ``saved_epoch`` for inspection. A run is
+    deterministic, so the same config would diverge again; the fixes (learning rate,
+    clipping, dtype) are not resumable fields, hence a new workdir.
+    """
+    bad = [(name or "the run", "training loss" if not np.isfinite(loss) else "model (NaN "
+            "or infinite validation logits)") for name, loss, val in zip(names, loss_sums, vals)
+           if not np.isfinite(loss) or val is None]
+    if not bad:
+        return
+    which = "; ".join(f"{name}: {what}" for name, what in bad)
+    kept = (f"up to epoch {saved_epoch} (`python -m calib_jax.evaluate --checkpoint latest` "
+            f"reads the newest)" if saved_epoch else "none")
+    others = [name for name in names if name and name not in dict(bad)]
+    message = (f"training diverged in epoch {epoch} ({which} not finite); stopped before "
+               f"logging or saving that epoch. Checkpoints kept: {kept}. The same config "
+               f"diverges again (runs are deterministic): change the recipe in a new --workdir, "
+               f"e.g. a lower learning_rate (now {config.learning_rate}) or gradient clipping "
+               f"(clip_norm now {config.clip_norm}; 0 = off)"
+               + (f" or dtype float32 (now {config.dtype})." if config.dtype != "float32" else "."))
+    if others:
+        message += (f" The other members ({', '.join(others)}) were finite: to train them on, "
+                    f"list only them in `loss` / `seeds` (same --workdir).")
+    raise TrainingDivergedError(message)
 
 
 def state_for_config(config, num_classes: int, example_shape, steps_per_epoch: int = 1):
@@ -1037,6 +1074,8 @@ def train_and_evaluate(config, workdir):
     numbers, so it ends with exactly the parameters of an uninterrupted run.
     A ``workdir`` that holds training of another configuration is refused before
     any compute (:func:`check_resumable`; only ``RESUMABLE_FIELDS`` may change).
+    An epoch whose training loss or validation logits are not finite raises
+    :class:`TrainingDivergedError` before it is logged or saved (:func:`_check_finite_epoch`).
 
     Steps run ``steps_per_call`` at a time in one compiled call
     (:func:`train_steps`: batches built on the device, no per-step host work;
@@ -1104,6 +1143,7 @@ def train_and_evaluate(config, workdir):
         if is_chief:
             print(f"resumed from {member_dirs[0]}/checkpoints/{start_epoch} (epoch {start_epoch})"
                   + (f" with {len(members)} members" if len(members) > 1 else ""))
+    saved_epoch = start_epoch  # the newest periodic checkpoint of every member
     writers = []
     if is_chief:
         # TensorBoard event files (tensorboardX needs no TensorFlow), beside log.jsonl.
@@ -1192,6 +1232,7 @@ def train_and_evaluate(config, workdir):
                     print()  # ends the progress line that \r kept rewriting
                 vals = _validate_members(state, val_split.inputs, val_split.labels, len(members),
                                          member_mode, **eval_options)
+                _check_finite_epoch(config, done_epochs, names, loss_sum, vals, saved_epoch)
                 for k, (name, val) in enumerate(zip(names, vals)):
                     # Batch losses are sums per batch, or already means (mean reduction, Brier).
                     per_image = specs[k].mean_reduction or specs[k].name == "brier"
@@ -1227,6 +1268,8 @@ def train_and_evaluate(config, workdir):
                         ckpts[k].save(done_epochs, member, meta, periodic=periodic,
                                       best_metrics={"val_accuracy": val["val_accuracy"]} if improved
                                       else None)
+                if periodic:
+                    saved_epoch = done_epochs
         finally:
             for writer in writers:
                 writer.close()

@@ -32,7 +32,7 @@ def write_chunks(folder: Path, split: str, images, labels, per_chunk=3):
                  names=np.asarray([f"{i}.png" for i in range(len(blobs))]))
 
 
-def random_images(n, size=8, seed=0):
+def random_images(n, size=32, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
@@ -46,16 +46,58 @@ def test_chunk_source_round_trip(tmp_path):
     assert not ds.inputs.flags.writeable  # the cached copy cannot be corrupted
 
 
-def test_image_tree_source(tmp_path):
+def write_tree(folder: Path, split: str, images, class_names):
     from PIL import Image
-    images = random_images(4, seed=1)
-    for i, (cls, im) in enumerate(zip(["cat", "ant", "cat", "bee"], images)):
-        d = tmp_path / "svhn" / "test" / cls
+    for i, (cls, im) in enumerate(zip(class_names, images)):
+        d = folder / split / cls
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(im).save(d / f"{i}.png")
+
+
+def test_image_tree_source(tmp_path):
+    # SVHN has 10 classes: a folder each; labels are the sorted folder names' indices.
+    names = ["cat", "ant", "cat", "bee", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay"]
+    write_tree(tmp_path / "svhn", "test", random_images(len(names), seed=1), names)
     ds = datasets.load("svhn", "test", data_dir=tmp_path, source="local")
-    assert ds.labels.tolist() == [0, 1, 2, 2]  # ant, bee, cat, cat (sorted class names)
-    assert ds.extra["classes"].tolist() == ["ant", "bee", "cat"]
+    assert ds.labels.tolist() == [0, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9]  # read class by class
+    assert ds.extra["classes"].tolist() == sorted(set(names))
+
+
+def test_image_tree_missing_a_class_folder_is_refused(tmp_path):
+    # Nine folders of ten: every class after the missing one would get its neighbour's label.
+    names = [str(d) for d in range(10) if d != 4]
+    write_tree(tmp_path / "svhn", "test", random_images(9), names)
+    with pytest.raises(ValueError, match=r"9 class folders \(0, 1, 2, 3, 5, .*the data set 10"):
+        datasets.load("svhn", "test", data_dir=tmp_path, source="local")
+
+
+@pytest.mark.parametrize("labels, match", [
+    ([0, 1, 10], r"labels must be in \[0, 10\), found \[10\] \(1 of 3\)"),  # 1-based
+    ([0, 255, 3], r"found \[255\]"),
+])
+def test_labels_outside_the_classes_are_refused(tmp_path, labels, match):
+    write_chunks(tmp_path / "svhn", "test", random_images(3), labels)
+    with pytest.raises(ValueError, match=match):
+        datasets.load("svhn", "test", data_dir=tmp_path, source="local")
+
+
+def test_images_of_another_size_are_refused(tmp_path):
+    write_chunks(tmp_path / "svhn", "test", random_images(3, size=8), [0, 1, 2])
+    with pytest.raises(ValueError, match=r"images must be uint8 \(32, 32, 3\), got uint8 "
+                                         r"\(8, 8, 3\)"):
+        datasets.load("svhn", "test", data_dir=tmp_path, source="local")
+
+
+def test_dataset_checks_its_labels():
+    images = np.zeros((3, 32, 32, 3), np.uint8)
+    ok = datasets.Dataset("mine", "test", images, np.array([0, 1, 1]), 2, "memory")
+    assert len(ok) == 3
+    with pytest.raises(ValueError, match="labels must be in \\[0, 2\\), found \\[-1\\]"):
+        datasets.Dataset("mine", "test", images, np.array([0, -1, 1]), 2, "memory")
+    with pytest.raises(ValueError, match="3 inputs but 2 labels"):
+        datasets.Dataset("mine", "test", images, np.array([0, 1]), 2, "memory")
+    with pytest.raises(ValueError, match="labels must be integers of shape \\[N\\]"):
+        datasets.Dataset("mine", "test", images, np.array([0.0, 1.0, 1.0]), 2, "memory")
 
 
 def test_data_dir_from_environment(tmp_path, monkeypatch):

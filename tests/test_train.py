@@ -870,3 +870,38 @@ def test_progress_is_rewritten_on_a_terminal_and_a_line_of_its_own_in_a_log(caps
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     train._show_progress("epoch 1/2 step 8/8")
     assert capsys.readouterr().out == "\repoch 1/2 step 8/8"
+
+
+def test_a_diverging_run_stops_before_saving_the_nan_epoch(tmp_path):
+    """Epoch 1 trains at lr 0.1, epoch 2 at 1e8 without clipping: the loss becomes NaN in
+    epoch 2, and the run stops there, naming it, with epoch 1's log line and checkpoint
+    intact (it used to crash in the validation metrics with "`logits` contains NaN", or, had
+    the logits stayed finite, train on for the whole schedule, its NaN checkpoints pushing
+    the good ones out)."""
+    config = load_config(SMOKE + ",lr_boundaries=[1],lr_factor=1e9,clip_norm=0.0")
+    with pytest.raises(train.TrainingDivergedError,
+                       match=r"diverged in epoch 2 \(the run: training loss not finite\).*"
+                             r"Checkpoints kept: up to epoch 1 .*learning_rate \(now 0.1\)"):
+        train.train_and_evaluate(config, tmp_path)
+    assert json_epochs((tmp_path / "log.jsonl").read_text().splitlines()) == [1]
+    from calib_jax import checkpoints
+    assert checkpoints.saved_epochs(tmp_path, "latest") == [1]
+    assert checkpoints.saved_epochs(tmp_path, "best") == [1]
+
+
+def test_divergence_message_names_the_members():
+    config = load_config(SMOKE + ",dtype=bfloat16")
+    finite = {"val_accuracy": 0.5, "val_nll": 1.0, "val_ece": 0.1}
+    train._check_finite_epoch(config, 3, ["ce", "brier"], np.array([1.0, 2.0]),
+                              [finite, finite], 2)  # all finite: nothing raised
+    with pytest.raises(train.TrainingDivergedError) as info:
+        train._check_finite_epoch(config, 3, ["ce", "brier", "focal3"],
+                                  np.array([np.nan, 2.0, np.inf]), [None, None, finite], 0)
+    message = str(info.value)
+    assert ("epoch 3 (ce: training loss; brier: model (NaN or infinite validation logits); "
+            "focal3: training loss not finite)") in message
+    assert "Checkpoints kept: none" in message and "dtype float32 (now bfloat16)" in message
+    assert "The other members (brier)" not in message  # brier diverged too
+    with pytest.raises(train.TrainingDivergedError, match=r"The other members \(brier\) were "):
+        train._check_finite_epoch(config, 3, ["ce", "brier"], np.array([np.nan, 2.0]),
+                                  [finite, finite], 0)

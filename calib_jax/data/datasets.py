@@ -57,6 +57,24 @@ class Dataset:
     val_is_test: bool = False
     extra: dict = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        # Checked once here for every source (local files, TFDS, generated, a user's own):
+        # a label outside [0, num_classes) would otherwise reach training under `jit`, where
+        # the losses can only turn it into NaN, and surface epochs later as a NaN model.
+        labels = np.asarray(self.labels)
+        where = f"{self.name} ({self.split}) from {self.source}"
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{where}: labels must be integers of shape [N], got dtype "
+                             f"{labels.dtype} and shape {labels.shape}.")
+        if len(self.inputs) != labels.shape[0]:
+            raise ValueError(f"{where}: {len(self.inputs)} inputs but {labels.shape[0]} labels.")
+        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+            bad = labels[(labels < 0) | (labels >= self.num_classes)]
+            raise ValueError(
+                f"{where}: labels must be in [0, {self.num_classes}), found "
+                f"{np.unique(bad)[:5].tolist()} ({bad.size} of {labels.size}). Store class "
+                f"indices 0..{self.num_classes - 1} (e.g. not 1-based ones).")
+
     def __len__(self):
         return int(self.labels.shape[0])
 
@@ -110,6 +128,10 @@ def gaussian_noise(images: np.ndarray, *, severity: int = 5, seed: int = 0) -> n
     return (noisy * 255).astype(np.uint8)
 
 
+# The image shape of each named image data set: its models and normalisation are the
+# paper's for that size, so a local copy of another size is refused, not trained on.
+_IMAGE_SHAPES = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "svhn": (32, 32, 3),
+                 "cifar10_c": (32, 32, 3), "tiny_imagenet": (64, 64, 3)}
 _TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped"}
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "cifar10_c": 10,
                 "tiny_imagenet": 200, "20news": 20, "sst": 2, "synthetic": 4, "synthetic_c": 4}
@@ -145,6 +167,23 @@ def _images(folder: str, tfds_name: str | None, split: str, data_dir, source: st
         f"argument or ${sources.ENV_DATA_DIR})"
         + (f", or prepare TFDS '{tfds_name}'" if tfds_name else "")
         + ". Details: " + " | ".join(errors))
+
+
+def _check_images(ds: Dataset) -> Dataset:
+    """``ds``, once its images have the data set's shape and an image tree a folder per class."""
+    want = _IMAGE_SHAPES.get(ds.name)
+    if want is not None and (ds.inputs.dtype != np.uint8 or ds.inputs.shape[1:] != want):
+        raise ValueError(f"{ds.name} ({ds.split}) from {ds.source}: images must be uint8 "
+                         f"{want}, got {ds.inputs.dtype} {ds.inputs.shape[1:]}; store the data "
+                         f"set at its own size (the models and recipes are the paper's for it).")
+    classes = ds.extra.get("classes")
+    if classes is not None and len(classes) != ds.num_classes:
+        shown = ", ".join(map(str, list(classes)[:12])) + (", ..." if len(classes) > 12 else "")
+        raise ValueError(f"{ds.name} ({ds.split}) from {ds.source}: the image tree has "
+                         f"{len(classes)} class folders ({shown}), the data set {ds.num_classes}. "
+                         f"Labels are the indices of the sorted folder names, so a missing "
+                         f"folder would shift every later class: give each class its folder.")
+    return ds
 
 
 def _check_split(name, split, allowed):
@@ -308,6 +347,10 @@ def load(name: str, split: str, *, data_dir=None, source: str = "auto", **option
     """
     if source not in ("auto", "local", "tfds"):
         raise ValueError(f"`source` must be 'auto', 'local' or 'tfds', got {source!r}.")
+    return _check_images(_load(name, split, data_dir, source, **options))
+
+
+def _load(name, split, data_dir, source, **options) -> Dataset:
     if name in ("cifar10", "cifar100"):
         return _cifar(name, split, data_dir, source)
     if name == "svhn":

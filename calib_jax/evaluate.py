@@ -131,8 +131,15 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
             mean, std = train.input_normalization(config, split_for_norm)
         else:  # OOD images are normalised with their own (CIFAR-10) constants
             mean, std = (tuple(v) for v in datasets.normalization(ds.name, split_for_norm))
-        return train.predict(state, ds.inputs, mean=mean, std=std, dtype=dtype,
-                             batch_size=config.eval_batch_size)
+        logits = train.predict(state, ds.inputs, mean=mean, std=std, dtype=dtype,
+                               batch_size=config.eval_batch_size)
+        bad = int(np.size(logits) - np.isfinite(logits).sum())
+        if bad:  # a diverged model: say so here, not as a metric's complaint about its input
+            raise ValueError(f"the {which!r} checkpoint of {workdir} (epoch {meta['epoch']}) "
+                             f"gives {bad} NaN or infinite logits on {ds.name} ({ds.split}): "
+                             f"the run had diverged by then; evaluate an earlier checkpoint "
+                             f"(--checkpoint EPOCH) or retrain with a changed recipe.")
+        return logits
 
     val_logits = logits_of(val, "train")  # val is part of the training images
     test_logits = logits_of(test, "test")

@@ -100,6 +100,25 @@ def test_unfinished_run_needs_latest(tmp_path):
     assert evaluate.evaluate_run(tmp_path, which="latest")["epoch"] == 1
 
 
+def test_a_diverged_checkpoint_is_named_as_such(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    config = tiny_config(num_epochs=1)
+    from calib_jax import checkpoints
+    state = train.state_for_config(config, 4, (32, 32, 3))
+    state = state.replace(params=jax.tree_util.tree_map(lambda p: jnp.full_like(p, jnp.nan),
+                                                        state.params))
+    (tmp_path / "config.json").write_text(config.to_json())
+    ckpt = checkpoints.RunCheckpoints(tmp_path)
+    ckpt.save(1, state, {"final": True})
+    ckpt.close()
+    with pytest.raises(ValueError, match=r"'final' checkpoint of .* \(epoch 1\) gives 512 NaN "
+                                         r"or infinite logits on synthetic \(val\): the run had "
+                                         r"diverged"):
+        evaluate.evaluate_run(tmp_path)
+    assert not (tmp_path / "eval_final").exists()
+
+
 def test_cli_and_bad_arguments(run_dir, tmp_path, capsys):
     assert evaluate.main(["--workdir", str(run_dir), "--out", str(tmp_path / "cli")]) == 0
     assert "| error |" in capsys.readouterr().out

@@ -54,10 +54,10 @@ from calib_jax.data import pipeline
 from calib_jax.files import atomic_write_text
 
 __all__ = ["EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES", "LossSpec", "RESUMABLE_FIELDS",
-           "TrainState", "TrainingDivergedError", "batch_loss", "batch_sharding", "check_resumable", "clip_by_global_norm",
-           "config_differences", "create_train_state", "default_member_mode",
-           "default_steps_per_call", "default_unroll", "exit_on_sigterm", "field_differences",
-           "global_norm", "make_optimizer", "multi_train_steps", "piecewise_lr", "predict",
+           "TrainState", "TrainingDivergedError", "batch_loss", "batch_sharding",
+           "check_resumable", "clip_by_global_norm", "config_differences", "create_train_state",
+           "default_member_mode", "default_steps_per_call", "default_unroll", "exit_on_sigterm",
+           "field_differences", "global_norm", "make_optimizer", "multi_train_steps", "piecewise_lr", "predict",
            "predict_members", "replicate", "replicated", "stack_states", "table_checkpoint",
            "train_step", "train_steps", "unstack_state"]
 
@@ -889,21 +889,24 @@ def _check_finite_epoch(config, epoch: int, names, loss_sums, vals, saved_epoch:
     deterministic, so the same config would diverge again; the fixes (learning rate,
     clipping, dtype) are not resumable fields, hence a new workdir.
     """
-    bad = [(name or "the run", "training loss" if not np.isfinite(loss) else "model (NaN "
-            "or infinite validation logits)") for name, loss, val in zip(names, loss_sums, vals)
-           if not np.isfinite(loss) or val is None]
+    bad = {}
+    for name, loss, val in zip(names, loss_sums, vals):
+        if not np.isfinite(loss):
+            bad[name or "the run"] = "training loss"
+        elif val is None:
+            bad[name or "the run"] = "model (NaN or infinite validation logits)"
     if not bad:
         return
-    which = "; ".join(f"{name}: {what}" for name, what in bad)
+    which = "; ".join(f"{name}: {what}" for name, what in bad.items())
     kept = (f"up to epoch {saved_epoch} (`python -m calib_jax.evaluate --checkpoint latest` "
             f"reads the newest)" if saved_epoch else "none")
-    others = [name for name in names if name and name not in dict(bad)]
+    others = [name for name in names if name and name not in bad]
     message = (f"training diverged in epoch {epoch} ({which} not finite); stopped before "
                f"logging or saving that epoch. Checkpoints kept: {kept}. The same config "
                f"diverges again (runs are deterministic): change the recipe in a new --workdir, "
                f"e.g. a lower learning_rate (now {config.learning_rate}) or gradient clipping "
-               f"(clip_norm now {config.clip_norm}; 0 = off)"
-               + (f" or dtype float32 (now {config.dtype})." if config.dtype != "float32" else "."))
+               f"(clip_norm now {config.clip_norm}; 0 = off)")
+    message += f" or dtype float32 (now {config.dtype})." if config.dtype != "float32" else "."
     if others:
         message += (f" The other members ({', '.join(others)}) were finite: to train them on, "
                     f"list only them in `loss` / `seeds` (same --workdir).")

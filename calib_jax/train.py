@@ -57,9 +57,9 @@ __all__ = ["EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES", "LossSpec", "RE
            "TrainState", "TrainingDivergedError", "batch_loss", "batch_sharding",
            "check_resumable", "clip_by_global_norm", "config_differences", "create_train_state",
            "default_member_mode", "default_steps_per_call", "default_unroll", "exit_on_sigterm",
-           "field_differences", "global_norm", "make_optimizer", "multi_train_steps", "piecewise_lr", "predict",
-           "predict_members", "replicate", "replicated", "stack_states", "table_checkpoint",
-           "train_step", "train_steps", "unstack_state"]
+           "field_differences", "global_norm", "make_optimizer", "multi_train_steps",
+           "piecewise_lr", "predict", "predict_members", "replicate", "replicated", "stack_states",
+           "table_checkpoint", "train_step", "train_steps", "unstack_state"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")

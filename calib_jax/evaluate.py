@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from calib_jax import calibration, checkpoints, metrics, ood, plots, train
-from calib_jax.data import datasets
+from calib_jax.data import datasets, sources
 from calib_jax.files import atomic_save_figure, atomic_write_text
 
 __all__ = ["default_out_name", "evaluate_run", "markdown_report", "main", "member_dirs",
@@ -103,11 +103,8 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
         raise ValueError(f"`criterion` must be one of {calibration.CRITERIA}, got {criterion!r}.")
     workdir = Path(workdir)
     config = load_run_config(workdir)
-    # Only the argument: the run's own config.data_dir may not exist on this machine, and
-    # then the default search finds the data.
-    if data_dir and not Path(data_dir).is_dir():
-        raise ValueError(f"`data_dir` = {data_dir}: no such directory (None searches the run's "
-                         f"data_dir, $CALIB_JAX_DATA_DIR, ../shared/data, then TFDS)")
+    if data_dir:
+        sources.candidate_data_dirs(data_dir)  # refuses a data_dir that is no directory, now
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"`out` = {out} is a file; give a directory (the results, plots and "
                          f"report go into it)")
@@ -119,7 +116,13 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
                              f"{trained} of {config.num_epochs}), so its best checkpoint "
                              f"(config.eval_checkpoint) is not the run's yet; pass --checkpoint "
                              f"{which} to evaluate the best so far anyway.")
-    data_dir = data_dir or config.get("data_dir") or None
+    if not data_dir and config.get("data_dir") and not Path(config.data_dir).is_dir():
+        # Trained on another machine: its data directory is not here, so search the defaults.
+        print(f"note: the run's data_dir {config.data_dir} is not a directory here; searching "
+              f"${sources.ENV_DATA_DIR}, ../shared/data, then TFDS (--data_dir to choose)",
+              file=sys.stderr)
+    else:
+        data_dir = data_dir or config.get("data_dir") or None
     dtype = train._DTYPES[config.dtype]
     options = train.dataset_options(config)
     val = datasets.load(config.dataset, "val", data_dir=data_dir, **options)

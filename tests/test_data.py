@@ -108,9 +108,17 @@ def test_data_dir_from_environment(tmp_path, monkeypatch):
 
 def test_missing_data_says_what_to_do(tmp_path):
     with pytest.raises(DataNotFoundError) as info:
-        datasets.load("cifar100", "test", data_dir=tmp_path / "nowhere", source="local")
+        datasets.load("cifar100", "test", data_dir=tmp_path, source="local")
     message = str(info.value)
     assert "cifar100/" in message and "CALIB_JAX_DATA_DIR" in message and "TFDS" in message
+    # A data_dir that is no directory is refused, not skipped for the next place to look
+    # (which would load the offline copy instead of the user's own, silently).
+    write_chunks(tmp_path / "svhn", "test", random_images(2), [0, 1])
+    with pytest.raises(DataNotFoundError, match="`data_dir` = .*nowhere: no such directory"):
+        datasets.load("svhn", "test", data_dir=tmp_path / "nowhere")
+    with pytest.raises(DataNotFoundError, match="no such directory"):
+        datasets.load("svhn", "test", data_dir=tmp_path / "svhn" / "svhn_test_000.npz")
+    assert len(datasets.load("svhn", "test", data_dir=tmp_path)) == 2
     with pytest.raises(ValueError, match="`split`"):
         datasets.load("svhn", "train", data_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown data set"):

@@ -8,6 +8,7 @@ import pytest
 
 import experiment_configs
 from calib_jax import evaluate, train
+from calib_jax.data import datasets
 
 
 def tiny_config(**overrides):
@@ -63,8 +64,32 @@ def test_evaluate_best_and_epoch_checkpoints(run_dir, tmp_path):
     with pytest.raises(ValueError, match="`out` = .*a_file is a file; give a directory"):
         evaluate.evaluate_run(run_dir, which="1", out=tmp_path / "a_file")
     assert (tmp_path / "a_file").read_text() == "kept"
-    with pytest.raises(ValueError, match="`data_dir` = .*nowhere: no such directory"):
+    with pytest.raises(datasets.DataNotFoundError, match="`data_dir` = .*nowhere: no such "
+                                                         "directory"):
         evaluate.evaluate_run(run_dir, which="1", data_dir=tmp_path / "nowhere")
+
+
+def test_the_runs_own_data_dir_falls_back_when_not_here(run_dir, tmp_path, monkeypatch, capsys):
+    """A run trained on another machine names a data_dir that is not here: the default search
+    takes over, with a note (an explicit `data_dir` argument that is no directory is refused)."""
+    seen = []
+
+    def recording_load(*args, **kwargs):
+        seen.append(kwargs.get("data_dir"))
+        return load(*args, **kwargs)
+    load = datasets.load
+    monkeypatch.setattr(evaluate.datasets, "load", recording_load)
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(dict(config, data_dir="/elsewhere/data")))
+    evaluate.evaluate_run(copy, out=tmp_path / "a")
+    assert set(seen) == {None} and "data_dir /elsewhere/data is not a directory here" in \
+        capsys.readouterr().err
+    seen.clear()
+    (copy / "config.json").write_text(json.dumps(dict(config, data_dir=str(tmp_path))))
+    evaluate.evaluate_run(copy, out=tmp_path / "b")
+    assert set(seen) == {str(tmp_path)}
 
 
 def test_the_default_checkpoint_is_the_runs_eval_checkpoint(run_dir, tmp_path):

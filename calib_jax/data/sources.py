@@ -1,10 +1,16 @@
 """Where data sets come from: local chunk files, image folders, or TFDS.
 
-Resolution of the data directory (first that exists wins):
+Resolution of the data directory (the first that holds the data set's folder wins):
 
 1. the ``data_dir`` argument;
 2. the ``CALIB_JAX_DATA_DIR`` environment variable;
 3. ``../shared/data`` next to the repository (the project's offline copies).
+
+A ``data_dir`` argument that is not a directory is refused (``DataNotFoundError``) rather than
+skipped: a misspelt path would otherwise load the same-named data set from a later place (e.g.
+the JPEG-compressed offline CIFAR-10 copy instead of one's own), with nothing but
+``Dataset.source`` to tell. One that exists but lacks a data set's folder falls through to the
+next place (a directory holding CIFAR-10 only still finds an OOD set elsewhere).
 
 A local data set lives in ``<data_dir>/<folder>/`` as either
 
@@ -42,9 +48,16 @@ class DataNotFoundError(FileNotFoundError):
 
 
 def candidate_data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """The directories searched, in order (see the module docstring)."""
+    """The directories searched, in order (see the module docstring); a ``data_dir`` that is not
+    a directory raises :class:`DataNotFoundError`."""
     dirs = []
     if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise DataNotFoundError(
+                f"`data_dir` = {data_dir}: no such directory. Give the directory that holds the "
+                f"data sets' folders (e.g. <data_dir>/cifar10/), or None to search "
+                f"${ENV_DATA_DIR}, then {Path(__file__).resolve().parents[3] / 'shared' / 'data'}"
+                f", then TFDS.")
         dirs.append(Path(data_dir))
     if os.environ.get(ENV_DATA_DIR):
         dirs.append(Path(os.environ[ENV_DATA_DIR]))

@@ -16,12 +16,14 @@ minutes, not a reproduction of the paper's numbers (those need the 350-epoch
 recipe on the full networks; see README).
 
 Usage: python experiments/demo.py [--out runs/demo] [--epochs 6] [--train-size 10000]
+[--eval-size N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ from calib_jax.data import datasets, pipeline
 from calib_jax.files import atomic_save_figure, atomic_write_text
 
 LOSSES = {"ce": "Cross-entropy", "flsd53": "FLSD-53"}
+CIFAR10_TRAIN = 45000  # the reference's training split (50,000 less 5,000 for validation)
 
 
 def train_one(loss_name, data, args, mean, std):
@@ -57,6 +60,10 @@ def train_one(loss_name, data, args, mean, std):
             total_loss += float(m["loss"])
             correct += int(m["correct"])
         seen = steps * args.batch_size
+        if not math.isfinite(total_loss):
+            raise train.TrainingDivergedError(
+                f"{LOSSES[loss_name]} diverged in epoch {epoch + 1} (training loss not finite); "
+                f"try a lower --lr (now {args.lr})")
         elapsed = time.perf_counter() - start
         print(f"  [{LOSSES[loss_name]}] epoch {epoch + 1}/{args.epochs}: loss/img "
               f"{total_loss / seen:.3f}, train acc {correct / seen:.3f}, "
@@ -106,11 +113,28 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-size", type=int, default=0,
+                        help="evaluate on the first N images of the validation, test and OOD "
+                             "splits (0 = all: 5,000 / 10,000 / 10,000); fewer is faster and "
+                             "noisier")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args(argv)
-    if args.epochs < 1 or args.train_size < args.batch_size:
-        parser.error("--epochs must be >= 1 and --train-size >= --batch-size")
+    # Checked before the data is read (a --train-size above the split trained on the whole
+    # split while the report named the larger number).
+    if args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if not 1 <= args.batch_size <= args.train_size <= CIFAR10_TRAIN:
+        parser.error(f"need 1 <= --batch-size <= --train-size <= {CIFAR10_TRAIN:,} (the training "
+                     f"split), got --batch-size {args.batch_size}, --train-size {args.train_size}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a positive number, got {args.lr}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.eval_size < 0:
+        parser.error(f"--eval-size must be >= 0 (0 = whole splits), got {args.eval_size}")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file; give a directory (results and plots go into it)")
     started = time.perf_counter()
     try:
         splits = {s: datasets.load("cifar10", s, data_dir=args.data_dir)
@@ -126,11 +150,12 @@ def main(argv=None):
     subset = np.random.default_rng(args.seed).permutation(len(splits["train"]))[:args.train_size]
     train_images, train_labels = splits["train"].inputs[subset], splits["train"].labels[subset]
     images_dev, labels_dev = pipeline.put_on_device(train_images, train_labels)
+    first = slice(None, args.eval_size or None)
     data = {"train_images": images_dev, "train_labels": train_labels,
             "train_labels_dev": labels_dev,
-            "val_images": splits["val"].inputs, "val_labels": splits["val"].labels,
-            "test_images": splits["test"].inputs, "test_labels": splits["test"].labels,
-            "ood_images": corrupted.inputs}
+            "val_images": splits["val"].inputs[first], "val_labels": splits["val"].labels[first],
+            "test_images": splits["test"].inputs[first],
+            "test_labels": splits["test"].labels[first], "ood_images": corrupted.inputs[first]}
     print(f"CIFAR-10 from {splits['train'].source} (a lossy JPEG copy: label results as such); "
           f"training {args.model} on {args.train_size} of the 45,000 training images for "
           f"{args.epochs} epochs, jax {jax.__version__} on {jax.devices()[0].platform}")

@@ -378,3 +378,55 @@ def test_sweep_trains_a_row_as_one_program_except_its_exception_cells(tmp_path, 
         f"run   {mmce},seed=3 -> {row / 'mmce_weighted-seed3'}",
         f"run   cell=cifar10/wide_resnet_26_10/ce,seed=2 -> {row / 'ce-seed2'}",
         f"run   {mmce},seed=2 -> {row / 'mmce_weighted-seed2'}"]
+
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10").is_dir(), reason=f"no CIFAR-10 copy at {SHARED}")
+def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
+    """`make demo`'s script (the README's first command), at a size the suite affords: both
+    losses train, the table is printed, and results.json / results.md / reliability.png are
+    written."""
+    import demo
+    out = tmp_path / "demo"
+    assert demo.main(["--out", str(out), "--epochs", "1", "--train-size", "256",
+                      "--batch-size", "128", "--eval-size", "500"]) == 0
+    printed = capsys.readouterr().out
+    assert "| Cross-entropy |" in printed and "| FLSD-53 |" in printed
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["results"]) == {"ce", "flsd53"}
+    for result in saved["results"].values():
+        assert 0.1 <= result["temperature"] <= 10
+        for tag in ("before", "after"):
+            values = result["metrics"][tag]
+            assert 0 <= values["ece"] <= 1 and 0 <= values["error"] <= 1
+            assert set(values["ood_auroc"]) == {"cifar10_c"}
+    assert (out / "results.md").read_text().startswith("| loss |")
+    assert (out / "reliability.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--train-size", "100000"], "--train-size <= 45,000"),
+    (["--train-size", "64"], "--batch-size <= --train-size"),
+    (["--batch-size", "0"], "need 1 <= --batch-size"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--lr", "-0.1"], "--lr must be a positive number"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--eval-size", "-5"], "--eval-size must be >= 0"),
+])
+def test_demo_refuses_bad_arguments_before_reading_data(args, message, capsys, monkeypatch):
+    import demo
+    monkeypatch.setattr(demo.datasets, "load", lambda *a, **k: pytest.fail("data was loaded"))
+    with pytest.raises(SystemExit) as info:
+        demo.main(args)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_demo_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    import demo
+    (tmp_path / "f").write_text("kept")
+    with pytest.raises(SystemExit):
+        demo.main(["--out", str(tmp_path / "f")])
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "f").read_text() == "kept"

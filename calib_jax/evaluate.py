@@ -104,7 +104,7 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
     workdir = Path(workdir)
     config = load_run_config(workdir)
     if data_dir:
-        sources.candidate_data_dirs(data_dir)  # refuses a data_dir that is no directory, now
+        sources.candidate_data_dirs(data_dir)  # refuses one that is no directory, before compute
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"`out` = {out} is a file; give a directory (the results, plots and "
                          f"report go into it)")

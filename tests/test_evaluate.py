@@ -72,24 +72,24 @@ def test_evaluate_best_and_epoch_checkpoints(run_dir, tmp_path):
 def test_the_runs_own_data_dir_falls_back_when_not_here(run_dir, tmp_path, monkeypatch, capsys):
     """A run trained on another machine names a data_dir that is not here: the default search
     takes over, with a note (an explicit `data_dir` argument that is no directory is refused)."""
-    seen = []
+    class Loaded(Exception):
+        """Stops the pass at its first data set: the data_dir it was given is the answer."""
 
     def recording_load(*args, **kwargs):
-        seen.append(kwargs.get("data_dir"))
-        return load(*args, **kwargs)
-    load = datasets.load
+        raise Loaded(kwargs.get("data_dir"))
     monkeypatch.setattr(evaluate.datasets, "load", recording_load)
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     config = json.loads((copy / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps(dict(config, data_dir="/elsewhere/data")))
-    evaluate.evaluate_run(copy, out=tmp_path / "a")
-    assert set(seen) == {None} and "data_dir /elsewhere/data is not a directory here" in \
-        capsys.readouterr().err
-    seen.clear()
-    (copy / "config.json").write_text(json.dumps(dict(config, data_dir=str(tmp_path))))
-    evaluate.evaluate_run(copy, out=tmp_path / "b")
-    assert set(seen) == {str(tmp_path)}
+    for saved, given, used in [("/elsewhere/data", None, None), (str(tmp_path), None, tmp_path),
+                               ("/elsewhere/data", tmp_path, tmp_path)]:
+        (copy / "config.json").write_text(json.dumps(dict(config, data_dir=saved)))
+        with pytest.raises(Loaded) as info:
+            evaluate.evaluate_run(copy, data_dir=given)
+        got = info.value.args[0]
+        assert got is None if used is None else str(got) == str(used)
+        noted = "data_dir /elsewhere/data is not a directory here" in capsys.readouterr().err
+        assert noted == (given is None and saved == "/elsewhere/data")
 
 
 def test_the_default_checkpoint_is_the_runs_eval_checkpoint(run_dir, tmp_path):

@@ -210,6 +210,10 @@ def init_stats(num_classes: int, num_bins: int = 15, *, convention: str = "refer
         use the convention's equal-width edges.
     """
     _check_options(num_bins, convention)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+            or num_classes < 2:
+        raise ValueError(f"`num_classes` must be a Python int >= 2 (the logits' last axis), got "
+                         f"{num_classes!r}.")
     if edges is None:
         edges = bin_edges(num_bins, convention=convention)
     edges = jnp.asarray(edges, dtype=jnp.float32)

@@ -209,6 +209,9 @@ def test_merge_refuses_stats_that_do_not_add_up_and_empty_stats_give_nan():
     empty = metrics.metrics_from_stats(metrics.init_stats(4))  # was ECE 0, accuracy 0
     assert int(empty["num_samples"]) == 0
     assert all(np.isnan(v) for k, v in empty.items() if k != "num_samples")
+    for bad in (0, 1, -3, 2.0, True, "4"):  # 0 gave stats no logits fit; -3 a shape error
+        with pytest.raises(ValueError, match=r"`num_classes` must be a Python int >= 2"):
+            metrics.init_stats(bad)
 
 
 def test_merge_and_psum_stats_across_devices():

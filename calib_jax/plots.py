@@ -104,8 +104,17 @@ def confidence_histogram(confidences, correct, *, num_bins: int = 15, title: str
       confidences: ``[N]`` max softmax probabilities.
       correct: ``[N]`` booleans (prediction == label).
     """
-    conf = np.asarray(confidences, np.float64)
-    acc = float(np.mean(np.asarray(correct, bool)))
+    conf, hits = np.asarray(confidences, np.float64), np.asarray(correct)
+    if conf.ndim != 1 or conf.size == 0 or hits.shape != conf.shape:
+        raise ValueError(f"`confidences` and `correct` must be non-empty [N] arrays of one "
+                         f"length, got shapes {conf.shape} and {hits.shape}.")
+    # Outside [0, 1] a value would fall off the bins while still counting in the fractions.
+    if not np.all((conf >= 0) & (conf <= 1)):
+        raise ValueError("`confidences` must be probabilities in [0, 1] (max softmax "
+                         "probabilities, e.g. metrics.top_label_confidence(logits)), not logits.")
+    if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
+        raise ValueError(f"`num_bins` must be a positive int, got {num_bins!r}.")
+    acc = float(np.mean(hits.astype(bool)))
     fig, ax = _figure_and_axes(ax, (3.6, 3.0))
     ax.hist(conf, bins=np.linspace(0, 1, num_bins + 1), weights=np.full(conf.shape, 1 / conf.size),
             color="#3b75af", edgecolor="black", linewidth=0.6)
@@ -118,6 +127,8 @@ def confidence_histogram(confidences, correct, *, num_bins: int = 15, title: str
 
 def roc_curves(curves, *, title: str = "", ax=None):
     """ROC curves from :func:`calib_jax.ood.roc_curve`: ``{label: (RocCurve, auroc)}``."""
+    if not curves:
+        raise ValueError("`curves` is empty; pass {label: (ood.roc_curve(...), auroc)}.")
     fig, ax = _figure_and_axes(ax, (3.6, 3.6))
     for label, (curve, auroc) in curves.items():
         ax.plot(curve.fpr, curve.tpr, label=f"{label} (AUROC {100 * auroc:.2f}%)", linewidth=1.2)

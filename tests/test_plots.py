@@ -49,6 +49,13 @@ def test_confidence_histogram():
     assert len(heights) == 15 and np.isclose(heights.sum(), 1.0) and np.all(np.isfinite(heights))
     assert len(ax.lines) == 2  # accuracy and mean-confidence lines
     assert "accuracy" in ax.get_legend_handles_labels()[1][0]
+    # Each of these drew a figure that silently left samples out of its bars.
+    for args, kwargs, match in [((conf, correct[:-1]), {}, "one length"),
+                                ((conf[:0], correct[:0]), {}, "non-empty"),
+                                ((conf * 3, correct), {}, r"probabilities in \[0, 1\]"),
+                                ((conf, correct), {"num_bins": 0}, "`num_bins`")]:
+        with pytest.raises(ValueError, match=match):
+            plots.confidence_histogram(*args, **kwargs)
 
 
 def test_roc_and_temperature_curves():
@@ -61,6 +68,8 @@ def test_roc_and_temperature_curves():
     ax = fig.axes[0]
     assert len(ax.lines) == 2 and "AUROC" in ax.get_legend_handles_labels()[1][0]
     assert all(np.all(np.isfinite(line.get_ydata())) for line in ax.lines)
+    with pytest.raises(ValueError, match="`curves` is empty"):
+        plots.roc_curves({})
     labels = rng.integers(0, 4, 100)
     search = calibration.temperature_grid_search(z_in, labels)
     fig = plots.temperature_curves(search)

@@ -908,8 +908,10 @@ def _check_finite_epoch(config, epoch: int, names, loss_sums, vals, saved_epoch:
                f"(clip_norm now {config.clip_norm}; 0 = off)")
     message += f" or dtype float32 (now {config.dtype})." if config.dtype != "float32" else "."
     if others:
-        message += (f" The other members ({', '.join(others)}) were finite: to train them on, "
-                    f"list only them in `loss` / `seeds` (same --workdir).")
+        message += (f" The other members ({', '.join(others)}) were finite; each member's "
+                    f"directory is a complete run: train one on alone with --workdir "
+                    f"<workdir>/<member> and its own loss and seed, or several as a group by "
+                    f"listing only them in `loss` / `seeds` (the same --workdir).")
     raise TrainingDivergedError(message)
 
 

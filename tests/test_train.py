@@ -902,6 +902,7 @@ def test_divergence_message_names_the_members():
             "focal3: training loss not finite)") in message
     assert "Checkpoints kept: none" in message and "dtype float32 (now bfloat16)" in message
     assert "The other members (brier)" not in message  # brier diverged too
-    with pytest.raises(train.TrainingDivergedError, match=r"The other members \(brier\) were "):
+    with pytest.raises(train.TrainingDivergedError, match=r"The other members \(brier\) were "
+                                                          r"finite.*--workdir <workdir>/<member>"):
         train._check_finite_epoch(config, 3, ["ce", "brier"], np.array([np.nan, 2.0]),
                                   [finite, finite], 0)

@@ -223,8 +223,9 @@ def main(argv=None):
             print(f"FAILED {spec + rest}: {type(error).__name__}: {error}", file=sys.stderr,
                   flush=True)
     if failed:
-        print(f"{len(failed)} of {len(jobs)} runs failed (rerun the same command to retry "
-              f"them; finished cells are skipped): {'; '.join(failed)}", file=sys.stderr)
+        print(f"{len(failed)} of {len(jobs)} runs failed (see each FAILED line; once its cause "
+              f"is fixed, rerun the same command: finished cells are skipped; a diverged run "
+              f"diverges again unless its recipe changes): {'; '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 

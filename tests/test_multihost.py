@@ -14,10 +14,12 @@ import experiment_configs
 from calib_jax import checkpoints, train
 
 REPO = Path(__file__).resolve().parents[1]
-# Two members, two epochs, a checkpoint every epoch: eight Orbax managers' background saves
-# in flight together (periodic + best, per member) while the next epoch trains.
+# Two members, two epochs of 3 steps (a 192-image subset: the collectives and saves, not the
+# amount of training, are what this test checks), a checkpoint every epoch: eight Orbax
+# managers' background saves in flight together (periodic + best, per member) while the next
+# epoch trains.
 OVERRIDES = ("dataset=synthetic,model=resnet8,num_epochs=2,batch_size=64,checkpoint_every_epochs=1,"
-             "loss=[ce,flsd53]")
+             "train_subset=192,eval_batch_size=128,loss=[ce,flsd53]")
 
 
 def free_port():

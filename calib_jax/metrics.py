@@ -85,8 +85,7 @@ REFERENCE_EDGES_15 = np.array([
 
 
 def _check_options(num_bins, convention):
-    if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
-        raise ValueError(f"`num_bins` must be a positive Python int, got {num_bins!r}.")
+    validation.check_count(num_bins, "num_bins")
     if convention not in CONVENTIONS:
         raise ValueError(f"`convention` must be one of {CONVENTIONS}, got {convention!r}.")
 
@@ -210,10 +209,7 @@ def init_stats(num_classes: int, num_bins: int = 15, *, convention: str = "refer
         use the convention's equal-width edges.
     """
     _check_options(num_bins, convention)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
-            or num_classes < 2:
-        raise ValueError(f"`num_classes` must be a Python int >= 2 (the logits' last axis), got "
-                         f"{num_classes!r}.")
+    validation.check_count(num_classes, "num_classes", minimum=2)
     if edges is None:
         edges = bin_edges(num_bins, convention=convention)
     edges = jnp.asarray(edges, dtype=jnp.float32)

@@ -12,7 +12,7 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from calib_jax import metrics
+from calib_jax import metrics, validation
 
 __all__ = ["confidence_histogram", "reliability_diagram", "reliability_panel", "roc_curves",
            "temperature_curves"]
@@ -112,8 +112,7 @@ def confidence_histogram(confidences, correct, *, num_bins: int = 15, title: str
     if not np.all((conf >= 0) & (conf <= 1)):
         raise ValueError("`confidences` must be probabilities in [0, 1] (max softmax "
                          "probabilities, e.g. metrics.top_label_confidence(logits)), not logits.")
-    if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
-        raise ValueError(f"`num_bins` must be a positive int, got {num_bins!r}.")
+    validation.check_count(num_bins, "num_bins")
     acc = float(np.mean(hits.astype(bool)))
     fig, ax = _figure_and_axes(ax, (3.6, 3.0))
     ax.hist(conf, bins=np.linspace(0, 1, num_bins + 1), weights=np.full(conf.shape, 1 / conf.size),

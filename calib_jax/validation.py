@@ -30,6 +30,7 @@ from jax.experimental import checkify
 __all__ = [
     "check_logits",
     "check_logits_and_labels",
+    "check_count",
     "checkify_inputs",
     "compute_dtype",
     "is_concrete",
@@ -40,6 +41,14 @@ __all__ = [
 def is_concrete(*arrays: Any) -> bool:
     """True when none of ``arrays`` is a JAX tracer (so values can be read)."""
     return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def check_count(value, name: str, *, minimum: int = 1) -> None:
+    """Raises ``ValueError`` unless ``value`` is a Python / NumPy int (not a bool) >= ``minimum``:
+    a static size (bins, classes) that shapes arrays, so a float or a bool is refused too."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        kind = "a positive Python int" if minimum == 1 else f"a Python int >= {minimum}"
+        raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
 
 
 def compute_dtype(dtype) -> jnp.dtype:

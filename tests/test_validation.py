@@ -56,3 +56,13 @@ def test_checkify_inputs_reports_bad_labels_and_nan():
     assert "`labels` must lie" in err.get()
     err, _ = f(jnp.zeros((2, 3)).at[0, 0].set(jnp.inf), jnp.array([0, 1]))
     assert "NaN or infinite" in err.get()
+
+
+def test_check_count_takes_ints_at_or_above_the_minimum():
+    validation.check_count(15, "num_bins")
+    validation.check_count(np.int64(2), "num_classes", minimum=2)
+    for bad in (0, -1, 1.0, 1.5, True, "3", None):
+        with pytest.raises(ValueError, match=r"`num_bins` must be a positive Python int, got"):
+            validation.check_count(bad, "num_bins")
+    with pytest.raises(ValueError, match=r"`num_classes` must be a Python int >= 2, got 1\."):
+        validation.check_count(1, "num_classes", minimum=2)

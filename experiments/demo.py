@@ -157,8 +157,8 @@ def main(argv=None):
             "test_images": splits["test"].inputs[first],
             "test_labels": splits["test"].labels[first], "ood_images": corrupted.inputs[first]}
     print(f"CIFAR-10 from {splits['train'].source} (a lossy JPEG copy: label results as such); "
-          f"training {args.model} on {args.train_size} of the 45,000 training images for "
-          f"{args.epochs} epochs, jax {jax.__version__} on {jax.devices()[0].platform}")
+          f"training {args.model} on {args.train_size} of the {CIFAR10_TRAIN:,} training images "
+          f"for {args.epochs} epochs, jax {jax.__version__} on {jax.devices()[0].platform}")
     results, all_bins = {}, {}
     for loss_name in LOSSES:
         state = train_one(loss_name, data, args, mean, std)

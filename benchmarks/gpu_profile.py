@@ -446,7 +446,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line (``argv``; None: ``sys.argv``), checked: unknown variants, a negative
     ``--rounds`` and ``--trace-variants`` outside ``--variants`` are usage errors (exit 2).
     ``variants`` and ``trace_variants`` come back as lists of names."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))

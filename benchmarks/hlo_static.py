@@ -354,7 +354,8 @@ def summarize(kernels, steps=1, card="h200", batch=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")

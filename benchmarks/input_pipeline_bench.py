@@ -18,7 +18,8 @@ from calib_jax.data import datasets, pipeline
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("--batch-sizes", default="128,1024")
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()

@@ -171,7 +171,8 @@ def bench_size(n, c, repeats, numpy_repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("--sizes", default="10000x100,100000x1000")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--numpy-repeats", type=int, default=1)

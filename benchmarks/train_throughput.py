@@ -341,7 +341,8 @@ def _print_row(r):
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line (``argv``; None: ``sys.argv``); exits with a usage error on a bad one."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("--models", default="resnet50")
     parser.add_argument("--batch-sizes", default="128,1024")
     parser.add_argument("--dtypes", default="bfloat16,float32")

@@ -1,7 +1,7 @@
 """The evaluation pass: checkpoint -> logits -> temperature search -> calibration report.
 
 ``python -m calib_jax.evaluate --workdir runs/X [--checkpoint final|best|latest|EPOCH]
-[--criterion ece|nll] [--out DIR] [--data_dir DIR]``
+[--criterion ece|nll] [--out DIR] [--data-dir DIR]``
 
 The checkpoint defaults to the run's ``config.eval_checkpoint``: ``final`` (the last epoch,
 the reference's protocol for the image data sets) or ``best`` (the highest validation
@@ -119,7 +119,7 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
     if not data_dir and config.get("data_dir") and not Path(config.data_dir).is_dir():
         # Trained on another machine: its data directory is not here, so search the defaults.
         print(f"note: the run's data_dir {config.data_dir} is not a directory here; searching "
-              f"${sources.ENV_DATA_DIR}, ../shared/data, then TFDS (--data_dir to choose)",
+              f"${sources.ENV_DATA_DIR}, ../shared/data, then TFDS (--data-dir to choose)",
               file=sys.stderr)
     else:
         data_dir = data_dir or config.get("data_dir") or None
@@ -251,14 +251,16 @@ def markdown_report(results: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--checkpoint", default=None,
                         help="final, best, latest, or an epoch number (default: the run's "
                              "config.eval_checkpoint: final; best for 20 Newsgroups and SST)")
     parser.add_argument("--criterion", default="ece", choices=list(calibration.CRITERIA))
     parser.add_argument("--out", default=None)
-    parser.add_argument("--data_dir", default=None)
+    # --data-dir as the demo spells it; --data_dir (the first spelling) still works.
+    parser.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None)
     args = parser.parse_args(argv)
     if args.checkpoint not in (None, "final", "best", "latest") and \
             not args.checkpoint.isdigit():

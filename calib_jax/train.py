@@ -1358,10 +1358,19 @@ def main(argv=None):
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(_):
+        config = flags_.config
+        try:
+            # ml_collections defers a missing or unreadable file's error to the config's first
+            # use, where it surfaced as a 40-line traceback from inside the config check.
+            config.get("loss")
+        except OSError as e:
+            why = str(e.__cause__ or e).strip().splitlines()[-1].strip()  # "[Errno 2] No such..."
+            sys.exit(f"--config: cannot read the config file: {why}\nGive a Python file with "
+                     f"get_config(), e.g. experiments/configs/cifar10.py[:key=value,...]")
         if not flags_["verbosity"].present:
             quiet_orbax_info_logs()
         maybe_initialize_distributed(flags_.distributed)
-        train_and_evaluate(flags_.config, flags_.workdir)
+        train_and_evaluate(config, flags_.workdir)
 
     app.run(run, argv=argv)
 

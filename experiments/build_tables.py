@@ -349,7 +349,8 @@ def _tables(results, workroots) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("--workroot", default="runs/paper",
                         help="the --workroot of experiments/sweep.py; several, comma "
                              "separated, are replicates (one per seed): mean ± std")

@@ -105,7 +105,8 @@ def table(results) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--model", default="resnet8", choices=["resnet8", "resnet20"])
     parser.add_argument("--epochs", type=int, default=6)

@@ -127,7 +127,8 @@ def finished(workdir, config) -> tuple[bool, str]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("--cells", required=True,
                         help="comma-separated shell-style patterns over dataset/model/loss, "
                              "e.g. 'cifar10/*/*,cifar100/resnet110/flsd53'")

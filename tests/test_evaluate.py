@@ -151,3 +151,10 @@ def test_cli_and_bad_arguments(run_dir, tmp_path, capsys):
         evaluate.main(["--workdir", str(run_dir), "--checkpoint", "newest"])
     with pytest.raises(FileNotFoundError, match="config.json"):
         evaluate.evaluate_run(tmp_path / "empty")
+    # --data-dir as the demo spells it, --data_dir as before; both checked before any compute.
+    for flag in ("--data-dir", "--data_dir"):
+        with pytest.raises(datasets.DataNotFoundError, match="nowhere: no such directory"):
+            evaluate.main(["--workdir", str(run_dir), flag, str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit):  # an abbreviation is refused, not taken for --criterion
+        evaluate.main(["--workdir", str(run_dir), "--crit", "nll"])
+    assert "unrecognized arguments: --crit" in capsys.readouterr().err

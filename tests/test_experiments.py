@@ -415,6 +415,7 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     (["--lr", "-0.1"], "--lr must be a positive number"),
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--eval-size", "-5"], "--eval-size must be >= 0"),
+    (["--eval", "500"], "unrecognized arguments: --eval"),  # not taken for --eval-size
 ])
 def test_demo_refuses_bad_arguments_before_reading_data(args, message, capsys, monkeypatch):
     import demo

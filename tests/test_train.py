@@ -476,6 +476,19 @@ def test_unknown_config_field_is_rejected():
         load_config("lossy=ce")
 
 
+def test_cli_names_a_config_file_it_cannot_read(tmp_path):
+    """A misspelt --config path: one message naming the flag and the cause (it was a 40-line
+    traceback from inside the config check), before anything is written."""
+    for path in (tmp_path / "cifar01.py", tmp_path):
+        done = subprocess.run(
+            ["timeout", "-k", "10", "120", sys.executable, "-m", "calib_jax.train",
+             f"--config={path}:loss=ce", f"--workdir={tmp_path / 'run'}"],
+            env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert "--config: cannot read the config file: [Errno" in done.stderr
+        assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+
+
 SHARED = REPO.parent / "shared" / "data"
 
 

@@ -39,8 +39,8 @@ from calib_jax import calibration, checkpoints, metrics, ood, plots, train
 from calib_jax.data import datasets, sources
 from calib_jax.files import atomic_save_figure, atomic_write_text
 
-__all__ = ["default_out_name", "evaluate_run", "markdown_report", "main", "member_dirs",
-           "table_checkpoint", "test_report"]
+__all__ = ["check_finished", "default_out_name", "evaluate_run", "markdown_report", "main",
+           "member_dirs", "table_checkpoint", "test_report"]
 
 OOD_SETS = {"cifar10": ("svhn", "cifar10_c"), "cifar100": ("svhn", "cifar10_c"),
             "synthetic": ("synthetic_c",)}
@@ -65,11 +65,30 @@ def restore_checkpoint(config, workdir, which: str, num_classes: int, example_sh
     if restored is None:
         raise FileNotFoundError(f"no readable {which!r} checkpoint in {workdir}")
     state, meta = restored
-    if which == "final" and not meta.get("final"):
-        raise ValueError(f"the run in {workdir} has not finished (latest checkpoint: epoch "
-                         f"{meta['epoch']} of {config.num_epochs}); pass --checkpoint latest "
-                         f"to evaluate it anyway.")
+    if which == "final" and meta["epoch"] != config.num_epochs:
+        # The run's last checkpoint is there (check_finished) but could not be read: the
+        # restore fell back to an earlier one, with a warning.
+        raise ValueError(f"the last checkpoint of the run in {workdir} (epoch "
+                         f"{config.num_epochs}) could not be read; the newest readable one is "
+                         f"epoch {meta['epoch']}: pass --checkpoint latest to evaluate that.")
     return state, meta
+
+
+def check_finished(workdir, config, which: str) -> None:
+    """Refuses to evaluate a run that has not reached ``config.num_epochs`` as ``which``
+    (``"final"``, or the ``config.eval_checkpoint`` the tables report): the run's final or best
+    checkpoint does not exist yet. Reads folder names only, so it runs before any data is
+    loaded. ``config.json`` holds the latest program's ``num_epochs``: a finished run that was
+    lengthened and is training on is not finished (its old last checkpoint says
+    ``final``)."""
+    trained = max(checkpoints.saved_epochs(workdir, "latest"), default=0)
+    if trained >= config.num_epochs:
+        return
+    anyway = ("--checkpoint latest to evaluate the newest checkpoint" if which == "final" else
+              f"--checkpoint {which} to evaluate the {which} so far")
+    raise ValueError(f"the run in {workdir} has not finished (latest checkpoint: epoch "
+                     f"{trained} of {config.num_epochs}), so its {which} checkpoint is not "
+                     f"there yet; pass {anyway} anyway.")
 
 
 def _ood_scores(test_logits, ood_logits):
@@ -96,9 +115,9 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
     """Runs the evaluation pass (see the module docstring) and returns the results dict.
 
     ``which``: ``"final"``, ``"best"``, ``"latest"`` or an epoch; None (default) takes the
-    run's ``config.eval_checkpoint`` (:func:`table_checkpoint`), and refuses a run that has not
-    finished, whichever checkpoint that names (a table's "best" is the best of the whole run;
-    ``which="best"`` evaluates the best so far)."""
+    run's ``config.eval_checkpoint`` (:func:`table_checkpoint`). ``"final"`` and the default
+    refuse a run that has not finished (:func:`check_finished`; a table's "best" is the best of
+    the whole run); ``which="best"`` evaluates the best so far, ``"latest"`` the newest."""
     if criterion not in calibration.CRITERIA:
         raise ValueError(f"`criterion` must be one of {calibration.CRITERIA}, got {criterion!r}.")
     workdir = Path(workdir)
@@ -108,14 +127,9 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"`out` = {out} is a file; give a directory (the results, plots and "
                          f"report go into it)")
-    if which is None:
-        which = table_checkpoint(config)
-        trained = max(checkpoints.saved_epochs(workdir, "latest"), default=0)
-        if which != "final" and trained < config.num_epochs:  # "final" checks it on restore
-            raise ValueError(f"the run in {workdir} has not finished (latest checkpoint: epoch "
-                             f"{trained} of {config.num_epochs}), so its best checkpoint "
-                             f"(config.eval_checkpoint) is not the run's yet; pass --checkpoint "
-                             f"{which} to evaluate the best so far anyway.")
+    if which is None or which == "final":
+        which = which or table_checkpoint(config)
+        check_finished(workdir, config, which)
     if not data_dir and config.get("data_dir") and not Path(config.data_dir).is_dir():
         # Trained on another machine: its data directory is not here, so search the defaults.
         print(f"note: the run's data_dir {config.data_dir} is not a directory here; searching "

@@ -125,6 +125,32 @@ def test_unfinished_run_needs_latest(tmp_path):
     assert evaluate.evaluate_run(tmp_path, which="latest")["epoch"] == 1
 
 
+def test_final_is_the_last_epoch_of_the_runs_config(tmp_path):
+    """A finished run lengthened on resume (its config.json now asks for more epochs) has not
+    finished, though its old last checkpoint says "final"; a last checkpoint that cannot be
+    read is not replaced by an earlier one under the name "final"."""
+    from calib_jax import checkpoints
+    config = tiny_config(num_epochs=2)
+    state = train.state_for_config(config, 4, (32, 32, 3))
+    ckpt = checkpoints.RunCheckpoints(tmp_path)
+    ckpt.save(1, state, {"final": False})
+    ckpt.save(2, state, {"final": True})
+    ckpt.close()
+    (tmp_path / "config.json").write_text(tiny_config(num_epochs=5).to_json())
+    for which in ("final", None):
+        with pytest.raises(ValueError, match=r"not finished \(latest checkpoint: epoch 2 of 5\)"):
+            evaluate.evaluate_run(tmp_path, which=which)
+    (tmp_path / "config.json").write_text(config.to_json())
+    for path in (tmp_path / "checkpoints" / "2").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0 and "meta" not in str(path):
+            path.write_bytes(b"\0garbage" * 3)
+    with pytest.warns(RuntimeWarning, match="could not be read"), \
+            pytest.raises(ValueError, match=r"\(epoch 2\) could not be read; the newest "
+                                            r"readable one is epoch 1"):
+        evaluate.evaluate_run(tmp_path, which="final")
+    assert not (tmp_path / "eval_final").exists()
+
+
 def test_a_diverged_checkpoint_is_named_as_such(tmp_path):
     import jax
     import jax.numpy as jnp

@@ -53,8 +53,8 @@ from calib_jax import losses
 from calib_jax.data import pipeline
 from calib_jax.files import atomic_write_text
 
-__all__ = ["EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES", "LossSpec", "RESUMABLE_FIELDS",
-           "TrainState", "TrainingDivergedError", "batch_loss", "batch_sharding",
+__all__ = ["EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES", "ConfigError", "LossSpec",
+           "RESUMABLE_FIELDS", "TrainState", "TrainingDivergedError", "batch_loss", "batch_sharding",
            "check_resumable", "clip_by_global_norm", "config_differences", "create_train_state",
            "default_member_mode", "default_steps_per_call", "default_unroll", "exit_on_sigterm",
            "field_differences", "global_norm", "make_optimizer", "multi_train_steps",
@@ -688,14 +688,19 @@ def config_differences(run_dir, config, *, ignore=RESUMABLE_FIELDS) -> list[str]
         json.loads(path.read_text()), json.loads(config.to_json()), ignore=ignore)]
 
 
+class ConfigError(ValueError):
+    """A config or work directory that cannot train as given, refused before any compute; the
+    message names the field (``config.<field> = <value>``) or the directory, and the fix."""
+
+
 def check_resumable(run_dir, config) -> None:
     """Refuses to resume ``run_dir`` with a config that computes something else.
 
     A run directory that already holds training (a checkpoint or a log record) and whose
     ``config.json`` differs from ``config`` in a field outside ``RESUMABLE_FIELDS`` (the loss,
-    gamma, learning rate, seed, dtype, ...) raises ``ValueError`` naming each such field with
-    its old and new value, before any compute: resuming would train the rest of the run under
-    another recipe and overwrite the record of the first. (A different model is caught too,
+    gamma, learning rate, seed, dtype, ...) raises :class:`ConfigError` (a ``ValueError``)
+    naming each such field with its old and new value, before any compute: resuming would train
+    the rest of the run under another recipe and overwrite the record of the first. (A different model is caught too,
     here rather than by the checkpoint's tree structure.) Fields that only one side has
     (written by another calib_jax version) are not compared. A directory without training,
     e.g. a run killed in its first epoch, may be reused with any config. A ``num_epochs``
@@ -708,7 +713,7 @@ def check_resumable(run_dir, config) -> None:
     trained = (log.exists() and log.stat().st_size > 0) or any(saved.values())
     changed = config_differences(run_dir, config) if trained else None
     if changed:
-        raise ValueError(
+        raise ConfigError(
             f"workdir {run_dir} holds a run of another configuration ({run_dir}/config.json): "
             f"{'; '.join(changed)}. Use a new --workdir, or resume with the run's own config "
             f"(only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume).")
@@ -716,7 +721,7 @@ def check_resumable(run_dir, config) -> None:
     if newest > config.num_epochs:
         # Its config.json would say num_epochs while its final state (and every evaluation of
         # it) is of a longer run.
-        raise ValueError(
+        raise ConfigError(
             f"workdir {run_dir} has trained {newest} epochs, more than config.num_epochs = "
             f"{config.num_epochs}: a run can be shortened only before it gets there. Resume "
             f"with num_epochs >= {newest}, or use a new --workdir (an earlier checkpoint of "
@@ -728,21 +733,22 @@ def _check_run_layout(workdir: Path, *, several: bool) -> None:
     """Refuses to mix a single run and a group of runs in one work directory: the evaluation
     pass (``evaluate.member_dirs``) would see only one of them."""
     if several and (workdir / "config.json").exists():
-        raise ValueError(f"workdir {workdir} holds a single run ({workdir}/config.json); train "
+        raise ConfigError(f"workdir {workdir} holds a single run ({workdir}/config.json); train "
                          f"several runs in a new workdir (each member goes to <workdir>/<name>)")
     if not several and (workdir / "members.json").exists():
         listed = json.loads((workdir / "members.json").read_text()).get("members", [])
-        raise ValueError(f"workdir {workdir} holds a group of runs (members.json: "
+        raise ConfigError(f"workdir {workdir} holds a group of runs (members.json: "
                          f"{', '.join(listed)}); train this run in a directory of its own, or "
                          f"with the group's members as one more member (loss=[...])")
 
 
 def validate_config(config, num_devices: int) -> None:
-    """Raises ``ValueError`` naming the field for any bad value, before any compute."""
+    """Raises :class:`ConfigError` (a ``ValueError``) naming the field for any bad value,
+    before any compute."""
     from calib_jax import models as model_zoo
 
     def bad(field, why):
-        raise ValueError(f"config.{field} = {config.get(field)!r}: {why}")
+        raise ConfigError(f"config.{field} = {config.get(field)!r}: {why}")
 
     tokens = loss_tokens(config.loss)
     if not tokens:
@@ -1107,7 +1113,7 @@ def train_and_evaluate(config, workdir):
 
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
-        raise ValueError(f"workdir {workdir} is a file; give a directory (new, or a run's)")
+        raise ConfigError(f"workdir {workdir} is a file; give a directory (new, or a run's)")
     mesh = pipeline.data_mesh()
     validate_config(config, mesh.size)
     members = run_members(config)
@@ -1126,7 +1132,7 @@ def train_and_evaluate(config, workdir):
     val_split = datasets.load(config.dataset, "val", data_dir=data_dir, **options)
     images, labels = train_split.inputs, train_split.labels
     if config.train_subset > len(labels):
-        raise ValueError(f"config.train_subset = {config.train_subset}: larger than the "
+        raise ConfigError(f"config.train_subset = {config.train_subset}: larger than the "
                          f"training split ({len(labels)} examples); use 0 for all of them")
     if config.train_subset:
         # Drawn with config.seed: members share it (validate_config refuses several seeds).
@@ -1370,7 +1376,12 @@ def main(argv=None):
         if not flags_["verbosity"].present:
             quiet_orbax_info_logs()
         maybe_initialize_distributed(flags_.distributed)
-        train_and_evaluate(config, flags_.workdir)
+        from calib_jax.data.sources import DataNotFoundError
+        try:
+            train_and_evaluate(config, flags_.workdir)
+        except (ConfigError, DataNotFoundError, TrainingDivergedError) as e:
+            # Their messages say what is wrong and what to do; a traceback adds nothing.
+            sys.exit(f"{type(e).__name__}: {e}")
 
     app.run(run, argv=argv)
 

@@ -476,17 +476,24 @@ def test_unknown_config_field_is_rejected():
         load_config("lossy=ce")
 
 
-def test_cli_names_a_config_file_it_cannot_read(tmp_path):
-    """A misspelt --config path: one message naming the flag and the cause (it was a 40-line
-    traceback from inside the config check), before anything is written."""
-    for path in (tmp_path / "cifar01.py", tmp_path):
+def test_cli_states_refusals_in_one_message(tmp_path):
+    """The training command's refusals before any compute are one message each, not a
+    traceback: a misspelt --config path (a 40-line traceback from inside the config check), a
+    bad config value, a work directory that is a file."""
+    (tmp_path / "a_file").write_text("kept")
+    for path, overrides, workdir, message in (
+            (tmp_path / "cifar01.py", "loss=ce", "run", "--config: cannot read the config "
+                                                         "file: [Errno 2]"),
+            (tmp_path, "loss=ce", "run", "--config: cannot read the config file: [Errno"),
+            (CONFIG, "loss=flsd35", "run", "ConfigError: config.loss = 'flsd35': unknown loss"),
+            (CONFIG, "loss=ce", "a_file", "ConfigError: workdir ")):
         done = subprocess.run(
             ["timeout", "-k", "10", "120", sys.executable, "-m", "calib_jax.train",
-             f"--config={path}:loss=ce", f"--workdir={tmp_path / 'run'}"],
+             f"--config={path}:{overrides}", f"--workdir={tmp_path / workdir}"],
             env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, cwd=REPO)
         assert done.returncode == 1, done.stderr[-2000:]
-        assert "--config: cannot read the config file: [Errno" in done.stderr
-        assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+        assert message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / "run").exists() and (tmp_path / "a_file").read_text() == "kept"
 
 
 SHARED = REPO.parent / "shared" / "data"

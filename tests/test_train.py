@@ -387,7 +387,7 @@ def test_bad_config_fails_before_any_compute(override, field, tmp_path, monkeypa
     config = load_config(SMOKE + "," + override)
     from calib_jax.data import datasets
     monkeypatch.setattr(datasets, "load", lambda *a, **k: pytest.fail("data was loaded"))
-    with pytest.raises(ValueError, match=f"config.{field}"):
+    with pytest.raises(train.ConfigError, match=f"config.{field}"):
         train.train_and_evaluate(config, tmp_path)  # 4 CPU devices: batch 6 is not divisible
     assert not (tmp_path / "checkpoints").exists()
 
@@ -399,11 +399,13 @@ def test_a_single_run_and_a_group_never_share_a_workdir(tmp_path, monkeypatch):
     group, single = tmp_path / "group", tmp_path / "single"
     group.mkdir()
     (group / "members.json").write_text(json.dumps({"members": ["ce", "flsd53"]}))
-    with pytest.raises(ValueError, match=r"holds a group of runs \(members.json: ce, flsd53\)"):
+    with pytest.raises(train.ConfigError,
+                       match=r"holds a group of runs \(members.json: ce, flsd53\)"):
         train.train_and_evaluate(load_config(SMOKE + ",loss=brier"), group)
     single.mkdir()
     (single / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"holds a single run .*train several runs in a new"):
+    with pytest.raises(train.ConfigError,
+                       match=r"holds a single run .*train several runs in a new"):
         train.train_and_evaluate(load_config(SMOKE + ",loss=[ce,brier]"), single)
     assert sorted(p.name for p in tmp_path.rglob("*")) == [
         "config.json", "group", "members.json", "single"]
@@ -411,7 +413,7 @@ def test_a_single_run_and_a_group_never_share_a_workdir(tmp_path, monkeypatch):
 
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "run").write_text("kept")
-    with pytest.raises(ValueError, match="workdir .*run is a file; give a directory"):
+    with pytest.raises(train.ConfigError, match="workdir .*run is a file; give a directory"):
         train.train_and_evaluate(load_config(SMOKE), tmp_path / "run")
     assert (tmp_path / "run").read_text() == "kept"
 
@@ -419,7 +421,7 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
 def test_a_train_subset_larger_than_the_split_is_refused(tmp_path):
     # It used to train on the whole split, silently.
     config = load_config(SMOKE + ",train_subset=100000")
-    with pytest.raises(ValueError, match=r"config.train_subset = 100000: larger than the "
+    with pytest.raises(train.ConfigError, match=r"config.train_subset = 100000: larger than the "
                                          r"training split \(\d+ examples\)"):
         train.train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
@@ -432,8 +434,8 @@ def test_a_trained_workdir_refuses_a_config_that_computes_something_else(
     from calib_jax.data import datasets
     monkeypatch.setattr(datasets, "load", lambda *a, **k: pytest.fail("data was loaded"))
     changed = load_config(SMOKE + ",loss=flsd53,learning_rate=0.5")
-    with pytest.raises(ValueError, match=r"loss 'ce' -> 'flsd53'; learning_rate 0\.1 -> 0\.5\. "
-                                         r"Use a new --workdir"):
+    with pytest.raises(train.ConfigError, match=r"loss 'ce' -> 'flsd53'; learning_rate 0\.1 -> "
+                                                r"0\.5\. Use a new --workdir"):
         train.train_and_evaluate(changed, run)
     assert ((run / "config.json").read_text(), (run / "log.jsonl").read_text()) == before
     # What only decides how the run is executed, logged or saved may change; so may a field
@@ -442,7 +444,8 @@ def test_a_trained_workdir_refuses_a_config_that_computes_something_else(
                                                    "eval_batch_size=64,checkpoint_every_epochs=2"))
     # Shorter than what it has trained (2 epochs): refused, before the data (it used to rewrite
     # config.json with num_epochs=1 beside the epoch-2 state, and evaluate that as final).
-    with pytest.raises(ValueError, match=r"has trained 2 epochs, more than config.num_epochs = 1"):
+    with pytest.raises(train.ConfigError,
+                       match=r"has trained 2 epochs, more than config.num_epochs = 1"):
         train.train_and_evaluate(load_config(SMOKE + ",num_epochs=1"), run)
     assert ((run / "config.json").read_text(), (run / "log.jsonl").read_text()) == before
     extra = load_config(SMOKE)
@@ -467,7 +470,7 @@ def test_a_trained_workdir_refuses_a_config_that_computes_something_else(
     (fresh / "log.jsonl").write_text("")
     train.check_resumable(fresh, changed)
     (fresh / "checkpoints" / "1").mkdir(parents=True)
-    with pytest.raises(ValueError, match="loss 'ce' -> 'flsd53'"):
+    with pytest.raises(train.ConfigError, match="loss 'ce' -> 'flsd53'"):
         train.check_resumable(fresh, changed)
 
 
@@ -478,22 +481,19 @@ def test_unknown_config_field_is_rejected():
 
 def test_cli_states_refusals_in_one_message(tmp_path):
     """The training command's refusals before any compute are one message each, not a
-    traceback: a misspelt --config path (a 40-line traceback from inside the config check), a
-    bad config value, a work directory that is a file."""
-    (tmp_path / "a_file").write_text("kept")
-    for path, overrides, workdir, message in (
-            (tmp_path / "cifar01.py", "loss=ce", "run", "--config: cannot read the config "
-                                                         "file: [Errno 2]"),
-            (tmp_path, "loss=ce", "run", "--config: cannot read the config file: [Errno"),
-            (CONFIG, "loss=flsd35", "run", "ConfigError: config.loss = 'flsd35': unknown loss"),
-            (CONFIG, "loss=ce", "a_file", "ConfigError: workdir ")):
+    traceback: a misspelt --config path (a 40-line traceback from inside the config check) and
+    a bad config value (train.ConfigError; the work directory refusals are of that class)."""
+    for path, overrides, message in (
+            (tmp_path / "cifar01.py", "loss=ce", "--config: cannot read the config file: "
+                                                 "[Errno 2]"),
+            (CONFIG, "loss=flsd35", "ConfigError: config.loss = 'flsd35': unknown loss")):
         done = subprocess.run(
             ["timeout", "-k", "10", "120", sys.executable, "-m", "calib_jax.train",
-             f"--config={path}:{overrides}", f"--workdir={tmp_path / workdir}"],
+             f"--config={path}:{overrides}", f"--workdir={tmp_path / 'run'}"],
             env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, cwd=REPO)
         assert done.returncode == 1, done.stderr[-2000:]
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
-        assert not (tmp_path / "run").exists() and (tmp_path / "a_file").read_text() == "kept"
+        assert not (tmp_path / "run").exists()
 
 
 SHARED = REPO.parent / "shared" / "data"
@@ -854,7 +854,7 @@ def test_member_lists_in_configs():
     for bad, why in (("loss=[ce,foo]", "unknown loss 'foo'"), ("loss=[ce,ce]", "twice"),
                      ("seeds=[1,1]", "distinct"),
                      ("seeds=[1,2],train_subset=100", "own subset")):
-        with pytest.raises(ValueError, match=why):
+        with pytest.raises(train.ConfigError, match=why):
             train.validate_config(load_config(bad), 1)
     row = experiment_configs.load("paper", "cell=cifar10/resnet50/[ce,brier,focal],num_epochs=3")
     assert (row.loss, row.num_epochs) == ("[ce,brier,focal]", 3)

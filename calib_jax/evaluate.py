@@ -39,12 +39,17 @@ from calib_jax import calibration, checkpoints, metrics, ood, plots, train
 from calib_jax.data import datasets, sources
 from calib_jax.files import atomic_save_figure, atomic_write_text
 
-__all__ = ["check_finished", "default_out_name", "evaluate_run", "markdown_report", "main",
-           "member_dirs", "table_checkpoint", "test_report"]
+__all__ = ["EvaluationRefused", "check_finished", "default_out_name", "evaluate_run",
+           "markdown_report", "main", "member_dirs", "table_checkpoint", "test_report"]
 
 OOD_SETS = {"cifar10": ("svhn", "cifar10_c"), "cifar100": ("svhn", "cifar10_c"),
             "synthetic": ("synthetic_c",)}
 METRIC_NAMES = ("error", "nll", "ece", "adaptive_ece", "classwise_ece", "mce")
+
+
+class EvaluationRefused(ValueError):
+    """A run or checkpoint that cannot be evaluated as asked (not finished, diverged, its last
+    checkpoint unreadable; an ``out`` that is a file); the message says what to pass instead."""
 
 
 def load_run_config(workdir) -> ml_collections.ConfigDict:
@@ -68,9 +73,10 @@ def restore_checkpoint(config, workdir, which: str, num_classes: int, example_sh
     if which == "final" and meta["epoch"] != config.num_epochs:
         # The run's last checkpoint is there (check_finished) but could not be read: the
         # restore fell back to an earlier one, with a warning.
-        raise ValueError(f"the last checkpoint of the run in {workdir} (epoch "
-                         f"{config.num_epochs}) could not be read; the newest readable one is "
-                         f"epoch {meta['epoch']}: pass --checkpoint latest to evaluate that.")
+        raise EvaluationRefused(
+            f"the last checkpoint of the run in {workdir} (epoch {config.num_epochs}) could not "
+            f"be read; the newest readable one is epoch {meta['epoch']}: pass --checkpoint "
+            f"latest to evaluate that.")
     return state, meta
 
 
@@ -86,9 +92,10 @@ def check_finished(workdir, config, which: str) -> None:
         return
     anyway = ("--checkpoint latest to evaluate the newest checkpoint" if which == "final" else
               f"--checkpoint {which} to evaluate the {which} so far")
-    raise ValueError(f"the run in {workdir} has not finished (latest checkpoint: epoch "
-                     f"{trained} of {config.num_epochs}), so its {which} checkpoint is not "
-                     f"there yet; pass {anyway} anyway.")
+    raise EvaluationRefused(
+        f"the run in {workdir} has not finished (latest checkpoint: epoch {trained} of "
+        f"{config.num_epochs}), so its {which} checkpoint is not there yet; pass {anyway} "
+        f"anyway.")
 
 
 def _ood_scores(test_logits, ood_logits):
@@ -125,8 +132,8 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
     if data_dir:
         sources.candidate_data_dirs(data_dir)  # refuses one that is no directory, before compute
     if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"`out` = {out} is a file; give a directory (the results, plots and "
-                         f"report go into it)")
+        raise EvaluationRefused(f"`out` = {out} is a file; give a directory (the results, "
+                                f"plots and report go into it)")
     if which is None or which == "final":
         which = which or table_checkpoint(config)
         check_finished(workdir, config, which)
@@ -152,10 +159,11 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
                                batch_size=config.eval_batch_size)
         bad = int(np.size(logits) - np.isfinite(logits).sum())
         if bad:  # a diverged model: say so here, not as a metric's complaint about its input
-            raise ValueError(f"the {which!r} checkpoint of {workdir} (epoch {meta['epoch']}) "
-                             f"gives {bad} NaN or infinite logits on {ds.name} ({ds.split}): "
-                             f"the run had diverged by then; evaluate an earlier checkpoint "
-                             f"(--checkpoint EPOCH) or retrain with a changed recipe.")
+            raise EvaluationRefused(
+                f"the {which!r} checkpoint of {workdir} (epoch {meta['epoch']}) gives {bad} NaN "
+                f"or infinite logits on {ds.name} ({ds.split}): the run had diverged by then; "
+                f"evaluate an earlier checkpoint (--checkpoint EPOCH) or retrain with a changed "
+                f"recipe.")
         return logits
 
     val_logits = logits_of(val, "train")  # val is part of the training images
@@ -284,8 +292,13 @@ def main(argv=None):
         parser.error("--out names one directory; a multi-member work directory writes each "
                      "member's results into <member>/eval_<checkpoint>[_nll]")
     for run_dir in run_dirs:
-        results = evaluate_run(run_dir, which=args.checkpoint, criterion=args.criterion,
-                               out=args.out, data_dir=args.data_dir)
+        try:
+            results = evaluate_run(run_dir, which=args.checkpoint, criterion=args.criterion,
+                                   out=args.out, data_dir=args.data_dir)
+        except (EvaluationRefused, FileNotFoundError) as e:  # DataNotFoundError is one too
+            # Their messages name the run and what to pass instead; a traceback adds nothing.
+            print(f"{type(e).__name__}: {e}", file=sys.stderr)
+            return 1
         print(markdown_report(results) + "\n")
     return 0
 

@@ -61,7 +61,8 @@ def test_evaluate_best_and_epoch_checkpoints(run_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="epoch 7"):
         evaluate.evaluate_run(run_dir, which="7", out=tmp_path / "seven")
     (tmp_path / "a_file").write_text("kept")  # refused before any compute, and left as it is
-    with pytest.raises(ValueError, match="`out` = .*a_file is a file; give a directory"):
+    with pytest.raises(evaluate.EvaluationRefused,
+                       match="`out` = .*a_file is a file; give a directory"):
         evaluate.evaluate_run(run_dir, which="1", out=tmp_path / "a_file")
     assert (tmp_path / "a_file").read_text() == "kept"
     with pytest.raises(datasets.DataNotFoundError, match="`data_dir` = .*nowhere: no such "
@@ -100,7 +101,8 @@ def test_the_default_checkpoint_is_the_runs_eval_checkpoint(run_dir, tmp_path):
     # Not finished (the config asks for more epochs): the best so far is not the run's best.
     (copy / "config.json").write_text(json.dumps(dict(config, eval_checkpoint="best",
                                                       num_epochs=3)))
-    with pytest.raises(ValueError, match=r"has not finished \(latest checkpoint: epoch 2 of 3\)"):
+    with pytest.raises(evaluate.EvaluationRefused,
+                       match=r"has not finished \(latest checkpoint: epoch 2 of 3\)"):
         evaluate.evaluate_run(copy)
     assert not (copy / "eval_best").exists()
     (copy / "config.json").write_text(json.dumps(dict(config, eval_checkpoint="best")))
@@ -120,7 +122,7 @@ def test_unfinished_run_needs_latest(tmp_path):
     ckpt = checkpoints.RunCheckpoints(tmp_path)
     ckpt.save(1, state, {"final": False})
     ckpt.close()
-    with pytest.raises(ValueError, match="has not finished"):
+    with pytest.raises(evaluate.EvaluationRefused, match="has not finished"):
         evaluate.evaluate_run(tmp_path, which="final")
     assert evaluate.evaluate_run(tmp_path, which="latest")["epoch"] == 1
 
@@ -138,15 +140,17 @@ def test_final_is_the_last_epoch_of_the_runs_config(tmp_path):
     ckpt.close()
     (tmp_path / "config.json").write_text(tiny_config(num_epochs=5).to_json())
     for which in ("final", None):
-        with pytest.raises(ValueError, match=r"not finished \(latest checkpoint: epoch 2 of 5\)"):
+        with pytest.raises(evaluate.EvaluationRefused,
+                           match=r"not finished \(latest checkpoint: epoch 2 of 5\)"):
             evaluate.evaluate_run(tmp_path, which=which)
     (tmp_path / "config.json").write_text(config.to_json())
     for path in (tmp_path / "checkpoints" / "2").rglob("*"):
         if path.is_file() and path.stat().st_size > 0 and "meta" not in str(path):
             path.write_bytes(b"\0garbage" * 3)
     with pytest.warns(RuntimeWarning, match="could not be read"), \
-            pytest.raises(ValueError, match=r"\(epoch 2\) could not be read; the newest "
-                                            r"readable one is epoch 1"):
+            pytest.raises(evaluate.EvaluationRefused,
+                          match=r"\(epoch 2\) could not be read; the newest readable one is "
+                                r"epoch 1"):
         evaluate.evaluate_run(tmp_path, which="final")
     assert not (tmp_path / "eval_final").exists()
 
@@ -163,9 +167,9 @@ def test_a_diverged_checkpoint_is_named_as_such(tmp_path):
     ckpt = checkpoints.RunCheckpoints(tmp_path)
     ckpt.save(1, state, {"final": True})
     ckpt.close()
-    with pytest.raises(ValueError, match=r"'final' checkpoint of .* \(epoch 1\) gives 512 NaN "
-                                         r"or infinite logits on synthetic \(val\): the run had "
-                                         r"diverged"):
+    with pytest.raises(evaluate.EvaluationRefused,
+                       match=r"'final' checkpoint of .* \(epoch 1\) gives 512 NaN or infinite "
+                             r"logits on synthetic \(val\): the run had diverged"):
         evaluate.evaluate_run(tmp_path)
     assert not (tmp_path / "eval_final").exists()
 
@@ -178,9 +182,18 @@ def test_cli_and_bad_arguments(run_dir, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="config.json"):
         evaluate.evaluate_run(tmp_path / "empty")
     # --data-dir as the demo spells it, --data_dir as before; both checked before any compute.
+    # The command states a refusal in one message (exit status 1), not a traceback.
     for flag in ("--data-dir", "--data_dir"):
-        with pytest.raises(datasets.DataNotFoundError, match="nowhere: no such directory"):
-            evaluate.main(["--workdir", str(run_dir), flag, str(tmp_path / "nowhere")])
+        assert evaluate.main(["--workdir", str(run_dir), flag, str(tmp_path / "nowhere")]) == 1
+        assert "DataNotFoundError: `data_dir` = " in capsys.readouterr().err
+    assert evaluate.main(["--workdir", str(run_dir), "--checkpoint", "7"]) == 1
+    assert "FileNotFoundError: no checkpoint for epoch 7" in capsys.readouterr().err
+    copy = tmp_path / "longer"  # the run lengthened: not finished
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("eval_*"))
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(dict(config, num_epochs=3)))
+    assert evaluate.main(["--workdir", str(copy)]) == 1
+    assert "EvaluationRefused: the run in " in capsys.readouterr().err
     with pytest.raises(SystemExit):  # an abbreviation is refused, not taken for --criterion
         evaluate.main(["--workdir", str(run_dir), "--crit", "nll"])
     assert "unrecognized arguments: --crit" in capsys.readouterr().err

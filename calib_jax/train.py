@@ -54,12 +54,13 @@ from calib_jax.data import pipeline
 from calib_jax.files import atomic_write_text
 
 __all__ = ["EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES", "ConfigError", "LossSpec",
-           "RESUMABLE_FIELDS", "TrainState", "TrainingDivergedError", "batch_loss", "batch_sharding",
-           "check_resumable", "clip_by_global_norm", "config_differences", "create_train_state",
-           "default_member_mode", "default_steps_per_call", "default_unroll", "exit_on_sigterm",
-           "field_differences", "global_norm", "make_optimizer", "multi_train_steps",
-           "piecewise_lr", "predict", "predict_members", "replicate", "replicated", "stack_states",
-           "table_checkpoint", "train_step", "train_steps", "unstack_state"]
+           "RESUMABLE_FIELDS", "TrainState", "TrainingDivergedError", "batch_loss",
+           "batch_sharding", "check_resumable", "clip_by_global_norm", "config_differences",
+           "create_train_state", "default_member_mode", "default_steps_per_call", "default_unroll",
+           "exit_on_sigterm", "field_differences", "global_norm", "make_optimizer",
+           "multi_train_steps", "piecewise_lr", "predict", "predict_members", "replicate",
+           "replicated", "stack_states", "table_checkpoint", "train_step", "train_steps",
+           "unstack_state"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")
@@ -700,11 +701,12 @@ def check_resumable(run_dir, config) -> None:
     ``config.json`` differs from ``config`` in a field outside ``RESUMABLE_FIELDS`` (the loss,
     gamma, learning rate, seed, dtype, ...) raises :class:`ConfigError` (a ``ValueError``)
     naming each such field with its old and new value, before any compute: resuming would train
-    the rest of the run under another recipe and overwrite the record of the first. (A different model is caught too,
-    here rather than by the checkpoint's tree structure.) Fields that only one side has
-    (written by another calib_jax version) are not compared. A directory without training,
-    e.g. a run killed in its first epoch, may be reused with any config. A ``num_epochs``
-    below the newest periodic checkpoint's epoch is refused too (the run is past it).
+    the rest of the run under another recipe and overwrite the record of the first. (A different
+    model is caught too, here rather than by the checkpoint's tree structure.) Fields that only
+    one side has (written by another calib_jax version) are not compared. A directory without
+    training, e.g. a run killed in its first epoch, may be reused with any config. A
+    ``num_epochs`` below the newest periodic checkpoint's epoch is refused too (the run is past
+    it).
     """
     from calib_jax import checkpoints
 
@@ -734,12 +736,12 @@ def _check_run_layout(workdir: Path, *, several: bool) -> None:
     pass (``evaluate.member_dirs``) would see only one of them."""
     if several and (workdir / "config.json").exists():
         raise ConfigError(f"workdir {workdir} holds a single run ({workdir}/config.json); train "
-                         f"several runs in a new workdir (each member goes to <workdir>/<name>)")
+                          f"several runs in a new workdir (each member goes to <workdir>/<name>)")
     if not several and (workdir / "members.json").exists():
         listed = json.loads((workdir / "members.json").read_text()).get("members", [])
         raise ConfigError(f"workdir {workdir} holds a group of runs (members.json: "
-                         f"{', '.join(listed)}); train this run in a directory of its own, or "
-                         f"with the group's members as one more member (loss=[...])")
+                          f"{', '.join(listed)}); train this run in a directory of its own, or "
+                          f"with the group's members as one more member (loss=[...])")
 
 
 def validate_config(config, num_devices: int) -> None:
@@ -1133,7 +1135,7 @@ def train_and_evaluate(config, workdir):
     images, labels = train_split.inputs, train_split.labels
     if config.train_subset > len(labels):
         raise ConfigError(f"config.train_subset = {config.train_subset}: larger than the "
-                         f"training split ({len(labels)} examples); use 0 for all of them")
+                          f"training split ({len(labels)} examples); use 0 for all of them")
     if config.train_subset:
         # Drawn with config.seed: members share it (validate_config refuses several seeds).
         subset = np.random.default_rng(config.seed).permutation(len(labels))[:config.train_subset]

@@ -421,8 +421,8 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
 def test_a_train_subset_larger_than_the_split_is_refused(tmp_path):
     # It used to train on the whole split, silently.
     config = load_config(SMOKE + ",train_subset=100000")
-    with pytest.raises(train.ConfigError, match=r"config.train_subset = 100000: larger than the "
-                                         r"training split \(\d+ examples\)"):
+    with pytest.raises(train.ConfigError, match=r"config.train_subset = 100000: larger than "
+                                                r"the training split \(\d+ examples\)"):
         train.train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 

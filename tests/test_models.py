@@ -411,14 +411,54 @@ def test_initialisers_follow_reference():
     k = np.asarray(v["params"]["BasicBlock_1"]["Conv_0"]["kernel"])  # 3x3x16x32
     bound = 1 / np.sqrt(3 * 3 * 16)
     assert np.abs(k).max() <= bound and np.abs(k).max() > 0.9 * bound
-    # Wide-ResNet convs: N(0, sqrt(2 / (k * k * out))).
-    w = wide_resnet.wide_resnet(10, depth=26, width=10)
+    # Wide-ResNet convs: N(0, sqrt(2 / (k * k * out))). Depth 8 (one block per stage) has
+    # WRN-26-10's widest kernel at a fraction of the cost.
+    w = wide_resnet.wide_resnet(10, depth=8, width=10)
     v = jax.jit(w.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
-    k = np.asarray(v["params"]["BasicBlock_11"]["Conv_1"]["kernel"])  # 3x3x640x640
+    k = np.asarray(v["params"]["BasicBlock_2"]["Conv_1"]["kernel"])  # 3x3x640x640
     np.testing.assert_allclose(k.std(), np.sqrt(2 / (9 * 640)), rtol=0.01)
     assert abs(k.mean()) < 1e-4
     fc = v["params"]["TorchDense_0"]["Dense_0"]
     assert np.abs(np.asarray(fc["bias"])).max() <= 1 / np.sqrt(640)
+
+
+@pytest.mark.parametrize("partitionable", [True, False])
+def test_flat_drawn_initialisers_equal_flax(partitionable):
+    # The initialisers draw flat and reshape (faster to compile): the numbers must be flax's,
+    # bit for bit, in both of jax's threefry modes and in every parameter dtype.
+    ours_theirs = [
+        (layers.torch_kernel_init, nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")),
+        (layers.he_normal_fan_out, nn.initializers.variance_scaling(2.0, "fan_out", "normal")),
+        (layers.variance_scaling(0.7, "fan_out", "uniform"),
+         nn.initializers.variance_scaling(0.7, "fan_out", "uniform")),
+        (layers.normal(1.0), nn.initializers.normal(1.0)),
+        (layers.torch_bias_init(48), lambda key, shape, dtype: jax.random.uniform(
+            key, shape, dtype, -1 / np.sqrt(48), 1 / np.sqrt(48))),
+    ]
+    # Shapes: conv kernels (HWIO), a 5-D kernel, dense kernels, bfloat16 on one shape. One
+    # jitted program per mode (eagerly, every op of every shape would compile on its own).
+    cases = [(shape, jnp.float32) for shape in [(3, 3, 16, 32), (48, 10), (7, 1)]]
+    cases += [((1, 1, 7, 5), jnp.float32), ((5, 3, 3, 4, 2), jnp.float32),
+              ((3, 3, 16, 32), jnp.bfloat16)]
+    pairs = [(ours, theirs, shape, dtype) for i, (shape, dtype) in enumerate(cases)
+             for ours, theirs in (ours_theirs[:2] if i >= 3 else ours_theirs)]
+
+    @jax.jit
+    def draw_all(key):
+        return [(ours(key, shape, dtype), theirs(key, shape, dtype))
+                for ours, theirs, shape, dtype in pairs]
+
+    with jax.threefry_partitionable(partitionable):
+        drawn = draw_all(jax.random.PRNGKey(3))
+    for (got, want), (_, _, shape, dtype) in zip(drawn, pairs):
+        assert got.dtype == want.dtype == dtype and got.shape == want.shape == shape
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(ValueError, match="`mode`"):
+        layers.variance_scaling(1.0, "fan_avg", "uniform")
+    with pytest.raises(ValueError, match="`distribution`"):
+        layers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    with pytest.raises(ValueError, match="inputs, outputs"):
+        layers.torch_kernel_init(jax.random.PRNGKey(3), (5,))
 
 
 def test_global_pooling_cnn():

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calib_jax.models.layers import TorchDense, torch_bias_init, torch_kernel_init
+from calib_jax.models.layers import TorchDense, normal, torch_bias_init, torch_kernel_init
 
 
 class _Embedding(nn.Module):
@@ -40,7 +40,7 @@ class _Embedding(nn.Module):
                     f"{table.shape}.")
             init = lambda key, shape, dtype=jnp.float32: jnp.asarray(table, dtype)  # noqa: E731
         else:
-            init = nn.initializers.normal(1.0)
+            init = normal(1.0)
         weights = self.param("embedding", init, (self.vocab_size, self.embed_dim), jnp.float32)
         if not self.train_embeddings:
             weights = jax.lax.stop_gradient(weights)

@@ -21,6 +21,7 @@ Sources (``source=``): ``"local"`` reads ``<data_dir>/<folder>`` (see
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import gzip
 import json
@@ -250,9 +251,13 @@ def _20news(split, data_dir, vocab_size=20000, max_len=1000):
     test_idx = order[len(order) - n_test:]
     val_idx = order[len(order) - n_test - 900:len(order) - n_test]
     train_idx = order[:len(order) - n_test - 900]
-    vocab = _build_vocab([texts[i] for i in train_idx], vocab_size)
+    # Each post is tokenised once (the training posts' words feed the vocabulary and, for the
+    # training split, the encoding too).
+    train_words = [_tokenize(texts[i]) for i in train_idx]
+    vocab = _build_vocab(train_words, vocab_size)
     idx = {"train": train_idx, "val": val_idx, "test": test_idx}[split]
-    tokens = np.stack([_encode(texts[i], vocab, max_len) for i in idx])
+    words = train_words if split == "train" else [_tokenize(texts[i]) for i in idx]
+    tokens = np.stack([_encode(w, vocab, max_len) for w in words])
     return Dataset("20news", split, tokens, labels[idx], 20, str(path),
                    extra={"vocab": vocab, "max_len": max_len})
 
@@ -262,18 +267,20 @@ def _tokenize(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.lower())
 
 
-def _build_vocab(texts, max_words):
-    counts: dict[str, int] = {}
-    for t in texts:
-        for w in _tokenize(t):
-            counts[w] = counts.get(w, 0) + 1
+def _build_vocab(word_lists, max_words):
+    """Word -> id for the ``max_words - 2`` most frequent words of ``word_lists`` (one list
+    of words per post)."""
+    counts: collections.Counter = collections.Counter()
+    for words in word_lists:
+        counts.update(words)
     # 0 = padding, 1 = unknown; then the most frequent words (ties by word).
     ranked = sorted(counts, key=lambda w: (-counts[w], w))[:max_words - 2]
     return {w: i + 2 for i, w in enumerate(ranked)}
 
 
-def _encode(text, vocab, max_len):
-    ids = [vocab.get(w, 1) for w in _tokenize(text)][:max_len]
+def _encode(words, vocab, max_len):
+    """A post's first ``max_len`` words as ids, left-padded with 0 to ``max_len``."""
+    ids = [vocab.get(w, 1) for w in words[:max_len]]
     out = np.zeros(max_len, np.int32)
     out[max_len - len(ids):] = ids  # left-padded, as Keras' pad_sequences
     return out

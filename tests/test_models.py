@@ -57,11 +57,14 @@ SMALL = {
 def test_small_models_forward_finite(name, dtype):
     model = SMALL[name](10, dtype)
     x = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3))
-    variables = model.init(jax.random.PRNGKey(0), x)
-    logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    # Jitted: op by op, every op of every layer compiles on its own (DenseNet: 14 s vs 3.3 s).
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    logits, updates = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
+        variables, x)
     assert logits.shape == (4, 10) and logits.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(logits)))
-    eval_logits = model.apply({**variables, **updates}, x, train=False)
+    eval_logits = jax.jit(functools.partial(model.apply, train=False))(
+        {**variables, **updates}, x)
     assert np.all(np.isfinite(np.asarray(eval_logits)))
     # Training mode normalises with batch statistics and moves the running ones.
     before = jax.tree_util.tree_leaves(variables["batch_stats"])
@@ -123,8 +126,8 @@ def test_batch_norm_gradient_is_autodiff_of_the_forward_pass():
         x, scale, bias, w = _bn_inputs(jax.random.PRNGKey(0), (6, 3, 2, 5), jnp.float64)
         fused = _bn_objective(lambda *a: batch_norm_train(*a, 1e-5, None, jnp.float64), w)
         oracle = _bn_objective(lambda *a: _autodiff_batch_norm(*a, dtype=jnp.float64), w)
-        got = jax.grad(fused, argnums=(0, 1, 2))(x, scale, bias)
-        want = jax.grad(oracle, argnums=(0, 1, 2))(x, scale, bias)
+        got = jax.jit(jax.grad(fused, argnums=(0, 1, 2)))(x, scale, bias)
+        want = jax.jit(jax.grad(oracle, argnums=(0, 1, 2)))(x, scale, bias)
         for g, v in zip(got, want):
             assert g.dtype == jnp.float64
             np.testing.assert_allclose(g, v, rtol=1e-9, atol=1e-11)
@@ -138,15 +141,15 @@ def test_batch_norm_gradient_in_bfloat16_keeps_dtypes():
     x16 = x.astype(jnp.bfloat16)
     fused = _bn_objective(lambda *a: batch_norm_train(*a, 1e-5, None, jnp.bfloat16), w)
     oracle = _bn_objective(lambda *a: _autodiff_batch_norm(*a, dtype=jnp.bfloat16), w)
-    got = jax.grad(fused, argnums=(0, 1, 2))(x16, scale, bias)
-    want = jax.grad(oracle, argnums=(0, 1, 2))(x16, scale, bias)
+    got = jax.jit(jax.grad(fused, argnums=(0, 1, 2)))(x16, scale, bias)
+    want = jax.jit(jax.grad(oracle, argnums=(0, 1, 2)))(x16, scale, bias)
     assert [g.dtype for g in got] == [jnp.bfloat16, jnp.float32, jnp.float32]
     for g, v in zip(got, want):
         g, v = np.asarray(g, np.float64), np.asarray(v, np.float64)
         assert np.linalg.norm(g - v) / np.linalg.norm(v) < 1e-2
     # Half-precision parameters get half-precision gradients (the sums stay float32 inside).
     half = [a.astype(jnp.bfloat16) for a in (x, scale, bias)]
-    got = jax.grad(fused, argnums=(0, 1, 2))(*half)
+    got = jax.jit(jax.grad(fused, argnums=(0, 1, 2)))(*half)
     assert [g.dtype for g in got] == [jnp.bfloat16] * 3
 
 
@@ -234,14 +237,14 @@ def test_batch_norm_relu_residual_in_bfloat16_keeps_dtypes():
         x, s, b, 1e-5, None, jnp.bfloat16, residual=r, relu=True), w)
     oracle = _bn_objective(lambda x, s, b, r: _autodiff_batch_norm_relu(
         x, s, b, r, dtype=jnp.bfloat16), w)
-    got = jax.grad(fused, argnums=(0, 1, 2, 3))(x16, scale, bias, residual)
-    want = jax.grad(oracle, argnums=(0, 1, 2, 3))(x16, scale, bias, residual)
+    got = jax.jit(jax.grad(fused, argnums=(0, 1, 2, 3)))(x16, scale, bias, residual)
+    want = jax.jit(jax.grad(oracle, argnums=(0, 1, 2, 3)))(x16, scale, bias, residual)
     assert [g.dtype for g in got] == [jnp.bfloat16, jnp.float32, jnp.float32, jnp.bfloat16]
     for g, v in zip(got, want):
         g, v = np.asarray(g, np.float64), np.asarray(v, np.float64)
         assert np.linalg.norm(g - v) / np.linalg.norm(v) < 2e-2
     # A float32 shortcut into a bfloat16 layer gets a float32 cotangent.
-    got = jax.grad(fused, argnums=3)(x16, scale, bias, residual.astype(jnp.float32))
+    got = jax.jit(jax.grad(fused, argnums=3))(x16, scale, bias, residual.astype(jnp.float32))
     assert got.dtype == jnp.float32
 
 

@@ -251,12 +251,12 @@ def load_config(arg):
     return experiment_configs.load("cifar10", arg)
 
 
-def run_cli(workdir, *extra, wait=True):
+def run_cli(workdir, *extra, wait=True, **env_vars):
     cmd = [sys.executable, "-m", "calib_jax.train", f"--config={CONFIG}:{SMOKE}",
            f"--workdir={workdir}", *extra]
     # Four CPU devices, like this process (conftest): the same program as the fixture's run.
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS="--xla_force_host_platform_device_count=4", **env_vars)
     if wait:
         return subprocess.run(["timeout", "-k", "10", "300", *cmd], env=env, capture_output=True,
                               text=True, cwd=REPO)
@@ -288,7 +288,10 @@ def test_sigkill_and_restart_gives_exactly_the_uninterrupted_parameters(tmp_path
     # The uninterrupted run: the session fixture's (same config, same four devices).
     whole = evaluated_runs / "cifar10" / "resnet50" / "ce"
     killed = tmp_path / "killed"
-    proc = run_cli(killed, wait=False)
+    # With a persistent compilation cache, as the README suggests for restarts: the resumed
+    # run loads the killed run's compiled programs (and this test runs ~7 s faster).
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache")}
+    proc = run_cli(killed, wait=False, **cache)
     deadline = time.time() + 240
     while not (killed / "checkpoints" / "1").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -296,7 +299,8 @@ def test_sigkill_and_restart_gives_exactly_the_uninterrupted_parameters(tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (killed / "checkpoints" / "1").exists()
-    resumed = run_cli(killed)
+    assert any((tmp_path / "xla_cache").iterdir())
+    resumed = run_cli(killed, **cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     # Its log, redirected: every progress update a line of its own (no \r gluing them), and

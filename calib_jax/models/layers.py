@@ -29,14 +29,15 @@ def flat_draw(draw, key, shape, dtype, *bounds):
     """``draw(key, shape, dtype, *bounds)`` (``jax.random.uniform`` or ``normal``), drawn as
     one flat vector and reshaped to ``shape``.
 
-    The numbers are the same: jax's threefry numbers an array's elements in row-major order
-    in both of its modes (the ``jax_threefry_partitionable`` flag), so element ``i`` of the
-    flat draw is element ``unravel(i)`` of the shaped one (``tests/test_models.py`` checks
-    the initialisers bit for bit against flax's). The reason is compile time: XLA:CPU
-    compiles a draw of a 4-D shape several times slower than a 1-D one, and a model's jitted
-    ``init`` is mostly draws: ResNet-8's compiles in 1.5-2.0 s instead of 3.6-3.9 s,
-    ResNet-50's in 3.9-5.2 s instead of 7.2-7.7 (benchmarks/NOTES.md), paid by every run,
-    evaluation and test process.
+    The numbers are the same with jax's default PRNG: threefry numbers an array's elements in
+    row-major order in both of its modes (the ``jax_threefry_partitionable`` flag), so element
+    ``i`` of the flat draw is element ``unravel(i)`` of the shaped one (``tests/test_models.py``
+    checks the initialisers bit for bit against flax's). (Another ``jax_default_prng_impl``
+    may arrange its numbers otherwise: the same distribution, other values.) The reason is
+    compile time: XLA:CPU compiles a draw of a 4-D shape several times slower than a 1-D one,
+    and a model's jitted ``init`` is mostly draws: ResNet-8's compiles in 1.5-2.0 s instead of
+    3.6-3.9 s, ResNet-50's in 3.9-5.2 s instead of 7.2-7.7 (benchmarks/NOTES.md), paid by
+    every run, evaluation and test process.
     """
     return draw(key, (math.prod(shape),), dtype, *bounds).reshape(shape)
 

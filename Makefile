@@ -16,8 +16,8 @@ demo: $(VENV)/.installed
 
 # The test extras are installed here, so a broken one fails the run (tests/conftest.py).
 # Two pytest-xdist workers: CI's machine has two cores, and one pytest process keeps them
-# only ~60% busy (compiles are single-threaded); there the suite takes ~8-9 min instead of
-# 9+. On a bigger machine: make test PYTEST_WORKERS=4 (each worker is a JAX process of
+# only ~60% busy (compiles are single-threaded); there the suite takes ~7-8 min, less than in
+# one process. On a bigger machine: make test PYTEST_WORKERS=4 (each worker is a JAX process of
 # its own, with four CPU devices, see tests/conftest.py).
 PYTEST_WORKERS ?= 2
 test: $(VENV)/.installed

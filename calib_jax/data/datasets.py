@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import gzip
 import json
 
@@ -267,15 +268,15 @@ def _tokenize(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.lower())
 
 
-def _build_vocab(word_lists, max_words):
-    """Word -> id for the ``max_words - 2`` most frequent words of ``word_lists`` (one list
-    of words per post)."""
+def _build_vocab(word_lists, max_words, reserved=2):
+    """Word -> id for the ``max_words - reserved`` most frequent words of ``word_lists`` (one
+    list of words per text), ties by word, ids from ``reserved`` on: the ids below are
+    reserved (20 Newsgroups: 0 = padding, 1 = unknown; SST: 0 = unknown)."""
     counts: collections.Counter = collections.Counter()
     for words in word_lists:
         counts.update(words)
-    # 0 = padding, 1 = unknown; then the most frequent words (ties by word).
-    ranked = sorted(counts, key=lambda w: (-counts[w], w))[:max_words - 2]
-    return {w: i + 2 for i, w in enumerate(ranked)}
+    ranked = sorted(counts, key=lambda w: (-counts[w], w))[:max_words - reserved]
+    return {w: i + reserved for i, w in enumerate(ranked)}
 
 
 def _encode(words, vocab, max_len):
@@ -295,6 +296,7 @@ def _sst(split, data_dir, vocab_size=20000, max_nodes=None):
         raise DataNotFoundError(
             "SST not found: put PTB-style trees as <data_dir>/sst/{train,dev,test}.txt.")
 
+    @functools.cache  # each file is parsed once (the vocabulary and max_nodes read them too)
     def read(file):
         return [parse_ptb_tree(line) for line in (path / file).read_text().splitlines()
                 if line.strip()]
@@ -302,14 +304,9 @@ def _sst(split, data_dir, vocab_size=20000, max_nodes=None):
     file = {"train": "train.txt", "val": "dev.txt", "test": "test.txt"}[split]
     parsed = [t for t in read(file) if t[0] != 2]  # binary task: drop neutral roots
     labels = np.asarray([int(t[0] > 2) for t in parsed], np.int32)
-    counts: dict[str, int] = {}
-    for tree in read("train.txt"):
-        for w in tree[1]:
-            if w is not None:
-                counts[w] = counts.get(w, 0) + 1
-    # 0 = unknown; then the most frequent training words (ties by word).
-    ranked = sorted(counts, key=lambda w: (-counts[w], w))[:vocab_size - 1]
-    vocab = {w: i + 1 for i, w in enumerate(ranked)}
+    # 0 = unknown; then the most frequent training words (the leaves' words; inner nodes None).
+    vocab = _build_vocab(([w for w in tree[1] if w is not None] for tree in read("train.txt")),
+                         vocab_size, reserved=1)
     if max_nodes is None:
         max_nodes = max(len(t[1]) for t in read("train.txt") + read("dev.txt") + read("test.txt"))
     packed = pack_trees(make_trees(parsed, vocab, max_nodes=max_nodes))

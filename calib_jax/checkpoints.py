@@ -133,8 +133,10 @@ class RunCheckpoints:
         """Restores ``(state, meta)`` or returns None when there is nothing to restore.
 
         Args:
-          template_state: a freshly created state: gives structure, shapes,
-            dtypes and shardings.
+          template_state: a freshly created state, or an abstract one (leaves
+            ``jax.ShapeDtypeStruct`` with shardings, e.g.
+            :func:`calib_jax.train.abstract_state_for_config`): gives structure,
+            shapes, dtypes and shardings.
           which: ``"latest"`` (newest readable periodic checkpoint), ``"best"``,
             or an epoch number.
         """

@@ -60,7 +60,7 @@ def load_run_config(workdir) -> ml_collections.ConfigDict:
 
 
 def restore_checkpoint(config, workdir, which: str, num_classes: int, example_shape):
-    template = train.state_for_config(config, num_classes, example_shape)
+    template = train.abstract_state_for_config(config, num_classes, example_shape)
     ckpt = checkpoints.RunCheckpoints(workdir)
     try:
         which_key = "latest" if which == "final" else which

@@ -52,15 +52,18 @@ import optax
 from calib_jax import losses
 from calib_jax.data import pipeline
 from calib_jax.files import atomic_write_text
+from calib_jax.validation import is_concrete
 
-__all__ = ["EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES", "ConfigError", "LossSpec",
-           "RESUMABLE_FIELDS", "TrainState", "TrainingDivergedError", "batch_loss",
-           "batch_sharding", "check_resumable", "clip_by_global_norm", "config_differences",
-           "create_train_state", "default_member_mode", "default_steps_per_call", "default_unroll",
-           "exit_on_sigterm", "field_differences", "global_norm", "make_optimizer",
-           "multi_train_steps", "piecewise_lr", "predict", "predict_members", "replicate",
-           "replicated", "stack_states", "table_checkpoint", "train_step", "train_steps",
-           "unstack_state"]
+__all__ = ["ConfigError", "EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES",
+           "LossSpec", "RESUMABLE_FIELDS", "TrainState", "TrainingDivergedError",
+           "abstract_state_for_config", "batch_loss", "batch_sharding",
+           "check_resumable", "clip_by_global_norm", "config_differences",
+           "create_train_state", "default_device", "default_member_mode",
+           "default_steps_per_call", "default_unroll", "exit_on_sigterm",
+           "field_differences", "global_norm", "host_init_device", "make_optimizer",
+           "multi_train_steps", "piecewise_lr", "predict", "predict_members",
+           "replicate", "replicated", "stack_states", "table_checkpoint", "train_step",
+           "train_steps", "unstack_state"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")
@@ -217,9 +220,55 @@ def _init_variables(model, rng, input_shape, input_dtype):
     return model.init(rng, jnp.zeros(input_shape, input_dtype), train=False)
 
 
-def create_train_state(rng, model, tx, input_shape, input_dtype=jnp.float32) -> TrainState:
-    """Initialises parameters, BatchNorm statistics, optimiser state and the dropout key."""
+def default_device():
+    """The device that uncommitted arrays, and jitted calls on them, go to:
+    ``jax.default_device``'s when one is set, else the first local device."""
+    device = jax.config.jax_default_device
+    if isinstance(device, str):  # a platform name: 'cpu', 'gpu', 'tpu'
+        return jax.local_devices(backend=device)[0]
+    return device if device is not None else jax.local_devices()[0]
+
+
+def host_init_device(target):
+    """Where :func:`create_train_state` computes the initial variables of a state that is
+    to live on ``target``: the host's CPU device when ``target`` is an accelerator, None
+    (``target`` itself) when it is a CPU or the process has no CPU backend
+    (``JAX_PLATFORMS`` without ``cpu``).
+
+    Why: a model's initialisation is one random draw per parameter, and XLA:GPU compiles
+    each draw as a kernel of its own (threefry unrolled), while XLA:CPU compiles them as
+    loops: compiling ``jit(model.init)`` for an H200 took 12.1 s for ResNet-50, 32.4 s for
+    ResNet-110, 8.8 s for WRN-26-10 and 33.1 s for DenseNet-121, for XLA:CPU 3.5, 6.2, 2.4
+    and 8.7 s, and running it on the host 0.05-0.3 s (a 2-core CPU; benchmarks/NOTES.md,
+    "Model initialisation: compile time"). Every training and evaluation process pays this
+    compile once."""
+    if target.platform == "cpu":
+        return None
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
+
+
+def create_train_state(rng, model, tx, input_shape, input_dtype=jnp.float32, *,
+                       init_on_host: bool = True) -> TrainState:
+    """Initialises parameters, BatchNorm statistics, optimiser state and the dropout key.
+
+    The state's arrays are uncommitted, on :func:`default_device` (as a plain
+    ``model.init`` call would leave them). With ``init_on_host`` (the default) and an
+    accelerator as that device, the variables are computed by XLA:CPU on the host and then
+    copied over (see :func:`host_init_device`: 6-26 s less compile per process for the
+    paper's CIFAR models on an H200, compiled on a 2-core host), so a seed gives the same initial parameters on a CPU and on an accelerator (the
+    draws are XLA:CPU's everywhere; another CPU model may round the normal draws' last bit
+    differently). ``init_on_host=False`` computes them on the device: for models whose
+    parameters do not fit the host's memory, or to keep an accelerator's own rounding.
+    """
     init_rng, dropout_rng = jax.random.split(rng)
+    # Under a trace (jax.eval_shape, a caller's jit) nothing is computed here: no host
+    # round trip to stage into the caller's program.
+    host = host_init_device(default_device()) if init_on_host and is_concrete(rng) else None
+    if host is not None:
+        init_rng = jax.device_put(init_rng, host)  # committed: the jitted init runs there
     try:
         hash(model)
         cached = True
@@ -228,8 +277,12 @@ def create_train_state(rng, model, tx, input_shape, input_dtype=jnp.float32) -> 
     if cached:
         variables = _init_variables(model, init_rng, tuple(input_shape), jnp.dtype(input_dtype))
     else:
-        variables = jax.jit(model.init, static_argnames="train")(
-            init_rng, jnp.zeros(input_shape, input_dtype), train=False)
+        variables = jax.jit(lambda r: model.init(r, jnp.zeros(input_shape, input_dtype),
+                                                 train=False))(init_rng)
+    if host is not None:
+        # Through NumPy: device_put of a host array without a device leaves it uncommitted
+        # on the default device, as the on-device path does.
+        variables = jax.device_put(jax.device_get(variables))
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
@@ -950,6 +1003,17 @@ def state_for_config(config, num_classes: int, example_shape, steps_per_epoch: i
                         momentum=config.momentum, weight_decay=config.weight_decay,
                         clip_norm=config.clip_norm, name=config.get("optimizer", "sgd"))
     return create_train_state(jax.random.PRNGKey(config.seed), model, tx, shape, input_dtype)
+
+
+def abstract_state_for_config(config, num_classes: int, example_shape):
+    """The structure, shapes and dtypes of :func:`state_for_config`'s state, computed by
+    ``jax.eval_shape`` (no initialisation compiled or run), each leaf a
+    ``jax.ShapeDtypeStruct`` on :func:`default_device`: the template to restore a
+    checkpoint into (the evaluation pass), where the initial values would be thrown away."""
+    abstract = jax.eval_shape(lambda: state_for_config(config, num_classes, example_shape))
+    sharding = jax.sharding.SingleDeviceSharding(default_device())
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        abstract)
 
 
 def dataset_options(config) -> dict:

@@ -123,6 +123,82 @@ def relative_error(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
+class _HoldsAnArray(nn.Module):
+    """A module that cannot be hashed (a NumPy field, like pretrained embeddings): the
+    initialisation's uncached path."""
+    table: np.ndarray
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(2)(x) + self.table
+
+
+@pytest.mark.parametrize("model", [TinyCNN(), _HoldsAnArray(np.ones(2, np.float32))],
+                         ids=["cached", "unhashable"])
+def test_host_initialisation_lands_uncommitted_on_the_default_device(model, monkeypatch):
+    """On an accelerator the variables are computed on the host's CPU device and copied to
+    the default device. Simulated with CPU devices: host = device 2, default = device 1.
+    The state must hold the numbers an on-device initialisation gives, on device 1,
+    uncommitted (usable beside arrays committed elsewhere, as a plain model.init's are)."""
+    devices = jax.devices()
+    shape = (1, 32, 32, 3) if isinstance(model, TinyCNN) else (1, 3)
+    tx = train.make_optimizer(0.05)
+    expected = train.create_train_state(jax.random.PRNGKey(3), model, tx, shape)
+    ran_on = []  # the cached path's initialisation: where its key (committed) was
+    init_variables = train._init_variables
+    monkeypatch.setattr(train, "_init_variables",
+                        lambda m, rng, *a: ran_on.append(rng.devices()) or init_variables(
+                            m, rng, *a))
+    monkeypatch.setattr(train, "host_init_device", lambda target: devices[2])
+    with jax.default_device(devices[1]):
+        state = train.create_train_state(jax.random.PRNGKey(3), model, tx, shape)
+        # Uncommitted: a jitted call beside an array committed to device 3 runs there.
+        elsewhere = jax.device_put(jnp.ones(()), devices[3])
+        moved = jax.jit(lambda p, one: jax.tree.map(lambda x: x * one, p))(state.params,
+                                                                          elsewhere)
+    assert {d for leaf in jax.tree.leaves(moved) for d in leaf.devices()} == {devices[3]}
+    assert ran_on == ([{devices[2]}] if isinstance(model, TinyCNN) else []), ran_on
+    leaves = jax.tree.leaves(state)
+    assert {d for leaf in leaves for d in leaf.devices()} == {devices[1]}
+    for got, want in zip(leaves, jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_host_init_device_is_the_cpu_for_an_accelerator_only(monkeypatch):
+    class FakeAccelerator:
+        platform = "gpu"
+
+    cpu = jax.local_devices(backend="cpu")[0]
+    assert train.host_init_device(jax.devices()[1]) is None  # a CPU: initialise there
+    assert train.host_init_device(FakeAccelerator()) == cpu
+
+    def no_cpu_backend(*args, backend=None, **kwargs):
+        raise RuntimeError("Unknown backend cpu")  # JAX_PLATFORMS=cuda
+
+    monkeypatch.setattr(jax, "local_devices", no_cpu_backend)
+    assert train.host_init_device(FakeAccelerator()) is None
+
+
+def test_abstract_state_is_the_state_without_computing_it(monkeypatch):
+    """The evaluation pass's restore template: the shapes, dtypes and structure of the run's
+    initial state, on the default device (also where the initialisation would run on the
+    host), computed by jax.eval_shape: nothing initialised."""
+    config = experiment_configs.load("cifar10", experiment_configs.TINY_RUN)
+    concrete = train.state_for_config(config, 10, (32, 32, 3))
+    monkeypatch.setattr(train, "host_init_device", lambda target: jax.devices()[2])
+    with jax.default_device(jax.devices()[1]):
+        abstract = train.abstract_state_for_config(config, 10, (32, 32, 3))
+    from calib_jax.checkpoints import state_to_tree
+    # (The states' static fields differ: each config builds its own optax closures.)
+    assert isinstance(abstract, train.TrainState)
+    abstract, concrete = state_to_tree(abstract), state_to_tree(concrete)
+    assert jax.tree.structure(abstract) == jax.tree.structure(concrete)
+    for a, c in zip(jax.tree.leaves(abstract), jax.tree.leaves(concrete)):
+        assert isinstance(a, jax.ShapeDtypeStruct)
+        assert (a.shape, a.dtype) == (c.shape, c.dtype)
+        assert a.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[1])
+
+
 def test_every_loss_trains_in_one_program():
     """All eight losses as members of one program (one compilation; vmapped members are
     checked below): finite losses and gradients, K losses per step, and each member

@@ -231,9 +231,12 @@ def default_device():
 
 def host_init_device(target):
     """Where :func:`create_train_state` computes the initial variables of a state that is
-    to live on ``target``: the host's CPU device when ``target`` is an accelerator, None
-    (``target`` itself) when it is a CPU or the process has no CPU backend
-    (``JAX_PLATFORMS`` without ``cpu``).
+    to live on ``target``: the host's CPU device when ``target`` is an accelerator; None
+    (``target`` itself) when it is a CPU, when the process has no CPU backend
+    (``JAX_PLATFORMS`` without ``cpu``), or when the run spans several processes
+    (``jax.distributed``): every process initialises its own replicas of the state, which
+    must be equal, and hosts of different CPU models could round a draw differently, while
+    identical accelerators compute identical numbers.
 
     Why: a model's initialisation is one random draw per parameter, and XLA:GPU compiles
     each draw as a kernel of its own (threefry unrolled), while XLA:CPU compiles them as
@@ -242,7 +245,7 @@ def host_init_device(target):
     and 8.7 s, and running it on the host 0.05-0.3 s (a 2-core CPU; benchmarks/NOTES.md,
     "Model initialisation: compile time"). Every training and evaluation process pays this
     compile once."""
-    if target.platform == "cpu":
+    if target.platform == "cpu" or jax.process_count() > 1:
         return None
     try:
         return jax.local_devices(backend="cpu")[0]
@@ -256,9 +259,10 @@ def create_train_state(rng, model, tx, input_shape, input_dtype=jnp.float32, *,
 
     The state's arrays are uncommitted, on :func:`default_device` (as a plain
     ``model.init`` call would leave them). With ``init_on_host`` (the default) and an
-    accelerator as that device, the variables are computed by XLA:CPU on the host and then
-    copied over (see :func:`host_init_device`: 6-26 s less compile per process for the
-    paper's CIFAR models on an H200, compiled on a 2-core host), so a seed gives the same initial parameters on a CPU and on an accelerator (the
+    accelerator as that device, in a single-process run, the variables are computed by
+    XLA:CPU on the host and then copied over (see :func:`host_init_device`: 6-26 s less
+    compile per process for the paper's CIFAR models on an H200, compiled on a 2-core
+    host), so a seed gives the same initial parameters on a CPU and on an accelerator (the
     draws are XLA:CPU's everywhere; another CPU model may round the normal draws' last bit
     differently). ``init_on_host=False`` computes them on the device: for models whose
     parameters do not fit the host's memory, or to keep an accelerator's own rounding.

@@ -175,7 +175,11 @@ def test_host_init_device_is_the_cpu_for_an_accelerator_only(monkeypatch):
     def no_cpu_backend(*args, backend=None, **kwargs):
         raise RuntimeError("Unknown backend cpu")  # JAX_PLATFORMS=cuda
 
-    monkeypatch.setattr(jax, "local_devices", no_cpu_backend)
+    with monkeypatch.context() as patched:
+        patched.setattr(jax, "local_devices", no_cpu_backend)
+        assert train.host_init_device(FakeAccelerator()) is None
+    # Several processes: each initialises its replicas where identical hardware rounds alike.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
     assert train.host_init_device(FakeAccelerator()) is None
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Usage: bash benchmarks/gpu_check.sh [table|profile|batch1024|models|all]   (default: all)
+# Usage: bash benchmarks/gpu_check.sh [table|profile|batch1024|models|init|all]   (default: all)
 # Results in $OUT (or ./gpu_results). On a lent machine (at most 10 minutes per command) run
 # the parts as separate calls on the warm machine, `table` first (6 min), then `profile`
 # (~7 min), then `batch1024` if the session has time left (~3 min), `models` after that
-# (~4 min); they share one persistent compilation cache (JAX_COMPILATION_CACHE_DIR).
+# (~4 min), `init` last (~2 min); they share one persistent compilation cache
+# (JAX_COMPILATION_CACHE_DIR; init_bench.py's processes run without it).
 #
 # table (train_throughput.py, at most TABLE_S seconds): the training loop's compiled call
 #    (train_steps, 39 steps per call: the loop's default for CIFAR-10's 351 steps per epoch)
@@ -42,6 +43,12 @@
 #    CIFAR models, ResNet-110, Wide-ResNet-26-10 and DenseNet-121, at batch 128 bfloat16 with
 #    cross-entropy (one row each, in that order: the time a run of each takes; unmeasured on a
 #    GPU so far; on this project's CPU at batch 4 they compile in 6-26 s).
+# init (init_bench.py, at most INIT_S seconds, in $OUT/init): a run's initial state for
+#    ResNet-50 and DenseNet-121 computed on the host's CPU (the default for a state on an
+#    accelerator) and on the GPU, each in a fresh process without the compilation cache: the
+#    start-up each costs (predicted from compiles for an H200 without a device: 12 s vs 3.5 s
+#    and 33 s vs 8.7 s on a 2-core host, plus the GPU's autotuning), and how many numbers
+#    differ between the two (predicted: at most the last bit of some normal draws).
 #
 # The first row of each shape compiles cold, as a user's first run does; a later row with the
 # same convolutions (FLSD-53 beside CE) finds them autotuned.
@@ -49,8 +56,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PART="${1:-all}"
 case "$PART" in
-    table|profile|batch1024|models|all) ;;
-    *) echo "usage: bash benchmarks/gpu_check.sh [table|profile|batch1024|models|all] (got '$PART')" >&2
+    table|profile|batch1024|models|init|all) ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [table|profile|batch1024|models|init|all] (got '$PART')" >&2
        exit 2;;
 esac
 OUT="${OUT:-gpu_results}"
@@ -107,4 +114,11 @@ if [ "$PART" = models ] || [ "$PART" = all ]; then
         --losses ce --steps-per-call 39 --calls 2 \
         --json "$OUT/models/train_throughput.json" 2>&1 | tee "$OUT/models/train_throughput.txt"
     echo "models exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/models/train_throughput.txt"
+fi
+if [ "$PART" = init ] || [ "$PART" = all ]; then
+    mkdir -p "$OUT/init"
+    timeout -k 10 "${INIT_S:-150}" "$PYTHON" benchmarks/init_bench.py \
+        --models resnet50,densenet121 --json "$OUT/init/init_bench.json" 2>&1 \
+        | tee "$OUT/init/init_bench.txt"
+    echo "init exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/init/init_bench.txt"
 fi

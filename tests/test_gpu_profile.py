@@ -16,7 +16,8 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 gpu_profile = pytest.importorskip("gpu_profile")
-import train_throughput  # noqa: E402  (gpu_profile's sibling, on the path above)
+import init_bench  # noqa: E402  (gpu_profile's siblings, on the path above)
+import train_throughput  # noqa: E402
 
 from calib_jax.models import layers  # noqa: E402
 
@@ -133,8 +134,9 @@ def test_gpu_check_command_lines_parse():
     only show on the lent machine."""
     lines = _gpu_check_command_lines()
     assert sorted(collections.Counter(name for name, _ in lines).items()) == \
-        [("gpu_profile", 2), ("train_throughput", 3)]
-    parsers = {"gpu_profile": gpu_profile.parse_args, "train_throughput": train_throughput.parse_args}
+        [("gpu_profile", 2), ("init_bench", 1), ("train_throughput", 3)]
+    parsers = {"gpu_profile": gpu_profile.parse_args, "train_throughput": train_throughput.parse_args,
+               "init_bench": init_bench.parse_args}
     for name, argv in lines:
         args = parsers[name](argv)  # exits (SystemExit 2) on an unknown flag or a bad value
         assert args.out.startswith("/tmp/out") if name == "gpu_profile" else \

@@ -243,8 +243,8 @@ def host_init_device(target):
     loops: compiling ``jit(model.init)`` for an H200 took 12.1 s for ResNet-50, 32.4 s for
     ResNet-110, 8.8 s for WRN-26-10 and 33.1 s for DenseNet-121, for XLA:CPU 3.5, 6.2, 2.4
     and 8.7 s, and running it on the host 0.05-0.3 s (a 2-core CPU; benchmarks/NOTES.md,
-    "Model initialisation: compile time"). Every training and evaluation process pays this
-    compile once."""
+    "Model initialisation: compile time"). Every training process pays this compile once
+    (the evaluation pass initialises nothing: :func:`abstract_state_for_config`)."""
     if target.platform == "cpu" or jax.process_count() > 1:
         return None
     try:

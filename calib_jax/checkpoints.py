@@ -10,7 +10,11 @@ temporary directory and renames it when complete, so a run killed at any
 moment leaves either a whole checkpoint or none; unfinished temporary
 directories are ignored. A finished checkpoint that cannot be read back
 (truncated or corrupted files) is skipped with a warning and the previous one
-is used: it is never loaded.
+is used: it is never loaded. A checkpoint of another configuration (another tree
+of parameters or optimiser state, or parameters of other shapes, e.g. a head for
+another number of classes, named from the checkpoint's metadata) is refused with a
+``ValueError``, not skipped: a run that skipped it would start afresh and, rotating
+its kept checkpoints, delete the other configuration's.
 
 Saves are asynchronous by default (``async_save=True``): :meth:`RunCheckpoints.save`
 returns once the arrays are copied to host memory and the files are written by a
@@ -72,6 +76,43 @@ def _manager(directory: Path, async_save: bool, **options) -> ocp.CheckpointMana
                 barrier_sync_key_prefix=prefix),
             **options),
         item_names=("state", "meta"))
+
+
+def _another_configuration(error: ValueError) -> bool:
+    """Whether Orbax refused a restore because the template is another configuration's
+    (another tree of parameters or optimiser state, or an array of another shape, e.g. a
+    head for another number of classes), rather than because the files are damaged."""
+    message = str(error).lower()
+    return ("tree structures do not match" in message
+            or "shape" in message and "mismatch" in message
+            # Orbax's message for a stored array of another shape (strict restore).
+            or "not compatible with the stored shape" in message)
+
+
+def _stored_shapes(manager, step) -> dict:
+    """``{path: shape}`` of the parameters and BatchNorm statistics a checkpoint holds, read
+    from its metadata alone (no array is read); empty where the metadata cannot be read or has
+    another form (an Orbax version's): then the restore itself decides."""
+    try:
+        stored = manager.item_metadata(step)["state"]
+        stored = getattr(stored, "tree", stored)  # Orbax's TreeMetadata wraps the tree
+        return {jax.tree_util.keystr(path): tuple(leaf.shape)
+                for part in ("params", "batch_stats")
+                for path, leaf in jax.tree_util.tree_leaves_with_path({part: stored[part]})}
+    except Exception:  # noqa: BLE001 -- a pre-check only
+        return {}
+
+
+def _shape_differences(stored: dict, template_tree) -> list[str]:
+    """The template's parameters and statistics that the checkpoint holds with another shape
+    (e.g. a head for another number of classes), as ``"path: checkpoint S, template T"``."""
+    differences = []
+    for part in ("params", "batch_stats"):
+        for path, leaf in jax.tree_util.tree_leaves_with_path({part: template_tree[part]}):
+            key = jax.tree_util.keystr(path)
+            if key in stored and stored[key] != tuple(leaf.shape):
+                differences.append(f"{key}: checkpoint {stored[key]}, template {tuple(leaf.shape)}")
+    return differences
 
 
 class RunCheckpoints:
@@ -149,11 +190,21 @@ class RunCheckpoints:
                     f"no checkpoint for epoch {which} in {self.latest.directory}; have {sorted(steps)}")
             steps = [int(which)]
         for step in steps:
+            # Arrays of other shapes, from the metadata: refused before Orbax reads any array
+            # (its own refusal, below, comes from inside its reads).
+            differences = _shape_differences(_stored_shapes(manager, step),
+                                             state_to_tree(template_state))
+            if differences:
+                raise ValueError(
+                    f"checkpoint {manager.directory}/{step} was written by a different model / "
+                    f"optimiser configuration than the one being restored: "
+                    f"{'; '.join(differences[:3])}"
+                    + (f" (and {len(differences) - 3} more)" if len(differences) > 3 else "")
+                    + "; use a new work directory (or the original config).")
             try:
                 return self._restore_from(manager, step, template_state)
             except ValueError as e:
-                if "tree structures do not match" in str(e) or "shape" in str(e).lower() and \
-                        "mismatch" in str(e).lower():
+                if _another_configuration(e):
                     # Not damage: the run directory belongs to another configuration.
                     # Refuse rather than skip, so that nothing saved is overwritten.
                     raise ValueError(

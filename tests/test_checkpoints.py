@@ -64,14 +64,26 @@ def test_corrupt_checkpoint_is_skipped_with_warning(tmp_path):
     ckpt.close()
 
 
-def test_checkpoint_of_another_configuration_is_refused(tmp_path):
+@pytest.mark.parametrize("other", ["optimiser", "classes"])
+def test_checkpoint_of_another_configuration_is_refused(tmp_path, other):
+    """Another optimiser state's tree, or a head for another number of classes (arrays of
+    other shapes): refused, not skipped as damage (a run that skipped them all would start
+    afresh and, keeping 3, delete the other configuration's checkpoints)."""
     ckpt = checkpoints.RunCheckpoints(tmp_path)
     ckpt.save(1, small_state(), {})
-    other = train.create_train_state(jax.random.PRNGKey(0), models.get("resnet8", 4),
-                                     train.make_optimizer(train.piecewise_lr(0.1, 10)),
-                                     (1, 32, 32, 3))
-    with pytest.raises(ValueError, match="different model / optimiser configuration"):
-        ckpt.restore(other)
+    ckpt.save(2, small_state(), {})
+    if other == "optimiser":
+        template = train.create_train_state(
+            jax.random.PRNGKey(0), models.get("resnet8", 4),
+            train.make_optimizer(train.piecewise_lr(0.1, 10)), (1, 32, 32, 3))
+    else:
+        template = train.create_train_state(jax.random.PRNGKey(0), models.get("resnet8", 10),
+                                            train.make_optimizer(0.1), (1, 32, 32, 3))
+    with pytest.raises(ValueError, match="different model / optimiser configuration") as refusal:
+        ckpt.restore(template)
+    if other == "classes":  # named from the metadata, before any array is read
+        assert ("['params']['TorchDense_0']['Dense_0']['bias']: checkpoint (4,), template (10,)"
+                in str(refusal.value))
     ckpt.close()
 
 

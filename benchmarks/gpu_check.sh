@@ -3,7 +3,7 @@
 # Results in $OUT (or ./gpu_results). On a lent machine (at most 10 minutes per command) run
 # the parts as separate calls on the warm machine, `table` first (6 min), then `profile`
 # (~7 min), then `batch1024` if the session has time left (~3 min), `models` after that
-# (~4 min), `init` last (~2 min); they share one persistent compilation cache
+# (~5.5 min), `init` last (~2 min); they share one persistent compilation cache
 # (JAX_COMPILATION_CACHE_DIR; init_bench.py's processes run without it).
 #
 # table (train_throughput.py, at most TABLE_S seconds): the training loop's compiled call
@@ -42,7 +42,10 @@
 # models (train_throughput.py, at most MODELS_S seconds, in $OUT/models): the paper's other
 #    CIFAR models, ResNet-110, Wide-ResNet-26-10 and DenseNet-121, at batch 128 bfloat16 with
 #    cross-entropy (one row each, in that order: the time a run of each takes; unmeasured on a
-#    GPU so far; on this project's CPU at batch 4 they compile in 6-26 s).
+#    GPU so far). Their training calls compile long: for an H200 without a device (autotuning
+#    off, a 2-core host, hlo_static.py's wall time) ResNet-110 70 s, WRN-26-10 29 s,
+#    DenseNet-121 148 s (ResNet-50: 41 s; it compiled in 37-40 s on the H200 with autotuning),
+#    so the part needs ~5.5 min.
 # init (init_bench.py, at most INIT_S seconds, in $OUT/init): a run's initial state for
 #    ResNet-50 and DenseNet-121 computed on the host's CPU (the default for a state on an
 #    accelerator) and on the GPU, each in a fresh process without the compilation cache: the
@@ -109,7 +112,7 @@ if [ "$PART" = batch1024 ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = models ] || [ "$PART" = all ]; then
     mkdir -p "$OUT/models"
-    timeout -k 10 "${MODELS_S:-240}" "$PYTHON" benchmarks/train_throughput.py \
+    timeout -k 10 "${MODELS_S:-330}" "$PYTHON" benchmarks/train_throughput.py \
         --models resnet110,wide_resnet_26_10,densenet121 --batch-sizes 128 --dtypes bfloat16 \
         --losses ce --steps-per-call 39 --calls 2 \
         --json "$OUT/models/train_throughput.json" 2>&1 | tee "$OUT/models/train_throughput.txt"

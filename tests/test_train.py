@@ -164,6 +164,15 @@ def test_host_initialisation_lands_uncommitted_on_the_default_device(model, monk
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_default_device_follows_jax_default_device():
+    devices = jax.devices()
+    assert train.default_device() == jax.local_devices()[0]
+    with jax.default_device(devices[2]):
+        assert train.default_device() == devices[2] == jnp.zeros(()).devices().pop()
+    with jax.default_device("cpu"):  # a platform name: its first local device
+        assert train.default_device() == jax.local_devices(backend="cpu")[0]
+
+
 def test_host_init_device_is_the_cpu_for_an_accelerator_only(monkeypatch):
     class FakeAccelerator:
         platform = "gpu"

@@ -89,16 +89,21 @@ def _another_configuration(error: ValueError) -> bool:
             or "not compatible with the stored shape" in message)
 
 
+def _shapes(tree) -> dict:
+    """``{path: shape}`` of the parameters and BatchNorm statistics of a state's tree (a
+    template's, or a checkpoint's metadata tree)."""
+    return {jax.tree_util.keystr(path): tuple(leaf.shape)
+            for part in ("params", "batch_stats")
+            for path, leaf in jax.tree_util.tree_leaves_with_path({part: tree[part]})}
+
+
 def _stored_shapes(manager, step) -> dict:
-    """``{path: shape}`` of the parameters and BatchNorm statistics a checkpoint holds, read
-    from its metadata alone (no array is read); empty where the metadata cannot be read or has
-    another form (an Orbax version's): then the restore itself decides."""
+    """:func:`_shapes` of a checkpoint, read from its metadata alone (no array is read); empty
+    where the metadata cannot be read or has another form (an Orbax version's): then the
+    restore itself decides."""
     try:
         stored = manager.item_metadata(step)["state"]
-        stored = getattr(stored, "tree", stored)  # Orbax's TreeMetadata wraps the tree
-        return {jax.tree_util.keystr(path): tuple(leaf.shape)
-                for part in ("params", "batch_stats")
-                for path, leaf in jax.tree_util.tree_leaves_with_path({part: stored[part]})}
+        return _shapes(getattr(stored, "tree", stored))  # Orbax's TreeMetadata wraps the tree
     except Exception:  # noqa: BLE001 -- a pre-check only
         return {}
 
@@ -106,13 +111,9 @@ def _stored_shapes(manager, step) -> dict:
 def _shape_differences(stored: dict, template_tree) -> list[str]:
     """The template's parameters and statistics that the checkpoint holds with another shape
     (e.g. a head for another number of classes), as ``"path: checkpoint S, template T"``."""
-    differences = []
-    for part in ("params", "batch_stats"):
-        for path, leaf in jax.tree_util.tree_leaves_with_path({part: template_tree[part]}):
-            key = jax.tree_util.keystr(path)
-            if key in stored and stored[key] != tuple(leaf.shape):
-                differences.append(f"{key}: checkpoint {stored[key]}, template {tuple(leaf.shape)}")
-    return differences
+    return [f"{key}: checkpoint {stored[key]}, template {shape}"
+            for key, shape in _shapes(template_tree).items()
+            if key in stored and stored[key] != shape]
 
 
 class RunCheckpoints:

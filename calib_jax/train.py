@@ -213,11 +213,13 @@ class TrainState:
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _init_variables(model, rng, input_shape, input_dtype):
-    # One compilation per (model, shape): K members (or K tests) initialise without
-    # recompiling (a fresh jax.jit(model.init) per call would compile every time).
+def _init(model, rng, input_shape, input_dtype):
     return model.init(rng, jnp.zeros(input_shape, input_dtype), train=False)
+
+
+# One compilation per (model, shape): K members (or K tests) initialise without
+# recompiling (a fresh jax.jit(model.init) per call would compile every time).
+_init_variables = jax.jit(_init, static_argnums=(0, 2, 3))
 
 
 def default_device():
@@ -280,9 +282,9 @@ def create_train_state(rng, model, tx, input_shape, input_dtype=jnp.float32, *,
         cached = False
     if cached:
         variables = _init_variables(model, init_rng, tuple(input_shape), jnp.dtype(input_dtype))
-    else:
-        variables = jax.jit(lambda r: model.init(r, jnp.zeros(input_shape, input_dtype),
-                                                 train=False))(init_rng)
+    else:  # not a static argument: a jit of its own, compiled per call
+        variables = jax.jit(functools.partial(_init, model), static_argnums=(1, 2))(
+            init_rng, tuple(input_shape), jnp.dtype(input_dtype))
     if host is not None:
         # Through NumPy: device_put of a host array without a device leaves it uncommitted
         # on the default device, as the on-device path does.

@@ -200,3 +200,70 @@ def test_real_tiny_imagenet_and_text():
     assert news["train"].inputs.shape[1] == 1000 and news["train"].inputs.max() < 20000
     sst = {s: datasets.load("sst", s) for s in ("train", "val", "test")}
     assert [len(sst[s]) for s in ("train", "val", "test")] == [6920, 872, 1821]
+
+
+def write_20news(folder: Path, num_posts: int, *, label_shift: int = 0):
+    """A generated corpus in the offline copy's format: ``num_posts`` posts of a few words."""
+    import gzip
+    import json
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    words = np.array(["alpha", "beta", "gamma", "delta", "it's", "x11", "space", "god"])
+    with gzip.open(folder / "20news_bydate_train_000.jsonl.gz", "wt", encoding="utf-8") as f:
+        for i in range(num_posts):
+            text = " ".join(rng.choice(words, rng.integers(1, 12))).title()
+            f.write(json.dumps({"id": i, "label": (i + label_shift) % 20, "text": text}) + "\n")
+
+
+def test_text_sets_are_read_once_for_all_splits_and_again_when_changed(tmp_path, monkeypatch):
+    write_20news(tmp_path / "20news", 1200)
+    opened = []  # the posts' files opened for reading
+    real_open = datasets.gzip.open
+
+    def counting_open(file, mode="rb", **options):
+        if "r" in mode:
+            opened.append(file)
+        return real_open(file, mode, **options)
+
+    monkeypatch.setattr(datasets.gzip, "open", counting_open)
+    news = {s: datasets.load("20news", s, data_dir=tmp_path, max_len=6)
+            for s in ("train", "val", "test")}
+    assert len(opened) == 1  # the second and third split come from the first's reading
+    assert [len(news[s]) for s in ("train", "val", "test")] == [60, 900, 240]
+    assert news["train"].inputs.shape == (60, 6) and not news["val"].inputs.flags.writeable
+    # The reference's split: seed-1 shuffle, the last 20 % test, 900 before it val.
+    order = np.arange(1200)
+    np.random.RandomState(1).shuffle(order)
+    np.testing.assert_array_equal(news["test"].labels, order[-240:] % 20)
+    np.testing.assert_array_equal(news["val"].labels, order[60:960] % 20)
+    # Ids: 0 padding (left), 1 unknown, then words by frequency in the training posts.
+    vocab = dict(news["train"].extra["vocab"])
+    assert sorted(vocab.values()) == list(range(2, 10)) and "it's" in vocab
+    assert news["val"].inputs[news["val"].inputs > 0].min() >= 2
+    news["train"].extra["vocab"]["alpha"] = -1  # a user's edit stays in that Dataset
+    assert datasets.load("20news", "train", data_dir=tmp_path, max_len=6).extra["vocab"] == vocab
+    # Another max_len is another encoding; a rewritten file is read again.
+    assert datasets.load("20news", "val", data_dir=tmp_path, max_len=3).inputs.shape == (900, 3)
+    assert len(opened) == 2
+    write_20news(tmp_path / "20news", 1200, label_shift=1)
+    shifted = datasets.load("20news", "test", data_dir=tmp_path, max_len=6)
+    assert len(opened) == 3
+    np.testing.assert_array_equal(shifted.labels, (order[-240:] + 1) % 20)
+
+
+def test_text_sets_too_small_or_incomplete_are_refused(tmp_path):
+    write_20news(tmp_path / "20news", 1000)  # 200 test + 900 val leave no training post
+    with pytest.raises(DataNotFoundError, match="1000 posts: too few"):
+        datasets.load("20news", "train", data_dir=tmp_path)
+    (tmp_path / "20news" / "20news_bydate_train_000.jsonl.gz").unlink()
+    with pytest.raises(DataNotFoundError, match="20 Newsgroups not found in .*20news"):
+        datasets.load("20news", "val", data_dir=tmp_path)
+    (tmp_path / "sst").mkdir()
+    for name in ("train.txt", "test.txt"):
+        (tmp_path / "sst" / name).write_text("(3 (2 a) (4 b))\n")
+    with pytest.raises(DataNotFoundError, match=r"no \['dev.txt'\] in .*sst"):
+        datasets.load("sst", "train", data_dir=tmp_path)
+    (tmp_path / "sst" / "dev.txt").write_text("(1 (2 a) (0 c))\n(2 (2 a) (2 b))\n")
+    val = datasets.load("sst", "val", data_dir=tmp_path)
+    assert len(val) == 1 and val.labels.tolist() == [0]  # the neutral root is dropped
+    assert val.extra["max_nodes"] == 3 and val.extra["vocab"] == {"a": 1, "b": 2}

@@ -17,6 +17,8 @@ Sources (``source=``): ``"local"`` reads ``<data_dir>/<folder>`` (see
 :mod:`calib_jax.data.sources`), ``"tfds"`` a prepared TFDS data set,
 ``"auto"`` (default) tries local then TFDS. Missing data raises
 :class:`~calib_jax.data.sources.DataNotFoundError` saying what to get.
+Local copies are read once per process: image splits by folder and split, the text sets
+(all three splits at once) by folder, options and the files' sizes and modification times.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import dataclasses
 import functools
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -234,14 +237,38 @@ def _tiny_imagenet(split, data_dir, source):
 def _20news(split, data_dir, vocab_size=20000, max_len=1000):
     _check_split("20news", split, ("train", "val", "test"))
     path = sources.find_folder("20news", data_dir)
-    if path is None:
+    files = sorted(path.glob("*.jsonl.gz")) if path is not None else []
+    if not files:
         raise DataNotFoundError(
-            f"20 Newsgroups not found: put the 'bydate' posts as <data_dir>/20news/"
-            f"20news_bydate_{{train,test}}_NNN.jsonl.gz (one JSON {{id, label, text}} a line) "
-            f"and classes.json, with data_dir the argument or ${sources.ENV_DATA_DIR}.")
+            f"20 Newsgroups not found{f' in {path}' if path is not None else ''}: put the "
+            f"'bydate' posts as <data_dir>/20news/20news_bydate_{{train,test}}_NNN.jsonl.gz (one "
+            f"JSON {{id, label, text}} a line) and classes.json, with data_dir the argument or "
+            f"${sources.ENV_DATA_DIR}.")
+    tokens, labels, vocab = _20news_splits(str(path), _file_stamp(files), vocab_size, max_len)
+    return Dataset("20news", split, tokens[split], labels[split], 20, str(path),
+                   extra={"vocab": dict(vocab), "max_len": max_len})
+
+
+def _file_stamp(files) -> tuple:
+    """Names, sizes and modification times of ``files``: part of a text cache's key, so that a
+    file changed since it was read is read again."""
+    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False  # shared by every load of the split (a cache's value)
+    return array
+
+
+@functools.lru_cache(maxsize=2)
+def _20news_splits(folder: str, stamp: tuple, vocab_size: int, max_len: int):
+    """All three splits of 20 Newsgroups, encoded: ``({split: tokens}, {split: labels},
+    vocab)``, arrays read-only. Cached per process: reading, tokenising and counting the
+    posts takes ~2 s, and a run loads two splits (training: train and val; evaluation: val
+    and test), each needing the training posts' vocabulary."""
     posts = []
-    for file in sorted(path.glob("*.jsonl.gz")):
-        with gzip.open(file, "rt", encoding="utf-8") as f:
+    for name, _, _ in stamp:
+        with gzip.open(Path(folder) / name, "rt", encoding="utf-8") as f:
             posts.extend(json.loads(line) for line in f)
     texts = [p["text"] for p in posts]
     labels = np.asarray([p["label"] for p in posts], np.int32)
@@ -249,18 +276,22 @@ def _20news(split, data_dir, vocab_size=20000, max_len=1000):
     order = np.arange(len(texts))
     np.random.RandomState(1).shuffle(order)
     n_test = int(0.2 * len(order))
-    test_idx = order[len(order) - n_test:]
-    val_idx = order[len(order) - n_test - 900:len(order) - n_test]
-    train_idx = order[:len(order) - n_test - 900]
-    # Each post is tokenised once (the training posts' words feed the vocabulary and, for the
-    # training split, the encoding too).
-    train_words = [_tokenize(texts[i]) for i in train_idx]
+    if len(order) - n_test - 900 < 1:
+        raise DataNotFoundError(
+            f"{folder} holds {len(order)} posts: too few for the reference's split (20 % test, "
+            f"900 val, the rest train); put the whole 'bydate' set there.")
+    indices = {"train": order[:len(order) - n_test - 900],
+               "val": order[len(order) - n_test - 900:len(order) - n_test],
+               "test": order[len(order) - n_test:]}
+    train_words = [_tokenize(texts[i]) for i in indices["train"]]
     vocab = _build_vocab(train_words, vocab_size)
-    idx = {"train": train_idx, "val": val_idx, "test": test_idx}[split]
-    words = train_words if split == "train" else [_tokenize(texts[i]) for i in idx]
-    tokens = np.stack([_encode(w, vocab, max_len) for w in words])
-    return Dataset("20news", split, tokens, labels[idx], 20, str(path),
-                   extra={"vocab": vocab, "max_len": max_len})
+    tokens = {"train": np.stack([_encode(w, vocab, max_len) for w in train_words])}
+    del train_words
+    for split in ("val", "test"):
+        tokens[split] = np.stack([_encode(_tokenize(texts[i]), vocab, max_len)
+                                  for i in indices[split]])
+    return ({s: _read_only(t) for s, t in tokens.items()},
+            {s: _read_only(labels[i]) for s, i in indices.items()}, vocab)
 
 
 def _tokenize(text: str) -> list[str]:
@@ -287,31 +318,49 @@ def _encode(words, vocab, max_len):
     return out
 
 
+_SST_FILES = {"train": "train.txt", "val": "dev.txt", "test": "test.txt"}
+
+
 def _sst(split, data_dir, vocab_size=20000, max_nodes=None):
     """SST binary as packed trees: ``inputs`` int32 ``[N, 3, M]`` (see models.text.pack_trees)."""
-    from calib_jax.models.text import make_trees, pack_trees, parse_ptb_tree
     _check_split("sst", split, ("train", "val", "test"))
     path = sources.find_folder("sst", data_dir)
-    if path is None:
+    missing = [f for f in _SST_FILES.values() if path is None or not (path / f).is_file()]
+    if missing:
         raise DataNotFoundError(
-            "SST not found: put PTB-style trees as <data_dir>/sst/{train,dev,test}.txt.")
+            f"SST not found{f' (no {missing} in {path})' if path is not None else ''}: put "
+            f"PTB-style trees as <data_dir>/sst/{{train,dev,test}}.txt, with data_dir the "
+            f"argument or ${sources.ENV_DATA_DIR}.")
+    stamp = _file_stamp(path / f for f in _SST_FILES.values())
+    splits, vocab, max_nodes = _sst_splits(str(path), stamp, vocab_size, max_nodes)
+    packed, labels, parsed = splits[split]
+    return Dataset("sst", split, packed, labels, 2, str(path),
+                   extra={"trees": parsed, "vocab": dict(vocab), "max_nodes": max_nodes})
 
-    @functools.cache  # each file is parsed once (the vocabulary and max_nodes read them too)
-    def read(file):
-        return [parse_ptb_tree(line) for line in (path / file).read_text().splitlines()
-                if line.strip()]
 
-    file = {"train": "train.txt", "val": "dev.txt", "test": "test.txt"}[split]
-    parsed = [t for t in read(file) if t[0] != 2]  # binary task: drop neutral roots
-    labels = np.asarray([int(t[0] > 2) for t in parsed], np.int32)
+@functools.lru_cache(maxsize=2)
+def _sst_splits(folder: str, stamp: tuple, vocab_size: int, max_nodes: int | None):
+    """All three SST splits: ``({split: (packed, labels, trees)}, vocab, max_nodes)``,
+    arrays read-only and trees tuples. Cached per process as :func:`_20news_splits` is:
+    every split needs the training trees' vocabulary and, by default, the largest tree of
+    all three files."""
+    from calib_jax.models.text import make_trees, pack_trees, parse_ptb_tree
+    read = {split: [tuple(tuple(part) if isinstance(part, list) else part
+                          for part in parse_ptb_tree(line))
+                    for line in (Path(folder) / file).read_text().splitlines() if line.strip()]
+            for split, file in _SST_FILES.items()}
     # 0 = unknown; then the most frequent training words (the leaves' words; inner nodes None).
-    vocab = _build_vocab(([w for w in tree[1] if w is not None] for tree in read("train.txt")),
+    vocab = _build_vocab(([w for w in tree[1] if w is not None] for tree in read["train"]),
                          vocab_size, reserved=1)
     if max_nodes is None:
-        max_nodes = max(len(t[1]) for t in read("train.txt") + read("dev.txt") + read("test.txt"))
-    packed = pack_trees(make_trees(parsed, vocab, max_nodes=max_nodes))
-    return Dataset("sst", split, packed, labels, 2, str(path),
-                   extra={"trees": parsed, "vocab": vocab, "max_nodes": max_nodes})
+        max_nodes = max(len(t[1]) for trees in read.values() for t in trees)
+    splits = {}
+    for split, trees in read.items():
+        parsed = tuple(t for t in trees if t[0] != 2)  # binary task: drop neutral roots
+        labels = np.asarray([int(t[0] > 2) for t in parsed], np.int32)
+        packed = pack_trees(make_trees(parsed, vocab, max_nodes=max_nodes))
+        splits[split] = (_read_only(packed), _read_only(labels), parsed)
+    return splits, vocab, max_nodes
 
 
 _SYNTHETIC_SIZES = {"train": 512, "val": 128, "test": 256}

@@ -259,11 +259,17 @@ def test_text_sets_too_small_or_incomplete_are_refused(tmp_path):
     with pytest.raises(DataNotFoundError, match="20 Newsgroups not found in .*20news"):
         datasets.load("20news", "val", data_dir=tmp_path)
     (tmp_path / "sst").mkdir()
-    for name in ("train.txt", "test.txt"):
-        (tmp_path / "sst" / name).write_text("(3 (2 a) (4 b))\n")
+    (tmp_path / "sst" / "train.txt").write_text("(3 (2 a) (4 (2 b) (3 b)))\n")
+    (tmp_path / "sst" / "test.txt").write_text("(3 (2 a) (4 b))\n")
     with pytest.raises(DataNotFoundError, match=r"no \['dev.txt'\] in .*sst"):
         datasets.load("sst", "train", data_dir=tmp_path)
     (tmp_path / "sst" / "dev.txt").write_text("(1 (2 a) (0 c))\n(2 (2 a) (2 b))\n")
     val = datasets.load("sst", "val", data_dir=tmp_path)
     assert len(val) == 1 and val.labels.tolist() == [0]  # the neutral root is dropped
-    assert val.extra["max_nodes"] == 3 and val.extra["vocab"] == {"a": 1, "b": 2}
+    # By default every split is padded to the largest tree of the three files.
+    assert val.extra["max_nodes"] == 5 and val.extra["vocab"] == {"b": 1, "a": 2}
+    assert val.inputs.shape == (1, 3, 5)
+    # An explicit max_nodes need only fit the split asked for.
+    assert datasets.load("sst", "val", data_dir=tmp_path, max_nodes=3).inputs.shape == (1, 3, 3)
+    with pytest.raises(ValueError, match="more than max_nodes=3"):
+        datasets.load("sst", "train", data_dir=tmp_path, max_nodes=3)

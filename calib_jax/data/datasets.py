@@ -332,19 +332,19 @@ def _sst(split, data_dir, vocab_size=20000, max_nodes=None):
             f"PTB-style trees as <data_dir>/sst/{{train,dev,test}}.txt, with data_dir the "
             f"argument or ${sources.ENV_DATA_DIR}.")
     stamp = _file_stamp(path / f for f in _SST_FILES.values())
-    splits, vocab, max_nodes = _sst_splits(str(path), stamp, vocab_size, max_nodes)
-    packed, labels, parsed = splits[split]
+    packed, labels, parsed, max_nodes = _sst_split(str(path), stamp, vocab_size, max_nodes, split)
     return Dataset("sst", split, packed, labels, 2, str(path),
-                   extra={"trees": parsed, "vocab": dict(vocab), "max_nodes": max_nodes})
+                   extra={"trees": parsed, "vocab": dict(_sst_corpus(str(path), stamp,
+                                                                     vocab_size)[1]),
+                          "max_nodes": max_nodes})
 
 
 @functools.lru_cache(maxsize=2)
-def _sst_splits(folder: str, stamp: tuple, vocab_size: int, max_nodes: int | None):
-    """All three SST splits: ``({split: (packed, labels, trees)}, vocab, max_nodes)``,
-    arrays read-only and trees tuples. Cached per process as :func:`_20news_splits` is:
-    every split needs the training trees' vocabulary and, by default, the largest tree of
-    all three files."""
-    from calib_jax.models.text import make_trees, pack_trees, parse_ptb_tree
+def _sst_corpus(folder: str, stamp: tuple, vocab_size: int):
+    """The three SST files parsed (``{split: [tree]}``, trees as tuples), the training trees'
+    vocabulary and the largest tree's node count. Cached per process (``stamp``: see
+    :func:`_file_stamp`): every split needs the vocabulary and, by default, that count."""
+    from calib_jax.models.text import parse_ptb_tree
     read = {split: [tuple(tuple(part) if isinstance(part, list) else part
                           for part in parse_ptb_tree(line))
                     for line in (Path(folder) / file).read_text().splitlines() if line.strip()]
@@ -352,15 +352,20 @@ def _sst_splits(folder: str, stamp: tuple, vocab_size: int, max_nodes: int | Non
     # 0 = unknown; then the most frequent training words (the leaves' words; inner nodes None).
     vocab = _build_vocab(([w for w in tree[1] if w is not None] for tree in read["train"]),
                          vocab_size, reserved=1)
-    if max_nodes is None:
-        max_nodes = max(len(t[1]) for trees in read.values() for t in trees)
-    splits = {}
-    for split, trees in read.items():
-        parsed = tuple(t for t in trees if t[0] != 2)  # binary task: drop neutral roots
-        labels = np.asarray([int(t[0] > 2) for t in parsed], np.int32)
-        packed = pack_trees(make_trees(parsed, vocab, max_nodes=max_nodes))
-        splits[split] = (_read_only(packed), _read_only(labels), parsed)
-    return splits, vocab, max_nodes
+    return read, vocab, max(len(t[1]) for trees in read.values() for t in trees)
+
+
+@functools.lru_cache(maxsize=6)
+def _sst_split(folder: str, stamp: tuple, vocab_size: int, max_nodes: int | None, split: str):
+    """One SST split, binary, packed: ``(packed, labels, trees, max_nodes)``, arrays
+    read-only; only this split's trees must fit an explicit ``max_nodes``."""
+    from calib_jax.models.text import make_trees, pack_trees
+    read, vocab, largest = _sst_corpus(folder, stamp, vocab_size)
+    max_nodes = largest if max_nodes is None else max_nodes
+    parsed = tuple(t for t in read[split] if t[0] != 2)  # binary task: drop neutral roots
+    labels = np.asarray([int(t[0] > 2) for t in parsed], np.int32)
+    packed = pack_trees(make_trees(parsed, vocab, max_nodes=max_nodes))
+    return _read_only(packed), _read_only(labels), parsed, max_nodes
 
 
 _SYNTHETIC_SIZES = {"train": 512, "val": 128, "test": 256}

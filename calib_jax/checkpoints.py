@@ -89,6 +89,14 @@ def _another_configuration(error: ValueError) -> bool:
             or "not compatible with the stored shape" in message)
 
 
+def _another_configuration_refusal(manager, step, detail: str) -> ValueError:
+    """The refusal of a checkpoint written by another configuration, with what differs."""
+    return ValueError(
+        f"checkpoint {manager.directory}/{step} was written by a different model / optimiser "
+        f"configuration than the one being restored ({detail}); use a new work directory (or "
+        f"the original config).")
+
+
 def _shapes(tree) -> dict:
     """``{path: shape}`` of the parameters and BatchNorm statistics of a state's tree (a
     template's, or a checkpoint's metadata tree)."""
@@ -196,23 +204,16 @@ class RunCheckpoints:
             differences = _shape_differences(_stored_shapes(manager, step),
                                              state_to_tree(template_state))
             if differences:
-                raise ValueError(
-                    f"checkpoint {manager.directory}/{step} was written by a different model / "
-                    f"optimiser configuration than the one being restored: "
-                    f"{'; '.join(differences[:3])}"
-                    + (f" (and {len(differences) - 3} more)" if len(differences) > 3 else "")
-                    + "; use a new work directory (or the original config).")
+                raise _another_configuration_refusal(
+                    manager, step, "; ".join(differences[:3])
+                    + (f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""))
             try:
                 return self._restore_from(manager, step, template_state)
             except ValueError as e:
                 if _another_configuration(e):
                     # Not damage: the run directory belongs to another configuration.
                     # Refuse rather than skip, so that nothing saved is overwritten.
-                    raise ValueError(
-                        f"checkpoint {manager.directory}/{step} was written by a different "
-                        f"model / optimiser configuration than the one being restored; use a "
-                        f"new work directory (or the original config). Details: {str(e)[:300]}"
-                    ) from e
+                    raise _another_configuration_refusal(manager, step, str(e)[:300]) from e
                 warnings.warn(f"checkpoint {manager.directory}/{step} could not be read "
                               f"({type(e).__name__}: {str(e)[:200]}); skipping it.", RuntimeWarning)
             except Exception as e:  # a corrupt or partial checkpoint: never load it

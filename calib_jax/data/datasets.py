@@ -252,7 +252,8 @@ def _20news(split, data_dir, vocab_size=20000, max_len=1000):
 def _file_stamp(files) -> tuple:
     """Names, sizes and modification times of ``files``: part of a text cache's key, so that a
     file changed since it was read is read again."""
-    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    stats = [(f.name, f.stat()) for f in files]
+    return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

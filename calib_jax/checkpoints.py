@@ -10,7 +10,12 @@ temporary directory and renames it when complete, so a run killed at any
 moment leaves either a whole checkpoint or none; unfinished temporary
 directories are ignored. A finished checkpoint that cannot be read back
 (truncated or corrupted files) is skipped with a warning and the previous one
-is used: it is never loaded. A checkpoint of another configuration (another tree
+is used: it is never loaded. When training reaches that epoch again, the recomputed
+state takes its place and the unreadable files are moved, not deleted, to
+``unreadable/<folder>-<epoch>/`` (training is deterministic, so a resumed run still
+ends with the parameters of an uninterrupted one). A best checkpoint whose metrics
+cannot be read, which Orbax could not rank (it would raise on opening ``best/``), is
+moved there as soon as the run's checkpoints are opened. A checkpoint of another configuration (another tree
 of parameters or optimiser state, or parameters of other shapes, e.g. a head for
 another number of classes, named from the checkpoint's metadata) is refused with a
 ``ValueError``, not skipped: a run that skipped it would start afresh and, rotating
@@ -31,6 +36,7 @@ saves of several managers (periodic and best, several members) may overlap.
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,10 +44,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["FOLDERS", "RunCheckpoints", "saved_epochs", "state_to_tree", "tree_equal"]
+__all__ = ["FOLDERS", "UNREADABLE_FOLDER", "RunCheckpoints", "saved_epochs", "state_to_tree",
+           "tree_equal"]
 
 #: The folders of a run's work directory that hold its periodic and its best checkpoints.
 FOLDERS = {"latest": "checkpoints", "best": "best"}
+#: Where :meth:`RunCheckpoints.save` moves a checkpoint that could not be read when it
+#: saves the recomputed state of its epoch (beside ``FOLDERS``: Orbax never lists it).
+UNREADABLE_FOLDER = "unreadable"
 
 
 def state_to_tree(state) -> dict:
@@ -76,6 +86,29 @@ def _manager(directory: Path, async_save: bool, **options) -> ocp.CheckpointMana
                 barrier_sync_key_prefix=prefix),
             **options),
         item_names=("state", "meta"))
+
+
+def _unrankable(step_dir: Path) -> bool:
+    """Whether a best checkpoint's metrics file (Orbax's ``metrics/metrics``) is there but
+    holds no number ``val_accuracy``, the value ``best/`` ranks by: Orbax would raise on
+    opening the folder. A checkpoint without that file is left to Orbax (a later Orbax
+    may keep its metrics elsewhere: never move a checkpoint for that)."""
+    path = step_dir / "metrics" / "metrics"
+    if not path.is_file():
+        return False
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(metrics, dict)
+                and isinstance(metrics.get("val_accuracy"), (int, float)))
+
+
+def _sync_processes(name: str) -> None:
+    """With several processes (``jax.distributed``), waits until every one gets here."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def _another_configuration(error: ValueError) -> bool:
@@ -137,9 +170,25 @@ class RunCheckpoints:
     def __init__(self, workdir, *, keep: int = 3, async_save: bool = True):
         self.workdir = Path(workdir)
         self.latest = _manager(self.workdir / FOLDERS["latest"], async_save, max_to_keep=keep)
-        self.best = _manager(self.workdir / FOLDERS["best"], async_save, max_to_keep=1,
-                             best_fn=lambda m: m["val_accuracy"], best_mode="max",
-                             keep_checkpoints_without_metrics=False)
+        self.best = self._open_best(async_save)
+        # Epochs that restore() found unreadable, per folder key: the only existing
+        # checkpoints that save() replaces (see _set_aside).
+        self._unreadable: dict[str, set[int]] = {"latest": set(), "best": set()}
+
+    def _open_best(self, async_save: bool) -> ocp.CheckpointManager:
+        """The manager of ``best/``. Orbax reads every best checkpoint's metrics when it
+        opens the folder, and raises on a damaged metrics file (a JSON error): the run could
+        then neither resume nor be evaluated. Such checkpoints, which cannot be ranked, are
+        moved to ``unreadable/`` first, with a warning (by process 0; every process waits for
+        it before opening the folder)."""
+        if jax.process_index() == 0:
+            for epoch in saved_epochs(self.workdir, "best"):
+                if _unrankable(self.workdir / FOLDERS["best"] / str(epoch)):
+                    self._move_to_unreadable("best", epoch, "its metrics could not be read")
+        _sync_processes(f"calib_jax open {self.workdir / FOLDERS['best']}")
+        return _manager(self.workdir / FOLDERS["best"], async_save, max_to_keep=1,
+                        best_fn=lambda m: m["val_accuracy"], best_mode="max",
+                        keep_checkpoints_without_metrics=False)
 
     def save(self, epoch: int, state, meta: dict, *, best_metrics: dict | None = None,
              periodic: bool = True):
@@ -149,7 +198,11 @@ class RunCheckpoints:
         ``val_accuracy``) offers it to ``best/``, which keeps the highest.
         An epoch that already has a checkpoint is left as it is: training is
         deterministic, so a resumed multi-member run that recomputes an epoch
-        some members had already saved produces the same state again.
+        some members had already saved produces the same state again. The
+        exception is a checkpoint that :meth:`restore` found unreadable: it is
+        moved to ``unreadable/`` and ``state`` is saved in its place (otherwise a
+        run whose final checkpoint was damaged would retrain its last epochs on
+        every rerun and never finish).
 
         With ``async_save`` it returns once ``state`` is copied to host memory
         (the caller may then donate or overwrite its arrays); the files follow in
@@ -158,10 +211,44 @@ class RunCheckpoints:
         tree = state_to_tree(state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                   meta=ocp.args.JsonSave(dict(meta, epoch=epoch)))
-        if periodic and epoch not in self.latest.all_steps():
-            self.latest.save(epoch, args=args, force=True)
-        if best_metrics is not None and epoch not in self.best.all_steps():
-            self.best.save(epoch, args=args, metrics=best_metrics, force=True)
+        if periodic:
+            self._set_aside("latest", epoch)
+            if epoch not in self.latest.all_steps():
+                self.latest.save(epoch, args=args, force=True)
+        if best_metrics is not None:
+            self._set_aside("best", epoch)
+            if epoch not in self.best.all_steps():
+                self.best.save(epoch, args=args, metrics=best_metrics, force=True)
+
+    def _set_aside(self, key: str, epoch: int) -> None:
+        """Moves the checkpoint of ``epoch`` in ``FOLDERS[key]`` to ``unreadable/`` if
+        :meth:`restore` found it unreadable, so that a save can take its place. Moved, not
+        deleted: nothing a user saved is destroyed (it may be inspected, or removed by hand)."""
+        if epoch not in self._unreadable[key]:
+            return
+        manager = getattr(self, key)
+        manager.wait_until_finished()  # reload() below must not forget a save in flight
+        if jax.process_index() == 0:
+            self._move_to_unreadable(key, epoch, f"it could not be read; replaced by the "
+                                                 f"recomputed epoch {epoch}")
+        _sync_processes(f"calib_jax set aside {self.workdir / FOLDERS[key]}/{epoch}")
+        manager.reload()  # on every process: the manager's list of steps must lose it
+        self._unreadable[key].discard(epoch)
+
+    def _move_to_unreadable(self, key: str, epoch: int, why: str) -> None:
+        """Renames ``FOLDERS[key]/<epoch>`` to ``unreadable/<folder>-<epoch>`` (``-2``, ...
+        if taken), with a warning. Called by process 0 alone (the others wait for it)."""
+        source = self.workdir / FOLDERS[key] / str(epoch)
+        if not source.exists():
+            return
+        target = self.workdir / UNREADABLE_FOLDER / f"{FOLDERS[key]}-{epoch}"
+        target.parent.mkdir(exist_ok=True)
+        n = 1
+        while target.exists():  # an earlier unreadable copy of the same epoch
+            n += 1
+            target = target.with_name(f"{FOLDERS[key]}-{epoch}-{n}")
+        source.rename(target)
+        warnings.warn(f"checkpoint {source}: {why}; moved to {target}.", RuntimeWarning)
 
     def wait(self):
         """Blocks until every checkpoint written so far is complete on disk."""
@@ -191,7 +278,8 @@ class RunCheckpoints:
             or an epoch number.
         """
         self.wait()
-        manager = self.best if which == "best" else self.latest
+        key = "best" if which == "best" else "latest"
+        manager = getattr(self, key)
         steps = sorted(manager.all_steps(), reverse=True)
         if isinstance(which, int) or (isinstance(which, str) and which.isdigit()):
             if int(which) not in steps:
@@ -214,12 +302,16 @@ class RunCheckpoints:
                     # Not damage: the run directory belongs to another configuration.
                     # Refuse rather than skip, so that nothing saved is overwritten.
                     raise _another_configuration_refusal(manager, step, str(e)[:300]) from e
-                warnings.warn(f"checkpoint {manager.directory}/{step} could not be read "
-                              f"({type(e).__name__}: {str(e)[:200]}); skipping it.", RuntimeWarning)
+                self._skip_unreadable(key, step, e)
             except Exception as e:  # a corrupt or partial checkpoint: never load it
-                warnings.warn(f"checkpoint {manager.directory}/{step} could not be read "
-                              f"({type(e).__name__}: {str(e)[:200]}); skipping it.", RuntimeWarning)
+                self._skip_unreadable(key, step, e)
         return None
+
+    def _skip_unreadable(self, key: str, step: int, error: Exception) -> None:
+        self._unreadable[key].add(step)
+        warnings.warn(f"checkpoint {getattr(self, key).directory}/{step} could not be read "
+                      f"({type(error).__name__}: {str(error)[:200]}); skipping it.",
+                      RuntimeWarning)
 
     def close(self):
         """Waits for writes in flight, then releases the managers."""

@@ -75,8 +75,10 @@ def restore_checkpoint(config, workdir, which: str, num_classes: int, example_sh
         # restore fell back to an earlier one, with a warning.
         raise EvaluationRefused(
             f"the last checkpoint of the run in {workdir} (epoch {config.num_epochs}) could not "
-            f"be read; the newest readable one is epoch {meta['epoch']}: pass --checkpoint "
-            f"latest to evaluate that.")
+            f"be read; the newest readable one is epoch {meta['epoch']}. Rerun the run's "
+            f"training command to recompute the epochs after it (runs are deterministic: the "
+            f"same parameters; the unreadable files go to {workdir}/unreadable/), or pass "
+            f"--checkpoint latest to evaluate epoch {meta['epoch']}.")
     return state, meta
 
 

@@ -64,6 +64,85 @@ def test_corrupt_checkpoint_is_skipped_with_warning(tmp_path):
     ckpt.close()
 
 
+def damage(checkpoint_dir, part="state"):
+    """Overwrites every file of a checkpoint folder's ``part`` (the arrays by default)."""
+    damaged = 0
+    for path in (checkpoint_dir / part).rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"\0garbage" * 3)
+            damaged += 1
+    assert damaged
+
+
+def moved_aside(workdir):
+    folder = workdir / checkpoints.UNREADABLE_FOLDER
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_a_recomputed_epoch_replaces_its_unreadable_checkpoint(tmp_path):
+    """A run resumed from before an unreadable checkpoint saves the recomputed epoch in its
+    place (had the old files stayed, a damaged final checkpoint would make every rerun retrain
+    the last epochs and still end unfinished); the unreadable files are moved, not deleted.
+    A readable checkpoint of an epoch is never replaced."""
+    ckpt = checkpoints.RunCheckpoints(tmp_path, keep=5)
+    ckpt.save(1, small_state(1), {"note": "1"})
+    ckpt.save(2, small_state(2), {"note": "2"}, best_metrics={"val_accuracy": 0.5})
+    ckpt.close()
+    damage(tmp_path / "checkpoints" / "2")
+    damage(tmp_path / "best" / "2")
+
+    ckpt = checkpoints.RunCheckpoints(tmp_path, keep=5)
+    # An epoch restore() has not found unreadable is kept as it is (a member one epoch ahead).
+    ckpt.save(2, small_state(7), {"note": "other"}, best_metrics={"val_accuracy": 0.5})
+    assert moved_aside(tmp_path) == []
+    with pytest.warns(RuntimeWarning, match="could not be read"):
+        assert ckpt.restore(small_state(0))[1]["epoch"] == 1
+    with pytest.warns(RuntimeWarning, match="could not be read"):
+        assert ckpt.restore(small_state(0), "best") is None
+    with pytest.warns(RuntimeWarning) as record:
+        ckpt.save(2, small_state(2), {"note": "again"}, best_metrics={"val_accuracy": 0.5})
+    assert [str(w.message).replace(f"{tmp_path}/", "") for w in record] == [
+        f"checkpoint {folder}/2: it could not be read; replaced by the recomputed epoch 2; moved to "
+        f"unreadable/{folder}-2." for folder in ("checkpoints", "best")]
+    ckpt.close()
+
+    ckpt = checkpoints.RunCheckpoints(tmp_path, keep=5)
+    for which in ("latest", "best"):
+        state, meta = ckpt.restore(small_state(0), which)  # no warning: readable now
+        assert meta == {"note": "again", "epoch": 2}
+        assert checkpoints.tree_equal(checkpoints.state_to_tree(state),
+                                      checkpoints.state_to_tree(small_state(2)))
+    ckpt.close()
+    assert checkpoints.saved_epochs(tmp_path) == [1, 2]
+    assert moved_aside(tmp_path) == ["best-2", "checkpoints-2"]
+    # What was moved is the damaged files, as they were.
+    assert any(p.read_bytes() == b"\0garbage" * 3
+               for p in (tmp_path / "unreadable" / "checkpoints-2" / "state").rglob("*")
+               if p.is_file())
+
+
+def test_a_best_checkpoint_with_unreadable_metrics_is_moved_aside_on_opening(tmp_path):
+    """Orbax ranks best/ by each checkpoint's metrics file when it opens the folder, and
+    raises on one it cannot parse: the run could neither resume nor be evaluated. Such a
+    checkpoint is moved to unreadable/ (a second one of the same epoch beside the first).
+    One without the file (a layout of another Orbax) is left to Orbax."""
+    (tmp_path / "best" / "7").mkdir(parents=True)
+    assert not checkpoints._unrankable(tmp_path / "best" / "7")
+    (tmp_path / "best" / "7").rmdir()
+    for round_ in (1, 2):
+        ckpt = checkpoints.RunCheckpoints(tmp_path)
+        ckpt.save(1, small_state(1), {}, best_metrics={"val_accuracy": 0.5})
+        ckpt.close()
+        damage(tmp_path / "best" / "1", part="metrics")
+        with pytest.warns(RuntimeWarning, match=r"best/1: its metrics could not be read; "
+                                                r"moved to .*unreadable/best-1"):
+            ckpt = checkpoints.RunCheckpoints(tmp_path)
+        assert ckpt.best.all_steps() == [] and ckpt.restore(small_state(0), "best") is None
+        assert ckpt.restore(small_state(0))[1]["epoch"] == 1  # the periodic one is untouched
+        ckpt.close()
+        assert moved_aside(tmp_path) == ["best-1", "best-1-2"][:round_]
+
+
 @pytest.mark.parametrize("other", ["optimiser", "classes"])
 def test_checkpoint_of_another_configuration_is_refused(tmp_path, other):
     """Another optimiser state's tree, or a head for another number of classes (arrays of

@@ -40,16 +40,32 @@ def clean_env(**extra):
     return env
 
 
-def test_two_processes_equal_one_process(tmp_path):
+def run_two_processes(workdir):
     port = free_port()
     procs = [subprocess.Popen(
-        command(tmp_path / "multi"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        command(workdir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, env=clean_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
         for i in range(2)]
     outputs = [p.communicate()[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    """Also: rerun with one member's final checkpoint damaged, the two processes resume from
+    epoch 1 and replace it together (process 0 moves the damaged files aside, both wait for
+    that before saving), ending where one process does."""
+    run_two_processes(tmp_path / "multi")
+    damaged = tmp_path / "multi" / "ce" / "checkpoints" / "2"
+    for path in (damaged / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"\0garbage" * 3)
+    outputs = run_two_processes(tmp_path / "multi")
+    assert "moved to" in outputs[0] and "resumed from" in outputs[0], outputs[0][-3000:]
+    assert [p.name for p in (tmp_path / "multi" / "ce" / "unreadable").iterdir()] == \
+        ["checkpoints-2"]
     single = subprocess.run(command(tmp_path / "single"), cwd=REPO, capture_output=True,
                             text=True,
                             env=clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
@@ -57,9 +73,10 @@ def test_two_processes_equal_one_process(tmp_path):
     config = experiment_configs.load("cifar10", OVERRIDES)
     template = train.state_for_config(config, 4, (32, 32, 3))
     for member in ("ce", "flsd53"):
-        # Only process 0 writes the log.
+        # Only process 0 writes the log (the rerun recomputed epoch 2's line).
         assert len((tmp_path / "multi" / member / "log.jsonl").read_text().splitlines()) == 2
-        multi, _ = checkpoints.RunCheckpoints(tmp_path / "multi" / member).restore(template)
+        multi, meta = checkpoints.RunCheckpoints(tmp_path / "multi" / member).restore(template)
+        assert meta["epoch"] == 2
         one, _ = checkpoints.RunCheckpoints(tmp_path / "single" / member).restore(template)
         assert checkpoints.tree_equal(jax.device_get(multi.params), jax.device_get(one.params))
         assert checkpoints.tree_equal(jax.device_get(multi.batch_stats),

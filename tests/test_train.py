@@ -738,6 +738,40 @@ def test_resume_after_a_kill_between_log_line_and_checkpoint(tmp_path, evaluated
                                   final_params(evaluated_runs / "cifar10" / "resnet50" / "ce"))
 
 
+def test_a_finished_run_whose_final_checkpoint_is_unreadable_is_finished_by_a_rerun(
+        tmp_path, evaluated_runs):
+    """The fixture's finished two-epoch run with its final checkpoint damaged (checkpoints
+    and best): the evaluation refuses it and says to rerun training; the rerun resumes from
+    epoch 1, saves the recomputed epoch 2 in place of the damaged one (moved to
+    unreadable/), and ends with the uninterrupted run's parameters; then it evaluates."""
+    import shutil
+
+    from calib_jax import checkpoints, evaluate
+    run = tmp_path / "ce"
+    original = evaluated_runs / "cifar10" / "resnet50" / "ce"
+    shutil.copytree(original, run)
+    damaged = [folder for folder in ("checkpoints", "best") if (run / folder / "2").is_dir()]
+    assert "checkpoints" in damaged
+    for folder in damaged:
+        for path in (run / folder / "2" / "state").rglob("*"):
+            if path.is_file() and path.stat().st_size > 0:
+                path.write_bytes(b"\0garbage" * 3)
+    with pytest.warns(RuntimeWarning, match="could not be read"), \
+            pytest.raises(evaluate.EvaluationRefused, match="Rerun the run's training command"):
+        evaluate.evaluate_run(run, which="final", out=tmp_path / "refused")
+    with pytest.warns(RuntimeWarning) as record:
+        train.train_and_evaluate(load_config(SMOKE), run)
+    assert any("checkpoints/2 could not be read" in str(w.message) for w in record)
+    assert any("checkpoints/2: it could not be read; replaced by the recomputed epoch 2; moved "
+               "to" in str(w.message) for w in record)
+    assert sorted(p.name for p in (run / "unreadable").iterdir()) == \
+        sorted(f"{folder}-2" for folder in damaged)
+    assert json_epochs((run / "log.jsonl").read_text().splitlines()) == [1, 2]
+    assert checkpoints.tree_equal(final_params(run), final_params(original))
+    evaluate.evaluate_run(run, which="final", out=tmp_path / "evaluated")
+    assert (tmp_path / "evaluated" / "results.json").exists()
+
+
 def _record_loop_calls(monkeypatch, name):
     """Wraps ``train.<name>`` (the loop's compiled call) to record each call's keywords."""
     calls, original = [], getattr(train, name)

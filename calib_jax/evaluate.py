@@ -68,7 +68,19 @@ def restore_checkpoint(config, workdir, which: str, num_classes: int, example_sh
     finally:
         ckpt.close()
     if restored is None:
-        raise FileNotFoundError(f"no readable {which!r} checkpoint in {workdir}")
+        unreadable = checkpoints.saved_epochs(workdir, "best" if which == "best" else "latest")
+        if not unreadable:
+            raise FileNotFoundError(f"no readable {which!r} checkpoint in {workdir}")
+        if which in ("final", "latest"):  # the training command recomputes them
+            instead = (f"rerun the run's training command to recompute them (runs are "
+                       f"deterministic: the same parameters; the unreadable files go to "
+                       f"{workdir}/unreadable/)")
+        else:  # a finished run does not train its best or an earlier epoch again
+            instead = ("evaluate another checkpoint (--checkpoint final, latest or an epoch), "
+                       "or train the run again in a new work directory")
+        raise EvaluationRefused(
+            f"no {which!r} checkpoint of the run in {workdir} could be read (epochs "
+            f"{', '.join(map(str, unreadable))}: see the warnings above); {instead}.")
     state, meta = restored
     if which == "final" and meta["epoch"] != config.num_epochs:
         # The run's last checkpoint is there (check_finished) but could not be read: the
@@ -295,8 +307,9 @@ def main(argv=None):
                      "member's results into <member>/eval_<checkpoint>[_nll]")
     for run_dir in run_dirs:
         try:
-            results = evaluate_run(run_dir, which=args.checkpoint, criterion=args.criterion,
-                                   out=args.out, data_dir=args.data_dir)
+            with train.concise_warnings():
+                results = evaluate_run(run_dir, which=args.checkpoint, criterion=args.criterion,
+                                       out=args.out, data_dir=args.data_dir)
         except (EvaluationRefused, FileNotFoundError) as e:  # DataNotFoundError is one too
             # Their messages name the run and what to pass instead; a traceback adds nothing.
             print(f"{type(e).__name__}: {e}", file=sys.stderr)

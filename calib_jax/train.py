@@ -40,6 +40,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -1138,10 +1139,18 @@ def _warn_progress_not_shared(names, ckpts) -> None:
     That happens when no epoch is saved for every member (a member added to a half-trained
     group, or a half-trained run grouped with new ones): every member trains again from the
     start. The results are those of the runs all the same; the earlier progress is recomputed.
+    For a single run (``names == [""]``) it happens when none of its checkpoints can be read.
     """
     steps = {name: c.latest.all_steps() for name, c in zip(names, ckpts)}
     saved = {name: max(epochs) for name, epochs in steps.items() if epochs}
     if not saved:
+        return
+    if names == [""]:  # one run: every checkpoint it has could not be read
+        print(f"warning: none of the checkpoints in {ckpts[0].latest.directory} could be read "
+              f"(epochs {', '.join(map(str, sorted(steps[''])))}), so training starts again "
+              f"from epoch 0; each unreadable one is replaced (its files moved to "
+              f"{ckpts[0].workdir / 'unreadable'}/) when its epoch is recomputed.",
+              file=sys.stderr, flush=True)
         return
     have = ", ".join(f"{name}: up to epoch {epoch}" for name, epoch in saved.items())
     lack = ", ".join(name for name in names if name not in saved) or "none"
@@ -1431,6 +1440,24 @@ def quiet_orbax_info_logs() -> None:
         logger.addFilter(_DropOrbaxInfo())
 
 
+@contextlib.contextmanager
+def concise_warnings():
+    """For the command-line tools: calib_jax's own warnings (a checkpoint skipped or moved
+    aside, ...) print as one ``warning: ...`` line on stderr, without the source line that
+    Python's format adds; other libraries' warnings keep that format. Restored on exit."""
+    package = str(Path(__file__).resolve().parent)
+    with warnings.catch_warnings():
+        default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if str(Path(filename).resolve()).startswith(package):
+                print(f"warning: {message}", file=file or sys.stderr, flush=True)
+            else:
+                default(message, category, filename, lineno, file, line)
+        warnings.showwarning = show
+        yield
+
+
 def main(argv=None):
     """``python -m calib_jax.train --config path.py[:k=v,...] --workdir DIR [--config.k=v]``."""
     from absl import app, flags
@@ -1458,7 +1485,8 @@ def main(argv=None):
         maybe_initialize_distributed(flags_.distributed)
         from calib_jax.data.sources import DataNotFoundError
         try:
-            train_and_evaluate(config, flags_.workdir)
+            with concise_warnings():
+                train_and_evaluate(config, flags_.workdir)
         except (ConfigError, DataNotFoundError, TrainingDivergedError) as e:
             # Their messages say what is wrong and what to do; a traceback adds nothing.
             sys.exit(f"{type(e).__name__}: {e}")

@@ -155,6 +155,32 @@ def test_final_is_the_last_epoch_of_the_runs_config(tmp_path):
     assert not (tmp_path / "eval_final").exists()
 
 
+def test_a_run_none_of_whose_checkpoints_can_be_read_is_refused_with_what_to_do(tmp_path):
+    """Every periodic checkpoint unreadable: the refusal says to rerun training (which
+    recomputes them); an unreadable best, which a finished run never trains again, says to
+    evaluate another checkpoint. A run without checkpoints is still a FileNotFoundError."""
+    from calib_jax import checkpoints
+    config = tiny_config(num_epochs=2)
+    (tmp_path / "config.json").write_text(config.to_json())
+    state = train.state_for_config(config, 4, (32, 32, 3))
+    ckpt = checkpoints.RunCheckpoints(tmp_path)
+    ckpt.save(2, state, {"final": True}, best_metrics={"val_accuracy": 0.5})
+    ckpt.close()
+    with pytest.raises(FileNotFoundError, match="no readable 'best' checkpoint"):
+        evaluate.restore_checkpoint(config, tmp_path / "empty", "best", 4, (32, 32, 3))
+    for folder in ("checkpoints", "best"):
+        for path in (tmp_path / folder / "2" / "state").rglob("*"):
+            if path.is_file() and path.stat().st_size > 0:
+                path.write_bytes(b"\0garbage" * 3)
+    for which, instead in (("final", "rerun the run's training command to recompute them"),
+                           ("best", r"evaluate another checkpoint \(--checkpoint final")):
+        with pytest.warns(RuntimeWarning, match="could not be read"), \
+                pytest.raises(evaluate.EvaluationRefused,
+                              match=rf"no '{which}' checkpoint of the run in .* could be read "
+                                    rf"\(epochs 2: see the warnings above\); {instead}"):
+            evaluate.evaluate_run(tmp_path, which=which)
+
+
 def test_a_diverged_checkpoint_is_named_as_such(tmp_path):
     import jax
     import jax.numpy as jnp

@@ -885,6 +885,37 @@ def test_members_restart_from_their_newest_common_checkpoint(tmp_path, capsys):
         c.close()
 
 
+def test_a_single_run_none_of_whose_checkpoints_can_be_read_says_it_starts_again(tmp_path,
+                                                                                 capsys):
+    """The warning of a group without a common epoch, for one run: in words that fit."""
+    from calib_jax import checkpoints
+    ckpt = checkpoints.RunCheckpoints(tmp_path)
+    ckpt.save(2, fresh_state(0), {})
+    ckpt.save(4, fresh_state(0), {})
+    train._warn_progress_not_shared([""], [ckpt])
+    ckpt.close()
+    assert capsys.readouterr().err == (
+        f"warning: none of the checkpoints in {tmp_path}/checkpoints could be read (epochs 2, "
+        f"4), so training starts again from epoch 0; each unreadable one is replaced (its "
+        f"files moved to {tmp_path}/unreadable/) when its epoch is recomputed.\n")
+
+
+def test_command_line_tools_print_their_own_warnings_in_one_line(capsys):
+    import warnings
+
+    from calib_jax import checkpoints
+    # pytest.warns records what reaches Python's own handler: only the other library's.
+    with pytest.warns(DeprecationWarning, match="a library's") as passed_on:
+        before = warnings.showwarning
+        with train.concise_warnings():
+            warnings.warn_explicit("a checkpoint moved", RuntimeWarning,
+                                   checkpoints.__file__, 10)
+            warnings.warn_explicit("a library's", DeprecationWarning, "/elsewhere/lib.py", 7)
+        assert warnings.showwarning is before
+    assert len(passed_on) == 1
+    assert capsys.readouterr().err == "warning: a checkpoint moved\n"
+
+
 def test_a_group_without_a_common_checkpoint_warns_before_training(tmp_path, monkeypatch):
     class Warned(Exception):
         pass

@@ -214,9 +214,10 @@ def main(argv=None):
         if args.dry_run:
             continue
         try:
-            train.train_and_evaluate(config, workdir)
-            for run_dir in run_dirs:
-                evaluate.evaluate_run(run_dir)  # the run's eval_checkpoint
+            with train.concise_warnings():  # e.g. a damaged checkpoint replaced: one line
+                train.train_and_evaluate(config, workdir)
+                for run_dir in run_dirs:
+                    evaluate.evaluate_run(run_dir)  # the run's eval_checkpoint
         except Exception as error:  # noqa: BLE001 -- reported below, the sweep exits 1
             if not args.keep_going:
                 raise

@@ -1,14 +1,25 @@
-"""File helpers: nothing a user saved is left half-written."""
+"""File helpers: nothing a user saved is left half-written, or written by two processes at
+once."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import json
 import os
 import secrets
+import socket
+import time
+import warnings
 from pathlib import Path
 
-__all__ = ["atomic_save_figure", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["DirectoryInUseError", "LOCK_FILE", "atomic_save_figure", "atomic_write_bytes",
+           "atomic_write_text", "hold_directory_lock"]
+
+#: The lock file :func:`hold_directory_lock` keeps in a directory (left there when released:
+#: removing a lock file races with a process about to take it).
+LOCK_FILE = ".calib_jax.lock"
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -52,3 +63,64 @@ def atomic_save_figure(fig, path, **savefig_kwargs) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format=image_format, **savefig_kwargs)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+class DirectoryInUseError(RuntimeError):
+    """Another process holds the directory's lock (:func:`hold_directory_lock`)."""
+
+
+@contextlib.contextmanager
+def hold_directory_lock(directory, purpose: str):
+    """Holds an exclusive lock on ``directory`` for the ``with`` block, or raises
+    :class:`DirectoryInUseError` naming the process that holds it (pid, host, since when, and
+    its ``purpose``).
+
+    The lock is ``flock`` on ``directory/.calib_jax.lock`` (created, with ``directory``, if
+    absent), so the operating system releases it when the holder ends, however it ends (a
+    SIGKILL or a crash leaves no stale lock). It is advisory: it stops only processes that
+    ask for it, e.g. a training command launched twice on one work directory. Two ``with``
+    blocks of one process on one directory exclude each other too. Where the file system or
+    platform offers no ``flock`` (Windows, some network or FUSE file systems) the block runs
+    unlocked, with a warning.
+    """
+    directory = Path(directory)
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        warnings.warn(f"cannot lock {directory} on this platform: two processes using it at "
+                      f"once would not be stopped.", RuntimeWarning, stacklevel=3)
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except OSError as error:
+            if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                raise DirectoryInUseError(
+                    f"{directory} is in use by another process ({_holder(descriptor)}). Wait "
+                    f"for it to finish, or stop it; two processes {purpose} in one directory "
+                    f"would write the same files at once.") from None
+            warnings.warn(f"cannot lock {directory} ({error.strerror}): two processes using "
+                          f"it at once would not be stopped.", RuntimeWarning, stacklevel=3)
+            locked = False
+        if locked:
+            holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "purpose": purpose}
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, json.dumps(holder).encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _holder(descriptor: int) -> str:
+    """Who holds a lock, from what the holder wrote in the lock file (best effort)."""
+    try:
+        holder = json.loads(os.pread(descriptor, 4096, 0) or b"{}")
+        return (f"pid {holder['pid']} on {holder['host']}, {holder['purpose']} since "
+                f"{holder['since']}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not said which"

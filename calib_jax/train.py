@@ -52,7 +52,7 @@ import optax
 
 from calib_jax import losses
 from calib_jax.data import pipeline
-from calib_jax.files import atomic_write_text
+from calib_jax.files import DirectoryInUseError, atomic_write_text, hold_directory_lock
 from calib_jax.validation import is_concrete
 
 __all__ = ["ConfigError", "EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES",
@@ -1081,6 +1081,30 @@ def default_unroll(platform: str, members: int = 1) -> int:
     return 2 if platform == "gpu" and members == 1 else 1
 
 
+def _lock_run_directories(workdir: Path, member_dirs) -> contextlib.ExitStack:
+    """Locks ``workdir`` and each member's directory for the run
+    (:func:`calib_jax.files.hold_directory_lock`, taken by process 0); returns the held
+    locks. Raises :class:`calib_jax.files.DirectoryInUseError` on every process if process 0
+    found one in use by another process."""
+    locks, refusal = contextlib.ExitStack(), None
+    if jax.process_index() == 0:
+        try:
+            for directory in dict.fromkeys([workdir, *member_dirs]):
+                locks.enter_context(hold_directory_lock(directory, "training"))
+        except DirectoryInUseError as error:
+            locks.close()
+            refusal = error
+    if jax.process_count() > 1:  # the other processes must not go on (they would hang)
+        from jax.experimental import multihost_utils
+        if int(multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))) \
+                and refusal is None:
+            refusal = DirectoryInUseError(f"process 0 found {workdir} (or a member's directory) "
+                                          f"in use by another process: see its message.")
+    if refusal is not None:
+        raise refusal
+    return locks
+
+
 def _truncate_log(path, epochs_done: int) -> None:
     """Drops ``log.jsonl`` records of epochs after the restored checkpoint (a resumed
     run writes them again), atomically."""
@@ -1176,6 +1200,10 @@ def train_and_evaluate(config, workdir):
     any compute (:func:`check_resumable`; only ``RESUMABLE_FIELDS`` may change).
     An epoch whose training loss or validation logits are not finite raises
     :class:`TrainingDivergedError` before it is logged or saved (:func:`_check_finite_epoch`).
+    While it trains, the run holds a lock on ``workdir`` and each member's directory
+    (:func:`calib_jax.files.hold_directory_lock`): another process training into one of them
+    (the same command launched twice, two sweeps over one work root) raises
+    :class:`calib_jax.files.DirectoryInUseError` naming this one, before writing anything.
 
     Steps run ``steps_per_call`` at a time in one compiled call
     (:func:`train_steps`: batches built on the device, no per-step host work;
@@ -1228,154 +1256,168 @@ def train_and_evaluate(config, workdir):
         subset = np.random.default_rng(config.seed).permutation(len(labels))[:config.train_subset]
         images, labels = images[subset], labels[subset]
     mean, std = input_normalization(config, "train")
-    steps = pipeline.steps_per_epoch(len(labels), config.batch_size)
-    templates = [replicate(state_for_config(c, train_split.num_classes, images.shape[1:], steps),
-                           mesh) for _, c in members]
-    ckpts = [checkpoints.RunCheckpoints(d, keep=config.keep_checkpoints) for d in member_dirs]
-    restored = _restore_members(ckpts, templates)
-    if restored is None and is_chief:
-        _warn_progress_not_shared(names, ckpts)
-    start_epoch, best_accs, member_states = 0, [-1.0] * len(members), templates
-    if restored is not None:
-        member_states, metas = restored
-        start_epoch = int(metas[0]["epoch"])
-        best_accs = [float(m.get("best_val_accuracy", -1.0)) for m in metas]
+    # From here on the run writes into its directories, and one process at a time may: a
+    # command launched twice, or two sweeps over one work root, is refused (or skipped).
+    locks = _lock_run_directories(workdir, member_dirs)
+    try:
+        for d, (_, c) in zip(member_dirs, members):  # again, under the lock: another
+            check_resumable(d, c)  # process may have trained them since the first check
+        steps = pipeline.steps_per_epoch(len(labels), config.batch_size)
+        templates = [replicate(state_for_config(c, train_split.num_classes, images.shape[1:],
+                                                steps), mesh) for _, c in members]
+        ckpts = [checkpoints.RunCheckpoints(d, keep=config.keep_checkpoints) for d in member_dirs]
+        restored = _restore_members(ckpts, templates)
+        if restored is None and is_chief:
+            _warn_progress_not_shared(names, ckpts)
+        start_epoch, best_accs, member_states = 0, [-1.0] * len(members), templates
+        if restored is not None:
+            member_states, metas = restored
+            start_epoch = int(metas[0]["epoch"])
+            best_accs = [float(m.get("best_val_accuracy", -1.0)) for m in metas]
+            if is_chief:
+                together = f" with {len(members)} members" if len(members) > 1 else ""
+                print(f"resumed from {member_dirs[0]}/checkpoints/{start_epoch} (epoch "
+                      f"{start_epoch}){together}")
+        saved_epoch = start_epoch  # the newest periodic checkpoint of every member
+        writers = []
         if is_chief:
-            print(f"resumed from {member_dirs[0]}/checkpoints/{start_epoch} (epoch {start_epoch})"
-                  + (f" with {len(members)} members" if len(members) > 1 else ""))
-    saved_epoch = start_epoch  # the newest periodic checkpoint of every member
-    writers = []
-    if is_chief:
-        # TensorBoard event files (tensorboardX needs no TensorFlow), beside log.jsonl.
-        from tensorboardX import SummaryWriter
-        if len(members) > 1:
-            _write_members_listing(workdir, names, config)
-        for d, (_, c) in zip(member_dirs, members):
-            d.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(d / "config.json", c.to_json(indent=2))
-            _truncate_log(d / "log.jsonl", start_epoch)
-            # purge_step: TensorBoard hides the earlier session's scalars of the epochs
-            # this run recomputes (the log.jsonl counterpart of _truncate_log).
-            writers.append(SummaryWriter(str(d / "tensorboard"), purge_step=start_epoch + 1))
-    state = member_states[0] if len(members) == 1 else \
-        jax.device_put(stack_states(member_states), replicated(mesh))
-    del member_states, templates
-    x_dev, y_dev = pipeline.put_on_device(images, labels, replicated(mesh))
-    sharding = batch_sharding(mesh)
-    platform = jax.devices()[0].platform
-    on_cpu = platform == "cpu"
-    loop_options = dict(batch_size=config.batch_size, augment=config.augment and mean is not None,
-                        mean=mean, std=std, dtype=dtype, sharding=sharding,
-                        unroll=config.get("scan_unroll", 0) or default_unroll(platform,
-                                                                              len(members)))
-    eval_options = dict(mean=mean, std=std, dtype=dtype, batch_size=config.eval_batch_size)
+            # TensorBoard event files (tensorboardX needs no TensorFlow), beside log.jsonl.
+            from tensorboardX import SummaryWriter
+            if len(members) > 1:
+                _write_members_listing(workdir, names, config)
+            for d, (_, c) in zip(member_dirs, members):
+                d.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(d / "config.json", c.to_json(indent=2))
+                _truncate_log(d / "log.jsonl", start_epoch)
+                # purge_step: TensorBoard hides the earlier session's scalars of the epochs
+                # this run recomputes (the log.jsonl counterpart of _truncate_log).
+                writers.append(SummaryWriter(str(d / "tensorboard"), purge_step=start_epoch + 1))
+        state = member_states[0] if len(members) == 1 else \
+            jax.device_put(stack_states(member_states), replicated(mesh))
+        del member_states, templates
+        x_dev, y_dev = pipeline.put_on_device(images, labels, replicated(mesh))
+        sharding = batch_sharding(mesh)
+        platform = jax.devices()[0].platform
+        on_cpu = platform == "cpu"
+        loop_options = dict(batch_size=config.batch_size,
+                            augment=config.augment and mean is not None,
+                            mean=mean, std=std, dtype=dtype, sharding=sharding,
+                            unroll=config.get("scan_unroll", 0) or default_unroll(platform,
+                                                                                  len(members)))
+        eval_options = dict(mean=mean, std=std, dtype=dtype, batch_size=config.eval_batch_size)
 
-    per_call = config.get("steps_per_call", 0) or default_steps_per_call(
-        steps, config.log_every_steps, platform)
-    member_mode = config.get("multi_mode", "auto")
-    if member_mode == "auto":
-        member_mode = default_member_mode(platform)
+        per_call = config.get("steps_per_call", 0) or default_steps_per_call(
+            steps, config.log_every_steps, platform)
+        member_mode = config.get("multi_mode", "auto")
+        if member_mode == "auto":
+            member_mode = default_member_mode(platform)
 
-    def run_chunk(state, orders, first, count, epoch):
-        if len(members) == 1:
-            return train_steps(state, x_dev, y_dev, orders[0], first, epoch, seeds[0],
-                               num_steps=count, loss_name=specs[0], **loop_options)
-        return multi_train_steps(state, x_dev, y_dev, orders, first, epoch,
-                                 jnp.asarray(seeds, jnp.int32), num_steps=count, losses_=specs,
-                                 shared_batch=len(set(seeds)) == 1, members=member_mode,
-                                 **loop_options)
+        def run_chunk(state, orders, first, count, epoch):
+            if len(members) == 1:
+                return train_steps(state, x_dev, y_dev, orders[0], first, epoch, seeds[0],
+                                   num_steps=count, loss_name=specs[0], **loop_options)
+            return multi_train_steps(state, x_dev, y_dev, orders, first, epoch,
+                                     jnp.asarray(seeds, jnp.int32), num_steps=count, losses_=specs,
+                                     shared_batch=len(set(seeds)) == 1, members=member_mode,
+                                     **loop_options)
 
-    def add(sums, metrics):
-        done = jax.device_get(metrics)
-        sums[0] += np.asarray(done["loss"], np.float64).reshape(-1, len(members)).sum(0)
-        sums[1] += np.asarray(done["correct"], np.int64).reshape(-1, len(members)).sum(0)
+        def add(sums, metrics):
+            done = jax.device_get(metrics)
+            sums[0] += np.asarray(done["loss"], np.float64).reshape(-1, len(members)).sum(0)
+            sums[1] += np.asarray(done["correct"], np.int64).reshape(-1, len(members)).sum(0)
 
-    # Checkpoints are written in the background (RunCheckpoints): closing waits for them,
-    # also when training stops with an exception or a SIGTERM (a scheduler preempting the
-    # job), so nothing already saved or being saved is lost.
-    with exit_on_sigterm():
-        try:
-            for epoch in range(start_epoch, config.num_epochs):
-                by_seed = {s: pipeline.epoch_order(s, epoch, len(labels)) for s in set(seeds)}
-                orders = jax.device_put(jnp.stack([by_seed[s] for s in seeds]), replicated(mesh))
-                start = time.perf_counter()
-                sums = [np.zeros(len(members)), np.zeros(len(members), np.int64)]
-                pending = None
-                progress_shown = False
-                for first in range(0, steps, per_call):
-                    count = min(per_call, steps - first)  # a shorter last call compiles once more
-                    state, m = run_chunk(state, orders, first, count, epoch)
-                    # Read the previous chunk's losses while this one runs (the host stays one
-                    # call ahead); on CPU, wait for each call (unwaited collectives can deadlock).
-                    if on_cpu:
-                        jax.block_until_ready(m)
-                    if pending is not None:
-                        add(sums, pending)
-                    pending = m
-                    every = config.log_every_steps
-                    logged = (first + count) // every > first // every
-                    if is_chief and first and (logged or first + count == steps):
-                        rate = first * config.batch_size / max(time.perf_counter() - start, 1e-9)
-                        eta = (steps - first + steps * (config.num_epochs - epoch - 1)) \
-                            * config.batch_size / max(rate, 1e-9)
-                        _show_progress(f"epoch {epoch + 1}/{config.num_epochs} step "
-                                       f"{first + count}/{steps} {rate:,.0f} img/s, "
-                                       f"ETA {eta / 60:.1f} min")
-                        progress_shown = True
-                add(sums, pending)
-                loss_sum, correct = sums
-                seconds = time.perf_counter() - start
-                done_epochs = epoch + 1
-                periodic = done_epochs % config.checkpoint_every_epochs == 0 or \
-                    done_epochs == config.num_epochs
-                if progress_shown and sys.stdout.isatty():
-                    print()  # ends the progress line that \r kept rewriting
-                vals = _validate_members(state, val_split.inputs, val_split.labels, len(members),
-                                         member_mode, **eval_options)
-                _check_finite_epoch(config, done_epochs, names, loss_sum, vals, saved_epoch)
-                for k, (name, val) in enumerate(zip(names, vals)):
-                    # Batch losses are sums per batch, or already means (mean reduction, Brier).
-                    per_image = specs[k].mean_reduction or specs[k].name == "brier"
-                    record = {"epoch": done_epochs,
-                              "train_loss_per_image": loss_sum[k] / (steps if per_image else
-                                                                     steps * config.batch_size),
-                              "train_accuracy": correct[k] / (steps * config.batch_size),
-                              "images_per_second": steps * config.batch_size / seconds, **val}
-                    improved = val["val_accuracy"] > best_accs[k]
-                    best_accs[k] = max(best_accs[k], val["val_accuracy"])
-                    if is_chief:
-                        print(f"epoch {done_epochs}/{config.num_epochs}"
-                              f"{' ' + name if name else ''}: "
-                              f"loss/img {record['train_loss_per_image']:.4f} "
-                              f"train acc {record['train_accuracy']:.4f} "
-                              f"val acc {val['val_accuracy']:.4f} val NLL {val['val_nll']:.4f} "
-                              f"val ECE {val['val_ece']:.4f} "
-                              f"({record['images_per_second']:,.0f} img/s"
-                              f"{' per member' if len(members) > 1 else ''})")
-                        with open(member_dirs[k] / "log.jsonl", "a") as f:
-                            f.write(json.dumps(record) + "\n")
-                        for key, value in record.items():
-                            if key != "epoch":
-                                writers[k].add_scalar(key, value, global_step=done_epochs)
-                        writers[k].flush()
-                    # The log line goes first: a run killed in between resumes from the previous
-                    # checkpoint and drops the extra line (_truncate_log); the other order would
-                    # lose this epoch's line.
-                    meta = {"best_val_accuracy": best_accs[k],
-                            "final": done_epochs == config.num_epochs}
-                    if periodic or improved:
-                        member = state if len(members) == 1 else unstack_state(state, k)
-                        ckpts[k].save(done_epochs, member, meta, periodic=periodic,
-                                      best_metrics={"val_accuracy": val["val_accuracy"]} if improved
-                                      else None)
-                if periodic:
-                    saved_epoch = done_epochs
-        finally:
-            for writer in writers:
-                writer.close()
-            for ckpt in ckpts:
-                ckpt.close()
-    return state
+        # Checkpoints are written in the background (RunCheckpoints): closing waits for them,
+        # also when training stops with an exception or a SIGTERM (a scheduler preempting the
+        # job), so nothing already saved or being saved is lost.
+        with exit_on_sigterm():
+            try:
+                for epoch in range(start_epoch, config.num_epochs):
+                    by_seed = {s: pipeline.epoch_order(s, epoch, len(labels)) for s in set(seeds)}
+                    orders = jax.device_put(jnp.stack([by_seed[s] for s in seeds]),
+                                            replicated(mesh))
+                    start = time.perf_counter()
+                    sums = [np.zeros(len(members)), np.zeros(len(members), np.int64)]
+                    pending = None
+                    progress_shown = False
+                    for first in range(0, steps, per_call):
+                        # A shorter last call compiles once more.
+                        count = min(per_call, steps - first)
+                        state, m = run_chunk(state, orders, first, count, epoch)
+                        # Read the previous chunk's losses while this one runs (the host stays
+                        # one call ahead); on CPU, wait for each call (unwaited collectives can
+                        # deadlock).
+                        if on_cpu:
+                            jax.block_until_ready(m)
+                        if pending is not None:
+                            add(sums, pending)
+                        pending = m
+                        every = config.log_every_steps
+                        logged = (first + count) // every > first // every
+                        if is_chief and first and (logged or first + count == steps):
+                            rate = first * config.batch_size / max(time.perf_counter() - start,
+                                                                   1e-9)
+                            eta = (steps - first + steps * (config.num_epochs - epoch - 1)) \
+                                * config.batch_size / max(rate, 1e-9)
+                            _show_progress(f"epoch {epoch + 1}/{config.num_epochs} step "
+                                           f"{first + count}/{steps} {rate:,.0f} img/s, "
+                                           f"ETA {eta / 60:.1f} min")
+                            progress_shown = True
+                    add(sums, pending)
+                    loss_sum, correct = sums
+                    seconds = time.perf_counter() - start
+                    done_epochs = epoch + 1
+                    periodic = done_epochs % config.checkpoint_every_epochs == 0 or \
+                        done_epochs == config.num_epochs
+                    if progress_shown and sys.stdout.isatty():
+                        print()  # ends the progress line that \r kept rewriting
+                    vals = _validate_members(state, val_split.inputs, val_split.labels,
+                                             len(members), member_mode, **eval_options)
+                    _check_finite_epoch(config, done_epochs, names, loss_sum, vals, saved_epoch)
+                    for k, (name, val) in enumerate(zip(names, vals)):
+                        # Batch losses are sums per batch, or already means (mean reduction, Brier).
+                        per_image = specs[k].mean_reduction or specs[k].name == "brier"
+                        record = {"epoch": done_epochs,
+                                  "train_loss_per_image": loss_sum[k] / (steps if per_image else
+                                                                         steps * config.batch_size),
+                                  "train_accuracy": correct[k] / (steps * config.batch_size),
+                                  "images_per_second": steps * config.batch_size / seconds, **val}
+                        improved = val["val_accuracy"] > best_accs[k]
+                        best_accs[k] = max(best_accs[k], val["val_accuracy"])
+                        if is_chief:
+                            print(f"epoch {done_epochs}/{config.num_epochs}"
+                                  f"{' ' + name if name else ''}: "
+                                  f"loss/img {record['train_loss_per_image']:.4f} "
+                                  f"train acc {record['train_accuracy']:.4f} "
+                                  f"val acc {val['val_accuracy']:.4f} val NLL {val['val_nll']:.4f} "
+                                  f"val ECE {val['val_ece']:.4f} "
+                                  f"({record['images_per_second']:,.0f} img/s"
+                                  f"{' per member' if len(members) > 1 else ''})")
+                            with open(member_dirs[k] / "log.jsonl", "a") as f:
+                                f.write(json.dumps(record) + "\n")
+                            for key, value in record.items():
+                                if key != "epoch":
+                                    writers[k].add_scalar(key, value, global_step=done_epochs)
+                            writers[k].flush()
+                        # The log line goes first: a run killed in between resumes from the
+                        # previous checkpoint and drops the extra line (_truncate_log); the other
+                        # order would lose this epoch's line.
+                        meta = {"best_val_accuracy": best_accs[k],
+                                "final": done_epochs == config.num_epochs}
+                        if periodic or improved:
+                            member = state if len(members) == 1 else unstack_state(state, k)
+                            best = {"val_accuracy": val["val_accuracy"]} if improved else None
+                            ckpts[k].save(done_epochs, member, meta, periodic=periodic,
+                                          best_metrics=best)
+                    if periodic:
+                        saved_epoch = done_epochs
+            finally:
+                for writer in writers:
+                    writer.close()
+                for ckpt in ckpts:
+                    ckpt.close()
+        return state
+    finally:
+        locks.close()
 
 
 @contextlib.contextmanager
@@ -1487,7 +1529,8 @@ def main(argv=None):
         try:
             with concise_warnings():
                 train_and_evaluate(config, flags_.workdir)
-        except (ConfigError, DataNotFoundError, TrainingDivergedError) as e:
+        except (ConfigError, DataNotFoundError, DirectoryInUseError,
+                TrainingDivergedError) as e:
             # Their messages say what is wrong and what to do; a traceback adds nothing.
             sys.exit(f"{type(e).__name__}: {e}")
 

@@ -36,6 +36,12 @@ Every run's config is validated before the first run trains (and in ``--dry-run`
 A failing cell (e.g. a data set that is not on this machine) stops the sweep; with
 ``--keep-going`` the sweep goes on with the next cells, lists the failed ones at the end and
 exits with status 1 (for unattended sweeps: one missing data set does not waste the night).
+
+Several sweeps may run over one work root at once (e.g. one per GPU, each with
+``CUDA_VISIBLE_DEVICES``): a run holds a lock on its directories while it trains
+(``calib_jax.files.hold_directory_lock``), so a sweep that reaches a run another process is
+training says ``busy`` and goes on with the next (not a failure), and one that reaches a run
+another sweep has finished and evaluated since it started says ``done``.
 """
 
 import argparse
@@ -169,6 +175,7 @@ def main(argv=None):
         parser.error(f"--set {args.set} and --seeds {args.seeds}: give the seeds in --seeds "
                      "alone")
     from calib_jax import evaluate, train
+    from calib_jax.files import DirectoryInUseError
 
     todo = {}  # seed (None: the recipe's) -> {(dataset, model): unfinished losses}
     for dataset, model, loss in cells:
@@ -208,8 +215,13 @@ def main(argv=None):
             train.validate_config(config, jax.device_count())
         except ValueError as error:
             parser.error(f"{spec + rest}: {error}")
-    failed = []
+    failed, busy = [], []
     for (spec, workdir, run_dirs), config in zip(jobs, configs):
+        if not args.dry_run and all_finished(workdir, config):
+            # Another sweep over this work root trained and evaluated it since the list above.
+            print(f"done  {spec + rest} -> {workdir} (finished by another process meanwhile)",
+                  flush=True)
+            continue
         print(f"run   {spec + rest} -> {workdir}", flush=True)
         if args.dry_run:
             continue
@@ -218,18 +230,35 @@ def main(argv=None):
                 train.train_and_evaluate(config, workdir)
                 for run_dir in run_dirs:
                     evaluate.evaluate_run(run_dir)  # the run's eval_checkpoint
+        except DirectoryInUseError as error:
+            # Another process trains it (e.g. a second sweep over this work root, to use
+            # another GPU): left to that one, not a failure.
+            busy.append(spec)
+            print(f"busy  {spec + rest}: {error}", flush=True)
         except Exception as error:  # noqa: BLE001 -- reported below, the sweep exits 1
             if not args.keep_going:
                 raise
             failed.append(spec)
             print(f"FAILED {spec + rest}: {type(error).__name__}: {error}", file=sys.stderr,
                   flush=True)
+    if busy:
+        print(f"{len(busy)} of {len(jobs)} runs were being trained by another process and were "
+              f"left to it (a sweep evaluates the runs it trains; rerun this command after it "
+              f"to evaluate any it did not): {'; '.join(busy)}", flush=True)
     if failed:
         print(f"{len(failed)} of {len(jobs)} runs failed (see each FAILED line; once its cause "
               f"is fixed, rerun the same command: finished cells are skipped; a diverged run "
               f"diverges again unless its recipe changes): {'; '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def all_finished(workdir, config) -> bool:
+    """Whether every run of a job (its members, or the run itself) is :func:`finished`."""
+    from calib_jax import train
+
+    return all(finished(Path(workdir) / name if name else Path(workdir), member)[0]
+               for name, member in train.run_members(config))
 
 
 if __name__ == "__main__":

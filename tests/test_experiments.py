@@ -323,6 +323,40 @@ def test_sweep_stops_at_a_failing_cell_or_with_keep_going_runs_the_rest(tmp_path
     assert "1 of 2 runs failed" in err
 
 
+def test_two_sweeps_over_one_work_root_share_the_runs(tmp_path, capsys, monkeypatch):
+    """A run another process is training (its directory locked) is left to it ("busy", not a
+    failure: exit 0), and one another sweep finished since this one listed it is not trained
+    again ("done")."""
+    from calib_jax import evaluate, files
+    trained, evaluated = [], []
+    root = tmp_path
+    busy_dir = root / "cifar100" / "resnet110" / "ce"
+    finished_dir = root / "tiny_imagenet" / "resnet50_tiny_imagenet" / "ce"
+
+    def fake_train(config, workdir):  # locks as train.train_and_evaluate does
+        with files.hold_directory_lock(workdir, "training"):
+            trained.append(Path(workdir).relative_to(root).as_posix())
+            # Meanwhile another sweep finishes the Tiny-ImageNet cell.
+            recipe = paper.get_config("cell=tiny_imagenet/resnet50_tiny_imagenet/ce")
+            (finished_dir / "eval_final").mkdir(parents=True)
+            (finished_dir / "config.json").write_text(recipe.to_json())
+            (finished_dir / "eval_final" / "results.json").write_text("{}")
+
+    monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(evaluate, "evaluate_run",
+                        lambda run_dir: evaluated.append(Path(run_dir).name))
+    cells = ["--cells", "cifar100/resnet110/ce,cifar100/resnet110/brier,tiny_imagenet/*/ce",
+             "--workroot", str(root)]
+    with files.hold_directory_lock(busy_dir, "training"):
+        assert sweep.main(cells) == 0
+    assert trained == ["cifar100/resnet110/brier"] and evaluated == ["brier"]
+    out = capsys.readouterr().out
+    assert f"busy  cell=cifar100/resnet110/ce: {busy_dir} is in use by another process" in out
+    assert (f"done  cell=tiny_imagenet/resnet50_tiny_imagenet/ce -> {finished_dir} (finished "
+            f"by another process meanwhile)") in out
+    assert "1 of 3 runs were being trained by another process and were left to it" in out
+
+
 def test_sweep_trains_a_row_as_one_program_except_its_exception_cells(tmp_path, capsys):
     def planned_runs(cells="cifar10/wide_resnet_26_10/*", *more):  # --vmap-rows --dry-run
         assert sweep.main(["--cells", cells, "--workroot", str(tmp_path), "--vmap-rows",

@@ -1,4 +1,4 @@
-"""calib_jax.files: atomic writes."""
+"""calib_jax.files: atomic writes, directory locks."""
 
 import os
 
@@ -86,3 +86,66 @@ def test_atomic_save_figure_writes_what_savefig_writes(tmp_path):
     assert path.read_bytes() == direct.read_bytes()
     assert sorted(os.listdir(path.parent)) == ["reliability.png"]
     plt.close(fig)
+
+
+def test_a_locked_directory_refuses_a_second_holder_and_names_the_first(tmp_path):
+    """Two holders exclude each other (also within one process: each lock is its own open
+    file); the refusal names the holder; the lock is free again after the block, also after
+    an exception in it."""
+    run = tmp_path / "new" / "run"
+    with files.hold_directory_lock(run, "training"):  # creates the directory
+        with pytest.raises(files.DirectoryInUseError,
+                           match=rf"{run} is in use by another process \(pid {os.getpid()} on "
+                                 r".*, training since .*\)\. Wait for it to finish, or stop it; "
+                                 r"two processes training in one directory"):
+            with files.hold_directory_lock(run, "training"):
+                pass
+    with pytest.raises(KeyError):
+        with files.hold_directory_lock(run, "training"):
+            raise KeyError("inside")
+    with files.hold_directory_lock(run, "training"):
+        pass
+    assert (run / files.LOCK_FILE).exists()  # left in place: removing it would race
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    """The operating system releases the lock of a process killed with SIGKILL."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from calib_jax import files\n"
+         f"with files.hold_directory_lock({str(tmp_path)!r}, 'testing'):\n"
+         "    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(files.DirectoryInUseError, match=rf"pid {holder.pid} on .*testing"):
+            with files.hold_directory_lock(tmp_path, "testing"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    deadline = time.time() + 10
+    while True:  # the kernel releases it as the process ends
+        try:
+            with files.hold_directory_lock(tmp_path, "testing"):
+                break
+        except files.DirectoryInUseError:
+            assert time.time() < deadline, "the lock outlived its SIGKILLed holder"
+            time.sleep(0.1)
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(RuntimeWarning, match=r"cannot lock .* \(No locks available\): two "
+                                            r"processes using it at once would not be stopped"):
+        with files.hold_directory_lock(tmp_path, "training"):
+            ran = True
+    assert ran

@@ -40,7 +40,7 @@ def clean_env(**extra):
     return env
 
 
-def run_two_processes(workdir):
+def run_two_processes(workdir, expect_status=0):
     port = free_port()
     procs = [subprocess.Popen(
         command(workdir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -49,8 +49,20 @@ def run_two_processes(workdir):
         for i in range(2)]
     outputs = [p.communicate()[0] for p in procs]
     for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+        assert p.returncode == expect_status, out[-3000:]
     return outputs
+
+
+def test_a_workdir_in_use_stops_every_process(tmp_path):
+    """Process 0 finds the work directory locked by another training process: both processes
+    stop with the refusal (the other one does not go on alone, to hang in a collective)."""
+    from calib_jax import files
+    with files.hold_directory_lock(tmp_path / "multi", "training"):
+        outputs = run_two_processes(tmp_path / "multi", expect_status=1)
+    assert f"DirectoryInUseError: {tmp_path / 'multi'} is in use by another process (pid " \
+        f"{os.getpid()}" in outputs[0], outputs[0][-3000:]
+    assert "DirectoryInUseError: process 0 found" in outputs[1], outputs[1][-3000:]
+    assert not (tmp_path / "multi" / "ce").exists()
 
 
 def test_two_processes_equal_one_process(tmp_path):

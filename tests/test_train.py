@@ -589,6 +589,31 @@ def test_cli_states_refusals_in_one_message(tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+def test_a_workdir_another_process_trains_in_is_refused_before_anything_is_written(tmp_path):
+    """The same command launched twice, or two sweeps over one work root: the second process
+    is refused, naming the first, before it writes anything (a group also when only one
+    member's directory is in use); the command says so in one line."""
+    from calib_jax import files
+    run = tmp_path / "run"
+    with files.hold_directory_lock(run, "training"):
+        with pytest.raises(files.DirectoryInUseError, match=rf"{run} is in use by another "
+                                                            rf"process \(pid {os.getpid()}"):
+            train.train_and_evaluate(load_config(SMOKE), run)
+        done = subprocess.run(
+            ["timeout", "-k", "10", "120", sys.executable, "-m", "calib_jax.train",
+             f"--config={CONFIG}:{SMOKE}", f"--workdir={run}"],
+            env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert f"DirectoryInUseError: {run} is in use by another process (pid {os.getpid()}" \
+            in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert sorted(p.name for p in run.iterdir()) == [files.LOCK_FILE]
+    group = tmp_path / "group"
+    with files.hold_directory_lock(group / "flsd53", "training"):
+        with pytest.raises(files.DirectoryInUseError, match=rf"{group}/flsd53 is in use"):
+            train.train_and_evaluate(load_config(SMOKE + ",loss=[ce,flsd53]"), group)
+    assert sorted(p.name for p in group.rglob("*")) == [files.LOCK_FILE] * 3 + ["ce", "flsd53"]
+
+
 SHARED = REPO.parent / "shared" / "data"
 
 

@@ -209,9 +209,12 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
         "test": report,
     }
     out = Path(out) if out else workdir / default_out_name(which, criterion)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    atomic_write_text(out / "results.md", markdown_report(results) + "\n")
+    # results.json last: the sweep and the tables take a directory holding it as a complete
+    # evaluation, so an evaluation stopped while it draws (killed, or a plotting error) must
+    # not leave one (a rerun then draws everything again).
     _write_plots(out, test_logits, test.labels, t, search, ood_logits)
+    atomic_write_text(out / "results.md", markdown_report(results) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     return results
 
 

@@ -70,6 +70,21 @@ def test_evaluate_best_and_epoch_checkpoints(run_dir, tmp_path):
         evaluate.evaluate_run(run_dir, which="1", data_dir=tmp_path / "nowhere")
 
 
+def test_an_evaluation_stopped_while_drawing_leaves_no_results_json(run_dir, tmp_path,
+                                                                    monkeypatch):
+    """results.json, which marks a complete evaluation for the sweep and the tables, is
+    written last: an evaluation that stops while drawing its figures leaves none."""
+    from calib_jax import plots
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the last figure failed")
+    monkeypatch.setattr(plots, "roc_curves", broken)
+    with pytest.raises(RuntimeError, match="the last figure failed"):
+        evaluate.evaluate_run(run_dir, which="1", out=tmp_path / "stopped")
+    assert (tmp_path / "stopped" / "reliability.png").exists()  # it got that far
+    assert not (tmp_path / "stopped" / "results.json").exists()
+
+
 def test_the_runs_own_data_dir_falls_back_when_not_here(run_dir, tmp_path, monkeypatch, capsys):
     """A run trained on another machine names a data_dir that is not here: the default search
     takes over, with a note (an explicit `data_dir` argument that is no directory is refused)."""

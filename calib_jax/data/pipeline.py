@@ -36,7 +36,11 @@ __all__ = ["EvalBatch", "augment_crop_flip", "batch_key", "data_mesh", "epoch_or
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Full batches per epoch; raises if there is not even one."""
+    """Full batches per epoch; raises if there is not even one.
+
+    The remainder of an epoch's permutation is not trained that epoch (it differs from
+    epoch to epoch), where the reference's PyTorch loader trains it as a smaller last batch:
+    every step keeps one shape (README, "Conventions")."""
     if batch_size < 1 or num_examples < batch_size:
         raise ValueError(f"`batch_size` must be in [1, {num_examples}] for {num_examples} "
                          f"examples, got {batch_size}.")

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 __all__ = ["DirectoryInUseError", "LOCK_FILE", "atomic_save_figure", "atomic_write_bytes",
-           "atomic_write_text", "hold_directory_lock"]
+           "atomic_write_text", "hold_directory_lock", "lock_holder"]
 
 #: The lock file :func:`hold_directory_lock` keeps in a directory (left there when released:
 #: removing a lock file races with a process about to take it).
@@ -114,6 +114,25 @@ def hold_directory_lock(directory, purpose: str):
         yield
     finally:
         os.close(descriptor)  # releases the lock
+
+
+def lock_holder(directory) -> str | None:
+    """Who holds ``directory``'s lock (:func:`hold_directory_lock`), in the words of
+    :class:`DirectoryInUseError` ("pid P on H, training since T"), or None when no process
+    holds it. Creates nothing: a directory without a lock file is not in use."""
+    try:
+        import fcntl
+        descriptor = os.open(Path(directory) / LOCK_FILE, os.O_RDWR)
+    except (ImportError, OSError):  # no flock here, or no lock file: nobody holds it
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None  # free (released again as the descriptor closes)
+    except OSError as error:
+        return _holder(descriptor) if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK,
+                                                      errno.EACCES) else None
+    finally:
+        os.close(descriptor)
 
 
 def _holder(descriptor: int) -> str:

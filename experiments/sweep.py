@@ -41,7 +41,8 @@ Several sweeps may run over one work root at once (e.g. one per GPU, each with
 ``CUDA_VISIBLE_DEVICES``): a run holds a lock on its directories while it trains
 (``calib_jax.files.hold_directory_lock``), so a sweep that reaches a run another process is
 training says ``busy`` and goes on with the next (not a failure), and one that reaches a run
-another sweep has finished and evaluated since it started says ``done``.
+another sweep has finished and evaluated since it started says ``done``. The list of cells (and
+``--dry-run``) names the process training a cell now.
 """
 
 import argparse
@@ -175,7 +176,7 @@ def main(argv=None):
         parser.error(f"--set {args.set} and --seeds {args.seeds}: give the seeds in --seeds "
                      "alone")
     from calib_jax import evaluate, train
-    from calib_jax.files import DirectoryInUseError
+    from calib_jax.files import DirectoryInUseError, lock_holder
 
     todo = {}  # seed (None: the recipe's) -> {(dataset, model): unfinished losses}
     for dataset, model, loss in cells:
@@ -187,6 +188,9 @@ def main(argv=None):
                 loss if other is None else f"{loss}-seed{other}")  # build_tables' replicates
             done, why = finished(workdir, recipe if other is None else
                                  paper.get_config(spec + rest))
+            holder = None if done else lock_holder(workdir)
+            if holder:  # another sweep (or command) is training it now: it will be "busy"
+                why += f" (being trained by another process: {holder})"
             print(f"{'done ' if done else 'todo '} {spec} -> {workdir}{why}", flush=True)
             if not done:
                 todo.setdefault(other, {}).setdefault((dataset, model), []).append(loss)

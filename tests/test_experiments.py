@@ -1,6 +1,7 @@
 """experiments/: per-cell configs, the sweep runner and the table builder."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -348,6 +349,12 @@ def test_two_sweeps_over_one_work_root_share_the_runs(tmp_path, capsys, monkeypa
     cells = ["--cells", "cifar100/resnet110/ce,cifar100/resnet110/brier,tiny_imagenet/*/ce",
              "--workroot", str(root)]
     with files.hold_directory_lock(busy_dir, "training"):
+        assert sweep.main([*cells, "--dry-run"]) == 0
+        listed = capsys.readouterr().out
+        assert (f"todo  cell=cifar100/resnet110/ce -> {busy_dir} (being trained by another "
+                f"process: pid {os.getpid()} on ") in listed
+        assert f"todo  cell=cifar100/resnet110/brier -> {root}/cifar100/resnet110/brier\n" \
+            in listed
         assert sweep.main(cells) == 0
     assert trained == ["cifar100/resnet110/brier"] and evaluated == ["brier"]
     out = capsys.readouterr().out

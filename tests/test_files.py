@@ -149,3 +149,14 @@ def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monk
         with files.hold_directory_lock(tmp_path, "training"):
             ran = True
     assert ran
+
+
+def test_lock_holder_names_the_holder_and_creates_nothing(tmp_path):
+    assert files.lock_holder(tmp_path / "absent") is None
+    assert not (tmp_path / "absent").exists()
+    with files.hold_directory_lock(tmp_path, "training"):
+        assert files.lock_holder(tmp_path).startswith(f"pid {os.getpid()} on ")
+        assert "training since" in files.lock_holder(tmp_path)
+    assert files.lock_holder(tmp_path) is None  # released; and probing did not take it
+    with files.hold_directory_lock(tmp_path, "training"):
+        pass

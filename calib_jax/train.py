@@ -1278,6 +1278,12 @@ def train_and_evaluate(config, workdir):
                 together = f" with {len(members)} members" if len(members) > 1 else ""
                 print(f"resumed from {member_dirs[0]}/checkpoints/{start_epoch} (epoch "
                       f"{start_epoch}){together}")
+        for ckpt, template in zip(ckpts, templates):
+            if any(epoch > start_epoch for epoch in ckpt.best.all_steps()):
+                # A best checkpoint from past the resume point (saved between two periodic
+                # ones): this run recomputes it. Read it now, so that one that cannot be read
+                # is replaced when its epoch is saved again (RunCheckpoints.save).
+                ckpt.restore(template, "best")
         saved_epoch = start_epoch  # the newest periodic checkpoint of every member
         writers = []
         if is_chief:

@@ -797,6 +797,34 @@ def test_a_finished_run_whose_final_checkpoint_is_unreadable_is_finished_by_a_re
     assert (tmp_path / "evaluated" / "results.json").exists()
 
 
+def test_a_damaged_best_checkpoint_past_the_resume_point_is_replaced(tmp_path,
+                                                                     evaluated_runs):
+    """A best checkpoint saved after the newest periodic one (here: the periodic ones lost)
+    is recomputed by the resumed run; the run reads it on resuming, so a damaged one is
+    replaced, not kept (evaluate --checkpoint best would refuse the run for good)."""
+    import shutil
+
+    from calib_jax import checkpoints
+    run = tmp_path / "ce"
+    original = evaluated_runs / "cifar10" / "resnet50" / "ce"
+    shutil.copytree(original, run)
+    shutil.rmtree(run / "checkpoints")
+    (best_epoch,) = checkpoints.saved_epochs(run, "best")
+    for path in (run / "best" / str(best_epoch) / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"\0garbage" * 3)
+    with pytest.warns(RuntimeWarning) as record:
+        train.train_and_evaluate(load_config(SMOKE), run)
+    assert any(f"best/{best_epoch}: it could not be read; replaced" in str(w.message)
+               for w in record)
+    config = load_config(SMOKE)
+    template = train.state_for_config(config, 4, (32, 32, 3))
+    restored = [checkpoints.RunCheckpoints(r).restore(template, "best") for r in (run, original)]
+    assert restored[0][1]["epoch"] == restored[1][1]["epoch"] == best_epoch
+    assert checkpoints.tree_equal(jax.device_get(restored[0][0].params),
+                                  jax.device_get(restored[1][0].params))
+
+
 def _record_loop_calls(monkeypatch, name):
     """Wraps ``train.<name>`` (the loop's compiled call) to record each call's keywords."""
     calls, original = [], getattr(train, name)

@@ -313,8 +313,9 @@ def main(argv=None):
             with train.concise_warnings():
                 results = evaluate_run(run_dir, which=args.checkpoint, criterion=args.criterion,
                                        out=args.out, data_dir=args.data_dir)
-        except (EvaluationRefused, FileNotFoundError) as e:  # DataNotFoundError is one too
-            # Their messages name the run and what to pass instead; a traceback adds nothing.
+        except (EvaluationRefused, FileNotFoundError, datasets.DamagedDataError) as e:
+            # Their messages name the run (or the data file) and what to do instead; a
+            # traceback adds nothing. (DataNotFoundError is a FileNotFoundError.)
             print(f"{type(e).__name__}: {e}", file=sys.stderr)
             return 1
         print(markdown_report(results) + "\n")

@@ -1531,11 +1531,11 @@ def main(argv=None):
         if not flags_["verbosity"].present:
             quiet_orbax_info_logs()
         maybe_initialize_distributed(flags_.distributed)
-        from calib_jax.data.sources import DataNotFoundError
+        from calib_jax.data.sources import DamagedDataError, DataNotFoundError
         try:
             with concise_warnings():
                 train_and_evaluate(config, flags_.workdir)
-        except (ConfigError, DataNotFoundError, DirectoryInUseError,
+        except (ConfigError, DamagedDataError, DataNotFoundError, DirectoryInUseError,
                 TrainingDivergedError) as e:
             # Their messages say what is wrong and what to do; a traceback adds nothing.
             sys.exit(f"{type(e).__name__}: {e}")

@@ -147,6 +147,9 @@ def main(argv=None):
               f".download_and_prepare()) or point --data-dir / $CALIB_JAX_DATA_DIR at a folder "
               f"holding cifar10/ chunks.", file=sys.stderr)
         return 2
+    except datasets.DamagedDataError as e:  # names the file
+        print(f"A CIFAR-10 file cannot be read, so the demo cannot run.\n{e}", file=sys.stderr)
+        return 2
     mean, std = datasets.normalization("cifar10", "train")
     subset = np.random.default_rng(args.seed).permutation(len(splits["train"]))[:args.train_size]
     train_images, train_labels = splits["train"].inputs[subset], splits["train"].labels[subset]

@@ -273,3 +273,53 @@ def test_text_sets_too_small_or_incomplete_are_refused(tmp_path):
     assert datasets.load("sst", "val", data_dir=tmp_path, max_nodes=3).inputs.shape == (1, 3, 3)
     with pytest.raises(ValueError, match="more than max_nodes=3"):
         datasets.load("sst", "train", data_dir=tmp_path, max_nodes=3)
+
+
+def test_a_damaged_data_file_is_named_and_never_skipped_for_another_source(tmp_path,
+                                                                          monkeypatch):
+    """A chunk, image or text file that cannot be read raises DamagedDataError naming it.
+    It is not a DataNotFoundError: the search must not fall through to TFDS or to another
+    directory holding the same data set (the run would use other data than the user's)."""
+    assert not issubclass(sources.DamagedDataError, DataNotFoundError)
+    tfds_asked = []
+    monkeypatch.setattr(sources, "read_tfds", lambda *a, **k: tfds_asked.append(a))
+    images, labels = random_images(6), np.arange(6) % 3
+    for case in ("truncated", "bit-flipped", "bad image"):
+        folder = tmp_path / case / "svhn"
+        write_chunks(folder, "test", images, labels)
+        chunk = folder / "svhn_test_001.npz"
+        data = bytearray(chunk.read_bytes())
+        if case == "truncated":
+            data = data[:len(data) // 2]
+        elif case == "bit-flipped":  # inside the stored blob: the zip's CRC no longer holds
+            data[len(data) // 3:len(data) // 3 + 64] = b"\0" * 64
+        chunk.write_bytes(bytes(data))
+        if case == "bad image":
+            with np.load(folder / "svhn_test_000.npz") as good:
+                arrays = dict(good)
+            arrays["blob"] = arrays["blob"].copy()
+            arrays["blob"][arrays["offsets"][1]:arrays["offsets"][1] + 40] = 7  # image 1.png
+            np.savez(folder / "svhn_test_000.npz", **arrays)
+            expected = r"svhn_test_000.npz: image 1.png cannot be decoded"
+        else:
+            expected = r"svhn_test_001.npz cannot be read \((BadZipFile|EOFError|ValueError)"
+        with pytest.raises(sources.DamagedDataError, match=expected + r".*download it again"):
+            datasets.load("svhn", "test", data_dir=tmp_path / case)
+    assert tfds_asked == []
+    write_tree(tmp_path / "tree" / "svhn", "test", random_images(10, seed=2),
+               [f"c{i}" for i in range(10)])
+    (tmp_path / "tree" / "svhn" / "test" / "c3" / "3.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(sources.DamagedDataError, match=r"image .*c3/3.png cannot be decoded"):
+        datasets.load("svhn", "test", data_dir=tmp_path / "tree")
+    write_20news(tmp_path / "text" / "20news", 1200)
+    posts = tmp_path / "text" / "20news" / "20news_bydate_train_000.jsonl.gz"
+    posts.write_bytes(posts.read_bytes()[:200])
+    with pytest.raises(sources.DamagedDataError, match=r"20news_bydate_train_000.jsonl.gz "
+                                                       r"cannot be read \(EOFError"):
+        datasets.load("20news", "train", data_dir=tmp_path / "text")
+    (tmp_path / "text" / "sst").mkdir()
+    for name in ("train.txt", "dev.txt"):
+        (tmp_path / "text" / "sst" / name).write_text("(3 (2 a) (4 (2 b) (3 b)))\n")
+    (tmp_path / "text" / "sst" / "test.txt").write_text("(3 (2 a) (4 b))\n\n(3 (2 a) (4 b\n")
+    with pytest.raises(sources.DamagedDataError, match=r"test.txt, line 3 cannot be read"):
+        datasets.load("sst", "val", data_dir=tmp_path / "text")

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from calib_jax.data import sources
-from calib_jax.data.sources import DataNotFoundError
+from calib_jax.data.sources import DamagedDataError, DataNotFoundError
 
-__all__ = ["Dataset", "DataNotFoundError", "cifar_split_indices", "gaussian_noise", "load",
+__all__ = ["Dataset", "DamagedDataError", "DataNotFoundError", "cifar_split_indices", "gaussian_noise", "load",
            "names", "normalization"]
 
 
@@ -267,12 +267,18 @@ def _20news_splits(folder: str, stamp: tuple, vocab_size: int, max_len: int):
     vocab)``, arrays read-only. Cached per process: reading, tokenising and counting the
     posts takes ~2 s, and a run loads two splits (training: train and val; evaluation: val
     and test), each needing the training posts' vocabulary."""
-    posts = []
+    texts, labels = [], []
     for name, _, _ in stamp:
-        with gzip.open(Path(folder) / name, "rt", encoding="utf-8") as f:
-            posts.extend(json.loads(line) for line in f)
-    texts = [p["text"] for p in posts]
-    labels = np.asarray([p["label"] for p in posts], np.int32)
+        path = Path(folder) / name
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                posts = [json.loads(line) for line in f]
+            texts.extend(p["text"] for p in posts)
+            labels.extend(int(p["label"]) for p in posts)
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # gzip, JSON, fields
+            raise DamagedDataError(f"{path} cannot be read ({type(e).__name__}: {e}); copy or "
+                                   f"download it again.") from e
+    labels = np.asarray(labels, np.int32)
     # The reference: shuffle everything with seed 1, last 20 % test, 900 before it val.
     order = np.arange(len(texts))
     np.random.RandomState(1).shuffle(order)
@@ -345,15 +351,28 @@ def _sst_corpus(folder: str, stamp: tuple, vocab_size: int):
     """The three SST files parsed (``{split: [tree]}``, trees as tuples), the training trees'
     vocabulary and the largest tree's node count. Cached per process (``stamp``: see
     :func:`_file_stamp`): every split needs the vocabulary and, by default, that count."""
-    from calib_jax.models.text import parse_ptb_tree
-    read = {split: [tuple(tuple(part) if isinstance(part, list) else part
-                          for part in parse_ptb_tree(line))
-                    for line in (Path(folder) / file).read_text().splitlines() if line.strip()]
-            for split, file in _SST_FILES.items()}
+    read = {split: _read_sst_file(Path(folder) / file) for split, file in _SST_FILES.items()}
     # 0 = unknown; then the most frequent training words (the leaves' words; inner nodes None).
     vocab = _build_vocab(([w for w in tree[1] if w is not None] for tree in read["train"]),
                          vocab_size, reserved=1)
     return read, vocab, max(len(t[1]) for trees in read.values() for t in trees)
+
+
+def _read_sst_file(path: Path) -> list[tuple]:
+    """The trees of one SST file (:func:`calib_jax.models.text.parse_ptb_tree`, as tuples);
+    a file that cannot be read or parsed raises :class:`DamagedDataError` naming the line."""
+    from calib_jax.models.text import parse_ptb_tree
+    trees, number = [], 0
+    try:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                trees.append(tuple(tuple(part) if isinstance(part, list) else part
+                                   for part in parse_ptb_tree(line)))
+    except (OSError, ValueError, IndexError) as e:  # unreadable, not UTF-8, not a tree
+        where = f"{path}, line {number}" if number else str(path)
+        raise DamagedDataError(f"{where} cannot be read ({type(e).__name__}: {e}); copy or "
+                               f"download it again.") from e
+    return trees
 
 
 @functools.lru_cache(maxsize=6)

@@ -10,7 +10,9 @@ A ``data_dir`` argument that is not a directory is refused (``DataNotFoundError`
 skipped: a misspelt path would otherwise load the same-named data set from a later place (e.g.
 the JPEG-compressed offline CIFAR-10 copy instead of one's own), with nothing but
 ``Dataset.source`` to tell. One that exists but lacks a data set's folder falls through to the
-next place (a directory holding CIFAR-10 only still finds an OOD set elsewhere).
+next place (a directory holding CIFAR-10 only still finds an OOD set elsewhere). A file that
+is there but cannot be read raises ``DamagedDataError`` naming it, and the search stops: it
+does not fall through to a later place either.
 
 A local data set lives in ``<data_dir>/<folder>/`` as either
 
@@ -34,6 +36,7 @@ import glob
 import io
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Iterable
 
@@ -45,6 +48,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 class DataNotFoundError(FileNotFoundError):
     """A data set is not where we looked; the message says what to fetch and where."""
+
+
+class DamagedDataError(ValueError):
+    """A data file is there but cannot be read (truncated, corrupted, or not the format); the
+    message names the file. Deliberately not a :class:`DataNotFoundError`: the search stops
+    here instead of falling through to the next source (TFDS, another directory), which would
+    silently train or evaluate on other data than the user's."""
 
 
 def candidate_data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -73,11 +83,20 @@ def find_folder(folder: str, data_dir=None) -> Path | None:
     return None
 
 
-def decode_images(blobs: Iterable[bytes]) -> np.ndarray:
-    """Decodes encoded images (JPEG, PNG) into one uint8 ``[N, H, W, 3]`` array."""
+def decode_images(blobs: Iterable[bytes], names=None) -> np.ndarray:
+    """Decodes encoded images (JPEG, PNG) into one uint8 ``[N, H, W, 3]`` array. An image that
+    cannot be decoded raises :class:`DamagedDataError` naming it (``names[i]``, else its
+    index)."""
     from PIL import Image  # Pillow: a matplotlib dependency, always present with it.
 
-    arrays = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]
+    arrays = []
+    for i, b in enumerate(blobs):
+        try:
+            arrays.append(np.asarray(Image.open(io.BytesIO(b)).convert("RGB")))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad image bytes
+            name = names[i] if names is not None else f"number {i}"
+            raise DamagedDataError(f"image {name} cannot be decoded ({type(e).__name__}: "
+                                   f"{e}); copy or download it again.") from e
     if not arrays:
         raise ValueError("no images to decode")
     shapes = {a.shape for a in arrays}
@@ -100,35 +119,51 @@ def chunk_files(folder: Path, split: str) -> list[Path]:
 
 
 def read_chunks(files: list[Path]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Images, int32 labels and extra arrays (e.g. ``wnids``) from chunk files."""
+    """Images, int32 labels and extra arrays (e.g. ``wnids``) from chunk files. A chunk that
+    cannot be read raises :class:`DamagedDataError` naming it."""
     images, labels, extra = [], [], {}
     for path in files:
-        with np.load(path, allow_pickle=False) as chunk:
-            blob, offsets = chunk["blob"], chunk["offsets"]
-            if offsets.shape[0] != chunk["labels"].shape[0] + 1:
-                raise ValueError(f"{path}: `offsets` must have len(labels) + 1 entries.")
-            images.append(decode_images(blob[offsets[i]:offsets[i + 1]].tobytes()
-                                        for i in range(offsets.shape[0] - 1)))
-            labels.append(chunk["labels"].astype(np.int32))
-            for key in chunk.files:
-                if key not in ("blob", "offsets", "labels", "names"):
-                    extra[key] = chunk[key]
+        try:
+            chunk_images, chunk_labels, chunk_extra = _read_chunk(path)
+        except DamagedDataError as e:
+            raise DamagedDataError(f"{path}: {e}") from e
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise DamagedDataError(f"{path} cannot be read ({type(e).__name__}: {e}); copy or "
+                                   f"download it again.") from e
+        images.append(chunk_images)
+        labels.append(chunk_labels)
+        extra.update(chunk_extra)
     return np.concatenate(images), np.concatenate(labels), extra
+
+
+def _read_chunk(path: Path):
+    with np.load(path, allow_pickle=False) as chunk:
+        blob, offsets = chunk["blob"], chunk["offsets"]
+        if offsets.shape[0] != chunk["labels"].shape[0] + 1:
+            raise ValueError("`offsets` must have len(labels) + 1 entries")
+        names = chunk["names"] if "names" in chunk.files else None
+        images = decode_images((blob[offsets[i]:offsets[i + 1]].tobytes()
+                                for i in range(offsets.shape[0] - 1)),
+                               names=None if names is None else [str(n) for n in names])
+        extra = {key: chunk[key] for key in chunk.files
+                 if key not in ("blob", "offsets", "labels", "names")}
+        return images, chunk["labels"].astype(np.int32), extra
 
 
 def read_image_tree(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images and labels from ``folder/split/<class>/*.png``; classes in sorted order."""
     root = folder / split
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    blobs, labels = [], []
+    blobs, labels, paths = [], [], []
     for index, name in enumerate(classes):
         for path in sorted((root / name).iterdir()):
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 blobs.append(path.read_bytes())
                 labels.append(index)
+                paths.append(str(path))
     if not blobs:
         raise DataNotFoundError(f"no images under {root}/<class>/*.png|jpg")
-    return decode_images(blobs), np.asarray(labels, np.int32), classes
+    return decode_images(blobs, names=paths), np.asarray(labels, np.int32), classes
 
 
 def read_local_images(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -504,6 +504,28 @@ def test_a_single_run_and_a_group_never_share_a_workdir(tmp_path, monkeypatch):
         "config.json", "group", "members.json", "single"]
 
 
+def test_a_workdir_that_cannot_be_written_is_refused_before_the_data_is_loaded(
+        tmp_path, monkeypatch):
+    """Checked with os.access (a read-only directory, as root would still write into it)."""
+    locked = tmp_path / "read_only"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(train.os, "access", lambda path, mode: Path(path) != locked
+                        and real_access(path, mode))
+    from calib_jax.data import datasets
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the data was loaded before the refusal")
+    monkeypatch.setattr(datasets, "load", no_loading)
+    for workdir, where in ((locked, "it"), (locked / "new" / "run", f"{locked}, where it")):
+        with pytest.raises(train.ConfigError, match=rf"workdir {workdir}: {where}.* is not "
+                                                    rf"writable by this process"):
+            train.train_and_evaluate(load_config(SMOKE), workdir)
+    assert list(locked.iterdir()) == []
+    train._check_writable(tmp_path / "new" / "run")  # writable: no refusal, nothing created
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "run").write_text("kept")
     with pytest.raises(train.ConfigError, match="workdir .*run is a file; give a directory"):

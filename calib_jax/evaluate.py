@@ -37,7 +37,7 @@ import numpy as np
 
 from calib_jax import calibration, checkpoints, metrics, ood, plots, train
 from calib_jax.data import datasets, sources
-from calib_jax.files import atomic_save_figure, atomic_write_text
+from calib_jax.files import atomic_save_figure, atomic_write_text, unwritable_reason
 
 __all__ = ["EvaluationRefused", "check_finished", "default_out_name", "evaluate_run",
            "markdown_report", "main", "member_dirs", "table_checkpoint", "test_report"]
@@ -148,6 +148,9 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise EvaluationRefused(f"`out` = {out} is a file; give a directory (the results, "
                                 f"plots and report go into it)")
+    if why := unwritable_reason(out if out is not None else workdir):  # before any compute
+        raise EvaluationRefused(f"{'`out` = ' + str(out) if out is not None else workdir}: "
+                                f"{why}; give --out a directory you can write.")
     if which is None or which == "final":
         which = which or table_checkpoint(config)
         check_finished(workdir, config, which)

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 __all__ = ["DirectoryInUseError", "LOCK_FILE", "atomic_save_figure", "atomic_write_bytes",
-           "atomic_write_text", "hold_directory_lock", "lock_holder"]
+           "atomic_write_text", "hold_directory_lock", "lock_holder", "unwritable_reason"]
 
 #: The lock file :func:`hold_directory_lock` keeps in a directory (left there when released:
 #: removing a lock file races with a process about to take it).
@@ -63,6 +63,18 @@ def atomic_save_figure(fig, path, **savefig_kwargs) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format=image_format, **savefig_kwargs)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def unwritable_reason(directory) -> str | None:
+    """Why this process could not write into ``directory`` (or, where it does not exist yet,
+    create it in the nearest existing directory above it), or None when it could. For checks
+    before any work, so that a long computation does not end in a ``PermissionError``."""
+    directory = Path(directory)
+    existing = next(p for p in (directory, *directory.absolute().parents) if p.exists())
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return None
+    what = "it" if existing == directory else f"{existing}, where it would be created,"
+    return f"{what} is not writable by this process"
 
 
 class DirectoryInUseError(RuntimeError):

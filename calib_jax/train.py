@@ -52,7 +52,8 @@ import optax
 
 from calib_jax import losses
 from calib_jax.data import pipeline
-from calib_jax.files import DirectoryInUseError, atomic_write_text, hold_directory_lock
+from calib_jax.files import (DirectoryInUseError, atomic_write_text, hold_directory_lock,
+                             unwritable_reason)
 from calib_jax.validation import is_concrete
 
 __all__ = ["ConfigError", "EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES",
@@ -1081,17 +1082,6 @@ def default_unroll(platform: str, members: int = 1) -> int:
     return 2 if platform == "gpu" and members == 1 else 1
 
 
-def _check_writable(workdir: Path) -> None:
-    """Refuses, before any data is loaded, a ``workdir`` this process cannot write: the
-    directory itself, or where it does not exist yet, the nearest directory above it that
-    does (it would be created there)."""
-    existing = next(p for p in (workdir, *workdir.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        what = "it" if existing == workdir else f"{existing}, where it would be created,"
-        raise ConfigError(f"workdir {workdir}: {what} is not writable by this process; give a "
-                          f"directory you can write.")
-
-
 def _lock_run_directories(workdir: Path, member_dirs) -> contextlib.ExitStack:
     """Locks ``workdir`` and each member's directory for the run
     (:func:`calib_jax.files.hold_directory_lock`, taken by process 0); returns the held
@@ -1242,7 +1232,8 @@ def train_and_evaluate(config, workdir):
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"workdir {workdir} is a file; give a directory (new, or a run's)")
-    _check_writable(workdir)
+    if why := unwritable_reason(workdir):  # before loading the data
+        raise ConfigError(f"workdir {workdir}: {why}; give a directory you can write.")
     mesh = pipeline.data_mesh()
     validate_config(config, mesh.size)
     members = run_members(config)

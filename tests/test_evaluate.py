@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,6 +61,15 @@ def test_evaluate_best_and_epoch_checkpoints(run_dir, tmp_path):
     assert first["epoch"] == 1
     with pytest.raises(FileNotFoundError, match="epoch 7"):
         evaluate.evaluate_run(run_dir, which="7", out=tmp_path / "seven")
+    import os
+    real_access = os.access
+    with pytest.MonkeyPatch.context() as patch:  # a read-only directory (root writes anyway)
+        patch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path
+                      and real_access(path, mode))
+        with pytest.raises(evaluate.EvaluationRefused,
+                           match=rf"`out` = {tmp_path}/ro: {tmp_path}, where it would be "
+                                 rf"created, is not writable by this process; give --out"):
+            evaluate.evaluate_run(run_dir, which="1", out=tmp_path / "ro")
     (tmp_path / "a_file").write_text("kept")  # refused before any compute, and left as it is
     with pytest.raises(evaluate.EvaluationRefused,
                        match="`out` = .*a_file is a file; give a directory"):

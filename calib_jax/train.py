@@ -59,13 +59,13 @@ from calib_jax.validation import is_concrete
 __all__ = ["ConfigError", "EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES",
            "LossSpec", "RESUMABLE_FIELDS", "TrainState", "TrainingDivergedError",
            "abstract_state_for_config", "batch_loss", "batch_sharding",
-           "check_resumable", "clip_by_global_norm", "config_differences",
+           "check_resumable", "clip_by_global_norm", "concise_warnings", "config_differences",
            "create_train_state", "default_device", "default_member_mode",
            "default_steps_per_call", "default_unroll", "exit_on_sigterm",
            "field_differences", "global_norm", "host_init_device", "make_optimizer",
            "multi_train_steps", "piecewise_lr", "predict", "predict_members",
-           "replicate", "replicated", "stack_states", "table_checkpoint", "train_step",
-           "train_steps", "unstack_state"]
+           "replicate", "replicated", "stack_states", "table_checkpoint",
+           "train_and_evaluate", "train_step", "train_steps", "unstack_state"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")

@@ -20,6 +20,11 @@ __all__ = ["DirectoryInUseError", "LOCK_FILE", "atomic_save_figure", "atomic_wri
 #: The lock file :func:`hold_directory_lock` keeps in a directory (left there when released:
 #: removing a lock file races with a process about to take it).
 LOCK_FILE = ".calib_jax.lock"
+# flock's answers for "another open file holds it".
+_HELD = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
+# Waits (s) before each attempt to take a lock: a lock held for an instant (lock_holder's
+# probe from another process) must not refuse a process that is about to train.
+_LOCK_ATTEMPT_WAITS = (0.0, 0.05, 0.2, 0.5)
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -106,18 +111,24 @@ def hold_directory_lock(directory, purpose: str):
     directory.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except OSError as error:
-            if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                raise DirectoryInUseError(
-                    f"{directory} is in use by another process ({_holder(descriptor)}). Wait "
-                    f"for it to finish, or stop it; two processes {purpose} in one directory "
-                    f"would write the same files at once.") from None
-            warnings.warn(f"cannot lock {directory} ({error.strerror}): two processes using "
-                          f"it at once would not be stopped.", RuntimeWarning, stacklevel=3)
-            locked = False
+        locked = False
+        for wait in _LOCK_ATTEMPT_WAITS:
+            time.sleep(wait)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+                break
+            except OSError as error:
+                if error.errno not in _HELD:
+                    warnings.warn(f"cannot lock {directory} ({error.strerror}): two processes "
+                                  f"using it at once would not be stopped.", RuntimeWarning,
+                                  stacklevel=3)
+                    break
+        else:
+            raise DirectoryInUseError(
+                f"{directory} is in use by another process ({_holder(descriptor)}). Wait for "
+                f"it to finish, or stop it; two processes {purpose} in one directory would "
+                f"write the same files at once.")
         if locked:
             holder = {"pid": os.getpid(), "host": socket.gethostname(),
                       "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "purpose": purpose}
@@ -141,8 +152,7 @@ def lock_holder(directory) -> str | None:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return None  # free (released again as the descriptor closes)
     except OSError as error:
-        return _holder(descriptor) if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK,
-                                                      errno.EACCES) else None
+        return _holder(descriptor) if error.errno in _HELD else None
     finally:
         os.close(descriptor)
 

@@ -160,3 +160,17 @@ def test_lock_holder_names_the_holder_and_creates_nothing(tmp_path):
     assert files.lock_holder(tmp_path) is None  # released; and probing did not take it
     with files.hold_directory_lock(tmp_path, "training"):
         pass
+
+
+def test_a_lock_held_for_an_instant_does_not_refuse(tmp_path):
+    """lock_holder's probe (another sweep listing its cells) holds the lock for an instant:
+    a process taking the lock then waits a little instead of being refused."""
+    import fcntl
+    import threading
+    with files.hold_directory_lock(tmp_path, "training"):
+        pass
+    probe = os.open(tmp_path / files.LOCK_FILE, os.O_RDWR)
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    threading.Timer(0.1, os.close, (probe,)).start()  # released 0.1 s later
+    with files.hold_directory_lock(tmp_path, "training"):
+        assert files.lock_holder(tmp_path).startswith(f"pid {os.getpid()} on ")

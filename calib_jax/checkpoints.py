@@ -15,9 +15,10 @@ state takes its place and the unreadable files are moved, not deleted, to
 ``unreadable/<folder>-<epoch>/`` (training is deterministic, so a resumed run still
 ends with the parameters of an uninterrupted one). A best checkpoint whose metrics
 cannot be read, which Orbax could not rank (it would raise on opening ``best/``), is
-moved there as soon as the run's checkpoints are opened. A checkpoint of another configuration (another tree
-of parameters or optimiser state, or parameters of other shapes, e.g. a head for
-another number of classes, named from the checkpoint's metadata) is refused with a
+moved there as soon as the run's checkpoints are opened. A checkpoint of another
+configuration (another tree of parameters or optimiser state, or parameters of other
+shapes, e.g. a head for another number of classes, named from the checkpoint's metadata)
+is refused with a
 ``ValueError``, not skipped: a run that skipped it would start afresh and, rotating
 its kept checkpoints, delete the other configuration's.
 

@@ -72,9 +72,7 @@ def restore_checkpoint(config, workdir, which: str, num_classes: int, example_sh
         if not unreadable:
             raise FileNotFoundError(f"no readable {which!r} checkpoint in {workdir}")
         if which in ("final", "latest"):  # the training command recomputes them
-            instead = (f"rerun the run's training command to recompute them (runs are "
-                       f"deterministic: the same parameters; the unreadable files go to "
-                       f"{workdir}/unreadable/)")
+            instead = f"rerun the run's training command to recompute them {_rerun(workdir)}"
         else:  # a finished run does not train its best or an earlier epoch again
             instead = ("evaluate another checkpoint (--checkpoint final, latest or an epoch), "
                        "or train the run again in a new work directory")
@@ -88,10 +86,15 @@ def restore_checkpoint(config, workdir, which: str, num_classes: int, example_sh
         raise EvaluationRefused(
             f"the last checkpoint of the run in {workdir} (epoch {config.num_epochs}) could not "
             f"be read; the newest readable one is epoch {meta['epoch']}. Rerun the run's "
-            f"training command to recompute the epochs after it (runs are deterministic: the "
-            f"same parameters; the unreadable files go to {workdir}/unreadable/), or pass "
+            f"training command to recompute the epochs after it {_rerun(workdir)}, or pass "
             f"--checkpoint latest to evaluate epoch {meta['epoch']}.")
     return state, meta
+
+
+def _rerun(workdir) -> str:
+    """Why rerunning training mends unreadable checkpoints (``RunCheckpoints.save``)."""
+    return (f"(runs are deterministic: the same parameters; the unreadable files go to "
+            f"{Path(workdir) / checkpoints.UNREADABLE_FOLDER}/)")
 
 
 def check_finished(workdir, config, which: str) -> None:

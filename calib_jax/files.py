@@ -104,8 +104,7 @@ def hold_directory_lock(directory, purpose: str):
     try:
         import fcntl
     except ImportError:  # Windows
-        warnings.warn(f"cannot lock {directory} on this platform: two processes using it at "
-                      f"once would not be stopped.", RuntimeWarning, stacklevel=3)
+        _warn_unlocked(directory, "on this platform")
         yield
         return
     directory.mkdir(parents=True, exist_ok=True)
@@ -120,9 +119,7 @@ def hold_directory_lock(directory, purpose: str):
                 break
             except OSError as error:
                 if error.errno not in _HELD:
-                    warnings.warn(f"cannot lock {directory} ({error.strerror}): two processes "
-                                  f"using it at once would not be stopped.", RuntimeWarning,
-                                  stacklevel=3)
+                    _warn_unlocked(directory, f"({error.strerror})")
                     break
         else:
             raise DirectoryInUseError(
@@ -137,6 +134,11 @@ def hold_directory_lock(directory, purpose: str):
         yield
     finally:
         os.close(descriptor)  # releases the lock
+
+
+def _warn_unlocked(directory: Path, why: str) -> None:
+    warnings.warn(f"cannot lock {directory} {why}: two processes using it at once would not "
+                  f"be stopped.", RuntimeWarning, stacklevel=4)  # the caller of the `with`
 
 
 def lock_holder(directory) -> str | None:

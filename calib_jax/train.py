@@ -1171,10 +1171,12 @@ def _warn_progress_not_shared(names, ckpts) -> None:
     if not saved:
         return
     if names == [""]:  # one run: every checkpoint it has could not be read
+        from calib_jax import checkpoints
         print(f"warning: none of the checkpoints in {ckpts[0].latest.directory} could be read "
               f"(epochs {', '.join(map(str, sorted(steps[''])))}), so training starts again "
               f"from epoch 0; each unreadable one is replaced (its files moved to "
-              f"{ckpts[0].workdir / 'unreadable'}/) when its epoch is recomputed.",
+              f"{ckpts[0].workdir / checkpoints.UNREADABLE_FOLDER}/) when its epoch is "
+              f"recomputed.",
               file=sys.stderr, flush=True)
         return
     have = ", ".join(f"{name}: up to epoch {epoch}" for name, epoch in saved.items())

@@ -5,5 +5,5 @@ from calib_jax.data import datasets, pipeline, sources
 from calib_jax.data.datasets import Dataset, load, names, normalization
 from calib_jax.data.sources import DamagedDataError, DataNotFoundError
 
-__all__ = ["DamagedDataError", "DataNotFoundError", "Dataset", "datasets", "load", "names", "normalization",
-           "pipeline", "sources"]
+__all__ = ["DamagedDataError", "DataNotFoundError", "Dataset", "datasets", "load", "names",
+           "normalization", "pipeline", "sources"]

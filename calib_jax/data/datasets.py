@@ -35,8 +35,8 @@ import numpy as np
 from calib_jax.data import sources
 from calib_jax.data.sources import DamagedDataError, DataNotFoundError
 
-__all__ = ["Dataset", "DamagedDataError", "DataNotFoundError", "cifar_split_indices", "gaussian_noise", "load",
-           "names", "normalization"]
+__all__ = ["Dataset", "DamagedDataError", "DataNotFoundError", "cifar_split_indices",
+           "gaussian_noise", "load", "names", "normalization"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,8 +276,7 @@ def _20news_splits(folder: str, stamp: tuple, vocab_size: int, max_len: int):
             texts.extend(p["text"] for p in posts)
             labels.extend(int(p["label"]) for p in posts)
         except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # gzip, JSON, fields
-            raise DamagedDataError(f"{path} cannot be read ({type(e).__name__}: {e}); copy or "
-                                   f"download it again.") from e
+            raise sources.damaged_file(str(path), e) from e
     labels = np.asarray(labels, np.int32)
     # The reference: shuffle everything with seed 1, last 20 % test, 900 before it val.
     order = np.arange(len(texts))
@@ -370,8 +369,7 @@ def _read_sst_file(path: Path) -> list[tuple]:
                                    for part in parse_ptb_tree(line)))
     except (OSError, ValueError, IndexError) as e:  # unreadable, not UTF-8, not a tree
         where = f"{path}, line {number}" if number else str(path)
-        raise DamagedDataError(f"{where} cannot be read ({type(e).__name__}: {e}); copy or "
-                               f"download it again.") from e
+        raise sources.damaged_file(where, e) from e
     return trees
 
 

@@ -57,6 +57,13 @@ class DamagedDataError(ValueError):
     silently train or evaluate on other data than the user's."""
 
 
+def damaged_file(where: str, error: Exception, *, verb: str = "cannot be read") -> DamagedDataError:
+    """The :class:`DamagedDataError` for ``where`` (a file, an image, a line), with the error
+    that reading it raised."""
+    return DamagedDataError(f"{where} {verb} ({type(error).__name__}: {error}); copy or "
+                            f"download it again.")
+
+
 def candidate_data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
     """The directories searched, in order (see the module docstring); a ``data_dir`` that is not
     a directory raises :class:`DataNotFoundError`."""
@@ -95,8 +102,7 @@ def decode_images(blobs: Iterable[bytes], names=None) -> np.ndarray:
             arrays.append(np.asarray(Image.open(io.BytesIO(b)).convert("RGB")))
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad image bytes
             name = names[i] if names is not None else f"number {i}"
-            raise DamagedDataError(f"image {name} cannot be decoded ({type(e).__name__}: "
-                                   f"{e}); copy or download it again.") from e
+            raise damaged_file(f"image {name}", e, verb="cannot be decoded") from e
     if not arrays:
         raise ValueError("no images to decode")
     shapes = {a.shape for a in arrays}
@@ -128,8 +134,7 @@ def read_chunks(files: list[Path]) -> tuple[np.ndarray, np.ndarray, dict]:
         except DamagedDataError as e:
             raise DamagedDataError(f"{path}: {e}") from e
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            raise DamagedDataError(f"{path} cannot be read ({type(e).__name__}: {e}); copy or "
-                                   f"download it again.") from e
+            raise damaged_file(str(path), e) from e
         images.append(chunk_images)
         labels.append(chunk_labels)
         extra.update(chunk_extra)

@@ -3,6 +3,7 @@
 import jax
 import pytest
 
+from checkpoint_damage import GARBAGE, damage
 from calib_jax import checkpoints, models, train
 
 
@@ -64,16 +65,6 @@ def test_corrupt_checkpoint_is_skipped_with_warning(tmp_path):
     ckpt.close()
 
 
-def damage(checkpoint_dir, part="state"):
-    """Overwrites every file of a checkpoint folder's ``part`` (the arrays by default)."""
-    damaged = 0
-    for path in (checkpoint_dir / part).rglob("*"):
-        if path.is_file() and path.stat().st_size > 0:
-            path.write_bytes(b"\0garbage" * 3)
-            damaged += 1
-    assert damaged
-
-
 def moved_aside(workdir):
     folder = workdir / checkpoints.UNREADABLE_FOLDER
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
@@ -116,7 +107,7 @@ def test_a_recomputed_epoch_replaces_its_unreadable_checkpoint(tmp_path):
     assert checkpoints.saved_epochs(tmp_path) == [1, 2]
     assert moved_aside(tmp_path) == ["best-2", "checkpoints-2"]
     # What was moved is the damaged files, as they were.
-    assert any(p.read_bytes() == b"\0garbage" * 3
+    assert any(p.read_bytes() == GARBAGE
                for p in (tmp_path / "unreadable" / "checkpoints-2" / "state").rglob("*")
                if p.is_file())
 

@@ -193,10 +193,9 @@ def test_a_run_none_of_whose_checkpoints_can_be_read_is_refused_with_what_to_do(
     ckpt.close()
     with pytest.raises(FileNotFoundError, match="no readable 'best' checkpoint"):
         evaluate.restore_checkpoint(config, tmp_path / "empty", "best", 4, (32, 32, 3))
+    from checkpoint_damage import damage
     for folder in ("checkpoints", "best"):
-        for path in (tmp_path / folder / "2" / "state").rglob("*"):
-            if path.is_file() and path.stat().st_size > 0:
-                path.write_bytes(b"\0garbage" * 3)
+        damage(tmp_path / folder / "2")
     for which, instead in (("final", "rerun the run's training command to recompute them"),
                            ("best", r"evaluate another checkpoint \(--checkpoint final")):
         with pytest.warns(RuntimeWarning, match="could not be read"), \

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 
 import experiment_configs
+from checkpoint_damage import damage
 from calib_jax import checkpoints, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,10 +71,7 @@ def test_two_processes_equal_one_process(tmp_path):
     epoch 1 and replace it together (process 0 moves the damaged files aside, both wait for
     that before saving), ending where one process does."""
     run_two_processes(tmp_path / "multi")
-    damaged = tmp_path / "multi" / "ce" / "checkpoints" / "2"
-    for path in (damaged / "state").rglob("*"):
-        if path.is_file() and path.stat().st_size > 0:
-            path.write_bytes(b"\0garbage" * 3)
+    damage(tmp_path / "multi" / "ce" / "checkpoints" / "2")
     outputs = run_two_processes(tmp_path / "multi")
     assert "moved to" in outputs[0] and "resumed from" in outputs[0], outputs[0][-3000:]
     assert [p.name for p in (tmp_path / "multi" / "ce" / "unreadable").iterdir()] == \

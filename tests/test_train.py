@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import experiment_configs
+from checkpoint_damage import damage
 from calib_jax import losses, train
 from calib_jax.data import pipeline
 
@@ -801,9 +802,7 @@ def test_a_finished_run_whose_final_checkpoint_is_unreadable_is_finished_by_a_re
     damaged = [folder for folder in ("checkpoints", "best") if (run / folder / "2").is_dir()]
     assert "checkpoints" in damaged
     for folder in damaged:
-        for path in (run / folder / "2" / "state").rglob("*"):
-            if path.is_file() and path.stat().st_size > 0:
-                path.write_bytes(b"\0garbage" * 3)
+        damage(run / folder / "2")
     with pytest.warns(RuntimeWarning, match="could not be read"), \
             pytest.raises(evaluate.EvaluationRefused, match="Rerun the run's training command"):
         evaluate.evaluate_run(run, which="final", out=tmp_path / "refused")
@@ -833,9 +832,7 @@ def test_a_damaged_best_checkpoint_past_the_resume_point_is_replaced(tmp_path,
     shutil.copytree(original, run)
     shutil.rmtree(run / "checkpoints")
     (best_epoch,) = checkpoints.saved_epochs(run, "best")
-    for path in (run / "best" / str(best_epoch) / "state").rglob("*"):
-        if path.is_file() and path.stat().st_size > 0:
-            path.write_bytes(b"\0garbage" * 3)
+    damage(run / "best" / str(best_epoch))
     with pytest.warns(RuntimeWarning) as record:
         train.train_and_evaluate(load_config(SMOKE), run)
     assert any(f"best/{best_epoch}: it could not be read; replaced" in str(w.message)

@@ -76,9 +76,11 @@ def unwritable_reason(directory) -> str | None:
     before any work, so that a long computation does not end in a ``PermissionError``."""
     directory = Path(directory)
     existing = next(p for p in (directory, *directory.absolute().parents) if p.exists())
-    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
-        return None
     what = "it" if existing == directory else f"{existing}, where it would be created,"
+    if not existing.is_dir():
+        return f"{what} is a file, not a directory"
+    if os.access(existing, os.W_OK | os.X_OK):
+        return None
     return f"{what} is not writable by this process"
 
 
@@ -101,6 +103,9 @@ def hold_directory_lock(directory, purpose: str):
     unlocked, with a warning.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"`directory` = {directory} is a file; give a directory to "
+                                 f"lock.")
     try:
         import fcntl
     except ImportError:  # Windows

@@ -174,3 +174,15 @@ def test_a_lock_held_for_an_instant_does_not_refuse(tmp_path):
     threading.Timer(0.1, os.close, (probe,)).start()  # released 0.1 s later
     with files.hold_directory_lock(tmp_path, "training"):
         assert files.lock_holder(tmp_path).startswith(f"pid {os.getpid()} on ")
+
+
+def test_a_file_is_no_directory_to_lock_or_write(tmp_path):
+    (tmp_path / "a_file").write_text("kept")
+    with pytest.raises(NotADirectoryError, match=r"`directory` = .*a_file is a file; give a "
+                                                 r"directory to lock"):
+        with files.hold_directory_lock(tmp_path / "a_file", "training"):
+            pass
+    assert files.unwritable_reason(tmp_path / "a_file") == "it is a file, not a directory"
+    assert files.unwritable_reason(tmp_path / "a_file" / "run") == (
+        f"{tmp_path / 'a_file'}, where it would be created, is a file, not a directory")
+    assert (tmp_path / "a_file").read_text() == "kept"

@@ -46,6 +46,33 @@ def test_chunk_source_round_trip(tmp_path):
     assert not ds.inputs.flags.writeable  # the cached copy cannot be corrupted
 
 
+def test_local_images_are_decoded_once_and_again_when_a_file_changes(tmp_path, monkeypatch):
+    decoded = []  # images decoded, per call
+    real_decode = sources.decode_images
+    monkeypatch.setattr(sources, "decode_images",
+                        lambda blobs, names=None: decoded.append(1) or real_decode(blobs, names))
+    images = random_images(4)
+    write_chunks(tmp_path / "svhn", "test", images, np.arange(4) % 2, per_chunk=2)
+    first = datasets.load("svhn", "test", data_dir=tmp_path, source="local")
+    again = datasets.load("svhn", "test", data_dir=tmp_path, source="local")
+    assert len(decoded) == 2 and again.inputs is first.inputs  # one decoding per chunk, shared
+    # A notebook that converts the data set again and reloads it gets the new images.
+    write_chunks(tmp_path / "svhn", "test", images[::-1], np.arange(4) % 2, per_chunk=2)
+    np.testing.assert_array_equal(
+        datasets.load("svhn", "test", data_dir=tmp_path, source="local").inputs, images[::-1])
+    # The same in an image tree: an image rewritten, then one more image.
+    names, trees = [f"c{i}" for i in range(10)], tmp_path / "trees"
+    write_tree(trees / "svhn", "test", random_images(10, seed=2), names)
+    tree = datasets.load("svhn", "test", data_dir=trees, source="local").inputs
+    write_tree(trees / "svhn", "test", random_images(10, seed=3), names)
+    np.testing.assert_array_equal(
+        datasets.load("svhn", "test", data_dir=trees, source="local").inputs,
+        random_images(10, seed=3))
+    write_tree(trees / "svhn", "test", random_images(11, seed=3), names + ["c0"])
+    assert len(datasets.load("svhn", "test", data_dir=trees, source="local")) == 11
+    assert not np.array_equal(tree, random_images(10, seed=3))
+
+
 def write_tree(folder: Path, split: str, images, class_names):
     from PIL import Image
     for i, (cls, im) in enumerate(zip(class_names, images)):

@@ -244,16 +244,10 @@ def _20news(split, data_dir, vocab_size=20000, max_len=1000):
             f"'bydate' posts as <data_dir>/20news/20news_bydate_{{train,test}}_NNN.jsonl.gz (one "
             f"JSON {{id, label, text}} a line) and classes.json, with data_dir the argument or "
             f"${sources.ENV_DATA_DIR}.")
-    tokens, labels, vocab = _20news_splits(str(path), _file_stamp(files), vocab_size, max_len)
+    tokens, labels, vocab = _20news_splits(str(path), sources.file_stamp(files), vocab_size,
+                                           max_len)
     return Dataset("20news", split, tokens[split], labels[split], 20, str(path),
                    extra={"vocab": dict(vocab), "max_len": max_len})
-
-
-def _file_stamp(files) -> tuple:
-    """Names, sizes and modification times of ``files``: part of a text cache's key, so that a
-    file changed since it was read is read again."""
-    stats = [(f.name, f.stat()) for f in files]
-    return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -337,7 +331,7 @@ def _sst(split, data_dir, vocab_size=20000, max_nodes=None):
             f"SST not found{f' (no {missing} in {path})' if path is not None else ''}: put "
             f"PTB-style trees as <data_dir>/sst/{{train,dev,test}}.txt, with data_dir the "
             f"argument or ${sources.ENV_DATA_DIR}.")
-    stamp = _file_stamp(path / f for f in _SST_FILES.values())
+    stamp = sources.file_stamp(path / f for f in _SST_FILES.values())
     packed, labels, parsed, max_nodes = _sst_split(str(path), stamp, vocab_size, max_nodes, split)
     return Dataset("sst", split, packed, labels, 2, str(path),
                    extra={"trees": parsed, "vocab": dict(_sst_corpus(str(path), stamp,
@@ -349,7 +343,8 @@ def _sst(split, data_dir, vocab_size=20000, max_nodes=None):
 def _sst_corpus(folder: str, stamp: tuple, vocab_size: int):
     """The three SST files parsed (``{split: [tree]}``, trees as tuples), the training trees'
     vocabulary and the largest tree's node count. Cached per process (``stamp``: see
-    :func:`_file_stamp`): every split needs the vocabulary and, by default, that count."""
+    :func:`calib_jax.data.sources.file_stamp`): every split needs the vocabulary and, by
+    default, that count."""
     read = {split: _read_sst_file(Path(folder) / file) for split, file in _SST_FILES.items()}
     # 0 = unknown; then the most frequent training words (the leaves' words; inner nodes None).
     vocab = _build_vocab(([w for w in tree[1] if w is not None] for tree in read["train"]),

@@ -171,18 +171,41 @@ def read_image_tree(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, l
     return decode_images(blobs, names=paths), np.asarray(labels, np.int32), classes
 
 
+def file_stamp(files: Iterable[Path], *, relative_to: Path | None = None) -> tuple:
+    """Names, sizes and modification times of ``files``: part of a cache's key, so that a file
+    changed, added or removed since it was read is read again (a notebook that re-converts a
+    data set and loads it again gets the new files, not the process's earlier decoding)."""
+    stamp = []
+    for f in files:
+        st = f.stat()
+        stamp.append((str(f.relative_to(relative_to)) if relative_to else f.name,
+                      st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
+def _local_image_files(folder: Path, split: str) -> list[Path]:
+    """The files :func:`_read_local_images` reads for ``split``: its chunks, else the images of
+    its tree (empty when neither is there)."""
+    files = chunk_files(folder, split)
+    if files or not (folder / split).is_dir():
+        return files
+    return sorted(p for p in (folder / split).glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def read_local_images(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """A split from a local folder in either layout; raises DataNotFoundError if absent.
 
-    Decoded once per process (decoding CIFAR-10 takes seconds); the returned
-    arrays are read-only views of that cache.
+    Decoded once per process (decoding CIFAR-10 takes seconds) and again when a file changed
+    (:func:`file_stamp`); the returned arrays are read-only views of that cache.
     """
-    images, labels, extra = _read_local_images_cached(str(folder), split)
+    stamp = file_stamp(_local_image_files(folder, split), relative_to=folder)
+    images, labels, extra = _read_local_images_cached(str(folder), split, stamp)
     return images, labels, dict(extra)
 
 
 @functools.lru_cache(maxsize=8)
-def _read_local_images_cached(folder: str, split: str):
+def _read_local_images_cached(folder: str, split: str, stamp: tuple):
+    del stamp  # the cache's key only
     images, labels, extra = _read_local_images(Path(folder), split)
     for array in (images, labels, *extra.values()):
         array.flags.writeable = False

@@ -1188,6 +1188,162 @@ def _warn_progress_not_shared(names, ckpts) -> None:
           f"fine).", file=sys.stderr, flush=True)
 
 
+def _training_data(config):
+    """``(images, labels, val_split, num_classes)``: the training examples (the first
+    ``config.train_subset`` of a permutation drawn with ``config.seed``, when it is set) and
+    the validation split."""
+    from calib_jax.data import datasets
+
+    options = dict(data_dir=config.data_dir or None, **dataset_options(config))
+    train_split = datasets.load(config.dataset, "train", **options)
+    val_split = datasets.load(config.dataset, "val", **options)
+    images, labels = train_split.inputs, train_split.labels
+    if config.train_subset > len(labels):
+        raise ConfigError(f"config.train_subset = {config.train_subset}: larger than the "
+                          f"training split ({len(labels)} examples); use 0 for all of them")
+    if config.train_subset:
+        # Drawn with config.seed: members share it (validate_config refuses several seeds).
+        subset = np.random.default_rng(config.seed).permutation(len(labels))[:config.train_subset]
+        images, labels = images[subset], labels[subset]
+    return images, labels, val_split, train_split.num_classes
+
+
+def _resume(ckpts, templates, names, member_dirs, *, is_chief: bool):
+    """``(member_states, start_epoch, best_accuracies)``: the newest epoch every member can
+    restore (:func:`_restore_members`), else the ``templates`` from epoch 0.
+
+    Also reads each best checkpoint newer than that epoch (saved between two periodic ones):
+    the run recomputes its epoch, and one that cannot be read is then replaced
+    (``RunCheckpoints.save``) instead of staying damaged for good.
+    """
+    restored = _restore_members(ckpts, templates)
+    start_epoch, best_accs, states = 0, [-1.0] * len(ckpts), templates
+    if restored is None:
+        if is_chief:
+            _warn_progress_not_shared(names, ckpts)
+    else:
+        states, metas = restored
+        start_epoch = int(metas[0]["epoch"])
+        best_accs = [float(m.get("best_val_accuracy", -1.0)) for m in metas]
+        if is_chief:
+            together = f" with {len(ckpts)} members" if len(ckpts) > 1 else ""
+            print(f"resumed from {member_dirs[0]}/checkpoints/{start_epoch} (epoch "
+                  f"{start_epoch}){together}")
+    for ckpt, template in zip(ckpts, templates):
+        if any(epoch > start_epoch for epoch in ckpt.best.all_steps()):
+            ckpt.restore(template, "best")
+    return states, start_epoch, best_accs
+
+
+def _open_member_logs(workdir, members, member_dirs, config, start_epoch: int) -> list:
+    """Writes each member's ``config.json`` (and ``workdir/members.json`` for several), cuts
+    ``log.jsonl`` back to ``start_epoch`` (:func:`_truncate_log`) and returns a TensorBoard
+    writer per member. Process 0 only."""
+    # TensorBoard event files (tensorboardX needs no TensorFlow), beside log.jsonl.
+    from tensorboardX import SummaryWriter
+
+    if len(members) > 1:
+        _write_members_listing(workdir, [name for name, _ in members], config)
+    writers = []
+    for d, (_, c) in zip(member_dirs, members):
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(d / "config.json", c.to_json(indent=2))
+        _truncate_log(d / "log.jsonl", start_epoch)
+        # purge_step: TensorBoard hides the earlier session's scalars of the epochs this run
+        # recomputes (the log.jsonl counterpart of _truncate_log).
+        writers.append(SummaryWriter(str(d / "tensorboard"), purge_step=start_epoch + 1))
+    return writers
+
+
+class _EpochProgress:
+    """The progress line of one epoch (:func:`_show_progress`): images/s so far and the run's
+    ETA, after each call that crosses a multiple of ``config.log_every_steps`` and after the
+    last; :meth:`end` closes the line on a terminal."""
+
+    def __init__(self, config, epoch: int, steps: int):
+        self.config, self.epoch, self.steps, self.shown = config, epoch, steps, False
+
+    def __call__(self, first: int, count: int, seconds: float) -> None:
+        """After the call of steps ``first .. first + count`` was issued, ``seconds`` into the
+        epoch (the rate counts the ``first`` steps issued before it)."""
+        config, every = self.config, self.config.log_every_steps
+        if not first or ((first + count) // every == first // every
+                         and first + count != self.steps):
+            return
+        rate = first * config.batch_size / max(seconds, 1e-9)
+        eta = (self.steps - first + self.steps * (config.num_epochs - self.epoch - 1)) \
+            * config.batch_size / max(rate, 1e-9)
+        _show_progress(f"epoch {self.epoch + 1}/{config.num_epochs} step {first + count}/"
+                       f"{self.steps} {rate:,.0f} img/s, ETA {eta / 60:.1f} min")
+        self.shown = True
+
+    def end(self) -> None:
+        if self.shown and sys.stdout.isatty():
+            print()  # ends the progress line that \r kept rewriting
+
+
+def _train_epoch(run_chunk, state, orders, epoch: int, *, steps: int, per_call: int,
+                 num_members: int, wait_each_call: bool, progress=None):
+    """One epoch in calls of ``per_call`` steps (``run_chunk(state, orders, first, count,
+    epoch)``); returns ``(state, loss_sums, correct_counts, seconds)``, sums per member.
+
+    The host reads each call's losses while the next call runs (it stays one call ahead).
+    ``wait_each_call`` waits for every call first: on CPU, unwaited collectives can deadlock.
+    ``progress(first, count, seconds)`` is told of each call after the first.
+    """
+    start = time.perf_counter()
+    loss_sums, correct = np.zeros(num_members), np.zeros(num_members, np.int64)
+
+    def add(metrics):
+        done = jax.device_get(metrics)
+        loss_sums[:] += np.asarray(done["loss"], np.float64).reshape(-1, num_members).sum(0)
+        correct[:] += np.asarray(done["correct"], np.int64).reshape(-1, num_members).sum(0)
+
+    pending = None
+    for first in range(0, steps, per_call):
+        count = min(per_call, steps - first)  # a shorter last call compiles once more
+        state, metrics = run_chunk(state, orders, first, count, epoch)
+        if wait_each_call:
+            jax.block_until_ready(metrics)
+        if pending is not None:
+            add(pending)
+        pending = metrics
+        if progress is not None:
+            progress(first, count, time.perf_counter() - start)
+    add(pending)
+    return state, loss_sums, correct, time.perf_counter() - start
+
+
+def _epoch_record(epoch: int, spec: LossSpec, loss_sum: float, correct: int, val: dict, *,
+                 steps: int, batch_size: int, seconds: float) -> dict:
+    """A member's line of ``log.jsonl`` for ``epoch`` (counted from 1): its training loss per
+    image and accuracy over the epoch's ``steps`` batches, images/s, and the validation
+    metrics ``val``."""
+    # Batch losses are sums per batch, or already means (mean reduction, Brier).
+    per_image = spec.mean_reduction or spec.name == "brier"
+    return {"epoch": epoch,
+            "train_loss_per_image": loss_sum / (steps if per_image else steps * batch_size),
+            "train_accuracy": correct / (steps * batch_size),
+            "images_per_second": steps * batch_size / seconds, **val}
+
+
+def _log_epoch(record: dict, name: str, run_dir: Path, writer, *, num_epochs: int,
+               several: bool) -> None:
+    """Prints a member's epoch, appends it to ``run_dir/log.jsonl`` and to TensorBoard."""
+    print(f"epoch {record['epoch']}/{num_epochs}{' ' + name if name else ''}: "
+          f"loss/img {record['train_loss_per_image']:.4f} "
+          f"train acc {record['train_accuracy']:.4f} "
+          f"val acc {record['val_accuracy']:.4f} val NLL {record['val_nll']:.4f} "
+          f"val ECE {record['val_ece']:.4f} "
+          f"({record['images_per_second']:,.0f} img/s{' per member' if several else ''})")
+    with open(run_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+        if key != "epoch":
+            writer.add_scalar(key, value, global_step=record["epoch"])
+    writer.flush()
+
+
 def train_and_evaluate(config, workdir):
     """Trains ``config`` into ``workdir``, resuming from its latest checkpoint.
 
@@ -1229,7 +1385,6 @@ def train_and_evaluate(config, workdir):
     Returns the final state (a stacked state for several members).
     """
     from calib_jax import checkpoints
-    from calib_jax.data import datasets
 
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
@@ -1244,79 +1399,37 @@ def train_and_evaluate(config, workdir):
     _check_run_layout(workdir, several=names != [""])
     for d, (_, c) in zip(member_dirs, members):
         check_resumable(d, c)
-    specs = tuple(LossSpec.from_config(c) for _, c in members)
-    seeds = tuple(int(c.seed) for _, c in members)
-    dtype = _DTYPES[config.dtype]
-    is_chief = jax.process_index() == 0
-    data_dir = config.data_dir or None
-    options = dataset_options(config)
-    train_split = datasets.load(config.dataset, "train", data_dir=data_dir, **options)
-    val_split = datasets.load(config.dataset, "val", data_dir=data_dir, **options)
-    images, labels = train_split.inputs, train_split.labels
-    if config.train_subset > len(labels):
-        raise ConfigError(f"config.train_subset = {config.train_subset}: larger than the "
-                          f"training split ({len(labels)} examples); use 0 for all of them")
-    if config.train_subset:
-        # Drawn with config.seed: members share it (validate_config refuses several seeds).
-        subset = np.random.default_rng(config.seed).permutation(len(labels))[:config.train_subset]
-        images, labels = images[subset], labels[subset]
+    images, labels, val_split, num_classes = _training_data(config)
     mean, std = input_normalization(config, "train")
     # From here on the run writes into its directories, and one process at a time may: a
     # command launched twice, or two sweeps over one work root, is refused (or skipped).
-    locks = _lock_run_directories(workdir, member_dirs)
-    try:
+    with _lock_run_directories(workdir, member_dirs):
         for d, (_, c) in zip(member_dirs, members):  # again, under the lock: another
             check_resumable(d, c)  # process may have trained them since the first check
         steps = pipeline.steps_per_epoch(len(labels), config.batch_size)
-        templates = [replicate(state_for_config(c, train_split.num_classes, images.shape[1:],
-                                                steps), mesh) for _, c in members]
+        templates = [replicate(state_for_config(c, num_classes, images.shape[1:], steps), mesh)
+                     for _, c in members]
         ckpts = [checkpoints.RunCheckpoints(d, keep=config.keep_checkpoints) for d in member_dirs]
-        restored = _restore_members(ckpts, templates)
-        if restored is None and is_chief:
-            _warn_progress_not_shared(names, ckpts)
-        start_epoch, best_accs, member_states = 0, [-1.0] * len(members), templates
-        if restored is not None:
-            member_states, metas = restored
-            start_epoch = int(metas[0]["epoch"])
-            best_accs = [float(m.get("best_val_accuracy", -1.0)) for m in metas]
-            if is_chief:
-                together = f" with {len(members)} members" if len(members) > 1 else ""
-                print(f"resumed from {member_dirs[0]}/checkpoints/{start_epoch} (epoch "
-                      f"{start_epoch}){together}")
-        for ckpt, template in zip(ckpts, templates):
-            if any(epoch > start_epoch for epoch in ckpt.best.all_steps()):
-                # A best checkpoint from past the resume point (saved between two periodic
-                # ones): this run recomputes it. Read it now, so that one that cannot be read
-                # is replaced when its epoch is saved again (RunCheckpoints.save).
-                ckpt.restore(template, "best")
+        is_chief = jax.process_index() == 0
+        member_states, start_epoch, best_accs = _resume(ckpts, templates, names, member_dirs,
+                                                        is_chief=is_chief)
         saved_epoch = start_epoch  # the newest periodic checkpoint of every member
-        writers = []
-        if is_chief:
-            # TensorBoard event files (tensorboardX needs no TensorFlow), beside log.jsonl.
-            from tensorboardX import SummaryWriter
-            if len(members) > 1:
-                _write_members_listing(workdir, names, config)
-            for d, (_, c) in zip(member_dirs, members):
-                d.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(d / "config.json", c.to_json(indent=2))
-                _truncate_log(d / "log.jsonl", start_epoch)
-                # purge_step: TensorBoard hides the earlier session's scalars of the epochs
-                # this run recomputes (the log.jsonl counterpart of _truncate_log).
-                writers.append(SummaryWriter(str(d / "tensorboard"), purge_step=start_epoch + 1))
+        writers = _open_member_logs(workdir, members, member_dirs, config, start_epoch) \
+            if is_chief else []
         state = member_states[0] if len(members) == 1 else \
             jax.device_put(stack_states(member_states), replicated(mesh))
         del member_states, templates
         x_dev, y_dev = pipeline.put_on_device(images, labels, replicated(mesh))
-        sharding = batch_sharding(mesh)
         platform = jax.devices()[0].platform
-        on_cpu = platform == "cpu"
+        specs = tuple(LossSpec.from_config(c) for _, c in members)
+        seeds = tuple(int(c.seed) for _, c in members)
+        dtype = _DTYPES[config.dtype]
         loop_options = dict(batch_size=config.batch_size,
                             augment=config.augment and mean is not None,
-                            mean=mean, std=std, dtype=dtype, sharding=sharding,
+                            mean=mean, std=std, dtype=dtype, sharding=batch_sharding(mesh),
                             unroll=config.get("scan_unroll", 0) or default_unroll(platform,
                                                                                   len(members)))
         eval_options = dict(mean=mean, std=std, dtype=dtype, batch_size=config.eval_batch_size)
-
         per_call = config.get("steps_per_call", 0) or default_steps_per_call(
             steps, config.log_every_steps, platform)
         member_mode = config.get("multi_mode", "auto")
@@ -1332,103 +1445,51 @@ def train_and_evaluate(config, workdir):
                                      shared_batch=len(set(seeds)) == 1, members=member_mode,
                                      **loop_options)
 
-        def add(sums, metrics):
-            done = jax.device_get(metrics)
-            sums[0] += np.asarray(done["loss"], np.float64).reshape(-1, len(members)).sum(0)
-            sums[1] += np.asarray(done["correct"], np.int64).reshape(-1, len(members)).sum(0)
-
         # Checkpoints are written in the background (RunCheckpoints): closing waits for them,
         # also when training stops with an exception or a SIGTERM (a scheduler preempting the
         # job), so nothing already saved or being saved is lost.
-        with exit_on_sigterm():
-            try:
-                for epoch in range(start_epoch, config.num_epochs):
-                    by_seed = {s: pipeline.epoch_order(s, epoch, len(labels)) for s in set(seeds)}
-                    orders = jax.device_put(jnp.stack([by_seed[s] for s in seeds]),
-                                            replicated(mesh))
-                    start = time.perf_counter()
-                    sums = [np.zeros(len(members)), np.zeros(len(members), np.int64)]
-                    pending = None
-                    progress_shown = False
-                    for first in range(0, steps, per_call):
-                        # A shorter last call compiles once more.
-                        count = min(per_call, steps - first)
-                        state, m = run_chunk(state, orders, first, count, epoch)
-                        # Read the previous chunk's losses while this one runs (the host stays
-                        # one call ahead); on CPU, wait for each call (unwaited collectives can
-                        # deadlock).
-                        if on_cpu:
-                            jax.block_until_ready(m)
-                        if pending is not None:
-                            add(sums, pending)
-                        pending = m
-                        every = config.log_every_steps
-                        logged = (first + count) // every > first // every
-                        if is_chief and first and (logged or first + count == steps):
-                            rate = first * config.batch_size / max(time.perf_counter() - start,
-                                                                   1e-9)
-                            eta = (steps - first + steps * (config.num_epochs - epoch - 1)) \
-                                * config.batch_size / max(rate, 1e-9)
-                            _show_progress(f"epoch {epoch + 1}/{config.num_epochs} step "
-                                           f"{first + count}/{steps} {rate:,.0f} img/s, "
-                                           f"ETA {eta / 60:.1f} min")
-                            progress_shown = True
-                    add(sums, pending)
-                    loss_sum, correct = sums
-                    seconds = time.perf_counter() - start
-                    done_epochs = epoch + 1
-                    periodic = done_epochs % config.checkpoint_every_epochs == 0 or \
-                        done_epochs == config.num_epochs
-                    if progress_shown and sys.stdout.isatty():
-                        print()  # ends the progress line that \r kept rewriting
-                    vals = _validate_members(state, val_split.inputs, val_split.labels,
-                                             len(members), member_mode, **eval_options)
-                    _check_finite_epoch(config, done_epochs, names, loss_sum, vals, saved_epoch)
-                    for k, (name, val) in enumerate(zip(names, vals)):
-                        # Batch losses are sums per batch, or already means (mean reduction, Brier).
-                        per_image = specs[k].mean_reduction or specs[k].name == "brier"
-                        record = {"epoch": done_epochs,
-                                  "train_loss_per_image": loss_sum[k] / (steps if per_image else
-                                                                         steps * config.batch_size),
-                                  "train_accuracy": correct[k] / (steps * config.batch_size),
-                                  "images_per_second": steps * config.batch_size / seconds, **val}
-                        improved = val["val_accuracy"] > best_accs[k]
-                        best_accs[k] = max(best_accs[k], val["val_accuracy"])
-                        if is_chief:
-                            print(f"epoch {done_epochs}/{config.num_epochs}"
-                                  f"{' ' + name if name else ''}: "
-                                  f"loss/img {record['train_loss_per_image']:.4f} "
-                                  f"train acc {record['train_accuracy']:.4f} "
-                                  f"val acc {val['val_accuracy']:.4f} val NLL {val['val_nll']:.4f} "
-                                  f"val ECE {val['val_ece']:.4f} "
-                                  f"({record['images_per_second']:,.0f} img/s"
-                                  f"{' per member' if len(members) > 1 else ''})")
-                            with open(member_dirs[k] / "log.jsonl", "a") as f:
-                                f.write(json.dumps(record) + "\n")
-                            for key, value in record.items():
-                                if key != "epoch":
-                                    writers[k].add_scalar(key, value, global_step=done_epochs)
-                            writers[k].flush()
-                        # The log line goes first: a run killed in between resumes from the
-                        # previous checkpoint and drops the extra line (_truncate_log); the other
-                        # order would lose this epoch's line.
-                        meta = {"best_val_accuracy": best_accs[k],
-                                "final": done_epochs == config.num_epochs}
-                        if periodic or improved:
-                            member = state if len(members) == 1 else unstack_state(state, k)
-                            best = {"val_accuracy": val["val_accuracy"]} if improved else None
-                            ckpts[k].save(done_epochs, member, meta, periodic=periodic,
-                                          best_metrics=best)
-                    if periodic:
-                        saved_epoch = done_epochs
-            finally:
-                for writer in writers:
-                    writer.close()
-                for ckpt in ckpts:
-                    ckpt.close()
+        with exit_on_sigterm(), contextlib.ExitStack() as closing:
+            closing.callback(lambda: [ckpt.close() for ckpt in ckpts])
+            closing.callback(lambda: [writer.close() for writer in writers])
+            for epoch in range(start_epoch, config.num_epochs):
+                by_seed = {s: pipeline.epoch_order(s, epoch, len(labels)) for s in set(seeds)}
+                orders = jax.device_put(jnp.stack([by_seed[s] for s in seeds]), replicated(mesh))
+                progress = _EpochProgress(config, epoch, steps) if is_chief else None
+                state, loss_sums, correct, seconds = _train_epoch(
+                    run_chunk, state, orders, epoch, steps=steps, per_call=per_call,
+                    num_members=len(members), wait_each_call=platform == "cpu",
+                    progress=progress)
+                if progress is not None:
+                    progress.end()
+                done_epochs = epoch + 1
+                periodic = done_epochs % config.checkpoint_every_epochs == 0 or \
+                    done_epochs == config.num_epochs
+                vals = _validate_members(state, val_split.inputs, val_split.labels,
+                                         len(members), member_mode, **eval_options)
+                _check_finite_epoch(config, done_epochs, names, loss_sums, vals, saved_epoch)
+                for k, (name, val) in enumerate(zip(names, vals)):
+                    record = _epoch_record(done_epochs, specs[k], loss_sums[k], correct[k], val,
+                                           steps=steps, batch_size=config.batch_size,
+                                           seconds=seconds)
+                    improved = val["val_accuracy"] > best_accs[k]
+                    best_accs[k] = max(best_accs[k], val["val_accuracy"])
+                    # The log line goes first: a run killed in between resumes from the previous
+                    # checkpoint and drops the extra line (_truncate_log); the other order would
+                    # lose this epoch's line.
+                    if is_chief:
+                        _log_epoch(record, name, member_dirs[k], writers[k],
+                                   num_epochs=config.num_epochs, several=len(members) > 1)
+                    if periodic or improved:
+                        member = state if len(members) == 1 else unstack_state(state, k)
+                        ckpts[k].save(done_epochs, member,
+                                      {"best_val_accuracy": best_accs[k],
+                                       "final": done_epochs == config.num_epochs},
+                                      periodic=periodic,
+                                      best_metrics={"val_accuracy": val["val_accuracy"]}
+                                      if improved else None)
+                if periodic:
+                    saved_epoch = done_epochs
         return state
-    finally:
-        locks.close()
 
 
 @contextlib.contextmanager

@@ -1126,6 +1126,34 @@ def test_progress_is_rewritten_on_a_terminal_and_a_line_of_its_own_in_a_log(caps
     assert capsys.readouterr().out == "\repoch 1/2 step 8/8"
 
 
+def test_an_epoch_sums_every_call_per_member_and_shows_progress_at_log_steps(capsys):
+    """10 steps in calls of 4 (the last of 2), two members: every call's losses and correct
+    counts are added to its member's sums, and progress is shown after the calls that cross a
+    multiple of log_every_steps = 4 and after the last, but never after the first call (its
+    rate would count no step)."""
+    calls = []
+
+    def run_chunk(state, orders, first, count, epoch):
+        calls.append((first, count, epoch))
+        steps = np.arange(first, first + count, dtype=np.float32)
+        return state + 1, {"loss": np.stack([steps, 10 * steps], 1),
+                           "correct": np.ones((count, 2), np.int32)}
+
+    config = load_config(SMOKE + ",num_epochs=5,batch_size=2,log_every_steps=4")
+    progress = train._EpochProgress(config, epoch=0, steps=10)
+    state, loss_sums, correct, seconds = train._train_epoch(
+        run_chunk, 0, None, 0, steps=10, per_call=4, num_members=2, wait_each_call=True,
+        progress=progress)
+    assert calls == [(0, 4, 0), (4, 4, 0), (8, 2, 0)] and state == 3
+    np.testing.assert_array_equal(loss_sums, [45, 450])
+    np.testing.assert_array_equal(correct, [10, 10])
+    assert seconds > 0 and progress.shown
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" img/s")[0].rsplit(" ", 1)[0] for line in lines] == [
+        "epoch 1/5 step 8/10", "epoch 1/5 step 10/10"]
+    assert all(line.endswith(" min") and "ETA" in line for line in lines)
+
+
 def test_a_diverging_run_stops_before_saving_the_nan_epoch(tmp_path):
     """Epoch 1 trains at lr 0.1, epoch 2 at 1e8 without clipping: the loss becomes NaN in
     epoch 2, and the run stops there, naming it, with epoch 1's log line and checkpoint

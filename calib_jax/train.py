@@ -62,7 +62,7 @@ __all__ = ["ConfigError", "EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES",
            "check_resumable", "clip_by_global_norm", "concise_warnings", "config_differences",
            "create_train_state", "default_device", "default_member_mode",
            "default_steps_per_call", "default_unroll", "exit_on_sigterm",
-           "field_differences", "global_norm", "host_init_device", "make_optimizer",
+           "field_differences", "global_norm", "host_init_device", "make_optimizer", "member_dir",
            "multi_train_steps", "piecewise_lr", "predict", "predict_members",
            "replicate", "replicated", "stack_states", "table_checkpoint",
            "train_and_evaluate", "train_step", "train_steps", "unstack_state"]
@@ -700,6 +700,12 @@ def run_members(config) -> list[tuple[str, Any]]:
     if len(members) == 1:  # one run written as a list (loss=[focal2] or seeds=[5]): no subfolder
         return [("", members[0][1])]
     return members
+
+
+def member_dir(workdir, name: str) -> Path:
+    """The run directory of member ``name`` (:func:`run_members`) of a program trained into
+    ``workdir``: ``workdir/name``, or ``workdir`` itself for a single run (``name == ""``)."""
+    return Path(workdir) / name if name else Path(workdir)
 
 
 #: What ``config.eval_checkpoint`` may name: the checkpoint a run's evaluation reports.
@@ -1395,7 +1401,7 @@ def train_and_evaluate(config, workdir):
     validate_config(config, mesh.size)
     members = run_members(config)
     names = [name for name, _ in members]
-    member_dirs = [workdir / name if name else workdir for name in names]
+    member_dirs = [member_dir(workdir, name) for name in names]
     _check_run_layout(workdir, several=names != [""])
     for d, (_, c) in zip(member_dirs, members):
         check_resumable(d, c)

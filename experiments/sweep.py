@@ -261,7 +261,7 @@ def all_finished(workdir, config) -> bool:
     """Whether every run of a job (its members, or the run itself) is :func:`finished`."""
     from calib_jax import train
 
-    return all(finished(Path(workdir) / name if name else Path(workdir), member)[0]
+    return all(finished(train.member_dir(workdir, name), member)[0]
                for name, member in train.run_members(config))
 
 

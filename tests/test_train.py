@@ -1085,6 +1085,9 @@ def test_member_lists_in_configs():
     assert train.run_members(load_config("loss=flsd53")) == [("", load_config("loss=flsd53"))]
     [(name, one)] = train.run_members(load_config("loss=[focal2],seeds=[5]"))
     assert (name, one.loss, one.gamma, one.seed) == ("", "focal", 2.0, 5)
+    # Where each lives: its own folder, or the work directory itself for a single run.
+    assert train.member_dir("runs/row", "ce-seed1") == Path("runs/row/ce-seed1")
+    assert train.member_dir("runs/one", name) == Path("runs/one")
     for bad, why in (("loss=[ce,foo]", "unknown loss 'foo'"), ("loss=[ce,ce]", "twice"),
                      ("seeds=[1,1]", "distinct"),
                      ("seeds=[1,2],train_subset=100", "own subset")):

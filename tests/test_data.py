@@ -1,6 +1,8 @@
 """calib_jax.data: data sets by name, local sources, TFDS, splits and normalisation."""
 
+import gc
 import io
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +58,15 @@ def test_local_images_are_decoded_once_and_again_when_a_file_changes(tmp_path, m
     first = datasets.load("svhn", "test", data_dir=tmp_path, source="local")
     again = datasets.load("svhn", "test", data_dir=tmp_path, source="local")
     assert len(decoded) == 2 and again.inputs is first.inputs  # one decoding per chunk, shared
-    # A notebook that converts the data set again and reloads it gets the new images.
+    # A notebook that converts the data set again and reloads it gets the new images, and
+    # the earlier decoding is let go (not kept beside the new one).
+    stale = weakref.ref(sources.read_local_images(tmp_path / "svhn", "test")[0])
+    del first, again
     write_chunks(tmp_path / "svhn", "test", images[::-1], np.arange(4) % 2, per_chunk=2)
     np.testing.assert_array_equal(
         datasets.load("svhn", "test", data_dir=tmp_path, source="local").inputs, images[::-1])
+    gc.collect()
+    assert stale() is None
     # The same in an image tree: an image rewritten, then one more image.
     names, trees = [f"c{i}" for i in range(10)], tmp_path / "trees"
     write_tree(trees / "svhn", "test", random_images(10, seed=2), names)
@@ -71,6 +78,12 @@ def test_local_images_are_decoded_once_and_again_when_a_file_changes(tmp_path, m
     write_tree(trees / "svhn", "test", random_images(11, seed=3), names + ["c0"])
     assert len(datasets.load("svhn", "test", data_dir=trees, source="local")) == 11
     assert not np.array_equal(tree, random_images(10, seed=3))
+    # Only the splits used last stay decoded.
+    for n in range(sources.DECODED_SPLITS_KEPT + 1):
+        write_chunks(tmp_path / f"more{n}" / "svhn", "test", images[:1], [0])
+        datasets.load("svhn", "test", data_dir=tmp_path / f"more{n}", source="local")
+    assert len(sources._DECODED) == sources.DECODED_SPLITS_KEPT
+    assert str(tmp_path / "more0" / "svhn") not in {folder for folder, _ in sources._DECODED}
 
 
 def write_tree(folder: Path, split: str, images, class_names):

@@ -31,7 +31,6 @@ does need TensorFlow and network: ``pip install 'calib_jax[tfds]' tensorflow``.
 
 from __future__ import annotations
 
-import functools
 import glob
 import io
 import os
@@ -195,21 +194,31 @@ def _local_image_files(folder: Path, split: str) -> list[Path]:
 def read_local_images(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """A split from a local folder in either layout; raises DataNotFoundError if absent.
 
-    Decoded once per process (decoding CIFAR-10 takes seconds) and again when a file changed
-    (:func:`file_stamp`); the returned arrays are read-only views of that cache.
+    Decoded once per process (decoding CIFAR-10 takes seconds) and again when one of its files
+    changed (:func:`file_stamp`), the new decoding taking the old one's place; the returned
+    arrays are read-only views of that cache, which keeps the :data:`DECODED_SPLITS_KEPT`
+    splits used last.
     """
+    key = (str(folder), split)
     stamp = file_stamp(_local_image_files(folder, split), relative_to=folder)
-    images, labels, extra = _read_local_images_cached(str(folder), split, stamp)
+    cached = _DECODED.pop(key, None)  # re-inserted below: the most recently used goes last
+    if cached is None or cached[0] != stamp:
+        cached = None  # a stale decoding is let go before the new one is made
+        images, labels, extra = _read_local_images(folder, split)
+        for array in (images, labels, *extra.values()):
+            array.flags.writeable = False
+        cached = (stamp, (images, labels, extra))
+    _DECODED[key] = cached
+    while len(_DECODED) > DECODED_SPLITS_KEPT:
+        _DECODED.pop(next(iter(_DECODED)))
+    images, labels, extra = cached[1]
     return images, labels, dict(extra)
 
 
-@functools.lru_cache(maxsize=8)
-def _read_local_images_cached(folder: str, split: str, stamp: tuple):
-    del stamp  # the cache's key only
-    images, labels, extra = _read_local_images(Path(folder), split)
-    for array in (images, labels, *extra.values()):
-        array.flags.writeable = False
-    return images, labels, extra
+#: How many decoded splits :func:`read_local_images` keeps (Tiny ImageNet's training split
+#: alone is 1.2 GB decoded).
+DECODED_SPLITS_KEPT = 8
+_DECODED: dict[tuple[str, str], tuple[tuple, tuple]] = {}  # (folder, split) -> (stamp, arrays)
 
 
 def _read_local_images(folder: Path, split: str):

@@ -1547,17 +1547,22 @@ class _DropOrbaxInfo(logging.Filter):
             f"{os.sep}orbax{os.sep}" not in (record.pathname or "")
 
 
-def quiet_orbax_info_logs() -> None:
-    """Keeps Orbax's INFO records out of the training CLI's log.
+def quiet_library_info_logs() -> None:
+    """Keeps Orbax's and JAX's INFO records out of the training CLI's log.
 
-    Under ``absl.app`` the log level is INFO, and Orbax writes ~40 INFO lines per checkpoint
+    Under ``absl.app`` the log level is INFO. Orbax writes ~40 INFO lines per checkpoint
     (threads, transfers, compression ratios): a 350-epoch run's progress would drown in
-    thousands of them. Its warnings and errors still show; ``--verbosity=0`` (or any
-    ``--verbosity`` given explicitly) keeps everything. Idempotent.
+    thousands of them. JAX writes one at start-up on every machine without a TPU, "Unable to
+    initialize backend 'tpu': ... Failed to open libtpu.so", which reads like an error on a GPU.
+    Their warnings and errors still show; ``--verbosity=0`` (or any ``--verbosity`` given
+    explicitly) keeps everything. Idempotent.
     """
-    logger = logging.getLogger("absl")
+    logger = logging.getLogger("absl")  # Orbax logs to absl's logger, not one of its own
     if not any(isinstance(f, _DropOrbaxInfo) for f in logger.filters):
         logger.addFilter(_DropOrbaxInfo())
+    jax_logger = logging.getLogger("jax")  # JAX's loggers are jax.* (records propagate up)
+    if jax_logger.getEffectiveLevel() < logging.WARNING:
+        jax_logger.setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager
@@ -1601,7 +1606,7 @@ def main(argv=None):
             sys.exit(f"--config: cannot read the config file: {why}\nGive a Python file with "
                      f"get_config(), e.g. experiments/configs/cifar10.py[:key=value,...]")
         if not flags_["verbosity"].present:
-            quiet_orbax_info_logs()
+            quiet_library_info_logs()
         maybe_initialize_distributed(flags_.distributed)
         from calib_jax.data.sources import DamagedDataError, DataNotFoundError
         try:
@@ -1612,7 +1617,54 @@ def main(argv=None):
             # Their messages say what is wrong and what to do; a traceback adds nothing.
             sys.exit(f"{type(e).__name__}: {e}")
 
-    app.run(run, argv=argv)
+    try:
+        app.run(run, argv=argv)
+    except (AttributeError, KeyError) as error:
+        argv = sys.argv if argv is None else argv
+        unknown = _unknown_override(error, argv, _config_fields(argv))
+        if unknown is None:
+            raise
+        sys.exit(unknown)
+
+
+def _config_fields(argv) -> list[str] | None:
+    """The fields of the config that ``argv``'s ``--config path.py[:arg]`` names, loaded as
+    ml_collections loads it (``get_config(arg)``, or ``get_config()`` without ``arg``); None
+    when it cannot be loaded."""
+    import runpy
+
+    try:
+        at = next(i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+        spec = argv[at].split("=", 1)[1] if "=" in argv[at] else argv[at + 1]
+        path, _, arg = spec.partition(":")
+        get_config = runpy.run_path(path)["get_config"]
+        return sorted((get_config(arg) if arg else get_config()).keys())
+    except Exception:  # noqa: BLE001 -- only a list for a message: without it, none is given
+        return None
+
+
+def _unknown_override(error: Exception, argv, fields) -> str | None:
+    """The message for ``--config.<field>=...`` naming a field the config lacks (and the
+    config's ``fields``), or None when ``error`` is not that one. (ml_collections raises it
+    while absl parses the flags: a 30-line traceback ending in ``AttributeError: "'lr'"``.)"""
+    innermost = error
+    while innermost.__context__ is not None:
+        innermost = innermost.__context__
+    if not (isinstance(innermost, KeyError) and innermost.args
+            and isinstance(innermost.args[0], str)):
+        return None
+    field = innermost.args[0]
+    given = [a.split("=", 1)[0] for a in argv[1:]
+             if a.startswith("--config.") and a.split("=", 1)[0][len("--config."):]
+             .split(".")[0] == field]
+    if not given:
+        return None
+    hint = ""
+    context = error.__context__
+    if isinstance(context, KeyError) and context.args and "\n" in str(context.args[0]):
+        hint = " " + str(context.args[0]).split("\n", 1)[1].strip()  # "Did you mean ...?"
+    listing = f" Its fields: {', '.join(fields)}." if fields else ""
+    return f"{given[0]}: the config has no field {field!r}.{hint}{listing}"
 
 
 if __name__ == "__main__":

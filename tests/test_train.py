@@ -599,14 +599,21 @@ def test_unknown_config_field_is_rejected():
 def test_cli_states_refusals_in_one_message(tmp_path):
     """The training command's refusals before any compute are one message each, not a
     traceback: a misspelt --config path (a 40-line traceback from inside the config check) and
-    a bad config value (train.ConfigError; the work directory refusals are of that class)."""
-    for path, overrides, message in (
-            (tmp_path / "cifar01.py", "loss=ce", "--config: cannot read the config file: "
-                                                 "[Errno 2]"),
-            (CONFIG, "loss=flsd35", "ConfigError: config.loss = 'flsd35': unknown loss")):
+    a bad config value (train.ConfigError; the work directory refusals are of that class), and
+    a --config.<field> flag for a field the config lacks (a 30-line traceback from inside
+    absl's flag parsing)."""
+    for path, overrides, flag, message in (
+            (tmp_path / "cifar01.py", "loss=ce", [], "--config: cannot read the config file: "
+                                                     "[Errno 2]"),
+            (CONFIG, "loss=flsd35", [], "ConfigError: config.loss = 'flsd35': unknown loss"),
+            (CONFIG, "loss=ce", ["--config.batch_sise=64"],
+             '--config.batch_sise: the config has no field \'batch_sise\'. Did you mean '
+             '"batch_size" instead of "batch_sise"? Its fields: augment, batch_size,'),
+            (CONFIG, "loss=ce", ["--config.lr=0.1"],
+             "--config.lr: the config has no field 'lr'. Its fields: augment, batch_size,")):
         done = subprocess.run(
             ["timeout", "-k", "10", "120", sys.executable, "-m", "calib_jax.train",
-             f"--config={path}:{overrides}", f"--workdir={tmp_path / 'run'}"],
+             f"--config={path}:{overrides}", *flag, f"--workdir={tmp_path / 'run'}"],
             env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, cwd=REPO)
         assert done.returncode == 1, done.stderr[-2000:]
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
@@ -1099,7 +1106,7 @@ def test_member_lists_in_configs():
         experiment_configs.load("paper", "cell=cifar10/wide_resnet_26_10/[ce,brier]")
 
 
-def test_orbax_info_records_are_dropped_and_its_warnings_kept():
+def test_orbax_and_jax_info_records_are_dropped_and_their_warnings_kept():
     import logging
     import os
     orbax_file = os.path.join("site-packages", "orbax", "checkpoint", "checkpoint_manager.py")
@@ -1107,17 +1114,25 @@ def test_orbax_info_records_are_dropped_and_its_warnings_kept():
     def record(level, pathname):
         return logging.LogRecord("absl", level, pathname, 1, "message", None, None)
 
-    logger = logging.getLogger("absl")
-    before = list(logger.filters)
+    logger, jax_logger = logging.getLogger("absl"), logging.getLogger("jax")
+    before, jax_level = list(logger.filters), jax_logger.level
     try:
-        train.quiet_orbax_info_logs()
-        train.quiet_orbax_info_logs()  # idempotent: one filter
+        jax_logger.setLevel(logging.NOTSET)  # as under absl.app: the root's INFO
+        logging.getLogger().setLevel(logging.INFO)
+        assert logging.getLogger("jax._src.xla_bridge").isEnabledFor(logging.INFO)
+        train.quiet_library_info_logs()
+        train.quiet_library_info_logs()  # idempotent: one filter
         assert len(logger.filters) == len(before) + 1
         assert not logger.filter(record(logging.INFO, orbax_file))
         assert logger.filter(record(logging.WARNING, orbax_file))
         assert logger.filter(record(logging.INFO, os.path.join("calib_jax", "train.py")))
+        # JAX's start-up "Unable to initialize backend 'tpu'" is INFO; its warnings stay.
+        assert not logging.getLogger("jax._src.xla_bridge").isEnabledFor(logging.INFO)
+        assert logging.getLogger("jax._src.xla_bridge").isEnabledFor(logging.WARNING)
+        assert logging.getLogger("calib_jax").isEnabledFor(logging.INFO)
     finally:
         logger.filters[:] = before
+        jax_logger.setLevel(jax_level)
 
 
 def test_progress_is_rewritten_on_a_terminal_and_a_line_of_its_own_in_a_log(capsys,

@@ -175,6 +175,10 @@ def main(argv=None):
     if seeds and "seed" in overrides:
         parser.error(f"--set {args.set} and --seeds {args.seeds}: give the seeds in --seeds "
                      "alone")
+    try:  # an unknown field or a value of the wrong type in --set: one message, not a traceback
+        paper.get_config(f"cell={'/'.join(cells[0])}{rest}")
+    except ValueError as error:
+        parser.error(f"--set {args.set}: {error}")
     from calib_jax import evaluate, train
     from calib_jax.files import DirectoryInUseError, lock_holder
 

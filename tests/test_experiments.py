@@ -138,7 +138,9 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     # A bad value is refused before any run trains, also in a dry run.
     fresh = ["--cells", "cifar10/resnet50/ce", "--workroot", str(tmp_path / "fresh"), "--dry-run"]
     for more, why in ((["--set", "keep_checkpoints=0"], "config.keep_checkpoints = 0"),
-                      (["--seeds", "1,-2"], "config.seed = -2")):
+                      (["--seeds", "1,-2"], "config.seed = -2"),
+                      (["--set", "lr=3"], "--set lr=3: unknown config field 'lr'; fields: "),
+                      (["--set", "batch_size=abc"], "batch_size takes an integer")):
         with pytest.raises(SystemExit):
             sweep.main(fresh + more)
         assert why in capsys.readouterr().err
@@ -146,6 +148,14 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a mistyped workroot: not a table of the paper's numbers
         build_tables.main(["--workroot", str(tmp_path / "typo")])
     assert not (tmp_path / "typo").exists()
+    # One that exists but holds no evaluated run (the sweep's parent): said, and which files
+    # the tables read.
+    assert build_tables.main(["--workroot", str(tmp_path / "cifar10")]) == 0
+    assert f"warning: no evaluated run under {tmp_path / 'cifar10'} (the tables read " \
+        f"{tmp_path / 'cifar10'}/<dataset>/<model>/<loss>/eval_final/results.json" \
+        in capsys.readouterr().err
+    build_tables.main(["--workroot", str(tmp_path)])
+    assert "warning" not in capsys.readouterr().err
 
 
 def _write_results(root, cell, config, ece=0.01, **report):

@@ -571,3 +571,19 @@ def test_fused_batch_norm_gradient_under_vmap_equals_each_member():
         single = grad(x[k], scale[k], bias[k], residual[k], w[k])
         for g, v in zip(batched, single):
             np.testing.assert_allclose(g[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_the_parameter_table_command_says_when_a_count_differs(capsys, monkeypatch):
+    from calib_jax.models import __main__ as table
+    # Two of the models (the counts of all are tested above): one as the reference, one not.
+    monkeypatch.setattr(table, "REFERENCE", {("resnet50", 10): 23_520_842,
+                                             ("densenet121", 10): 1})
+    assert table.main([]) == 1
+    out = capsys.readouterr()
+    assert "| resnet50 | 10 | 23,520,842 | 23,520,842 | yes |" in out.out
+    assert "| densenet121 | 10 | 6,956,298 | 1 | NO |" in out.out
+    assert "differ from the reference's: densenet121 (10 classes)" in out.err
+    monkeypatch.setitem(table.REFERENCE, ("densenet121", 10), 6_956_298)
+    assert table.main([]) == 0 and not capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no arguments: a stray one is refused, not ignored
+        table.main(["resnet51"])

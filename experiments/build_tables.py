@@ -385,9 +385,9 @@ def main(argv=None):
     for root in roots:
         if not load_results(root):  # e.g. a parent or a sibling of the sweep's --workroot
             print(f"warning: no evaluated run under {root} (the tables read "
-                  f"{root}/<dataset>/<model>/<loss>/eval_final/results.json, which "
-                  f"experiments/sweep.py or python -m calib_jax.evaluate writes): its columns "
-                  f"are empty.", file=sys.stderr)
+                  f"{root}/<dataset>/<model>/<loss>/eval_final/results.json, eval_best/ for "
+                  f"20 Newsgroups and SST, which experiments/sweep.py or python -m "
+                  f"calib_jax.evaluate writes): its columns are empty.", file=sys.stderr)
     print(text)
     out = Path(args.out) if args.out else Path(workroots[0]) / "tables.md"
     atomic_write_text(out, text + "\n")

@@ -77,6 +77,11 @@ def test_local_images_are_decoded_once_and_again_when_a_file_changes(tmp_path, m
         random_images(10, seed=3))
     write_tree(trees / "svhn", "test", random_images(11, seed=3), names + ["c0"])
     assert len(datasets.load("svhn", "test", data_dir=trees, source="local")) == 11
+    # An empty class folder added before the others shifts their labels: read again (and
+    # refused here: SVHN has 10 classes).
+    (trees / "svhn" / "test" / "a-empty").mkdir()
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\), found \[10\]"):
+        datasets.load("svhn", "test", data_dir=trees, source="local")
     assert not np.array_equal(tree, random_images(10, seed=3))
     # Only the splits used last stay decoded.
     for n in range(sources.DECODED_SPLITS_KEPT + 1):

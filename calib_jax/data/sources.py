@@ -183,12 +183,15 @@ def file_stamp(files: Iterable[Path], *, relative_to: Path | None = None) -> tup
 
 
 def _local_image_files(folder: Path, split: str) -> list[Path]:
-    """The files :func:`_read_local_images` reads for ``split``: its chunks, else the images of
-    its tree (empty when neither is there)."""
+    """The files :func:`_read_local_images` reads for ``split``: its chunks, else its tree's
+    class folders (an empty one added still shifts the labels after it) and their images;
+    empty when neither is there."""
     files = chunk_files(folder, split)
     if files or not (folder / split).is_dir():
         return files
-    return sorted(p for p in (folder / split).glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    classes = sorted(p for p in (folder / split).iterdir() if p.is_dir())
+    return classes + sorted(p for c in classes for p in c.iterdir()
+                            if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def read_local_images(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -1595,7 +1595,10 @@ def main(argv=None):
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first.")
     flags.mark_flags_as_required(["config", "workdir"])
 
+    started = []  # set once the flags are parsed: later errors are not the flags'
+
     def run(_):
+        started.append(True)
         config = flags_.config
         try:
             # ml_collections defers a missing or unreadable file's error to the config's first
@@ -1621,7 +1624,7 @@ def main(argv=None):
         app.run(run, argv=argv)
     except (AttributeError, KeyError) as error:
         argv = sys.argv if argv is None else argv
-        unknown = _unknown_override(error, argv, _config_fields(argv))
+        unknown = None if started else _unknown_override(error, argv)
         if unknown is None:
             raise
         sys.exit(unknown)
@@ -1643,10 +1646,10 @@ def _config_fields(argv) -> list[str] | None:
         return None
 
 
-def _unknown_override(error: Exception, argv, fields) -> str | None:
+def _unknown_override(error: Exception, argv) -> str | None:
     """The message for ``--config.<field>=...`` naming a field the config lacks (and the
-    config's ``fields``), or None when ``error`` is not that one. (ml_collections raises it
-    while absl parses the flags: a 30-line traceback ending in ``AttributeError: "'lr'"``.)"""
+    config's fields), or None when ``error`` is not that one. (ml_collections raises it while
+    absl parses the flags: a 30-line traceback ending in ``AttributeError: "'lr'"``.)"""
     innermost = error
     while innermost.__context__ is not None:
         innermost = innermost.__context__
@@ -1663,6 +1666,7 @@ def _unknown_override(error: Exception, argv, fields) -> str | None:
     context = error.__context__
     if isinstance(context, KeyError) and context.args and "\n" in str(context.args[0]):
         hint = " " + str(context.args[0]).split("\n", 1)[1].strip()  # "Did you mean ...?"
+    fields = _config_fields(argv)
     listing = f" Its fields: {', '.join(fields)}." if fields else ""
     return f"{given[0]}: the config has no field {field!r}.{hint}{listing}"
 

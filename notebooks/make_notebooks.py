@@ -119,6 +119,10 @@ RESULTS_ROOT = os.environ.get("RESULTS_ROOT")"""),
         evaluate.evaluate_run(workdir, which="final")
 root = Path(RESULTS_ROOT)
 runs = build_tables.load_results(root)
+if not runs:  # e.g. the sweep's parent directory: every table and figure below would be empty
+    raise FileNotFoundError(f"no evaluated run under {root}: RESULTS_ROOT must hold "
+                            "<dataset>/<model>/<loss>/eval_final/results.json (eval_best/ for "
+                            "20 Newsgroups and SST), as experiments/sweep.py writes")
 print(f"{len(runs)} evaluated runs under {root}")"""),
     ("md", """## Tables: ours beside the paper's (percent)"""),
     ("code", """text = build_tables.build(root)

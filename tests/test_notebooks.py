@@ -38,3 +38,16 @@ def test_notebook_runs(path, monkeypatch, evaluated_runs):
     images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert images, "every notebook draws at least one figure"
+
+
+def test_explore_results_says_when_its_root_holds_no_evaluated_run(tmp_path, monkeypatch):
+    """A RESULTS_ROOT without results (e.g. the sweep's parent) stops at the first cell that
+    reads it, naming the files it looks for, instead of empty tables and a failing plot."""
+    monkeypatch.setenv("RESULTS_ROOT", str(tmp_path))
+    path = next(p for p in NOTEBOOKS if p.stem == "02_explore_results")
+    client = nbclient.NotebookClient(nbformat.read(path, as_version=4), timeout=600,
+                                     kernel_name="python3",
+                                     resources={"metadata": {"path": str(path.parent)}})
+    with pytest.raises(nbclient.exceptions.CellExecutionError,
+                       match=f"no evaluated run under {tmp_path}: RESULTS_ROOT must hold"):
+        client.execute()

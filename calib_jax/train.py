@@ -1455,8 +1455,8 @@ def train_and_evaluate(config, workdir):
         # also when training stops with an exception or a SIGTERM (a scheduler preempting the
         # job), so nothing already saved or being saved is lost.
         with exit_on_sigterm(), contextlib.ExitStack() as closing:
-            closing.callback(lambda: [ckpt.close() for ckpt in ckpts])
-            closing.callback(lambda: [writer.close() for writer in writers])
+            for closeable in (*ckpts, *writers):  # each closed even if another fails to
+                closing.callback(closeable.close)
             for epoch in range(start_epoch, config.num_epochs):
                 by_seed = {s: pipeline.epoch_order(s, epoch, len(labels)) for s in set(seeds)}
                 orders = jax.device_put(jnp.stack([by_seed[s] for s in seeds]), replicated(mesh))

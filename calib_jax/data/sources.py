@@ -205,8 +205,9 @@ def read_local_images(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray,
     key = (str(folder), split)
     stamp = file_stamp(_local_image_files(folder, split), relative_to=folder)
     cached = _DECODED.pop(key, None)  # re-inserted below: the most recently used goes last
-    if cached is None or cached[0] != stamp:
-        cached = None  # a stale decoding is let go before the new one is made
+    if cached is not None and cached[0] != stamp:
+        cached = None  # the stale decoding is let go before the new one is made
+    if cached is None:
         images, labels, extra = _read_local_images(folder, split)
         for array in (images, labels, *extra.values()):
             array.flags.writeable = False

@@ -116,6 +116,110 @@ def test_image_tree_missing_a_class_folder_is_refused(tmp_path):
         datasets.load("svhn", "test", data_dir=tmp_path, source="local")
 
 
+def tiny_imagenet_wnids(seed=0):
+    """200 made-up class ids in a shuffled order (the release's wnids.txt is not sorted)."""
+    wnids = [f"n{1000000 + 7 * i:08d}" for i in range(200)]
+    np.random.default_rng(seed).shuffle(wnids)
+    return wnids
+
+
+def class_image(label, shade=0):
+    """A 64x64 image that says its class (and ``shade``) in its pixels."""
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = label, shade, 255 - label
+    return image
+
+
+def write_tiny_imagenet_release(root: Path, wnids, val_wnids, *, train_per_class=1):
+    """The layout of tiny-imagenet-200.zip unzipped (PNG bytes under .JPEG names: Pillow
+    reads a file by its content), with its files the loader must ignore."""
+    from PIL import Image
+    rank = {wnid: i for i, wnid in enumerate(sorted(wnids))}
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "test" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("".join(f"{w}\n" for w in wnids))
+    (root / "words.txt").write_text("".join(f"{w}\tthing {i}\n" for i, w in enumerate(wnids)))
+    for wnid in wnids:
+        (root / "train" / wnid / "images").mkdir(parents=True)
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+        for k in range(train_per_class):
+            Image.fromarray(class_image(rank[wnid], k)).save(
+                root / "train" / wnid / "images" / f"{wnid}_{k}.JPEG", format="PNG")
+    lines = []
+    for i, wnid in enumerate(val_wnids):
+        Image.fromarray(class_image(rank[wnid], 200)).save(
+            root / "val" / "images" / f"val_{i}.JPEG", format="PNG")
+        lines.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t63\t63\n")
+    (root / "val" / "val_annotations.txt").write_text("".join(lines))
+    Image.fromarray(class_image(0)).save(root / "test" / "images" / "test_0.JPEG", format="PNG")
+
+
+def test_tiny_imagenet_release_as_unzipped(tmp_path):
+    # The reference reads tiny-imagenet-200/ as it comes and numbers the classes by the
+    # sorted wnids; so do we, and a copy stored as chunks with its own (unsorted) wnid order
+    # reads the same labels.
+    wnids = tiny_imagenet_wnids()
+    val_wnids = [wnids[i] for i in (5, 0, 199, 5, 42)]
+    write_tiny_imagenet_release(tmp_path / "tiny-imagenet-200", wnids, val_wnids,
+                                train_per_class=2)
+    train = datasets.load("tiny_imagenet", "train", data_dir=tmp_path)
+    assert train.source == str(tmp_path / "tiny-imagenet-200") and len(train) == 400
+    assert train.labels.tolist() == [i // 2 for i in range(400)]  # class by class, sorted
+    np.testing.assert_array_equal(train.inputs[:, 0, 0, 0], train.labels)  # image says its class
+    assert train.extra["wnids"].tolist() == sorted(wnids)
+    rank = {wnid: i for i, wnid in enumerate(sorted(wnids))}
+    for split in ("val", "test"):  # the release's val split is both (the reference's protocol)
+        val = datasets.load("tiny_imagenet", split, data_dir=tmp_path)
+        assert val.val_is_test and val.labels.tolist() == [rank[w] for w in val_wnids]
+        np.testing.assert_array_equal(val.inputs[:, 0, 0, 0], val.labels)
+    chunk_labels = [wnids.index(w) for w in val_wnids]  # the chunk's own order: wnids.txt's
+    write_chunks(tmp_path / "chunks" / "tinyimagenet", "val",
+                 [class_image(rank[w], 200) for w in val_wnids], chunk_labels, per_chunk=5)
+    with np.load(tmp_path / "chunks" / "tinyimagenet" / "tinyimagenet_val_000.npz") as chunk:
+        arrays = dict(chunk)
+    np.savez(tmp_path / "chunks" / "tinyimagenet" / "tinyimagenet_val_000.npz", **arrays,
+             wnids=np.asarray(wnids))
+    chunks = datasets.load("tiny_imagenet", "val", data_dir=tmp_path / "chunks")
+    assert chunks.labels.tolist() == val.labels.tolist()
+    assert chunks.extra["wnids"].tolist() == sorted(wnids)
+    # Our folder name is looked for first in each directory.
+    write_chunks(tmp_path / "tinyimagenet", "val", [class_image(0)], [0])
+    assert len(datasets.load("tiny_imagenet", "val", data_dir=tmp_path)) == 1
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("no images of a class", r"train/n\d+/images holds no images, but wnids.txt lists n\d+: "
+                             r"the copy is incomplete"),
+    ("unknown wnid", r"val_annotations.txt, line 2, names 'n99999999', which wnids.txt does "
+                     r"not list"),
+    ("missing image", r"disagree: 1 annotated images are missing \(e.g. val_1.JPEG\)"),
+    ("image without annotation", r"disagree: 1 images have no annotation \(e.g. val_9.JPEG\)"),
+    ("repeated wnid", r"wnids.txt must list each class id once; n\d+ repeated"),
+])
+def test_tiny_imagenet_release_incomplete_is_refused(tmp_path, damage, match):
+    # An interrupted unzip or an edited file must not train on fewer classes or shifted labels.
+    wnids = tiny_imagenet_wnids()
+    root = tmp_path / "tiny-imagenet-200"
+    write_tiny_imagenet_release(root, wnids, wnids[:3])
+    split = "val"
+    if damage == "no images of a class":
+        split = "train"
+        (root / "train" / wnids[7] / "images" / f"{wnids[7]}_0.JPEG").unlink()
+    elif damage == "unknown wnid":
+        lines = (root / "val" / "val_annotations.txt").read_text().splitlines(keepends=True)
+        lines[1] = lines[1].replace(wnids[1], "n99999999")
+        (root / "val" / "val_annotations.txt").write_text("".join(lines))
+    elif damage == "missing image":
+        (root / "val" / "images" / "val_1.JPEG").unlink()
+    elif damage == "image without annotation":
+        (root / "val" / "images" / "val_9.JPEG").write_bytes(
+            (root / "val" / "images" / "val_0.JPEG").read_bytes())
+    else:
+        (root / "wnids.txt").write_text("".join(f"{w}\n" for w in wnids + wnids[3:4]))
+    with pytest.raises(sources.DamagedDataError, match=match):
+        datasets.load("tiny_imagenet", split, data_dir=tmp_path)
+
+
 @pytest.mark.parametrize("labels, match", [
     ([0, 1, 10], r"labels must be in \[0, 10\), found \[10\] \(1 of 3\)"),  # 1-based
     ([0, 255, 3], r"found \[255\]"),
@@ -156,6 +260,11 @@ def test_missing_data_says_what_to_do(tmp_path):
         datasets.load("cifar100", "test", data_dir=tmp_path, source="local")
     message = str(info.value)
     assert "cifar100/" in message and "CALIB_JAX_DATA_DIR" in message and "TFDS" in message
+    with pytest.raises(DataNotFoundError, match=r"<data_dir>/tinyimagenet/ as train_NNN.npz .*"
+                                                r"or unzip the release \(http://cs231n.*"
+                                                r"<data_dir>/tiny-imagenet-200/wnids.txt, train/, "
+                                                r"val/\)\. Details: "):
+        datasets.load("tiny_imagenet", "train", data_dir=tmp_path)
     # A data_dir that is no directory is refused, not skipped for the next place to look
     # (which would load the offline copy instead of the user's own, silently).
     write_chunks(tmp_path / "svhn", "test", random_images(2), [0, 1])
@@ -236,9 +345,25 @@ def test_real_cifar10_splits():
 
 
 @needs_shared
-def test_real_tiny_imagenet_and_text():
+def test_real_tiny_imagenet_and_text(tmp_path):
     tin = datasets.load("tiny_imagenet", "val")
     assert tin.inputs.shape == (10000, 64, 64, 3) and tin.val_is_test and tin.labels.max() == 199
+    # The offline chunks store labels in wnids.txt's order; read back as the release would
+    # give them (its annotations written from the chunk), the labels agree.
+    with np.load(SHARED / "tinyimagenet" / "tin_val_000.npz") as chunk:
+        wnids, names, labels = chunk["wnids"].tolist(), chunk["names"].tolist(), chunk["labels"]
+        blob, offsets = chunk["blob"], chunk["offsets"]
+    release = tmp_path / "tiny-imagenet-200"
+    (release / "val" / "images").mkdir(parents=True)
+    (release / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    (release / "val" / "val_annotations.txt").write_text(
+        "".join(f"{name}\t{wnids[label]}\t0\t0\t63\t63\n" for name, label in zip(names, labels)))
+    for i, name in enumerate(names):
+        (release / "val" / "images" / name).write_bytes(blob[offsets[i]:offsets[i + 1]].tobytes())
+    from_release = datasets.load("tiny_imagenet", "val", data_dir=tmp_path)
+    order = np.argsort(names)  # the release is read in file-name order, the chunk as stored
+    np.testing.assert_array_equal(from_release.labels, tin.labels[:len(names)][order])
+    np.testing.assert_array_equal(from_release.inputs, tin.inputs[:len(names)][order])
     news = {s: datasets.load("20news", s) for s in ("train", "val", "test")}
     assert len(news["val"]) == 900
     assert sum(len(d) for d in news.values()) == 11314 + 7532

@@ -8,7 +8,7 @@
 | ``cifar10``, ``cifar100`` | train 45,000 / val 5,000 / test 10,000 | val = first 5,000 of ``np.random.seed(1); shuffle(range(50000))`` |
 | ``svhn`` | test 26,032 | OOD set (TFDS ``svhn_cropped``) |
 | ``cifar10_c`` | test 10,000 | Gaussian noise, severity 5: official files if present, else generated from the CIFAR-10 test set |
-| ``tiny_imagenet`` | train 100,000 / val = test 10,000 | the reference tunes T on the official val split, which is also its test set (``Dataset.val_is_test``) |
+| ``tiny_imagenet`` | train 100,000 / val = test 10,000 | the reference tunes T on the official val split, which is also its test set (``Dataset.val_is_test``); read from our folder ``tinyimagenet/`` or the release as unzipped, ``tiny-imagenet-200/``; labels index the sorted wnids, as the reference's |
 | ``20news`` | train / val / test | reference split: shuffle with seed 1, last 20 % test, 900 before it val |
 | ``sst`` | train / val / test | binary: neutral roots dropped; trees in ``Dataset.extra["trees"]`` |
 | ``synthetic`` | train 512 / val 128 / test 256 | a generated 4-class image task for smoke tests |
@@ -146,11 +146,15 @@ def names() -> list[str]:
     return sorted(_NUM_CLASSES)
 
 
-def _images(folder: str, tfds_name: str | None, split: str, data_dir, source: str, what: str):
-    """(images, labels, origin, extra) from the local folder or TFDS."""
+def _images(folder: str | tuple[str, ...], tfds_name: str | None, split: str, data_dir,
+            source: str, what: str, *, also: str = ""):
+    """(images, labels, origin, extra) from the local folder (the first of ``folder``'s names
+    found, see :func:`sources.find_folder`) or TFDS; ``also`` adds a way to provide the data
+    to the not-found message."""
     errors = []
+    names = (folder,) if isinstance(folder, str) else folder
     if source in ("auto", "local"):
-        path = sources.find_folder(folder, data_dir)
+        path = sources.find_folder(names, data_dir)
         if path is not None:
             try:
                 images, labels, extra = sources.read_local_images(path, split)
@@ -158,7 +162,8 @@ def _images(folder: str, tfds_name: str | None, split: str, data_dir, source: st
             except DataNotFoundError as e:
                 errors.append(str(e))
         else:
-            errors.append(f"no {folder}/ folder in {[str(d) for d in sources.candidate_data_dirs(data_dir)]}")
+            errors.append(f"no {' or '.join(n + '/' for n in names)} folder in "
+                          f"{[str(d) for d in sources.candidate_data_dirs(data_dir)]}")
     if source in ("auto", "tfds") and tfds_name is not None:
         try:
             images, labels = sources.read_tfds(tfds_name, split, data_dir=None if source == "auto"
@@ -167,10 +172,10 @@ def _images(folder: str, tfds_name: str | None, split: str, data_dir, source: st
         except DataNotFoundError as e:
             errors.append(str(e))
     raise DataNotFoundError(
-        f"{what} ({split}) not found. Either put it in <data_dir>/{folder}/ as "
+        f"{what} ({split}) not found. Either put it in <data_dir>/{names[0]}/ as "
         f"{split}_NNN.npz chunks or a {split}/<class>/*.png tree (data_dir = the `data_dir` "
         f"argument or ${sources.ENV_DATA_DIR})"
-        + (f", or prepare TFDS '{tfds_name}'" if tfds_name else "")
+        + (f", or prepare TFDS '{tfds_name}'" if tfds_name else "") + also
         + ". Details: " + " | ".join(errors))
 
 
@@ -225,13 +230,46 @@ def _cifar10_c(split, data_dir, source, severity=5, seed=0):
                    f"severity {severity}, seed {seed})", extra={"generated": True})
 
 
+#: Where a Tiny-ImageNet copy is looked for in each data directory: our folder, then the
+#: release's own (``tiny-imagenet-200.zip`` unzipped as it comes).
+TINY_IMAGENET_FOLDERS = ("tinyimagenet", "tiny-imagenet-200")
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
 def _tiny_imagenet(split, data_dir, source):
     _check_split("tiny_imagenet", split, ("train", "val", "test"))
     folder_split = "train" if split == "train" else "val"
-    images, labels, origin, extra = _images("tinyimagenet", None, folder_split, data_dir, source,
-                                            "Tiny-ImageNet-200")
+    images, labels, origin, extra = _images(
+        TINY_IMAGENET_FOLDERS, None, folder_split, data_dir, source, "Tiny-ImageNet-200",
+        also=f", or unzip the release ({TINY_IMAGENET_URL}) into <data_dir>/ as it comes "
+             f"(<data_dir>/tiny-imagenet-200/wnids.txt, train/, val/)")
+    labels, extra = _labels_by_sorted_wnid(labels, extra, origin)
     return Dataset("tiny_imagenet", split, images, labels, 200, origin,
                    val_is_test=split != "train", extra=extra)
+
+
+def _labels_by_sorted_wnid(labels: np.ndarray, extra: dict, origin: str):
+    """Tiny-ImageNet labels numbered as the reference numbers them, by the sorted wnids,
+    whatever order a copy stored them in (chunks carry their own ``wnids``: the offline copy's
+    follow ``wnids.txt``'s unsorted order), so that a training split in one layout and a
+    validation split in another agree, and a model trained here reads the reference's
+    class indices."""
+    if "wnids" not in extra:  # an image tree: labels are already its sorted folder names
+        return labels, extra
+    wnids = np.asarray(extra["wnids"]).astype(str)
+    if len(wnids) != 200 or len(set(wnids.tolist())) != 200:
+        raise ValueError(f"tiny_imagenet from {origin}: its class list (`wnids`) must hold "
+                         f"200 distinct class ids, got {len(set(wnids.tolist()))} distinct of "
+                         f"{len(wnids)}; copy or convert the data set again.")
+    order = np.argsort(wnids, kind="stable")
+    if np.array_equal(order, np.arange(200)) or labels.size == 0 or \
+            labels.min() < 0 or labels.max() >= 200:  # sorted already; or refused by Dataset
+        return labels, extra
+    rank = np.empty(200, np.int32)
+    rank[order] = np.arange(200, dtype=np.int32)
+    remapped = rank[labels]
+    remapped.flags.writeable = False  # as the cached arrays it replaces
+    return remapped, {**extra, "wnids": wnids[order]}
 
 
 def _20news(split, data_dir, vocab_size=20000, max_len=1000):

@@ -21,7 +21,14 @@ A local data set lives in ``<data_dir>/<folder>/`` as either
   the part of its name before the trailing ``_NNN`` (``cifar10_train_003.npz``
   is split ``train``); or
 * **an image tree**: ``<folder>/<split>/<class name>/*.{png,jpg,jpeg}``, class
-  indices in sorted class-name order.
+  indices in sorted class-name order; or
+* **the Tiny-ImageNet release** (``tiny-imagenet-200.zip`` unzipped, marked by its
+  ``wnids.txt``): ``train/<wnid>/images/*.JPEG``, and ``val/images/*.JPEG`` labelled by
+  ``val/val_annotations.txt``; class indices in sorted wnid order, as the reference numbers
+  them (``Data/tiny_imagenet.py``). Its unlabelled ``test/`` split is not read.
+
+A split's chunks win over the other layouts in the same folder, and the release's
+``wnids.txt`` over a plain tree.
 
 TFDS (``source="tfds"``) reads a prepared data set through
 ``tfds.data_source`` (array_record files), which does not need TensorFlow.
@@ -31,6 +38,7 @@ does need TensorFlow and network: ``pip install 'calib_jax[tfds]' tensorflow``.
 
 from __future__ import annotations
 
+import collections
 import glob
 import io
 import os
@@ -81,11 +89,15 @@ def candidate_data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]
     return dirs
 
 
-def find_folder(folder: str, data_dir=None) -> Path | None:
-    """The first ``<dir>/<folder>`` that exists among :func:`candidate_data_dirs`."""
+def find_folder(folder: str | tuple[str, ...], data_dir=None) -> Path | None:
+    """The first ``<dir>/<folder>`` that exists among :func:`candidate_data_dirs`; ``folder``
+    may be several names, tried in order in each directory (e.g. ours and a release's own:
+    ``("tinyimagenet", "tiny-imagenet-200")``)."""
+    names = (folder,) if isinstance(folder, str) else tuple(folder)
     for d in candidate_data_dirs(data_dir):
-        if (d / folder).is_dir():
-            return d / folder
+        for name in names:
+            if (d / name).is_dir():
+                return d / name
     return None
 
 
@@ -170,6 +182,100 @@ def read_image_tree(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, l
     return decode_images(blobs, names=paths), np.asarray(labels, np.int32), classes
 
 
+#: The file that marks a folder holding the Tiny-ImageNet release layout.
+WNIDS_FILE = "wnids.txt"
+_VAL_ANNOTATIONS = Path("val") / "val_annotations.txt"
+
+
+def read_wnid_release(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images, labels and the sorted wnids of ``split`` (``"train"`` or ``"val"``) from the
+    Tiny-ImageNet release layout in ``folder`` (see the module docstring).
+
+    Labels are indices into the sorted wnids of ``wnids.txt`` (the reference's numbering).
+    A copy with a class's training images missing, an annotation naming an unknown wnid or a
+    missing image, or an image without an annotation raises :class:`DamagedDataError` naming
+    the file (an incomplete unzip must not train on fewer classes, or shift labels)."""
+    wnids = _read_wnids(folder / WNIDS_FILE)
+    index = {wnid: i for i, wnid in enumerate(wnids)}
+    if split == "train":
+        if not (folder / "train").is_dir():
+            raise DataNotFoundError(f"split 'train' not found in {folder} (no train/ folder "
+                                    f"beside its {WNIDS_FILE})")
+        paths, labels = [], []
+        for wnid in wnids:
+            found = _release_images(folder / "train" / wnid / "images")
+            if not found:
+                raise DamagedDataError(
+                    f"{folder / 'train' / wnid / 'images'} holds no images, but {WNIDS_FILE} "
+                    f"lists {wnid}: the copy is incomplete; unzip the release again.")
+            paths += found
+            labels += [index[wnid]] * len(found)
+    elif split == "val":
+        if not (folder / "val").is_dir():
+            raise DataNotFoundError(f"split 'val' not found in {folder} (no val/ folder beside "
+                                    f"its {WNIDS_FILE})")
+        annotated = _read_val_annotations(folder / _VAL_ANNOTATIONS, index)
+        paths = _release_images(folder / "val" / "images")
+        unlabelled = sorted({p.name for p in paths} - annotated.keys())
+        missing = sorted(annotated.keys() - {p.name for p in paths})
+        if unlabelled or missing:
+            raise DamagedDataError(
+                f"{folder / _VAL_ANNOTATIONS} and {folder / 'val' / 'images'} disagree: "
+                + "; ".join(f"{len(names)} {what} (e.g. {', '.join(names[:3])})"
+                            for names, what in ((missing, "annotated images are missing"),
+                                                (unlabelled, "images have no annotation"))
+                            if names)
+                + "; unzip the release again.")
+        labels = [annotated[p.name] for p in paths]
+    else:
+        raise DataNotFoundError(f"split {split!r} has no labels in the Tiny-ImageNet release "
+                                f"layout of {folder} (train and val have)")
+    images = decode_images([p.read_bytes() for p in paths], names=[str(p) for p in paths])
+    return images, np.asarray(labels, np.int32), wnids
+
+
+def _release_images(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _read_wnids(path: Path) -> list[str]:
+    """``wnids.txt``'s class ids, sorted (the reference sorts them); duplicates refused."""
+    try:
+        wnids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise damaged_file(str(path), e) from e
+    duplicated = sorted(w for w, n in collections.Counter(wnids).items() if n > 1)
+    if not wnids or duplicated:
+        raise DamagedDataError(f"{path} must list each class id once; "
+                               + (f"{', '.join(duplicated[:3])} repeated" if duplicated
+                                  else "it is empty") + ". Copy or download it again.")
+    return sorted(wnids)
+
+
+def _read_val_annotations(path: Path, index: dict[str, int]) -> dict[str, int]:
+    """``{image file name: label}`` from ``val_annotations.txt`` (tab-separated: file name,
+    wnid, then a bounding box)."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise damaged_file(str(path), e) from e
+    labels = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in index or fields[0] in labels:
+            why = ("has no tab-separated file name and class id" if len(fields) < 2 else
+                   f"names {fields[1]!r}, which {WNIDS_FILE} does not list"
+                   if fields[1] not in index else f"annotates {fields[0]} a second time")
+            raise DamagedDataError(f"{path}, line {number}, {why}: copy or download it "
+                                   f"again.")
+        labels[fields[0]] = index[fields[1]]
+    return labels
+
+
 def file_stamp(files: Iterable[Path], *, relative_to: Path | None = None) -> tuple:
     """Names, sizes and modification times of ``files``: part of a cache's key, so that a file
     changed, added or removed since it was read is read again (a notebook that re-converts a
@@ -182,13 +288,30 @@ def file_stamp(files: Iterable[Path], *, relative_to: Path | None = None) -> tup
     return tuple(stamp)
 
 
+def _layout(folder: Path, split: str) -> str | None:
+    """Which layout :func:`read_local_images` reads ``split`` from (module docstring)."""
+    if chunk_files(folder, split):
+        return "chunks"
+    if (folder / WNIDS_FILE).is_file():
+        return "release"
+    return "tree" if (folder / split).is_dir() else None
+
+
 def _local_image_files(folder: Path, split: str) -> list[Path]:
-    """The files :func:`_read_local_images` reads for ``split``: its chunks, else its tree's
-    class folders (an empty one added still shifts the labels after it) and their images;
-    empty when neither is there."""
-    files = chunk_files(folder, split)
-    if files or not (folder / split).is_dir():
-        return files
+    """The files :func:`_read_local_images` reads for ``split``: its chunks; the release's
+    class list, annotations and images; or its tree's class folders (an empty one added still
+    shifts the labels after it) and their images; empty when none is there."""
+    layout = _layout(folder, split)
+    if layout == "chunks":
+        return chunk_files(folder, split)
+    if layout == "release":
+        listed = [folder / WNIDS_FILE]
+        if split == "train":
+            return listed + [p for c in sorted((folder / "train").glob("*/images"))
+                             for p in _release_images(c)]
+        return listed + [folder / _VAL_ANNOTATIONS, *_release_images(folder / "val" / "images")]
+    if layout is None:
+        return []
     classes = sorted(p for p in (folder / split).iterdir() if p.is_dir())
     return classes + sorted(p for c in classes for p in c.iterdir()
                             if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -226,10 +349,13 @@ _DECODED: dict[tuple[str, str], tuple[tuple, tuple]] = {}  # (folder, split) -> 
 
 
 def _read_local_images(folder: Path, split: str):
-    files = chunk_files(folder, split)
-    if files:
-        return read_chunks(files)
-    if (folder / split).is_dir():
+    layout = _layout(folder, split)
+    if layout == "chunks":
+        return read_chunks(chunk_files(folder, split))
+    if layout == "release":
+        images, labels, wnids = read_wnid_release(folder, split)
+        return images, labels, {"wnids": np.asarray(wnids)}
+    if layout == "tree":
         images, labels, classes = read_image_tree(folder, split)
         return images, labels, {"classes": np.asarray(classes)}
     raise DataNotFoundError(f"split {split!r} not found in {folder} (looked for "

@@ -3,6 +3,8 @@
 ResNet-50 with 64x64 inputs, 100 epochs, lr 0.1 x0.1 at epochs 40 and 60
 (Brier: lr 0.035), batch 64, other settings as CIFAR. The reference tunes T
 on the official val split, which is also its test set (flagged in results).
+Data: unzip http://cs231n.stanford.edu/tiny-imagenet-200.zip into the data directory
+(``<data_dir>/tiny-imagenet-200/``, read as it comes); the offline copy holds the val split only.
 Usage: ``--config experiments/configs/tiny_imagenet.py:loss=flsd53``.
 """
 

@@ -2,6 +2,8 @@
 
 import gc
 import io
+import os
+import pickle
 import weakref
 from pathlib import Path
 
@@ -287,10 +289,121 @@ def test_tfds_source_without_tensorflow(monkeypatch):
         ds = datasets.load("svhn", "test", source="tfds")
     assert ds.inputs.shape == (12, 32, 32, 3) and ds.inputs.dtype == np.uint8
     assert ds.labels.shape == (12,) and ds.source == "tfds:svhn_cropped"
-    # CIFAR through TFDS: the reference split needs the 50,000 training images.
-    with tfds.testing.mock_data(num_examples=50000, policy=tfds.testing.MockPolicy.USE_CODE):
+    # CIFAR through TFDS: the reference split needs the 50,000 training images. The mock's
+    # ids are random text, which gives no original order: kept as stored, with a warning.
+    with tfds.testing.mock_data(num_examples=50000, policy=tfds.testing.MockPolicy.USE_CODE), \
+            pytest.warns(UserWarning, match="ids .* do not give their original order"):
         train = datasets.load("cifar10", "val", source="tfds")
     assert len(train) == 5000
+
+
+def index_image(index: int) -> np.ndarray:
+    """A CIFAR-sized image whose pixel (0, 0) says ``index`` (red: low byte, green: high)."""
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[0, 0, :2] = index % 256, index // 256
+    return image
+
+
+def image_index(images: np.ndarray) -> np.ndarray:
+    return images[:, 0, 0, 0].astype(int) + 256 * images[:, 0, 0, 1].astype(int)
+
+
+def test_tfds_cifar_is_put_back_in_the_original_order(monkeypatch):
+    # TFDS stores CIFAR shuffled by key hashes; the reference's validation split is indices of
+    # the original order, which each example's id keeps ("train_00042").
+    tfds = pytest.importorskip("tensorflow_datasets")
+    stored = np.random.default_rng(0).permutation(50000)
+
+    class StoredShuffled:
+        def __len__(self):
+            return 50000
+
+        def __getitem__(self, i):
+            j = int(stored[i])
+            return {"id": f"train_{j:05d}".encode(), "image": index_image(j), "label": j % 10}
+
+    monkeypatch.setattr(tfds, "data_source", lambda *args, **kwargs: StoredShuffled())
+    val = datasets.load("cifar10", "val", source="tfds")
+    np.testing.assert_array_equal(image_index(val.inputs), datasets.cifar_split_indices()[1])
+    np.testing.assert_array_equal(val.labels, image_index(val.inputs) % 10)
+    svhn = datasets.load("svhn", "test", source="tfds")  # no split by index: as stored
+    np.testing.assert_array_equal(image_index(svhn.inputs), stored)
+
+
+def test_original_order_of_ids():
+    assert sources.original_order(["test_10", "test_2", "test_0"]).tolist() == [2, 1, 0]
+    assert sources.original_order([b"a7", b"a11"]).tolist() == [0, 1]  # numbers, not text
+    assert sources.original_order([None, None]).tolist() == [0, 1]  # no ids: as stored
+    for ids in (["train_1", "test_0"], ["x_1", "x_1"], ["x_1", "y"]):
+        with pytest.warns(UserWarning, match="do not give their original order"):
+            assert sources.original_order(ids).tolist() == [0, 1]
+
+
+def cifar_python_batch(indices, labels, label_key=b"labels") -> bytes:
+    """A batch file of the CIFAR python release, as Python 2 pickled them (protocol 2, bytes
+    keys, NumPy's old module name), of :func:`index_image` images."""
+    data = np.stack([index_image(int(i)).transpose(2, 0, 1).reshape(-1) for i in indices])
+    raw = pickle.dumps({b"batch_label": b"batch", label_key: [int(y) for y in labels],
+                        b"data": data, b"filenames": [b"x.png"] * len(data)}, protocol=2)
+    return raw.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def test_cifar_python_release_gives_the_reference_split(tmp_path):
+    # What torchvision extracts and the reference reads, in the original order: the
+    # reference's split indices select the reference's validation images.
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    everything = np.arange(50000)
+    for b in range(5):
+        part = everything[b * 10000:(b + 1) * 10000]
+        (root / f"data_batch_{b + 1}").write_bytes(cifar_python_batch(part, part % 10))
+    (root / "test_batch").write_bytes(cifar_python_batch(everything[:7], [3] * 7))
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"plane"]}, protocol=2))
+    try:
+        val = datasets.load("cifar10", "val", data_dir=tmp_path)
+        assert val.source == str(root)
+        np.testing.assert_array_equal(image_index(val.inputs), datasets.cifar_split_indices()[1])
+        np.testing.assert_array_equal(val.labels, image_index(val.inputs) % 10)
+        train = datasets.load("cifar10", "train", data_dir=tmp_path)
+        np.testing.assert_array_equal(image_index(train.inputs),
+                                      datasets.cifar_split_indices()[0])
+        test = datasets.load("cifar10", "test", data_dir=tmp_path)
+        assert image_index(test.inputs).tolist() == list(range(7)) and set(test.labels) == {3}
+        # CIFAR-100: its `meta`, and the 100 fine labels (not the 20 coarse ones).
+        root100 = tmp_path / "cifar-100-python"
+        root100.mkdir()
+        (root100 / "meta").write_bytes(pickle.dumps({b"fine_label_names": []}, protocol=2))
+        (root100 / "train").write_bytes(b"")  # never read for the test split
+        batch = pickle.loads(cifar_python_batch(range(4), [57, 99, 0, 3], b"fine_labels"))
+        batch[b"coarse_labels"] = [1, 2, 3, 4]
+        (root100 / "test").write_bytes(pickle.dumps(batch, protocol=2))
+        assert datasets.load("cifar100", "test", data_dir=tmp_path).labels.tolist() == \
+            [57, 99, 0, 3]
+        (root / "test_batch").write_bytes(cifar_python_batch(range(7), [3] * 7)[:500])
+        with pytest.raises(sources.DamagedDataError, match=r"test_batch cannot be read \("):
+            datasets.load("cifar10", "test", data_dir=tmp_path)
+    finally:  # 150 MB decoded: not kept in this test process's cache
+        sources._DECODED.clear()
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path):
+    # A pickle's globals are how it runs code: a batch may build arrays, lists and numbers only.
+    ran = tmp_path / "it ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch '{ran}'",)
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    (root / "batches.meta").write_bytes(b"")
+    (root / "test_batch").write_bytes(pickle.dumps({b"data": RunsCode(), b"labels": [0]},
+                                                   protocol=2))
+    with pytest.raises(sources.DamagedDataError, match=r"test_batch cannot be read "
+                                                       r"\(UnpicklingError: it refers to "
+                                                       r"(posix|nt)\.system"):
+        datasets.load("cifar10", "test", data_dir=tmp_path)
+    assert not ran.exists()
 
 
 def test_cifar_split_indices_match_reference():

@@ -5,7 +5,7 @@
 
 | name | splits | notes |
 | --- | --- | --- |
-| ``cifar10``, ``cifar100`` | train 45,000 / val 5,000 / test 10,000 | val = first 5,000 of ``np.random.seed(1); shuffle(range(50000))`` |
+| ``cifar10``, ``cifar100`` | train 45,000 / val 5,000 / test 10,000 | val = first 5,000 of ``np.random.seed(1); shuffle(range(50000))``, indices into the original order (the python release's, TFDS's put back by ``id``); read from ``cifar10/`` or the release as extracted, ``cifar-10-batches-py/`` (``cifar100/``, ``cifar-100-python/``) |
 | ``svhn`` | test 26,032 | OOD set (TFDS ``svhn_cropped``) |
 | ``cifar10_c`` | test 10,000 | Gaussian noise, severity 5: official files if present, else generated from the CIFAR-10 test set |
 | ``tiny_imagenet`` | train 100,000 / val = test 10,000 | the reference tunes T on the official val split, which is also its test set (``Dataset.val_is_test``); read from our folder ``tinyimagenet/`` or the release as unzipped, ``tiny-imagenet-200/``; labels index the sorted wnids, as the reference's |
@@ -138,6 +138,8 @@ def gaussian_noise(images: np.ndarray, *, severity: int = 5, seed: int = 0) -> n
 _IMAGE_SHAPES = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "svhn": (32, 32, 3),
                  "cifar10_c": (32, 32, 3), "tiny_imagenet": (64, 64, 3)}
 _TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped"}
+# Splits taken by index (the reference's CIFAR validation split) need the original order.
+_TFDS_BY_ID = ("cifar10", "cifar100")
 _NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "cifar10_c": 10,
                 "tiny_imagenet": 200, "20news": 20, "sst": 2, "synthetic": 4, "synthetic_c": 4}
 
@@ -167,7 +169,7 @@ def _images(folder: str | tuple[str, ...], tfds_name: str | None, split: str, da
     if source in ("auto", "tfds") and tfds_name is not None:
         try:
             images, labels = sources.read_tfds(tfds_name, split, data_dir=None if source == "auto"
-                                               else data_dir)
+                                               else data_dir, by_id=tfds_name in _TFDS_BY_ID)
             return images, labels, f"tfds:{tfds_name}", {}
         except DataNotFoundError as e:
             errors.append(str(e))
@@ -201,11 +203,21 @@ def _check_split(name, split, allowed):
         raise ValueError(f"`split` of {name!r} must be one of {allowed}, got {split!r}.")
 
 
+#: Where a CIFAR copy is looked for in each data directory: our folder, then the python-version
+#: release's own (what torchvision extracts and the reference reads).
+CIFAR_FOLDERS = {"cifar10": ("cifar10", "cifar-10-batches-py"),
+                 "cifar100": ("cifar100", "cifar-100-python")}
+CIFAR_URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+              "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
+
+
 def _cifar(name, split, data_dir, source):
     _check_split(name, split, ("train", "val", "test"))
-    images, labels, origin, extra = _images(name, _TFDS_NAMES[name],
-                                            "test" if split == "test" else "train", data_dir,
-                                            source, name.upper())
+    images, labels, origin, extra = _images(
+        CIFAR_FOLDERS[name], _TFDS_NAMES[name], "test" if split == "test" else "train",
+        data_dir, source, name.upper(),
+        also=f", or extract the python version ({CIFAR_URLS[name]}) into <data_dir>/ as it "
+             f"comes (<data_dir>/{CIFAR_FOLDERS[name][1]}/)")
     if split != "test":
         if images.shape[0] != 50000:
             raise ValueError(f"{name} train must have 50,000 images, got {images.shape[0]} "

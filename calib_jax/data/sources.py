@@ -27,11 +27,21 @@ A local data set lives in ``<data_dir>/<folder>/`` as either
   ``val/val_annotations.txt``; class indices in sorted wnid order, as the reference numbers
   them (``Data/tiny_imagenet.py``). Its unlabelled ``test/`` split is not read.
 
-A split's chunks win over the other layouts in the same folder, and the release's
-``wnids.txt`` over a plain tree.
+* **the CIFAR "python version" releases** (``cifar-10-python.tar.gz`` /
+  ``cifar-100-python.tar.gz`` extracted: what torchvision downloads and the reference reads),
+  marked by ``batches.meta`` (CIFAR-10: ``data_batch_1`` ... ``data_batch_5``, ``test_batch``)
+  or ``meta`` (CIFAR-100: ``train``, ``test``; the 100 fine labels): pickled batches, read
+  with an unpickler that builds NumPy arrays, lists and numbers only (a pickle can otherwise
+  run code). In the original order, so the reference's split indices select the reference's
+  validation images.
+
+A split's chunks win over the other layouts in the same folder, and a release's marker file
+(``wnids.txt``, ``batches.meta``, ``meta``) over a plain tree.
 
 TFDS (``source="tfds"``) reads a prepared data set through
-``tfds.data_source`` (array_record files), which does not need TensorFlow.
+``tfds.data_source`` (array_record files), which does not need TensorFlow. TFDS stores the
+examples shuffled by a hash of their keys; CIFAR-10's and CIFAR-100's are put back in the
+original files' order, which their ``id`` gives (``train_00042``).
 Preparing it the first time (``tfds.builder(name).download_and_prepare()``)
 does need TensorFlow and network: ``pip install 'calib_jax[tfds]' tensorflow``.
 """
@@ -42,7 +52,9 @@ import collections
 import glob
 import io
 import os
+import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterable
@@ -288,12 +300,71 @@ def file_stamp(files: Iterable[Path], *, relative_to: Path | None = None) -> tup
     return tuple(stamp)
 
 
+#: The CIFAR python-version releases: marker file -> (files of each split, label key).
+CIFAR_PYTHON_RELEASES = {
+    "batches.meta": ({"train": tuple(f"data_batch_{i}" for i in range(1, 6)),
+                      "test": ("test_batch",)}, "labels"),
+    "meta": ({"train": ("train",), "test": ("test",)}, "fine_labels"),
+}
+
+
+def _cifar_python_release(folder: Path):
+    """``(files of each split, label key)`` when ``folder`` holds a CIFAR python release."""
+    for marker, release in CIFAR_PYTHON_RELEASES.items():
+        files = release[0]
+        if (folder / marker).is_file() and not (folder / files["train"][0]).is_dir():
+            return release
+    return None
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, numbers, bytes and NumPy arrays, and refuses every other global
+    (a pickle's globals are how it runs code)."""
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+                ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}; a CIFAR batch holds "
+                                         f"arrays, lists and numbers only")
+        if module == "numpy.core.multiarray":  # Python 2 era pickles; numpy 2 renamed it
+            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        return super().find_class(module, name)
+
+
+def read_cifar_python(paths: list[Path], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[N, 32, 32, 3]`` and int32 labels from CIFAR python-version batches (dicts of
+    ``data``: uint8 ``[n, 3072]``, channel planes of row-major pixels, and ``label_key``), in
+    file order. A batch that cannot be read, or holds something else, raises
+    :class:`DamagedDataError` naming it."""
+    images, labels = [], []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                batch = _ArraysOnlyUnpickler(f, encoding="bytes").load()
+            batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+            data, batch_labels = np.asarray(batch["data"]), np.asarray(batch[label_key])
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or \
+                    batch_labels.shape != (data.shape[0],):
+                raise ValueError(f"`data` must be uint8 [n, 3072] with n `{label_key}`, got "
+                                 f"{data.dtype} {data.shape} and {batch_labels.shape}")
+        except (OSError, EOFError, KeyError, ValueError, TypeError, AttributeError,
+                pickle.UnpicklingError) as e:
+            raise damaged_file(str(path), e) from e
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(batch_labels.astype(np.int32))
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+
+
 def _layout(folder: Path, split: str) -> str | None:
     """Which layout :func:`read_local_images` reads ``split`` from (module docstring)."""
     if chunk_files(folder, split):
         return "chunks"
     if (folder / WNIDS_FILE).is_file():
         return "release"
+    if _cifar_python_release(folder) is not None:
+        return "cifar_python"
     return "tree" if (folder / split).is_dir() else None
 
 
@@ -304,6 +375,9 @@ def _local_image_files(folder: Path, split: str) -> list[Path]:
     layout = _layout(folder, split)
     if layout == "chunks":
         return chunk_files(folder, split)
+    if layout == "cifar_python":
+        files, _ = _cifar_python_release(folder)
+        return [folder / name for name in files.get(split, ())]
     if layout == "release":
         listed = [folder / WNIDS_FILE]
         if split == "train":
@@ -355,6 +429,12 @@ def _read_local_images(folder: Path, split: str):
     if layout == "release":
         images, labels, wnids = read_wnid_release(folder, split)
         return images, labels, {"wnids": np.asarray(wnids)}
+    if layout == "cifar_python":
+        files, label_key = _cifar_python_release(folder)
+        if split not in files:
+            raise DataNotFoundError(f"split {split!r} is not in the CIFAR release in {folder} "
+                                    f"(it has {' and '.join(files)})")
+        return (*read_cifar_python([folder / name for name in files[split]], label_key), {})
     if layout == "tree":
         images, labels, classes = read_image_tree(folder, split)
         return images, labels, {"classes": np.asarray(classes)}
@@ -362,8 +442,11 @@ def _read_local_images(folder: Path, split: str):
                             f"{split}_NNN.npz chunks and a {split}/<class>/ image tree)")
 
 
-def read_tfds(name: str, split: str, data_dir=None, image_key="image", label_key="label"):
-    """All examples of a prepared TFDS split as NumPy arrays, without TensorFlow."""
+def read_tfds(name: str, split: str, data_dir=None, image_key="image", label_key="label", *,
+              by_id: bool = False):
+    """All examples of a prepared TFDS split as NumPy arrays, without TensorFlow: in TFDS's
+    stored order, or with ``by_id`` in the original files' order that the examples' ``id``
+    gives (:func:`original_order`; for splits taken by index, as CIFAR's)."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:  # pragma: no cover - exercised only without the extra
@@ -381,9 +464,40 @@ def read_tfds(name: str, split: str, data_dir=None, image_key="image", label_key
         ) from e
     n = len(source)
     examples = [source[i] for i in range(n)]
+    if by_id:
+        order = original_order([ex.get("id") for ex in examples],
+                               what=f"TFDS {name!r} {split!r}")
+        examples = [examples[i] for i in order]
     images = np.stack([np.asarray(ex[image_key], np.uint8) for ex in examples])
     labels = np.asarray([int(ex[label_key]) for ex in examples], np.int32)
     return images, labels
+
+
+_ID_INDEX = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)$")
+
+
+def original_order(ids, *, what: str = "the examples") -> np.ndarray:
+    """The permutation that sorts examples by the index their ``id`` ends with.
+
+    TFDS shuffles a data set's examples by a hash of their keys when it prepares them; its
+    CIFAR builders give each example the ``id`` ``"<split>_<index in the original files>"``
+    (``tensorflow_datasets/image_classification/cifar.py``), so sorting by it restores the
+    order the reference's split indices refer to. Without an ``id`` on every example the
+    stored order is kept; with ``id`` values that do not end in distinct indices of one
+    prefix, too, with a warning (the split indices then select other images than the
+    reference's)."""
+    ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+    if not ids or any(i is None for i in ids):
+        return np.arange(len(ids))
+    matches = [_ID_INDEX.match(str(i)) for i in ids]
+    if all(matches) and len({m["prefix"] for m in matches}) == 1:
+        index = np.asarray([int(m["index"]) for m in matches])
+        if np.unique(index).size == index.size:
+            return np.argsort(index, kind="stable")
+    warnings.warn(f"{what}: the examples' ids ({', '.join(map(repr, ids[:3]))}, ...) do not "
+                  f"give their original order; the stored order is kept, so index-based "
+                  f"splits select other examples than the reference's.", stacklevel=3)
+    return np.arange(len(ids))
 
 
 def list_files(pattern: str) -> list[str]:

@@ -438,6 +438,38 @@ def test_gaussian_noise_corruption():
         datasets.gaussian_noise(clean, severity=6)
 
 
+def test_ood_releases_as_they_unpack(tmp_path):
+    # SVHN's test_32x32.mat (torchvision's download; digit 0 is labelled 10 there) and
+    # CIFAR-10-C's folder as its tar extracts: severity s is rows (s - 1) * 10,000 onwards.
+    from scipy import io as scipy_io
+    images = random_images(5, seed=4)
+    (tmp_path / "svhn").mkdir()
+    scipy_io.savemat(tmp_path / "svhn" / "test_32x32.mat",
+                     {"X": images.transpose(1, 2, 3, 0), "y": np.array([[10], [1], [9], [10], [5]])})
+    svhn = datasets.load("svhn", "test", data_dir=tmp_path)
+    np.testing.assert_array_equal(svhn.inputs, images)
+    assert svhn.labels.tolist() == [0, 1, 9, 0, 5] and svhn.source == str(tmp_path / "svhn")
+    (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"MATLAB 5.0 MAT-file, cut short")
+    sources._DECODED.clear()
+    with pytest.raises(sources.DamagedDataError, match=r"test_32x32.mat cannot be read"):
+        datasets.load("svhn", "test", data_dir=tmp_path)
+    release = tmp_path / "CIFAR-10-C"
+    release.mkdir()
+    noisy = np.repeat(np.arange(5, dtype=np.uint8), 10000)[:, None, None, None] * \
+        np.ones((1, 32, 32, 3), np.uint8)
+    np.save(release / "gaussian_noise.npy", noisy)
+    np.save(release / "labels.npy", np.tile(np.arange(10000) % 10, 5).astype(np.uint8))
+    for severity in (5, 2):
+        corrupted = datasets.load("cifar10_c", "test", data_dir=tmp_path, severity=severity)
+        assert corrupted.inputs.shape == (10000, 32, 32, 3) and corrupted.source == str(release)
+        assert set(np.unique(corrupted.inputs)) == {severity - 1}
+        assert corrupted.labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    np.save(release / "labels.npy", np.zeros(10000, np.uint8))  # one severity's worth
+    with pytest.raises(sources.DamagedDataError, match=r"gaussian_noise.npy or labels.npy "
+                                                       r"cannot be read .*50,000 labels"):
+        datasets.load("cifar10_c", "test", data_dir=tmp_path)
+
+
 @needs_shared
 def test_real_cifar10_splits():
     train = datasets.load("cifar10", "train")

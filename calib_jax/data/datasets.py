@@ -6,8 +6,8 @@
 | name | splits | notes |
 | --- | --- | --- |
 | ``cifar10``, ``cifar100`` | train 45,000 / val 5,000 / test 10,000 | val = first 5,000 of ``np.random.seed(1); shuffle(range(50000))``, indices into the original order (the python release's, TFDS's put back by ``id``); read from ``cifar10/`` or the release as extracted, ``cifar-10-batches-py/`` (``cifar100/``, ``cifar-100-python/``) |
-| ``svhn`` | test 26,032 | OOD set (TFDS ``svhn_cropped``) |
-| ``cifar10_c`` | test 10,000 | Gaussian noise, severity 5: official files if present, else generated from the CIFAR-10 test set |
+| ``svhn`` | test 26,032 | OOD set (TFDS ``svhn_cropped``, or the release's ``svhn/test_32x32.mat``) |
+| ``cifar10_c`` | test 10,000 | Gaussian noise, severity 5: the release's files if present (``cifar10_c/`` or ``CIFAR-10-C/``: ``gaussian_noise.npy``, ``labels.npy``), else generated from the CIFAR-10 test set |
 | ``tiny_imagenet`` | train 100,000 / val = test 10,000 | the reference tunes T on the official val split, which is also its test set (``Dataset.val_is_test``); read from our folder ``tinyimagenet/`` or the release as unzipped, ``tiny-imagenet-200/``; labels index the sorted wnids, as the reference's |
 | ``20news`` | train / val / test | reference split: shuffle with seed 1, last 20 % test, 900 before it val |
 | ``sst`` | train / val / test | binary: neutral roots dropped; trees in ``Dataset.extra["trees"]`` |
@@ -230,11 +230,21 @@ def _cifar(name, split, data_dir, source):
 
 def _cifar10_c(split, data_dir, source, severity=5, seed=0):
     _check_split("cifar10_c", split, ("test",))
-    path = sources.find_folder("cifar10_c", data_dir)
+    path = sources.find_folder(("cifar10_c", "CIFAR-10-C"), data_dir)
     if path is not None and (path / "gaussian_noise.npy").exists():
-        # The official release: 5 severities x 10,000 images, labels in labels.npy.
-        images = np.load(path / "gaussian_noise.npy")[(severity - 1) * 10000:severity * 10000]
-        labels = np.load(path / "labels.npy")[:10000].astype(np.int32)
+        # The official release (CIFAR-10-C.tar extracted): 5 severities x 10,000 images, and
+        # labels.npy. Memory-mapped: only the severity asked for is read.
+        files = [path / "gaussian_noise.npy", path / "labels.npy"]
+        try:
+            noisy, all_labels = (np.load(f, mmap_mode="r", allow_pickle=False) for f in files)
+            if noisy.dtype != np.uint8 or noisy.shape != (50000, 32, 32, 3) or \
+                    all_labels.shape != (50000,):
+                raise ValueError(f"expected uint8 images (50000, 32, 32, 3) and 50,000 labels, "
+                                 f"got {noisy.dtype} {noisy.shape} and {all_labels.shape}")
+            images = np.array(noisy[(severity - 1) * 10000:severity * 10000])
+            labels = np.array(all_labels[(severity - 1) * 10000:severity * 10000], np.int32)
+        except (OSError, ValueError) as e:
+            raise sources.damaged_file(f"{files[0]} or {files[1].name}", e) from e
         return Dataset("cifar10_c", split, images, labels, 10, str(path))
     clean = load("cifar10", "test", data_dir=data_dir, source=source)
     return Dataset("cifar10_c", split, gaussian_noise(clean.inputs, severity=severity, seed=seed),
@@ -476,8 +486,10 @@ def _load(name, split, data_dir, source, **options) -> Dataset:
         return _cifar(name, split, data_dir, source)
     if name == "svhn":
         _check_split(name, split, ("test",))
-        images, labels, origin, extra = _images("svhn", _TFDS_NAMES["svhn"], "test", data_dir,
-                                                source, "SVHN")
+        images, labels, origin, extra = _images(
+            "svhn", _TFDS_NAMES["svhn"], "test", data_dir, source, "SVHN",
+            also=" (or the release's test_32x32.mat, http://ufldl.stanford.edu/housenumbers/, "
+                 "in <data_dir>/svhn/)")
         return Dataset("svhn", split, images, labels, 10, origin, extra=extra)
     if name == "cifar10_c":
         return _cifar10_c(split, data_dir, source, **options)

@@ -35,8 +35,11 @@ A local data set lives in ``<data_dir>/<folder>/`` as either
   run code). In the original order, so the reference's split indices select the reference's
   validation images.
 
+* **SVHN's release** (``test_32x32.mat``, what torchvision downloads): a MATLAB file read
+  with SciPy (a JAX dependency); the label 10 of digit 0 becomes 0, as in TFDS and torchvision.
+
 A split's chunks win over the other layouts in the same folder, and a release's marker file
-(``wnids.txt``, ``batches.meta``, ``meta``) over a plain tree.
+(``wnids.txt``, ``batches.meta``, ``meta``, ``<split>_32x32.mat``) over a plain tree.
 
 TFDS (``source="tfds"``) reads a prepared data set through
 ``tfds.data_source`` (array_record files), which does not need TensorFlow. TFDS stores the
@@ -357,6 +360,25 @@ def read_cifar_python(paths: list[Path], label_key: str) -> tuple[np.ndarray, np
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
 
 
+def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[N, 32, 32, 3]`` and int32 labels (0-9) from an SVHN release file
+    (``X``: uint8 ``[32, 32, 3, N]``; ``y``: ``[N, 1]``, 10 for the digit 0). A file that
+    cannot be read, or holds something else, raises :class:`DamagedDataError` naming it."""
+    from scipy import io as scipy_io  # a JAX dependency
+
+    try:
+        contents = scipy_io.loadmat(str(path))
+        images, labels = np.asarray(contents["X"]), np.asarray(contents["y"]).reshape(-1)
+        if images.dtype != np.uint8 or images.shape[:3] != (32, 32, 3) or \
+                labels.shape != images.shape[3:]:
+            raise ValueError(f"`X` must be uint8 [32, 32, 3, N] and `y` N labels, got "
+                             f"{images.dtype} {images.shape} and {labels.shape}")
+    except Exception as e:  # SciPy's parser raises many types for a damaged file  # noqa: BLE001
+        raise damaged_file(str(path), e) from e
+    labels = np.where(labels == 10, 0, labels).astype(np.int32)
+    return np.ascontiguousarray(images.transpose(3, 0, 1, 2)), labels
+
+
 def _layout(folder: Path, split: str) -> str | None:
     """Which layout :func:`read_local_images` reads ``split`` from (module docstring)."""
     if chunk_files(folder, split):
@@ -365,6 +387,8 @@ def _layout(folder: Path, split: str) -> str | None:
         return "release"
     if _cifar_python_release(folder) is not None:
         return "cifar_python"
+    if (folder / f"{split}_32x32.mat").is_file():
+        return "svhn_mat"
     return "tree" if (folder / split).is_dir() else None
 
 
@@ -378,6 +402,8 @@ def _local_image_files(folder: Path, split: str) -> list[Path]:
     if layout == "cifar_python":
         files, _ = _cifar_python_release(folder)
         return [folder / name for name in files.get(split, ())]
+    if layout == "svhn_mat":
+        return [folder / f"{split}_32x32.mat"]
     if layout == "release":
         listed = [folder / WNIDS_FILE]
         if split == "train":
@@ -435,6 +461,8 @@ def _read_local_images(folder: Path, split: str):
             raise DataNotFoundError(f"split {split!r} is not in the CIFAR release in {folder} "
                                     f"(it has {' and '.join(files)})")
         return (*read_cifar_python([folder / name for name in files[split]], label_key), {})
+    if layout == "svhn_mat":
+        return (*read_svhn_mat(folder / f"{split}_32x32.mat"), {})
     if layout == "tree":
         images, labels, classes = read_image_tree(folder, split)
         return images, labels, {"classes": np.asarray(classes)}

@@ -551,10 +551,10 @@ def test_text_sets_are_read_once_for_all_splits_and_again_when_changed(tmp_path,
     np.random.RandomState(1).shuffle(order)
     np.testing.assert_array_equal(news["test"].labels, order[-240:] % 20)
     np.testing.assert_array_equal(news["val"].labels, order[60:960] % 20)
-    # Ids: 0 padding (left), 1 unknown, then words by frequency in the training posts.
+    # Ids: 0 padding (left), then words by frequency in all posts (the reference's Keras
+    # tokenizer is fitted before the split).
     vocab = dict(news["train"].extra["vocab"])
-    assert sorted(vocab.values()) == list(range(2, 10)) and "it's" in vocab
-    assert news["val"].inputs[news["val"].inputs > 0].min() >= 2
+    assert sorted(vocab.values()) == list(range(1, 9)) and "it's" in vocab
     news["train"].extra["vocab"]["alpha"] = -1  # a user's edit stays in that Dataset
     assert datasets.load("20news", "train", data_dir=tmp_path, max_len=6).extra["vocab"] == vocab
     # Another max_len is another encoding; a rewritten file is read again.
@@ -564,6 +564,89 @@ def test_text_sets_are_read_once_for_all_splits_and_again_when_changed(tmp_path,
     shifted = datasets.load("20news", "test", data_dir=tmp_path, max_len=6)
     assert len(opened) == 3
     np.testing.assert_array_equal(shifted.labels, (order[-240:] + 1) % 20)
+
+
+def test_20news_is_encoded_as_the_reference_encodes_it():
+    # NewsGroup/ng_loader.py: the header goes (up to the first blank line), Keras's
+    # Tokenizer(num_words) and pad_sequences(maxlen) do the rest.
+    post = "From: someone@cmu.edu\nSubject: Re: X\n\nIt's the X11 R5-patch (again)... Don't!"
+    assert datasets._without_header(post).startswith("\n\nIt's")
+    assert datasets._without_header("\n\nno header, a blank first line") == \
+        "\n\nno header, a blank first line"  # the reference strips only after a header
+    assert datasets._keras_words(datasets._without_header(post)) == \
+        ["it's", "the", "x11", "r5", "patch", "again", "don't"]
+    vocab = datasets._keras_vocab([["b", "a", "c"], ["c", "a", "d"], ["e"]], 4)
+    assert vocab == {"a": 1, "c": 2, "b": 3}  # by count, ties by first appearance; 3 words
+    assert datasets._encode([5, 6, 7], 5).tolist() == [0, 0, 5, 6, 7]  # padded at the front
+    assert datasets._encode([1, 2, 3, 4, 5, 6], 4).tolist() == [3, 4, 5, 6]  # keeps the end
+    assert datasets._encode([], 3).tolist() == [0, 0, 0]
+
+
+def write_20news_tree(root: Path, texts, labels):
+    """The reference's 20_newsgroup/ layout (news20.tar.gz): a folder per group, a file per
+    post named by a number, latin-1."""
+    for i, (text, label) in enumerate(zip(texts, labels)):
+        group = root / f"group.{label:02d}"
+        group.mkdir(parents=True, exist_ok=True)
+        (group / str(50000 + i)).write_bytes(text.encode("latin-1"))
+
+
+def test_20news_from_the_reference_folder_and_ours_alike(tmp_path):
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "gamma", "delta", "café", "x11", "space", "god", "ax"]
+    texts = [f"From: user{i}@host\nLines: {i}\n\n" +
+             " ".join(rng.choice(words, rng.integers(1, 30))) for i in range(1200)]
+    labels = [i % 20 for i in range(1200)]
+    order = sorted(range(1200), key=lambda i: (labels[i], str(50000 + i)))  # as read
+    write_20news_tree(tmp_path / "tree" / "20_newsgroup", texts, labels)
+    (tmp_path / "tree" / "20_newsgroup" / "group.00" / "README").write_text("not a post")
+    (tmp_path / "jsonl" / "20news").mkdir(parents=True)
+    import gzip
+    import json
+    with gzip.open(tmp_path / "jsonl" / "20news" / "20news_bydate_train_000.jsonl.gz", "wt",
+                   encoding="utf-8") as f:
+        for i in order:
+            f.write(json.dumps({"id": i, "label": labels[i], "text": texts[i]}) + "\n")
+    for root in ("tree", "jsonl"):
+        news = {s: datasets.load("20news", s, data_dir=tmp_path / root, max_len=25)
+                for s in ("train", "val", "test")}
+        vocab = news["train"].extra["vocab"]
+        assert not {"from", "lines", "host"} & vocab.keys() and "café" in vocab  # no headers
+        shuffled = np.arange(1200)
+        np.random.RandomState(1).shuffle(shuffled)
+        test_posts = [order[i] for i in shuffled[-240:]]
+        assert news["test"].labels.tolist() == [labels[i] for i in test_posts]
+        want = [vocab[w] for w in texts[test_posts[0]].split("\n\n")[1].split(" ")][-25:]
+        assert news["test"].inputs[0].tolist() == [0] * (25 - len(want)) + want
+        if root == "tree":
+            tree_news = news
+    for s in ("train", "val", "test"):
+        np.testing.assert_array_equal(tree_news[s].inputs, news[s].inputs)
+        np.testing.assert_array_equal(tree_news[s].labels, news[s].labels)
+    # The clean option: the vocabulary of the training posts alone; a bad value is refused.
+    train_only = datasets.load("20news", "train", data_dir=tmp_path / "jsonl", max_len=25,
+                               vocabulary="train")
+    assert set(train_only.extra["vocab"]) <= set(vocab)
+    with pytest.raises(ValueError, match="`vocabulary` must be 'all'"):
+        datasets.load("20news", "train", data_dir=tmp_path / "jsonl", vocabulary="test")
+    (tmp_path / "tree" / "20_newsgroup" / "group.19").rename(tmp_path / "group.19")
+    with pytest.raises(sources.DamagedDataError, match="a folder for each of the 20 newsgroups, "
+                                                       "got 19"):
+        datasets.load("20news", "train", data_dir=tmp_path / "tree")
+
+
+def test_word_vectors_follow_the_vocabulary(tmp_path):
+    glove = tmp_path / "glove.txt"
+    glove.write_text("the 1 2 3\ncafé -1 0.5 0\nunused 9 9 9\n", encoding="utf-8")
+    table = datasets.word_vectors({"café": 3, "the": 1, "missing": 2}, glove, vocab_size=5)
+    np.testing.assert_array_equal(table, [[0, 0, 0], [1, 2, 3], [0, 0, 0], [-1, 0.5, 0],
+                                          [0, 0, 0]])
+    assert table.dtype == np.float32
+    with pytest.raises(ValueError, match="ids up to 7, beyond `vocab_size` = 5"):
+        datasets.word_vectors({"the": 7}, glove, vocab_size=5)
+    glove.write_text("the 1 2 3\ncafé -1 0.5\n", encoding="utf-8")
+    with pytest.raises(sources.DamagedDataError, match="line 2 holds 2 numbers, the first line 3"):
+        datasets.word_vectors({"café": 1}, glove, vocab_size=2)
 
 
 def test_text_sets_too_small_or_incomplete_are_refused(tmp_path):

@@ -36,7 +36,7 @@ from calib_jax.data import sources
 from calib_jax.data.sources import DamagedDataError, DataNotFoundError
 
 __all__ = ["Dataset", "DamagedDataError", "DataNotFoundError", "cifar_split_indices",
-           "gaussian_noise", "load", "names", "normalization"]
+           "gaussian_noise", "load", "names", "normalization", "word_vectors"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,20 +294,41 @@ def _labels_by_sorted_wnid(labels: np.ndarray, extra: dict, origin: str):
     return remapped, {**extra, "wnids": wnids[order]}
 
 
-def _20news(split, data_dir, vocab_size=20000, max_len=1000):
+#: Where 20 Newsgroups is looked for in each data directory: our folder (``*.jsonl.gz``
+#: posts), then the reference's ``20_newsgroup/`` (``news20.tar.gz`` extracted: a folder per
+#: newsgroup, a file per post).
+NEWS20_FOLDERS = ("20news", "20_newsgroup")
+
+
+def _20news(split, data_dir, vocab_size=20000, max_len=1000, vocabulary="all"):
     _check_split("20news", split, ("train", "val", "test"))
-    path = sources.find_folder("20news", data_dir)
-    files = sorted(path.glob("*.jsonl.gz")) if path is not None else []
+    if vocabulary not in ("all", "train"):
+        raise ValueError(f"`vocabulary` must be 'all' (the reference: the words of every post) "
+                         f"or 'train' (the training posts' only), got {vocabulary!r}.")
+    path = sources.find_folder(NEWS20_FOLDERS, data_dir)
+    files = _20news_files(path) if path is not None else []
     if not files:
         raise DataNotFoundError(
             f"20 Newsgroups not found{f' in {path}' if path is not None else ''}: put the "
             f"'bydate' posts as <data_dir>/20news/20news_bydate_{{train,test}}_NNN.jsonl.gz (one "
-            f"JSON {{id, label, text}} a line) and classes.json, with data_dir the argument or "
-            f"${sources.ENV_DATA_DIR}.")
-    tokens, labels, vocab = _20news_splits(str(path), sources.file_stamp(files), vocab_size,
-                                           max_len)
+            f"JSON {{id, label, text}} a line) and classes.json, or the reference's "
+            f"news20.tar.gz extracted (<data_dir>/20_newsgroup/<newsgroup>/<number>), with "
+            f"data_dir the argument or ${sources.ENV_DATA_DIR}.")
+    tokens, labels, vocab = _20news_splits(str(path), sources.file_stamp(files, relative_to=path),
+                                           vocab_size, max_len, vocabulary)
     return Dataset("20news", split, tokens[split], labels[split], 20, str(path),
                    extra={"vocab": dict(vocab), "max_len": max_len})
+
+
+def _20news_files(folder: Path) -> list[Path]:
+    """Our ``*.jsonl.gz`` posts, else the reference's folder per newsgroup (its posts: the
+    files named by a number, as the reference reads them; the groups in sorted order)."""
+    files = sorted(folder.glob("*.jsonl.gz"))
+    if files:
+        return files
+    groups = sorted(p for p in folder.iterdir() if p.is_dir())
+    return groups + [f for g in groups for f in sorted(g.iterdir(), key=lambda f: f.name)
+                     if f.name.isdigit()]
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -315,22 +336,53 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     return array
 
 
-@functools.lru_cache(maxsize=2)
-def _20news_splits(folder: str, stamp: tuple, vocab_size: int, max_len: int):
-    """All three splits of 20 Newsgroups, encoded: ``({split: tokens}, {split: labels},
-    vocab)``, arrays read-only. Cached per process: reading, tokenising and counting the
-    posts takes ~2 s, and a run loads two splits (training: train and val; evaluation: val
-    and test), each needing the training posts' vocabulary."""
+def _20news_posts(folder: Path, stamp: tuple) -> tuple[list[str], list[int]]:
+    """The posts' texts and labels, in the order the split's shuffle refers to: our files' order,
+    or the reference's (groups sorted by name, each group's posts by file name)."""
     texts, labels = [], []
-    for name, _, _ in stamp:
-        path = Path(folder) / name
-        try:
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                posts = [json.loads(line) for line in f]
-            texts.extend(p["text"] for p in posts)
-            labels.extend(int(p["label"]) for p in posts)
-        except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # gzip, JSON, fields
-            raise sources.damaged_file(str(path), e) from e
+    names = [name for name, _, _ in stamp]
+    if names[0].endswith(".jsonl.gz"):
+        for name in names:
+            path = folder / name
+            try:
+                with gzip.open(path, "rt", encoding="utf-8") as f:
+                    posts = [json.loads(line) for line in f]
+                texts.extend(p["text"] for p in posts)
+                labels.extend(int(p["label"]) for p in posts)
+            except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # gzip, JSON
+                raise sources.damaged_file(str(path), e) from e
+        return texts, labels
+    groups = [name for name in names if "/" not in name]
+    for name in names:
+        if "/" in name:
+            try:  # latin-1, as the reference opens them: every byte is a character
+                texts.append((folder / name).read_text(encoding="latin-1"))
+            except OSError as e:
+                raise sources.damaged_file(str(folder / name), e) from e
+            labels.append(groups.index(name.split("/")[0]))
+    if len(groups) != 20:
+        raise DamagedDataError(f"{folder} must hold a folder for each of the 20 newsgroups, got "
+                               f"{len(groups)} ({', '.join(groups[:4])}, ...); extract "
+                               f"news20.tar.gz again.")
+    return texts, labels
+
+
+@functools.lru_cache(maxsize=2)
+def _20news_splits(folder: str, stamp: tuple, vocab_size: int, max_len: int, vocabulary: str):
+    """All three splits of 20 Newsgroups, encoded as the reference encodes them
+    (``NewsGroup/ng_loader.py``: Keras' ``Tokenizer(num_words=vocab_size)`` and
+    ``pad_sequences(maxlen=max_len)``): ``({split: tokens}, {split: labels}, vocab)``, arrays
+    read-only.
+
+    Each post loses its header (up to its first blank line); its words are Keras's (lower
+    case, split at spaces and punctuation other than ``'``); the vocabulary is the
+    ``vocab_size - 1`` most frequent words of every post (``vocabulary="all"``: the
+    reference fits its tokenizer before splitting; ``"train"``: of the training posts), ties
+    in order of first appearance, ids 1, 2, ...; other words are dropped; a post keeps its
+    **last** ``max_len`` ids, left-padded with 0. Cached per process: reading, tokenising
+    and counting the posts takes ~2 s, and a run loads two splits (training: train and val;
+    evaluation: val and test)."""
+    texts, labels = _20news_posts(Path(folder), stamp)
     labels = np.asarray(labels, np.int32)
     # The reference: shuffle everything with seed 1, last 20 % test, 900 before it val.
     order = np.arange(len(texts))
@@ -343,26 +395,34 @@ def _20news_splits(folder: str, stamp: tuple, vocab_size: int, max_len: int):
     indices = {"train": order[:len(order) - n_test - 900],
                "val": order[len(order) - n_test - 900:len(order) - n_test],
                "test": order[len(order) - n_test:]}
-    train_words = [_tokenize(texts[i]) for i in indices["train"]]
-    vocab = _build_vocab(train_words, vocab_size)
-    tokens = {"train": np.stack([_encode(w, vocab, max_len) for w in train_words])}
-    del train_words
-    for split in ("val", "test"):
-        tokens[split] = np.stack([_encode(_tokenize(texts[i]), vocab, max_len)
-                                  for i in indices[split]])
+    words = [_keras_words(_without_header(t)) for t in texts]
+    counted = range(len(words)) if vocabulary == "all" else np.sort(indices["train"])
+    vocab = _keras_vocab((words[i] for i in counted), vocab_size)
+    tokens = {split: np.stack([_encode([vocab[w] for w in words[i] if w in vocab], max_len)
+                               for i in index]) for split, index in indices.items()}
     return ({s: _read_only(t) for s, t in tokens.items()},
             {s: _read_only(labels[i]) for s, i in indices.items()}, vocab)
 
 
-def _tokenize(text: str) -> list[str]:
-    import re
-    return re.findall(r"[a-z0-9']+", text.lower())
+def _without_header(post: str) -> str:
+    """The post from its first blank line on (the reference's ``t[t.find('\\n\\n'):]``)."""
+    i = post.find("\n\n")
+    return post[i:] if i > 0 else post
+
+
+#: What Keras's ``text_to_word_sequence`` turns into spaces (its default ``filters``).
+_KERAS_FILTERS = str.maketrans({c: " " for c in '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'})
+
+
+def _keras_words(text: str) -> list[str]:
+    """Keras's ``text_to_word_sequence``: lower case, filters to spaces, split at spaces."""
+    return [w for w in text.lower().translate(_KERAS_FILTERS).split(" ") if w]
 
 
 def _build_vocab(word_lists, max_words, reserved=2):
     """Word -> id for the ``max_words - reserved`` most frequent words of ``word_lists`` (one
     list of words per text), ties by word, ids from ``reserved`` on: the ids below are
-    reserved (20 Newsgroups: 0 = padding, 1 = unknown; SST: 0 = unknown)."""
+    reserved (SST: 0 = unknown)."""
     counts: collections.Counter = collections.Counter()
     for words in word_lists:
         counts.update(words)
@@ -370,12 +430,64 @@ def _build_vocab(word_lists, max_words, reserved=2):
     return {w: i + reserved for i, w in enumerate(ranked)}
 
 
-def _encode(words, vocab, max_len):
-    """A post's first ``max_len`` words as ids, left-padded with 0 to ``max_len``."""
-    ids = [vocab.get(w, 1) for w in words[:max_len]]
+def _keras_vocab(word_lists, num_words):
+    """Keras's ``Tokenizer(num_words)`` fitted on ``word_lists``: the ``num_words - 1`` most
+    frequent words, ties in order of first appearance, ids 1, 2, ... (0 = padding)."""
+    counts: collections.Counter = collections.Counter()  # insertion order = first appearance
+    for words in word_lists:
+        counts.update(words)
+    ranked = sorted(counts, key=lambda w: -counts[w])[:num_words - 1]  # a stable sort
+    return {w: i + 1 for i, w in enumerate(ranked)}
+
+
+def _encode(ids, max_len):
+    """A post's last ``max_len`` word ids, left-padded with 0 to ``max_len`` (Keras's
+    ``pad_sequences`` defaults: padding and truncation both at the front)."""
     out = np.zeros(max_len, np.int32)
-    out[max_len - len(ids):] = ids  # left-padded, as Keras' pad_sequences
+    if ids:
+        kept = ids[-max_len:]
+        out[max_len - len(kept):] = kept
     return out
+
+
+def word_vectors(vocab: dict, path, *, vocab_size: int) -> np.ndarray:
+    """The ``[vocab_size, dim]`` float32 embedding table of a text data set's vocabulary
+    (``Dataset.extra["vocab"]``, word -> id) from a GloVe-format text file (``word v1 ... vd``
+    a line, e.g. ``glove.6B.100d.txt``), as the reference builds it: row ``id`` holds the
+    word's vector, rows of ids no word has or of words the file lacks stay 0. Save it with
+    ``np.save`` and pass it as ``config.embeddings_path`` (``train_embeddings=false`` freezes
+    it, as the reference's 20 Newsgroups model does).
+
+    >>> import tempfile, os
+    >>> glove = os.path.join(tempfile.mkdtemp(), "vectors.txt")
+    >>> _ = open(glove, "w").write("the 0.5 -1.0\\nzebra 2.0 3.0\\n")
+    >>> word_vectors({"the": 1, "cat": 2}, glove, vocab_size=3)
+    array([[ 0. ,  0. ],
+           [ 0.5, -1. ],
+           [ 0. ,  0. ]], dtype=float32)
+    """
+    if vocab and max(vocab.values()) >= vocab_size:
+        raise ValueError(f"`vocab` holds ids up to {max(vocab.values())}, beyond `vocab_size` = "
+                         f"{vocab_size}: give the vocabulary size the model was built with.")
+    table = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                word, _, values = line.rstrip("\n").partition(" ")
+                if table is None:
+                    table = np.zeros((vocab_size, len(values.split(" "))), np.float32)
+                if word in vocab:
+                    vector = np.asarray(values.split(" "), np.float32)
+                    if vector.shape != table.shape[1:]:
+                        raise ValueError(f"line {number} holds {vector.size} numbers, the first "
+                                         f"line {table.shape[1]}")
+                    table[vocab[word]] = vector
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise sources.damaged_file(str(path), e) from e
+    if table is None:
+        raise sources.DamagedDataError(f"{path} is empty; give a GloVe-format file "
+                                       f"(`word v1 ... vd` a line).")
+    return table
 
 
 _SST_FILES = {"train": "train.txt", "val": "dev.txt", "test": "test.txt"}

@@ -6,6 +6,11 @@ clipping, mean-reduced losses, FLSD threshold 0.19; the reference keeps the
 best-validation model, so ``eval_checkpoint="best"``: the evaluation pass (and the sweep's
 tables) report that checkpoint.
 
+The posts are encoded as the reference's Keras code encodes them (``calib_jax.data.datasets``:
+headers dropped, the most frequent words of all posts, each post's last 1,000 words); its data
+set is ``news20.tar.gz`` (``<data_dir>/20_newsgroup/``, 19,997 posts), the offline copy is the
+"bydate" version (18,846 posts), read from ``<data_dir>/20news/``.
+
 Differences we cannot avoid offline: the reference feeds frozen GloVe 6B-100d
 vectors; GloVe is not available here, so the default embeddings are random
 and trainable (``embeddings_path=glove.npy,train_embeddings=false`` restores

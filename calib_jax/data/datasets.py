@@ -352,14 +352,15 @@ def _20news_posts(folder: Path, stamp: tuple) -> tuple[list[str], list[int]]:
             except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # gzip, JSON
                 raise sources.damaged_file(str(path), e) from e
         return texts, labels
-    groups = [name for name in names if "/" not in name]
-    for name in names:
-        if "/" in name:
+    parts = [Path(name).parts for name in names]  # (group,) or (group, post)
+    groups = [p[0] for p in parts if len(p) == 1]
+    for name, (group, *post) in zip(names, parts):
+        if post:
             try:  # latin-1, as the reference opens them: every byte is a character
                 texts.append((folder / name).read_text(encoding="latin-1"))
             except OSError as e:
                 raise sources.damaged_file(str(folder / name), e) from e
-            labels.append(groups.index(name.split("/")[0]))
+            labels.append(groups.index(group))
     if len(groups) != 20:
         raise DamagedDataError(f"{folder} must hold a folder for each of the 20 newsgroups, got "
                                f"{len(groups)} ({', '.join(groups[:4])}, ...); extract "

@@ -665,8 +665,13 @@ def test_text_sets_too_small_or_incomplete_are_refused(tmp_path):
     val = datasets.load("sst", "val", data_dir=tmp_path)
     assert len(val) == 1 and val.labels.tolist() == [0]  # the neutral root is dropped
     # By default every split is padded to the largest tree of the three files.
-    assert val.extra["max_nodes"] == 5 and val.extra["vocab"] == {"b": 1, "a": 2}
-    assert val.inputs.shape == (1, 3, 5)
+    # The vocabulary of all three files (the reference's), or of the training file alone.
+    assert val.extra["max_nodes"] == 5 and val.extra["vocab"] == {"a": 1, "b": 2, "c": 3}
+    assert val.inputs.shape == (1, 3, 5) and 3 in val.inputs[0, 0].tolist()  # "c" is known
+    train_only = datasets.load("sst", "val", data_dir=tmp_path, vocabulary="train")
+    assert train_only.extra["vocab"] == {"b": 1, "a": 2} and 3 not in train_only.inputs[0, 0]
+    with pytest.raises(ValueError, match="`vocabulary` must be 'all'"):
+        datasets.load("sst", "val", data_dir=tmp_path, vocabulary="dev")
     # An explicit max_nodes need only fit the split asked for.
     assert datasets.load("sst", "val", data_dir=tmp_path, max_nodes=3).inputs.shape == (1, 3, 3)
     with pytest.raises(ValueError, match="more than max_nodes=3"):

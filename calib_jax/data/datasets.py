@@ -300,11 +300,15 @@ def _labels_by_sorted_wnid(labels: np.ndarray, extra: dict, origin: str):
 NEWS20_FOLDERS = ("20news", "20_newsgroup")
 
 
+def _check_vocabulary(vocabulary):
+    if vocabulary not in ("all", "train"):
+        raise ValueError(f"`vocabulary` must be 'all' (the reference's: the words of every "
+                         f"split) or 'train' (the training split's only), got {vocabulary!r}.")
+
+
 def _20news(split, data_dir, vocab_size=20000, max_len=1000, vocabulary="all"):
     _check_split("20news", split, ("train", "val", "test"))
-    if vocabulary not in ("all", "train"):
-        raise ValueError(f"`vocabulary` must be 'all' (the reference: the words of every post) "
-                         f"or 'train' (the training posts' only), got {vocabulary!r}.")
+    _check_vocabulary(vocabulary)
     path = sources.find_folder(NEWS20_FOLDERS, data_dir)
     files = _20news_files(path) if path is not None else []
     if not files:
@@ -494,9 +498,10 @@ def word_vectors(vocab: dict, path, *, vocab_size: int) -> np.ndarray:
 _SST_FILES = {"train": "train.txt", "val": "dev.txt", "test": "test.txt"}
 
 
-def _sst(split, data_dir, vocab_size=20000, max_nodes=None):
+def _sst(split, data_dir, vocab_size=20000, max_nodes=None, vocabulary="all"):
     """SST binary as packed trees: ``inputs`` int32 ``[N, 3, M]`` (see models.text.pack_trees)."""
     _check_split("sst", split, ("train", "val", "test"))
+    _check_vocabulary(vocabulary)
     path = sources.find_folder("sst", data_dir)
     missing = [f for f in _SST_FILES.values() if path is None or not (path / f).is_file()]
     if missing:
@@ -505,22 +510,25 @@ def _sst(split, data_dir, vocab_size=20000, max_nodes=None):
             f"PTB-style trees as <data_dir>/sst/{{train,dev,test}}.txt, with data_dir the "
             f"argument or ${sources.ENV_DATA_DIR}.")
     stamp = sources.file_stamp(path / f for f in _SST_FILES.values())
-    packed, labels, parsed, max_nodes = _sst_split(str(path), stamp, vocab_size, max_nodes, split)
+    packed, labels, parsed, max_nodes = _sst_split(str(path), stamp, vocab_size, max_nodes,
+                                                   split, vocabulary)
     return Dataset("sst", split, packed, labels, 2, str(path),
-                   extra={"trees": parsed, "vocab": dict(_sst_corpus(str(path), stamp,
-                                                                     vocab_size)[1]),
+                   extra={"trees": parsed, "vocab": dict(_sst_corpus(str(path), stamp, vocab_size,
+                                                                     vocabulary)[1]),
                           "max_nodes": max_nodes})
 
 
 @functools.lru_cache(maxsize=2)
-def _sst_corpus(folder: str, stamp: tuple, vocab_size: int):
-    """The three SST files parsed (``{split: [tree]}``, trees as tuples), the training trees'
-    vocabulary and the largest tree's node count. Cached per process (``stamp``: see
+def _sst_corpus(folder: str, stamp: tuple, vocab_size: int, vocabulary: str):
+    """The three SST files parsed (``{split: [tree]}``, trees as tuples), the vocabulary (of
+    every split's sentences, as the reference's ``vocab-cased.txt``, or with
+    ``vocabulary="train"`` the training sentences') and the largest tree's node count. Cached per process (``stamp``: see
     :func:`calib_jax.data.sources.file_stamp`): every split needs the vocabulary and, by
     default, that count."""
     read = {split: _read_sst_file(Path(folder) / file) for split, file in _SST_FILES.items()}
-    # 0 = unknown; then the most frequent training words (the leaves' words; inner nodes None).
-    vocab = _build_vocab(([w for w in tree[1] if w is not None] for tree in read["train"]),
+    # 0 = unknown; then the most frequent words (the leaves' words; inner nodes None).
+    counted = read["train"] if vocabulary == "train" else [t for ts in read.values() for t in ts]
+    vocab = _build_vocab(([w for w in tree[1] if w is not None] for tree in counted),
                          vocab_size, reserved=1)
     return read, vocab, max(len(t[1]) for trees in read.values() for t in trees)
 
@@ -542,11 +550,12 @@ def _read_sst_file(path: Path) -> list[tuple]:
 
 
 @functools.lru_cache(maxsize=6)
-def _sst_split(folder: str, stamp: tuple, vocab_size: int, max_nodes: int | None, split: str):
+def _sst_split(folder: str, stamp: tuple, vocab_size: int, max_nodes: int | None, split: str,
+               vocabulary: str):
     """One SST split, binary, packed: ``(packed, labels, trees, max_nodes)``, arrays
     read-only; only this split's trees must fit an explicit ``max_nodes``."""
     from calib_jax.models.text import make_trees, pack_trees
-    read, vocab, largest = _sst_corpus(folder, stamp, vocab_size)
+    read, vocab, largest = _sst_corpus(folder, stamp, vocab_size, vocabulary)
     max_nodes = largest if max_nodes is None else max_nodes
     parsed = tuple(t for t in read[split] if t[0] != 2)  # binary task: drop neutral roots
     labels = np.asarray([int(t[0] > 2) for t in parsed], np.int32)
@@ -587,7 +596,9 @@ def load(name: str, split: str, *, data_dir=None, source: str = "auto", **option
       source: ``"auto"``, ``"local"`` or ``"tfds"`` (images only).
       options: ``cifar10_c``: ``severity`` (5), ``seed`` (0) for the generated set;
         ``20news``: ``vocab_size`` (20000), ``max_len`` (1000); ``sst``:
-        ``vocab_size`` (20000), ``max_nodes`` (default: the largest tree).
+        ``vocab_size`` (20000), ``max_nodes`` (default: the largest tree); both text sets:
+        ``vocabulary``, ``"all"`` (the reference's: the words of every split) or
+        ``"train"`` (the training split's words; the others' read as unknown / dropped).
     """
     if source not in ("auto", "local", "tfds"):
         raise ValueError(f"`source` must be 'auto', 'local' or 'tfds', got {source!r}.")

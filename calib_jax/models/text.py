@@ -240,7 +240,7 @@ class BinaryTreeLSTM(nn.Module):
     num_classes: int = 2
     vocab_size: int = 20000
     embed_dim: int = 300
-    mem_dim: int = 168
+    mem_dim: int = 150  # the reference's constituency model (sst_train.py)
     dropout: float = 0.5
     embeddings: Any = None
     train_embeddings: bool = True

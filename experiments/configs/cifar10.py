@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.embed_dim = 100
     c.embeddings_path = ""       # a [vocab_size, embed_dim] .npy (e.g. GloVe); "" = random
     c.train_embeddings = True
-    c.mem_dim = 168              # Tree-LSTM memory size
+    c.mem_dim = 150              # Tree-LSTM memory size (the reference's constituency model)
     return c
 
 

@@ -1,6 +1,6 @@
 """The reference's SST binary recipe (``nlp`` branch, ``treeLSTM``).
 
-Constituency Tree-LSTM (300-d embeddings, memory 168), Adagrad lr 0.05, weight
+Constituency Tree-LSTM (300-d embeddings, memory 150), Adagrad lr 0.05, weight
 decay 1e-4, batch 25, 25 epochs, mean-reduced losses, FLSD threshold 0.19,
 FLSc-531 switching at epochs 3 and 7; the reference keeps the best-dev model,
 so ``eval_checkpoint="best"``: the evaluation pass (and the sweep's tables) report it.
@@ -8,7 +8,11 @@ so ``eval_checkpoint="best"``: the evaluation pass (and the sweep's tables) repo
 Differences: the reference feeds GloVe 840B-300d vectors (not available here:
 random trainable embeddings by default; ``embeddings_path`` takes a .npy) and
 trains the embeddings with lr 0.1 (one lr here); it also puts the loss on every
-labelled phrase node, where this recipe trains on the sentence (root) label.
+labelled phrase node, where this recipe trains on the sentence (root) label; and its
+binary model has three outputs (negative, neutral, positive: the phrase labels include
+neutral), whose softmax its metrics read, where ours has two. As the reference's, the
+vocabulary holds the words of all three splits (``datasets.load("sst", ...,
+vocabulary="train")`` for the training sentences' alone).
 A batch of 25 needs a device count that divides it (1 or 5 devices).
 Usage: ``--config experiments/configs/sst.py:loss=flsd53``.
 """
@@ -39,6 +43,6 @@ def get_config(arg=None):
     c.gamma_boundaries = (3, 7)
     c.eval_checkpoint = "best"  # the reference keeps the best-dev model
     c.embed_dim = 300
-    c.mem_dim = 168
+    c.mem_dim = 150  # sst_train.py: 150 for --model_name constituency (168 is dependency's)
     c.checkpoint_every_epochs = 5
     return cifar10.parse_overrides(c, arg)

@@ -339,13 +339,30 @@ def test_original_order_of_ids():
             assert sources.original_order(ids).tolist() == [0, 1]
 
 
-def cifar_python_batch(indices, labels, label_key=b"labels") -> bytes:
-    """A batch file of the CIFAR python release, as Python 2 pickled them (protocol 2, bytes
-    keys, NumPy's old module name), of :func:`index_image` images."""
+class Python2Pickler(pickle._Pickler):
+    """Pickles as Python 2 did the CIFAR batches: every str and bytes a Python 2 byte string
+    (SHORT_BINSTRING / BINSTRING), which Python 3 reads back as bytes, dtype fields included."""
+
+    def save_py2_string(self, obj):
+        data = obj.encode("latin-1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + len(data).to_bytes(4, "little") + data)
+        self.memoize(obj)
+
+    dispatch = {**pickle._Pickler.dispatch, str: save_py2_string, bytes: save_py2_string}
+
+
+def cifar_python_batch(indices, labels, label_key="labels", **more) -> bytes:
+    """A batch file of the CIFAR python release as Python 2 wrote it (protocol 2, byte-string
+    keys and fields, NumPy's old module name), of :func:`index_image` images."""
     data = np.stack([index_image(int(i)).transpose(2, 0, 1).reshape(-1) for i in indices])
-    raw = pickle.dumps({b"batch_label": b"batch", label_key: [int(y) for y in labels],
-                        b"data": data, b"filenames": [b"x.png"] * len(data)}, protocol=2)
-    return raw.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    out = io.BytesIO()
+    batch = {"batch_label": "batch", label_key: [int(y) for y in labels], "data": data,
+             "filenames": ["x.png"] * len(data), **more}
+    Python2Pickler(out, protocol=2).dump(batch)
+    return out.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
 
 
 def test_cifar_python_release_gives_the_reference_split(tmp_path):
@@ -374,9 +391,8 @@ def test_cifar_python_release_gives_the_reference_split(tmp_path):
         root100.mkdir()
         (root100 / "meta").write_bytes(pickle.dumps({b"fine_label_names": []}, protocol=2))
         (root100 / "train").write_bytes(b"")  # never read for the test split
-        batch = pickle.loads(cifar_python_batch(range(4), [57, 99, 0, 3], b"fine_labels"))
-        batch[b"coarse_labels"] = [1, 2, 3, 4]
-        (root100 / "test").write_bytes(pickle.dumps(batch, protocol=2))
+        (root100 / "test").write_bytes(cifar_python_batch(
+            range(4), [57, 99, 0, 3], "fine_labels", coarse_labels=[1, 2, 3, 4]))
         assert datasets.load("cifar100", "test", data_dir=tmp_path).labels.tolist() == \
             [57, 99, 0, 3]
         (root / "test_batch").write_bytes(cifar_python_batch(range(7), [3] * 7)[:500])
@@ -444,8 +460,8 @@ def test_ood_releases_as_they_unpack(tmp_path):
     from scipy import io as scipy_io
     images = random_images(5, seed=4)
     (tmp_path / "svhn").mkdir()
-    scipy_io.savemat(tmp_path / "svhn" / "test_32x32.mat",
-                     {"X": images.transpose(1, 2, 3, 0), "y": np.array([[10], [1], [9], [10], [5]])})
+    scipy_io.savemat(tmp_path / "svhn" / "test_32x32.mat", {
+        "X": images.transpose(1, 2, 3, 0), "y": np.array([[10], [1], [9], [10], [5]])})
     svhn = datasets.load("svhn", "test", data_dir=tmp_path)
     np.testing.assert_array_equal(svhn.inputs, images)
     assert svhn.labels.tolist() == [0, 1, 9, 0, 5] and svhn.source == str(tmp_path / "svhn")

@@ -314,6 +314,7 @@ def main(argv=None):
     if args.out and len(run_dirs) > 1:
         parser.error("--out names one directory; a multi-member work directory writes each "
                      "member's results into <member>/eval_<checkpoint>[_nll]")
+    refused = []
     for run_dir in run_dirs:
         try:
             with train.concise_warnings():
@@ -321,11 +322,17 @@ def main(argv=None):
                                        out=args.out, data_dir=args.data_dir)
         except (EvaluationRefused, FileNotFoundError, datasets.DamagedDataError) as e:
             # Their messages name the run (or the data file) and what to do instead; a
-            # traceback adds nothing. (DataNotFoundError is a FileNotFoundError.)
+            # traceback adds nothing. (DataNotFoundError is a FileNotFoundError.) The other
+            # members of a group are still evaluated: one diverged member must not cost the
+            # rest of the row its results.
             print(f"{type(e).__name__}: {e}", file=sys.stderr)
-            return 1
+            refused.append(run_dir.name)
+            continue
         print(markdown_report(results) + "\n")
-    return 0
+    if refused and len(run_dirs) > 1:
+        print(f"not evaluated: {', '.join(refused)} (of {len(run_dirs)} members; the reasons "
+              f"are above)", file=sys.stderr)
+    return 1 if refused else 0
 
 
 def member_dirs(workdir) -> list[Path]:

@@ -247,3 +247,20 @@ def test_cli_and_bad_arguments(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):  # an abbreviation is refused, not taken for --criterion
         evaluate.main(["--workdir", str(run_dir), "--crit", "nll"])
     assert "unrecognized arguments: --crit" in capsys.readouterr().err
+
+
+def test_a_group_evaluates_every_member_it_can(run_dir, tmp_path, capsys):
+    # One member that cannot be evaluated (here: lengthened, so not finished) is reported and
+    # the others are evaluated all the same; the exit status says that one was not.
+    group = tmp_path / "group"
+    for name in ("unfinished", "done"):
+        shutil.copytree(run_dir, group / name, ignore=shutil.ignore_patterns("eval_*"))
+    config = json.loads((group / "unfinished" / "config.json").read_text())
+    (group / "unfinished" / "config.json").write_text(json.dumps(dict(config, num_epochs=3)))
+    (group / "members.json").write_text(json.dumps({"members": ["unfinished", "done"]}))
+    assert evaluate.main(["--workdir", str(group)]) == 1
+    captured = capsys.readouterr()
+    assert "EvaluationRefused: the run in " in captured.err and "| error |" in captured.out
+    assert "not evaluated: unfinished (of 2 members" in captured.err
+    assert (group / "done" / "eval_final" / "results.json").exists()
+    assert not (group / "unfinished" / "eval_final").exists()

@@ -591,7 +591,8 @@ def test_20news_is_encoded_as_the_reference_encodes_it():
         "\n\nno header, a blank first line"  # the reference strips only after a header
     assert datasets._keras_words(datasets._without_header(post)) == \
         ["it's", "the", "x11", "r5", "patch", "again", "don't"]
-    vocab = datasets._keras_vocab([["b", "a", "c"], ["c", "a", "d"], ["e"]], 4)
+    vocab = datasets._build_vocab([["b", "a", "c"], ["c", "a", "d"], ["e"]], 4, reserved=1,
+                                  ties="first")
     assert vocab == {"a": 1, "c": 2, "b": 3}  # by count, ties by first appearance; 3 words
     assert datasets._encode([5, 6, 7], 5).tolist() == [0, 0, 5, 6, 7]  # padded at the front
     assert datasets._encode([1, 2, 3, 4, 5, 6], 4).tolist() == [3, 4, 5, 6]  # keeps the end

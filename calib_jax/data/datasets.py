@@ -402,7 +402,8 @@ def _20news_splits(folder: str, stamp: tuple, vocab_size: int, max_len: int, voc
                "test": order[len(order) - n_test:]}
     words = [_keras_words(_without_header(t)) for t in texts]
     counted = range(len(words)) if vocabulary == "all" else np.sort(indices["train"])
-    vocab = _keras_vocab((words[i] for i in counted), vocab_size)
+    vocab = _build_vocab((words[i] for i in counted), vocab_size, reserved=1,
+                         ties="first")
     tokens = {split: np.stack([_encode([vocab[w] for w in words[i] if w in vocab], max_len)
                                for i in index]) for split, index in indices.items()}
     return ({s: _read_only(t) for s, t in tokens.items()},
@@ -424,25 +425,18 @@ def _keras_words(text: str) -> list[str]:
     return [w for w in text.lower().translate(_KERAS_FILTERS).split(" ") if w]
 
 
-def _build_vocab(word_lists, max_words, reserved=2):
+def _build_vocab(word_lists, max_words, reserved=2, *, ties="word"):
     """Word -> id for the ``max_words - reserved`` most frequent words of ``word_lists`` (one
-    list of words per text), ties by word, ids from ``reserved`` on: the ids below are
-    reserved (SST: 0 = unknown)."""
-    counts: collections.Counter = collections.Counter()
-    for words in word_lists:
-        counts.update(words)
-    ranked = sorted(counts, key=lambda w: (-counts[w], w))[:max_words - reserved]
-    return {w: i + reserved for i, w in enumerate(ranked)}
-
-
-def _keras_vocab(word_lists, num_words):
-    """Keras's ``Tokenizer(num_words)`` fitted on ``word_lists``: the ``num_words - 1`` most
-    frequent words, ties in order of first appearance, ids 1, 2, ... (0 = padding)."""
+    list of words per text), ids from ``reserved`` on: the ids below are reserved (20
+    Newsgroups: 0 = padding; SST: 0 = unknown). Ties by word (``ties="word"``), or in order
+    of first appearance (``"first"``: Keras's ``Tokenizer(num_words=max_words)`` with
+    ``reserved=1``)."""
     counts: collections.Counter = collections.Counter()  # insertion order = first appearance
     for words in word_lists:
         counts.update(words)
-    ranked = sorted(counts, key=lambda w: -counts[w])[:num_words - 1]  # a stable sort
-    return {w: i + 1 for i, w in enumerate(ranked)}
+    key = (lambda w: (-counts[w], w)) if ties == "word" else (lambda w: -counts[w])
+    ranked = sorted(counts, key=key)[:max_words - reserved]  # a stable sort
+    return {w: i + reserved for i, w in enumerate(ranked)}
 
 
 def _encode(ids, max_len):
@@ -522,9 +516,9 @@ def _sst(split, data_dir, vocab_size=20000, max_nodes=None, vocabulary="all"):
 def _sst_corpus(folder: str, stamp: tuple, vocab_size: int, vocabulary: str):
     """The three SST files parsed (``{split: [tree]}``, trees as tuples), the vocabulary (of
     every split's sentences, as the reference's ``vocab-cased.txt``, or with
-    ``vocabulary="train"`` the training sentences') and the largest tree's node count. Cached per process (``stamp``: see
-    :func:`calib_jax.data.sources.file_stamp`): every split needs the vocabulary and, by
-    default, that count."""
+    ``vocabulary="train"`` the training sentences') and the largest tree's node count.
+    Cached per process (``stamp``: see :func:`calib_jax.data.sources.file_stamp`): every
+    split needs the vocabulary and, by default, that count."""
     read = {split: _read_sst_file(Path(folder) / file) for split, file in _SST_FILES.items()}
     # 0 = unknown; then the most frequent words (the leaves' words; inner nodes None).
     counted = read["train"] if vocabulary == "train" else [t for ts in read.values() for t in ts]

@@ -25,16 +25,14 @@ A local data set lives in ``<data_dir>/<folder>/`` as either
 * **the Tiny-ImageNet release** (``tiny-imagenet-200.zip`` unzipped, marked by its
   ``wnids.txt``): ``train/<wnid>/images/*.JPEG``, and ``val/images/*.JPEG`` labelled by
   ``val/val_annotations.txt``; class indices in sorted wnid order, as the reference numbers
-  them (``Data/tiny_imagenet.py``). Its unlabelled ``test/`` split is not read.
-
+  them (``Data/tiny_imagenet.py``). Its unlabelled ``test/`` split is not read; or
 * **the CIFAR "python version" releases** (``cifar-10-python.tar.gz`` /
   ``cifar-100-python.tar.gz`` extracted: what torchvision downloads and the reference reads),
   marked by ``batches.meta`` (CIFAR-10: ``data_batch_1`` ... ``data_batch_5``, ``test_batch``)
   or ``meta`` (CIFAR-100: ``train``, ``test``; the 100 fine labels): pickled batches, read
   with an unpickler that builds NumPy arrays, lists and numbers only (a pickle can otherwise
   run code). In the original order, so the reference's split indices select the reference's
-  validation images.
-
+  validation images; or
 * **SVHN's release** (``test_32x32.mat``, what torchvision downloads): a MATLAB file read
   with SciPy (a JAX dependency); the label 10 of digit 0 becomes 0, as in TFDS and torchvision.
 
@@ -392,11 +390,10 @@ def _layout(folder: Path, split: str) -> str | None:
     return "tree" if (folder / split).is_dir() else None
 
 
-def _local_image_files(folder: Path, split: str) -> list[Path]:
-    """The files :func:`_read_local_images` reads for ``split``: its chunks; the release's
-    class list, annotations and images; or its tree's class folders (an empty one added still
-    shifts the labels after it) and their images; empty when none is there."""
-    layout = _layout(folder, split)
+def _local_image_files(folder: Path, split: str, layout: str | None) -> list[Path]:
+    """The files :func:`_read_local_images` reads for ``split`` in ``layout``
+    (:func:`_layout`): its chunks; a release's files; or its tree's class folders (an empty
+    one added still shifts the labels after it) and their images; empty when none is there."""
     if layout == "chunks":
         return chunk_files(folder, split)
     if layout == "cifar_python":
@@ -426,12 +423,13 @@ def read_local_images(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray,
     splits used last.
     """
     key = (str(folder), split)
-    stamp = file_stamp(_local_image_files(folder, split), relative_to=folder)
+    layout = _layout(folder, split)
+    stamp = file_stamp(_local_image_files(folder, split, layout), relative_to=folder)
     cached = _DECODED.pop(key, None)  # re-inserted below: the most recently used goes last
     if cached is not None and cached[0] != stamp:
         cached = None  # the stale decoding is let go before the new one is made
     if cached is None:
-        images, labels, extra = _read_local_images(folder, split)
+        images, labels, extra = _read_local_images(folder, split, layout)
         for array in (images, labels, *extra.values()):
             array.flags.writeable = False
         cached = (stamp, (images, labels, extra))
@@ -448,8 +446,7 @@ DECODED_SPLITS_KEPT = 8
 _DECODED: dict[tuple[str, str], tuple[tuple, tuple]] = {}  # (folder, split) -> (stamp, arrays)
 
 
-def _read_local_images(folder: Path, split: str):
-    layout = _layout(folder, split)
+def _read_local_images(folder: Path, split: str, layout: str | None):
     if layout == "chunks":
         return read_chunks(chunk_files(folder, split))
     if layout == "release":

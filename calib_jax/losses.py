@@ -383,8 +383,7 @@ def _top_confidence_and_correct(logits, labels):
     # like torch.max; jnp.max would split it between ties.
     conf = jnp.take_along_axis(probs, pred[:, None], axis=-1)[:, 0]
     correct = (pred == labels).astype(probs.dtype)
-    ok = jnp.all(validation.valid_rows(logits, labels))
-    return conf, correct, ok
+    return conf, correct, validation.valid_rows(logits, labels)
 
 
 def mmce(logits, labels):
@@ -411,13 +410,14 @@ def mmce(logits, labels):
       Networks from Kernel Mean Embeddings*, ICML 2018.
     """
     conf, correct, ok = _top_confidence_and_correct(logits, labels)
+    ok = jnp.all(ok)
     diff = correct - conf
     n = conf.shape[0]
     value = jnp.sum(diff[:, None] * diff[None, :] * _laplacian_kernel(conf)) / (n * n)
     return _poison(value, ok)
 
 
-def mmce_weighted(logits, labels):
+def mmce_weighted(logits, labels, *, where=None):
     r"""Weighted MMCE (MMCE_w of Kumar et al. 2018), as the reference computes it.
 
     With ``r`` the max softmax probability, ``m`` correct and ``n`` incorrect
@@ -439,6 +439,9 @@ def mmce_weighted(logits, labels):
 
     Args:
       logits: ``[N, C]``; labels: ``[N]``.
+      where: optional ``[N]`` booleans, the samples that count (the labelled nodes of
+        phrase-level training): the others enter neither block, as if absent, and their
+        labels are not read.
 
     Returns:
       float32 scalar for the whole batch.
@@ -451,8 +454,23 @@ def mmce_weighted(logits, labels):
       Kumar, Sarawagi, Jain, *Trainable Calibration Measures for Neural
       Networks from Kernel Mean Embeddings*, ICML 2018.
     """
-    conf, correct, ok = _top_confidence_and_correct(logits, labels)
-    wrong = 1.0 - correct
+    if where is None:
+        conf, correct, ok = _top_confidence_and_correct(logits, labels)
+        ok = jnp.all(ok)
+        wrong = 1.0 - correct
+    else:
+        where = jnp.asarray(where, bool)
+        if where.shape != jnp.shape(labels):
+            raise ValueError(f"`where` must have the labels' shape {jnp.shape(labels)}, got "
+                             f"{where.shape}.")
+        # Rows that do not count read as zeros: neither their values nor their gradients
+        # (a NaN row's would be NaN) reach the result.
+        logits = jnp.where(where[:, None], logits, jnp.zeros((), jnp.asarray(logits).dtype))
+        conf, correct, ok = _top_confidence_and_correct(logits, jnp.where(where, labels, 0))
+        ok = jnp.all(ok | ~where)
+        counts = where.astype(conf.dtype)
+        wrong = (1.0 - correct) * counts
+        correct = correct * counts
     m = jnp.sum(correct)
     n = jnp.sum(wrong)
     both = (m > 0) & (n > 0)

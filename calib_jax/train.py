@@ -54,6 +54,7 @@ from calib_jax import losses
 from calib_jax.data import pipeline
 from calib_jax.files import (DirectoryInUseError, atomic_write_text, hold_directory_lock,
                              unwritable_reason)
+from calib_jax.models.text import NodeLogits
 from calib_jax.validation import is_concrete
 
 __all__ = ["ConfigError", "EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES",
@@ -107,10 +108,30 @@ def batch_loss(name, logits, labels, epoch, **options):
     Args:
       name: a loss name or a :class:`LossSpec`; with a name, ``options`` are
         LossSpec fields (``gamma``, ``mmce_lambda``, ``smoothing``, ...).
+      logits, labels: ``[B, C]`` and ``[B]``; or, for phrase-level training (SST as the
+        reference trains it), every node's logits ``[B, M, C]`` and labels ``[B, M]``, -1
+        where a node has no label. Then each labelled node is an example and the batch is
+        still ``B`` trees: the reference sums a tree's node losses and divides the batch's
+        sum by ``B`` (``mean_reduction``); Brier is that sum over ``B`` as well, and MMCE's
+        ``N`` is the number of labelled nodes, its kernel taken over all of them.
       epoch: used by ``flsc531`` (gamma 5 / 3 / 1 from epochs 0 / 100 / 250).
     """
     spec = name if isinstance(name, LossSpec) else LossSpec(name, **options)
     tiers = dict(thresholds=(spec.flsd_threshold, 0.5), gammas=(5.0, 3.0))
+    n = logits.shape[0]
+    where = None
+    if logits.ndim == 3:
+        if labels.shape != logits.shape[:2]:
+            raise ValueError(f"node logits {logits.shape} need labels [B, M] = "
+                             f"{logits.shape[:2]}, got {labels.shape}.")
+        where = (labels >= 0).reshape(-1)
+        # Unlabelled nodes (padding) read as zero logits of class 0, then masked: neither
+        # their values nor their gradients reach the loss.
+        logits = jnp.where(where[:, None], logits.reshape(-1, logits.shape[-1]), 0.0)
+        labels = jnp.maximum(labels, 0).reshape(-1)
+
+    def total(values):
+        return jnp.sum(values if where is None else jnp.where(where, values, 0.0))
     per_example = {
         "ce": lambda: losses.cross_entropy(logits, labels),
         "focal": lambda: losses.focal_loss(logits, labels, gamma=spec.gamma),
@@ -122,17 +143,20 @@ def batch_loss(name, logits, labels, epoch, **options):
         "label_smoothing": lambda: losses.label_smoothing_cross_entropy(
             logits, labels, smoothing=spec.smoothing),
     }
-    n = logits.shape[0]
     if spec.name in per_example:
-        total = jnp.sum(per_example[spec.name]())
+        summed = total(per_example[spec.name]())
     elif spec.name == "brier":
-        return jnp.mean(losses.brier_score(logits, labels))
+        brier = losses.brier_score(logits, labels)
+        return jnp.mean(brier) if where is None else total(brier) / n
     elif spec.name == "mmce_weighted":
-        total = n * (jnp.mean(losses.cross_entropy(logits, labels))
-                     + spec.mmce_lambda * losses.mmce_weighted(logits, labels))
+        # N * (mean CE + lambda * MMCE_w), N the examples (labelled nodes) that count.
+        count = n if where is None else jnp.sum(where)
+        mean_ce = total(losses.cross_entropy(logits, labels)) / count
+        summed = count * (mean_ce + spec.mmce_lambda
+                          * losses.mmce_weighted(logits, labels, where=where))
     else:
         raise ValueError(f"unknown loss {spec.name!r}; choose one of {LOSS_NAMES}.")
-    return total / n if spec.mean_reduction else total
+    return summed / n if spec.mean_reduction else summed
 
 
 def piecewise_lr(base_lr: float, steps_per_epoch: int, boundaries=(150, 250), factor=0.1,
@@ -317,16 +341,26 @@ def _model_inputs(inputs, mean, std, dtype):
     return inputs if mean is None else pipeline.normalize(inputs, mean, std, dtype)
 
 
+def _loss_targets(output, labels):
+    """``(accuracy logits, loss logits, loss labels)`` of a model's training output: the
+    batch's own for plain logits; a tree model's nodes for :class:`models.text.NodeLogits`
+    (phrase-level training: the loss on every labelled node, accuracy on the sentences)."""
+    if isinstance(output, NodeLogits):
+        return output.logits, output.node_logits, output.node_labels
+    return output, output, labels
+
+
 def _apply_step(state: TrainState, x, labels, loss_fn):
     """The optimiser step shared by :func:`train_step`, :func:`train_steps` and
-    :func:`multi_train_steps`."""
+    :func:`multi_train_steps`; ``loss_fn(logits, labels)`` is the batch objective."""
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
     def objective(params):
-        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x,
+        output, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x,
                                          train=True, mutable=["batch_stats"],
                                          rngs={"dropout": dropout_rng})
-        return loss_fn(logits), (logits, updates.get("batch_stats", {}))
+        logits, loss_logits, loss_labels = _loss_targets(output, labels)
+        return loss_fn(loss_logits, loss_labels), (logits, updates.get("batch_stats", {}))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params)
@@ -355,7 +389,7 @@ def train_step(state: TrainState, images, labels, epoch, *, loss_name, mean, std
 def _train_on_batch(state, images, labels, epoch, loss, mean, std, dtype):
     """One step of one run on a raw batch: normalise, then the loss's optimiser step."""
     return _apply_step(state, _model_inputs(images, mean, std, dtype), labels,
-                       lambda logits: batch_loss(loss, logits, labels, epoch))
+                       lambda logits, targets: batch_loss(loss, logits, targets, epoch))
 
 
 def stack_states(states) -> TrainState:
@@ -504,8 +538,8 @@ def multi_train_steps(stacked: TrainState, images, labels, orders, first_step, e
             sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
 
     def member(state, x, y, k):
-        return _apply_step(state, x, y,
-                           lambda logits: jax.lax.switch(k, branches, logits, y, epoch))
+        return _apply_step(state, x, y, lambda logits, targets: jax.lax.switch(
+            k, branches, logits, targets, epoch))
 
     if members not in MEMBER_MODES:
         raise ValueError(f"`members` must be one of {MEMBER_MODES}, got {members!r}.")
@@ -859,6 +893,12 @@ def validate_config(config, num_devices: int) -> None:
     if (config.dataset in TEXT_DATASETS) != (config.model in TEXT_MODELS):
         kind = "text" if config.dataset in TEXT_DATASETS else "image"
         bad("model", f"{config.dataset!r} needs a {kind} model")
+    phrase_labels = config.get("phrase_labels", False)
+    if not isinstance(phrase_labels, bool):
+        bad("phrase_labels", "must be True or False")
+    if phrase_labels and (config.dataset, config.model) != ("sst", "tree_lstm"):
+        bad("phrase_labels", "trains a Tree-LSTM on SST's labelled phrases: needs "
+                             "dataset=sst and model=tree_lstm (False for other runs)")
     if config.get("optimizer", "sgd") not in ("sgd", "adam", "adagrad"):
         bad("optimizer", "must be sgd, adam or adagrad")
     if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
@@ -1011,6 +1051,15 @@ def state_for_config(config, num_classes: int, example_shape, steps_per_epoch: i
     if config.model in TEXT_MODELS:
         embeddings = np.load(config.embeddings_path) if config.get("embeddings_path") else None
         extra = {"mem_dim": config.mem_dim} if config.model == "tree_lstm" else {}
+        if config.get("phrase_labels", False):
+            # The reference's SST model: three phrase classes, a sentence read as negative
+            # or positive (datasets.SST_SENTENCE_CLASSES), trained on every labelled node.
+            from calib_jax.data import datasets
+            if num_classes != len(datasets.SST_SENTENCE_CLASSES):
+                raise ValueError(f"phrase labels are SST binary's: 2 sentence classes, got "
+                                 f"num_classes={num_classes}")
+            num_classes = len(set(datasets.SST_PHRASE_CLASSES.values()))
+            extra.update(root_classes=datasets.SST_SENTENCE_CLASSES, phrase_labels=True)
         model = model_zoo.get(config.model, num_classes, dtype=dtype,
                               vocab_size=config.vocab_size, embed_dim=config.embed_dim,
                               embeddings=embeddings,
@@ -1039,8 +1088,13 @@ def abstract_state_for_config(config, num_classes: int, example_shape):
 
 
 def dataset_options(config) -> dict:
-    """Loader options a config implies (vocabulary size for text)."""
-    return {"vocab_size": config.vocab_size} if config.dataset in TEXT_DATASETS else {}
+    """Loader options a config implies (vocabulary size for text; SST's phrase labels)."""
+    if config.dataset not in TEXT_DATASETS:
+        return {}
+    options = {"vocab_size": config.vocab_size}
+    if config.get("phrase_labels", False):
+        options["phrase_labels"] = True
+    return options
 
 
 def input_normalization(config, split: str):

@@ -529,8 +529,17 @@ def test_real_tiny_imagenet_and_text(tmp_path):
     assert len(news["val"]) == 900
     assert sum(len(d) for d in news.values()) == 11314 + 7532
     assert news["train"].inputs.shape[1] == 1000 and news["train"].inputs.max() < 20000
-    sst = {s: datasets.load("sst", s) for s in ("train", "val", "test")}
+    sst = {s: datasets.load("sst", s, phrase_labels=True) for s in ("train", "val", "test")}
     assert [len(sst[s]) for s in ("train", "val", "test")] == [6920, 872, 1821]
+    # Every real node is labelled; the root (the last real node) carries the sentence label.
+    for split in sst.values():
+        left, node_labels = split.inputs[:, 1], split.inputs[:, 3]
+        assert np.array_equal(left == -2, node_labels == -1)
+        root = (left != -2).sum(axis=1) - 1
+        roots = node_labels[np.arange(len(split)), root]
+        np.testing.assert_array_equal(roots, np.where(split.labels == 1, 2, 0))
+    train_nodes = sst["train"].inputs[:, 3]
+    assert (train_nodes == 1).sum() > (train_nodes >= 0).sum() / 3  # many neutral phrases
 
 
 def write_20news(folder: Path, num_posts: int, *, label_shift: int = 0):
@@ -693,6 +702,17 @@ def test_text_sets_too_small_or_incomplete_are_refused(tmp_path):
     assert datasets.load("sst", "val", data_dir=tmp_path, max_nodes=3).inputs.shape == (1, 3, 3)
     with pytest.raises(ValueError, match="more than max_nodes=3"):
         datasets.load("sst", "train", data_dir=tmp_path, max_nodes=3)
+    # Phrase labels: every node's class (0-1 negative, 2 neutral, 3-4 positive) as a fourth
+    # row, in post-order (a, c, root), -1 on padding; the root's is the sentence's label.
+    phrases = datasets.load("sst", "val", data_dir=tmp_path, phrase_labels=True)
+    assert phrases.inputs.shape == (1, 4, 5)
+    np.testing.assert_array_equal(phrases.inputs[:, :3], val.inputs)
+    assert phrases.inputs[0, 3].tolist() == [1, 0, 0, -1, -1]
+    train_phrases = datasets.load("sst", "train", data_dir=tmp_path, phrase_labels=True)
+    assert train_phrases.inputs[0, 3].tolist() == [1, 1, 2, 2, 2]  # a, b, b, (b b), root
+    assert train_phrases.labels.tolist() == [1]
+    with pytest.raises(ValueError, match="`phrase_labels` must be True or False"):
+        datasets.load("sst", "val", data_dir=tmp_path, phrase_labels=1)
 
 
 def test_a_damaged_data_file_is_named_and_never_skipped_for_another_source(tmp_path,

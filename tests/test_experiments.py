@@ -67,6 +67,14 @@ def test_reference_exceptions_and_recipes():
     bad = paper.get_config("cell=cifar10/resnet50/ce,eval_checkpoint=latest")
     with pytest.raises(ValueError, match="config.eval_checkpoint = 'latest': must be one of"):
         train.validate_config(bad, num_devices=1)
+    # SST trains as the reference does: every labelled phrase, MMCE without a lambda.
+    s = paper.get_config("cell=sst/tree_lstm/mmce_weighted")
+    assert (s.phrase_labels, s.mmce_lambda, s.loss_mean) == (True, 1.0, True)
+    assert not paper.get_config("cell=20news/global_pooling_cnn/ce").phrase_labels
+    with pytest.raises(ValueError, match="config.phrase_labels = True: trains a Tree-LSTM on "
+                                         "SST's labelled phrases"):
+        train.validate_config(paper.get_config("cell=cifar10/resnet50/ce,phrase_labels=true"),
+                              num_devices=1)
     with pytest.raises(ValueError, match="cell="):
         paper.get_config("model=resnet50")
 

@@ -66,6 +66,33 @@ def test_batch_losses_match_numpy_and_gradients(fn):
                     atol=1e-5, rtol=1e-5)
 
 
+def test_mmce_weighted_where_is_the_counted_rows_alone_in_value_and_gradient():
+    logits, labels = random_problem(n=20, c=3, scale=2.0, seed=6)
+    where = np.random.default_rng(6).random(20) < 0.6
+    # Rows that do not count may hold anything, even NaN logits and labels out of range.
+    junk_logits = np.where(where[:, None], logits, np.nan).astype(np.float32)
+    junk_labels = np.where(where, labels, -1).astype(np.int32)
+
+    def masked(z):
+        return losses.mmce_weighted(z, junk_labels, where=where)
+
+    def kept(z):
+        return losses.mmce_weighted(z, labels[where])
+
+    np.testing.assert_allclose(float(masked(junk_logits)), ref.mmce_weighted(
+        logits[where], labels[where]), rtol=1e-5)
+    g = jax.grad(masked)(junk_logits)
+    np.testing.assert_allclose(g[where], jax.grad(kept)(logits[where]), rtol=1e-5, atol=1e-7)
+    assert np.all(g[~where] == 0)
+    bad = junk_logits.copy()
+    bad[np.flatnonzero(where)[0], 0] = np.nan  # a counted row is still refused / poisons
+    with pytest.raises(ValueError, match="contains 1 NaN"):
+        masked(bad)
+    assert np.isnan(float(jax.jit(masked)(bad)))
+    with pytest.raises(ValueError, match="`where` must have the labels' shape"):
+        losses.mmce_weighted(logits, labels, where=where[:5])
+
+
 def test_focal_gamma_zero_is_cross_entropy_in_value_and_gradient():
     logits, labels = random_problem(seed=3)
     np.testing.assert_allclose(losses.focal_loss(logits, labels, gamma=0.0),

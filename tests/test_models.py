@@ -529,13 +529,54 @@ def test_tree_lstm_matches_recursive_reference():
     v = model.init(jax.random.PRNGKey(0), trees)
     out = np.asarray(model.apply(v, trees))
     assert out.shape == (3, 5)
-    for i, (_, words, lefts, rights) in enumerate(parsed):
+    for i, (_, words, lefts, rights, _) in enumerate(parsed):
         ids = [vocab.get(w, 0) if w is not None else 0 for w in words]
         np.testing.assert_allclose(out[i], _tree_lstm_numpy(v["params"], ids, lefts, rights),
                                    rtol=1e-5, atol=1e-6)
     assert parsed[2][1] == ["w"]  # unary root collapsed onto its leaf
     with pytest.raises(ValueError):
         text.parse_ptb_tree("(3 (2 a) (4 b")
+
+
+def test_tree_lstm_phrase_labels_train_every_node_and_read_the_root():
+    """The reference's SST model: three phrase classes, every node's logits and targets for
+    training; the sentence read from the root's negative and positive outputs."""
+    sentences = ["(3 (2 a) (4 (2 b) (3 c)))", "(1 (2 (2 x) (1 y)) (0 z))", "(3 (1 w))"]
+    parsed = [text.parse_ptb_tree(s) for s in sentences]
+    assert parsed[0][4] == [2, 2, 3, 4, 3]  # post-order: a, b, c, (b c), root
+    assert parsed[2][4] == [3]  # a unary chain keeps its outermost (the sentence's) label
+    classes = {0: 0, 1: 0, 2: 1, 3: 2, 4: 2}
+    vocab = {w: i + 1 for i, w in enumerate("abcxyzw")}
+    trees = text.make_trees(parsed, vocab, max_nodes=7, node_classes=classes)
+    assert trees.labels[1].tolist() == [1, 0, 1, 0, 0, -1, -1]
+    packed = text.pack_trees(trees)
+    assert packed.shape == (3, 4, 7)
+    np.testing.assert_array_equal(text.unpack_trees(jnp.asarray(packed)).labels, trees.labels)
+    model = models.get("tree_lstm", 3, vocab_size=10, embed_dim=6, mem_dim=4,
+                       root_classes=(0, 2), phrase_labels=True)
+    v = model.init(jax.random.PRNGKey(0), packed)
+    nodes = np.asarray(model.apply(v, packed, all_nodes=True))
+    root = np.asarray(trees.root)
+    sentence = np.asarray(model.apply(v, packed))
+    np.testing.assert_allclose(sentence, nodes[np.arange(3), root][:, [0, 2]], rtol=1e-6)
+    # The two-output reading is the plain model's, on the same parameters.
+    plain = models.get("tree_lstm", 3, vocab_size=10, embed_dim=6, mem_dim=4)
+    np.testing.assert_allclose(sentence, np.asarray(plain.apply(v, trees))[:, [0, 2]],
+                               rtol=1e-6)
+    no_dropout = models.get("tree_lstm", 3, vocab_size=10, embed_dim=6, mem_dim=4,
+                            root_classes=(0, 2), phrase_labels=True, dropout=0.0)
+    out = no_dropout.apply(v, packed, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    assert isinstance(out, models.NodeLogits)
+    np.testing.assert_allclose(out.node_logits, nodes, rtol=1e-6)
+    np.testing.assert_allclose(out.logits, sentence, rtol=1e-6)
+    np.testing.assert_array_equal(out.node_labels, trees.labels)
+    with pytest.raises(ValueError, match="`phrase_labels=True` trains on node labels"):
+        model.apply(v, packed[:, :3], train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    with pytest.raises(ValueError, match="`root_classes` must name two or more"):
+        models.get("tree_lstm", 3, vocab_size=10, embed_dim=6, mem_dim=4,
+                   root_classes=(0, 3)).init(jax.random.PRNGKey(0), packed)
+    with pytest.raises(ValueError, match=r"shape \[batch, 3 or 4, nodes\]"):
+        text.unpack_trees(jnp.zeros((2, 5, 7), jnp.int32))
 
 
 def test_registry_errors():

@@ -490,12 +490,20 @@ def word_vectors(vocab: dict, path, *, vocab_size: int) -> np.ndarray:
 
 
 _SST_FILES = {"train": "train.txt", "val": "dev.txt", "test": "test.txt"}
+# The reference's SST binary phrase classes (treeLSTM/dataset.py): sentiment 0-1 negative,
+# 2 neutral, 3-4 positive; a binary sentence label is one of SST_SENTENCE_CLASSES.
+SST_PHRASE_CLASSES = {0: 0, 1: 0, 2: 1, 3: 2, 4: 2}
+SST_SENTENCE_CLASSES = (0, 2)  # negative, positive: sentence labels 0 and 1
 
 
-def _sst(split, data_dir, vocab_size=20000, max_nodes=None, vocabulary="all"):
-    """SST binary as packed trees: ``inputs`` int32 ``[N, 3, M]`` (see models.text.pack_trees)."""
+def _sst(split, data_dir, vocab_size=20000, max_nodes=None, vocabulary="all",
+         phrase_labels=False):
+    """SST binary as packed trees: ``inputs`` int32 ``[N, 3, M]`` (see models.text.pack_trees),
+    ``[N, 4, M]`` with every node's phrase class (:data:`SST_PHRASE_CLASSES`)."""
     _check_split("sst", split, ("train", "val", "test"))
     _check_vocabulary(vocabulary)
+    if not isinstance(phrase_labels, bool):
+        raise ValueError(f"`phrase_labels` must be True or False, got {phrase_labels!r}.")
     path = sources.find_folder("sst", data_dir)
     missing = [f for f in _SST_FILES.values() if path is None or not (path / f).is_file()]
     if missing:
@@ -505,7 +513,7 @@ def _sst(split, data_dir, vocab_size=20000, max_nodes=None, vocabulary="all"):
             f"argument or ${sources.ENV_DATA_DIR}.")
     stamp = sources.file_stamp(path / f for f in _SST_FILES.values())
     packed, labels, parsed, max_nodes = _sst_split(str(path), stamp, vocab_size, max_nodes,
-                                                   split, vocabulary)
+                                                   split, vocabulary, phrase_labels)
     return Dataset("sst", split, packed, labels, 2, str(path),
                    extra={"trees": parsed, "vocab": dict(_sst_corpus(str(path), stamp, vocab_size,
                                                                      vocabulary)[1]),
@@ -545,7 +553,7 @@ def _read_sst_file(path: Path) -> list[tuple]:
 
 @functools.lru_cache(maxsize=6)
 def _sst_split(folder: str, stamp: tuple, vocab_size: int, max_nodes: int | None, split: str,
-               vocabulary: str):
+               vocabulary: str, phrase_labels: bool = False):
     """One SST split, binary, packed: ``(packed, labels, trees, max_nodes)``, arrays
     read-only; only this split's trees must fit an explicit ``max_nodes``."""
     from calib_jax.models.text import make_trees, pack_trees
@@ -553,7 +561,8 @@ def _sst_split(folder: str, stamp: tuple, vocab_size: int, max_nodes: int | None
     max_nodes = largest if max_nodes is None else max_nodes
     parsed = tuple(t for t in read[split] if t[0] != 2)  # binary task: drop neutral roots
     labels = np.asarray([int(t[0] > 2) for t in parsed], np.int32)
-    packed = pack_trees(make_trees(parsed, vocab, max_nodes=max_nodes))
+    packed = pack_trees(make_trees(parsed, vocab, max_nodes=max_nodes,
+                                   node_classes=SST_PHRASE_CLASSES if phrase_labels else None))
     return _read_only(packed), _read_only(labels), parsed, max_nodes
 
 
@@ -592,7 +601,9 @@ def load(name: str, split: str, *, data_dir=None, source: str = "auto", **option
         ``20news``: ``vocab_size`` (20000), ``max_len`` (1000); ``sst``:
         ``vocab_size`` (20000), ``max_nodes`` (default: the largest tree); both text sets:
         ``vocabulary``, ``"all"`` (the reference's: the words of every split) or
-        ``"train"`` (the training split's words; the others' read as unknown / dropped).
+        ``"train"`` (the training split's words; the others' read as unknown / dropped);
+        ``sst``: ``phrase_labels`` (False) adds every node's class (negative / neutral /
+        positive, :data:`SST_PHRASE_CLASSES`) as the packed trees' fourth row.
     """
     if source not in ("auto", "local", "tfds"):
         raise ValueError(f"`source` must be 'auto', 'local' or 'tfds', got {source!r}.")

@@ -34,11 +34,10 @@ import numpy as np
 
 from calib_jax.models import densenet, resnet, text, wide_resnet
 from calib_jax.models.layers import BatchNorm
-from calib_jax.models.text import BinaryTreeLSTM, GlobalPoolingCNN, Trees
+from calib_jax.models.text import BinaryTreeLSTM, GlobalPoolingCNN, NodeLogits, Trees
 
-__all__ = ["BatchNorm", "BinaryTreeLSTM", "GlobalPoolingCNN", "Trees", "densenet", "get",
-           "input_shape", "resnet", "text", "wide_resnet",
-           "names", "param_count"]
+__all__ = ["BatchNorm", "BinaryTreeLSTM", "GlobalPoolingCNN", "NodeLogits", "Trees", "densenet",
+           "get", "input_shape", "resnet", "text", "wide_resnet", "names", "param_count"]
 
 _IMAGE_MODELS: dict[str, tuple[Callable, int]] = {
     # name: (constructor, input height/width)

@@ -91,21 +91,37 @@ class Trees(NamedTuple):
       left, right: ``[B, M]`` child node indices of inner nodes, -1 for leaves.
       root: ``[B]`` index of the root node (the last real node).
       num_nodes: ``[B]`` real nodes; the rest is padding.
+      labels: ``[B, M]`` each node's class (the targets of phrase-level training),
+        -1 for padding; or None.
     """
     tokens: Any
     left: Any
     right: Any
     root: Any
     num_nodes: Any
+    labels: Any = None
+
+
+class NodeLogits(NamedTuple):
+    """What :class:`BinaryTreeLSTM` returns in training with ``phrase_labels=True``:
+    ``logits`` ``[B, C_root]`` (the sentence's, as in evaluation: accuracy is counted on
+    them), ``node_logits`` ``[B, M, C]`` (every node's, over all the head's classes) and
+    ``node_labels`` ``[B, M]`` (the nodes' targets from the packed trees, -1 where a node
+    has none). :func:`calib_jax.train.batch_loss` puts the loss on every labelled node."""
+    logits: Any
+    node_logits: Any
+    node_labels: Any
 
 
 def parse_ptb_tree(text: str):
-    """Parses ``(3 (2 a) (4 (2 b) (3 c)))`` into ``(label, tokens, left, right)``.
+    """Parses ``(3 (2 a) (4 (2 b) (3 c)))`` into ``(label, tokens, left, right, labels)``.
 
-    Nodes are returned in post-order; a leaf has ``left = right = -1`` and its
-    word in ``tokens``; inner nodes have ``None`` there. Unary chains (a label
-    over a single subtree) are collapsed onto the child, as binary Tree-LSTMs
-    expect. Raises ``ValueError`` on unbalanced or non-binary trees.
+    Nodes are returned in post-order (the root last); a leaf has ``left = right = -1``
+    and its word in ``tokens``; inner nodes have ``None`` there. ``labels`` holds each
+    node's label (``label`` is the root's). Unary chains (a label over a single subtree)
+    are collapsed onto the child, as binary Tree-LSTMs expect; the collapsed node keeps
+    the outermost label, so that the root keeps the sentence's (SST has no such chains).
+    Raises ``ValueError`` on unbalanced or non-binary trees.
     """
     pos = 0
     text = text.strip()
@@ -115,7 +131,7 @@ def parse_ptb_tree(text: str):
         while pos < len(text) and text[pos] == " ":
             pos += 1
 
-    words, lefts, rights = [], [], []
+    words, lefts, rights, labels = [], [], [], []
 
     def node():
         nonlocal pos
@@ -143,6 +159,7 @@ def parse_ptb_tree(text: str):
             words.append(word)
             lefts.append(-1)
             rights.append(-1)
+            labels.append(label)
             children = None
         if text[pos] != ")":
             raise ValueError(f"expected ')' at {pos} in {text[:60]!r}")
@@ -150,12 +167,14 @@ def parse_ptb_tree(text: str):
         if children is None:
             return label, len(words) - 1
         if len(children) == 1:
+            labels[children[0][1]] = label  # the chain's outermost label
             return label, children[0][1]
         if len(children) != 2:
             raise ValueError(f"node with {len(children)} children in {text[:60]!r}")
         words.append(None)
         lefts.append(children[0][1])
         rights.append(children[1][1])
+        labels.append(label)
         return label, len(words) - 1
 
     try:
@@ -164,24 +183,33 @@ def parse_ptb_tree(text: str):
         raise ValueError(f"unbalanced parentheses in {text[:60]!r}") from None
     if text[pos:].strip():
         raise ValueError(f"trailing text after the tree in {text[:60]!r}")
-    return label, words, lefts, rights
+    return label, words, lefts, rights, labels
 
 
-def make_trees(parsed, vocab: dict, max_nodes: int | None = None, unk: int = 0) -> Trees:
-    """Stacks parsed trees (from :func:`parse_ptb_tree`) into padded :class:`Trees`."""
+def make_trees(parsed, vocab: dict, max_nodes: int | None = None, unk: int = 0,
+               node_classes: dict | None = None) -> Trees:
+    """Stacks parsed trees (from :func:`parse_ptb_tree`) into padded :class:`Trees`.
+
+    ``node_classes`` maps a node's label to its class (e.g. SST's 0-4 sentiment to
+    negative / neutral / positive) and fills :attr:`Trees.labels`; None leaves it None.
+    """
     max_nodes = max_nodes or max(len(p[1]) for p in parsed)
     b = len(parsed)
     tokens = np.zeros((b, max_nodes), np.int32)
     left = np.full((b, max_nodes), -1, np.int32)
     right = np.full((b, max_nodes), -1, np.int32)
+    labels = np.full((b, max_nodes), -1, np.int32)
     num = np.zeros(b, np.int32)
-    for i, (_, words, lefts, rights) in enumerate(parsed):
+    for i, (_, words, lefts, rights, node_labels) in enumerate(parsed):
         n = len(words)
         if n > max_nodes:
             raise ValueError(f"tree {i} has {n} nodes, more than max_nodes={max_nodes}.")
         tokens[i, :n] = [vocab.get(w, unk) if w is not None else 0 for w in words]
         left[i, :n], right[i, :n], num[i] = lefts, rights, n
-    return Trees(tokens, left, right, num - 1, num)
+        if node_classes is not None:
+            labels[i, :n] = [node_classes[label] for label in node_labels]
+    return Trees(tokens, left, right, num - 1, num,
+                 labels if node_classes is not None else None)
 
 
 class _TreeStep(nn.Module):
@@ -213,29 +241,43 @@ class _TreeStep(nn.Module):
 
 def pack_trees(trees: Trees) -> np.ndarray:
     """Trees as one int32 ``[B, 3, M]`` array (tokens, left, right; padding nodes have
-    ``left = -2``), so that a data pipeline can gather them like images."""
+    ``left = -2``), ``[B, 4, M]`` with node labels, so that a data pipeline can gather
+    them like images."""
     left = np.array(trees.left)
     m = left.shape[1]
     left[np.arange(m)[None, :] >= np.asarray(trees.num_nodes)[:, None]] = -2
-    return np.stack([np.asarray(trees.tokens), left, np.asarray(trees.right)], axis=1).astype(
-        np.int32)
+    rows = [np.asarray(trees.tokens), left, np.asarray(trees.right)]
+    if trees.labels is not None:
+        rows.append(np.asarray(trees.labels))
+    return np.stack(rows, axis=1).astype(np.int32)
 
 
 def unpack_trees(packed) -> Trees:
     """Inverse of :func:`pack_trees` (works on traced arrays)."""
+    if packed.ndim != 3 or packed.shape[1] not in (3, 4):
+        raise ValueError(f"packed trees must have shape [batch, 3 or 4, nodes] (pack_trees), "
+                         f"got {packed.shape}.")
     tokens, left, right = packed[:, 0], packed[:, 1], packed[:, 2]
     num = jnp.sum(left != -2, axis=1).astype(jnp.int32)
-    return Trees(tokens, jnp.where(left == -2, -1, left), right, num - 1, num)
+    labels = packed[:, 3] if packed.shape[1] == 4 else None
+    return Trees(tokens, jnp.where(left == -2, -1, left), right, num - 1, num, labels)
 
 
 class BinaryTreeLSTM(nn.Module):
     """Reference ``treeLSTM/model.py`` (constituency): leaves ``c = W_c x``,
     ``h = sigmoid(W_o x) * tanh(c)``; inner nodes gate their two children,
-    ``c = i * u + f_l * c_l + f_r * c_r``, ``h = tanh(c)``; the root's ``h``
-    goes through dropout and a linear layer. The reference also puts a loss
-    on every labelled node; this module returns root logits ``[B, C]`` (the
-    SST sentence-level task) and, with ``all_nodes=True``, ``[B, M, C]``.
-    Input: :class:`Trees`, or their packed ``[B, 3, M]`` array.
+    ``c = i * u + f_l * c_l + f_r * c_r``, ``h = tanh(c)``; every node's ``h``
+    goes through dropout and a linear layer of ``num_classes`` outputs.
+
+    Returns the root's logits ``[B, C_root]``: the head's columns ``root_classes``
+    (all of them when None). The reference's SST binary model has three outputs
+    (negative, neutral, positive: its phrases include neutral ones) and reads a sentence
+    as negative or positive: ``num_classes=3, root_classes=(0, 2)``. With
+    ``phrase_labels=True`` a training call (``train=True``) returns :class:`NodeLogits`
+    instead, the nodes' targets taken from the packed trees' label row, so that the loss
+    goes on every labelled phrase, as the reference trains. ``all_nodes=True`` returns
+    every node's logits ``[B, M, C]``.
+    Input: :class:`Trees`, or their packed ``[B, 3 or 4, M]`` array.
     The nodes are visited by one ``nn.scan`` (compiled once for any depth)."""
     num_classes: int = 2
     vocab_size: int = 20000
@@ -244,12 +286,22 @@ class BinaryTreeLSTM(nn.Module):
     dropout: float = 0.5
     embeddings: Any = None
     train_embeddings: bool = True
+    root_classes: tuple | None = None
+    phrase_labels: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, trees, train: bool = False, all_nodes: bool = False):
-        if not isinstance(trees, Trees):  # packed [B, 3, M] (pack_trees)
+        if not isinstance(trees, Trees):  # packed [B, 3 or 4, M] (pack_trees)
             trees = unpack_trees(trees)
+        if self.root_classes is not None and not (
+                len(self.root_classes) >= 2
+                and all(0 <= c < self.num_classes for c in self.root_classes)):
+            raise ValueError(f"`root_classes` must name two or more of the {self.num_classes} "
+                             f"outputs, got {self.root_classes}.")
+        if self.phrase_labels and train and trees.labels is None:
+            raise ValueError("`phrase_labels=True` trains on node labels: give trees with "
+                             "labels (make_trees(..., node_classes=...), packed [B, 4, M]).")
         emb = _Embedding(self.vocab_size, self.embed_dim, self.embeddings,
                          self.train_embeddings)(trees.tokens).astype(self.dtype)
         leaf_c = TorchDense(self.mem_dim, dtype=self.dtype, name="leaf_c")(emb)
@@ -265,7 +317,14 @@ class BinaryTreeLSTM(nn.Module):
         (_, h_all), _ = scan(self.mem_dim, self.dtype, name="composer")((zeros, zeros), xs)
         head = nn.Dropout(self.dropout, deterministic=not train)
         out = TorchDense(self.num_classes, dtype=self.dtype, name="out")
-        if all_nodes:
-            return out(head(h_all)).astype(jnp.float32)
+        read_root = (lambda z: z) if self.root_classes is None else (  # noqa: E731
+            lambda z: z[..., np.asarray(self.root_classes)])
+        if all_nodes or (self.phrase_labels and train):
+            # One dropout draw per node: the root's row is the sentence's prediction.
+            nodes = out(head(h_all)).astype(jnp.float32)
+            if all_nodes:
+                return nodes
+            root = jnp.take_along_axis(nodes, trees.root[:, None, None], 1)[:, 0]
+            return NodeLogits(read_root(root), nodes, trees.labels)
         root_h = jnp.take_along_axis(h_all, trees.root[:, None, None], 1)[:, 0]
-        return out(head(root_h)).astype(jnp.float32)
+        return read_root(out(head(root_h)).astype(jnp.float32))

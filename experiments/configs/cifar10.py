@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.embeddings_path = ""       # a [vocab_size, embed_dim] .npy (e.g. GloVe); "" = random
     c.train_embeddings = True
     c.mem_dim = 150              # Tree-LSTM memory size (the reference's constituency model)
+    c.phrase_labels = False      # SST: train on every labelled phrase (3-class head), see sst.py
     return c
 
 

@@ -324,6 +324,45 @@ def test_data_parallel_step_equals_single_device():
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
 
 
+def test_data_parallel_phrase_training_equals_single_device():
+    """SST's phrase-level step (node logits, MMCE over the labelled nodes of the global
+    batch) split over the CPU devices equals one device."""
+    from calib_jax import models
+    from calib_jax.models import text
+    sentences = ["(3 (2 a) (4 (2 b) (3 c)))", "(1 (2 (2 a) (1 b)) (0 c))", "(4 (3 b) (4 c))",
+                 "(0 (1 a) (2 (2 c) (0 b)))"] * 2
+    parsed = [text.parse_ptb_tree(sentence) for sentence in sentences]
+    packed = text.pack_trees(text.make_trees(parsed, {"a": 1, "b": 2, "c": 3}, max_nodes=6,
+                                             node_classes={0: 0, 1: 0, 2: 1, 3: 2, 4: 2}))
+    labels = np.asarray([int(t[0] > 2) for t in parsed], np.int32)
+    model = models.get("tree_lstm", 3, vocab_size=4, embed_dim=6, mem_dim=4,
+                       root_classes=(0, 2), phrase_labels=True)
+    mesh = pipeline.data_mesh()
+    results = []
+    for sharded in (False, True):
+        tx = train.make_optimizer(0.05, name="adagrad", momentum=0.0, weight_decay=1e-4,
+                                  clip_norm=0.0)
+        state = train.create_train_state(jax.random.PRNGKey(0), model, tx, (1, 4, 6),
+                                         jnp.int32)
+        if sharded:
+            state = train.replicate(state, mesh)
+            x, y = pipeline.put_on_device(packed, labels, train.replicated(mesh))
+        else:
+            x, y = pipeline.put_on_device(packed, labels)
+        order = pipeline.epoch_order(0, 0, len(labels))
+        state, m = train.train_steps(
+            state, x, y, order, 0, 0, 0, num_steps=1,
+            loss_name=train.LossSpec("mmce_weighted", mean_reduction=True), batch_size=8,
+            augment=False, mean=None, std=None,
+            sharding=train.batch_sharding(mesh) if sharded else None)
+        results.append((jax.device_get(state.params), jax.device_get(m)))
+    (p1, m1), (p2, m2) = results
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    assert m1["correct"] == m2["correct"]
+    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
 # ---------------------------------------------------------------- the training loop
 
 import json  # noqa: E402

@@ -560,7 +560,10 @@ def _sst_split(folder: str, stamp: tuple, vocab_size: int, max_nodes: int | None
     read, vocab, largest = _sst_corpus(folder, stamp, vocab_size, vocabulary)
     max_nodes = largest if max_nodes is None else max_nodes
     parsed = tuple(t for t in read[split] if t[0] != 2)  # binary task: drop neutral roots
-    labels = np.asarray([int(t[0] > 2) for t in parsed], np.int32)
+    # A sentence's label is the position of its root's phrase class among the sentence
+    # classes (0 negative, 1 positive): the model reads the root's outputs in that order.
+    labels = np.asarray([SST_SENTENCE_CLASSES.index(SST_PHRASE_CLASSES[t[0]]) for t in parsed],
+                        np.int32)
     packed = pack_trees(make_trees(parsed, vocab, max_nodes=max_nodes,
                                    node_classes=SST_PHRASE_CLASSES if phrase_labels else None))
     return _read_only(packed), _read_only(labels), parsed, max_nodes

@@ -16,9 +16,9 @@ demo: $(VENV)/.installed
 
 # The test extras are installed here, so a broken one fails the run (tests/conftest.py).
 # Two pytest-xdist workers: CI's machine has two cores, and one pytest process keeps them
-# only ~60% busy (compiles are single-threaded); there the suite takes ~7-8 min, less than in
-# one process. On a bigger machine: make test PYTEST_WORKERS=4 (each worker is a JAX process of
-# its own, with four CPU devices, see tests/conftest.py).
+# only ~60% busy (compiles are single-threaded). On a bigger machine: make test
+# PYTEST_WORKERS=4 (each worker is a JAX process of its own, with four CPU devices;
+# tests/conftest.py also sets the session's XLA flags and compilation cache).
 PYTEST_WORKERS ?= 2
 test: $(VENV)/.installed
 	CALIB_JAX_REQUIRE_TEST_EXTRAS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS)

@@ -1,14 +1,54 @@
-"""Shared test set-up: CPU only, quick deterministic hypothesis profile."""
+"""Shared test set-up: CPU only, XLA flags and a compilation cache for the session, a quick
+deterministic hypothesis profile, the trained session fixtures."""
 
+import importlib.util
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+#: XLA's CPU code generation at LLVM optimisation level 0, for this process and (inherited
+#: through XLA_FLAGS, which the tests that set flags of their own extend, not replace) every
+#: process a test starts: the suite's time is mostly compiling tiny
+#: programs once, not running them (a training process of the multi-process test: 25.6 s ->
+#: 18.7 s, 33.5 -> 22.8 s of CPU, measured). It changes how the CPU code is generated, not
+#: the HLO, its fusions or the device layout the tests check; the comparisons of two runs
+#: (processes vs one process, killed vs uninterrupted) hold because both sides use it.
+#: Unset CALIB_JAX_TEST_XLA_OPT0 (=0) to test under XLA's default optimisation.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0"
+                  if os.environ.get("CALIB_JAX_TEST_XLA_OPT0", "1") != "0" else "")
+
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Four CPU devices for the multi-device tests (set before the backend starts).
 jax.config.update("jax_num_cpu_devices", 4)
+
+# One persistent XLA compilation cache for the processes the tests start (training CLIs, the
+# multi-process group, the demo, the sweep, the benchmarks' parts): each compiles the same
+# tiny programs as the others, ~60 of them (most under jax's default 1 s threshold: all are
+# kept), ~15 s of a ~25 s process on CI's two cores. Not for the pytest processes themselves:
+# their programs stay in memory anyway, and writing each of their thousands of small programs
+# to disk made the suite slower (measured: 832 s -> 1,231 s). The first process of the
+# session makes it (after its own jax import, so that only its children read the variables;
+# the xdist workers, which inherit them, switch it off below) and removes it at the end; a
+# cache the caller set is used and kept. The size limit turns on jax's file lock around each
+# entry's read and write (the `filelock` test extra): without it one process could read an
+# entry another is still writing; where it is not installed the children run without a
+# cache (only slower). Tests that must compile afresh (init_bench's timings) remove the
+# variable from their processes' environment.
+_OWN_COMPILATION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and importlib.util.find_spec("filelock"):
+    _OWN_COMPILATION_CACHE = tempfile.mkdtemp(prefix="calib_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_COMPILATION_CACHE
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+jax.config.update("jax_enable_compilation_cache", False)
+
 
 settings.register_profile(
     "ci", max_examples=10, deadline=None, derandomize=True,
@@ -25,7 +65,8 @@ if os.environ.get("CALIB_JAX_REQUIRE_TEST_EXTRAS"):
     # quietly skipping the tests that compare against it (pytest.importorskip).
     import importlib
 
-    for _module in ("sklearn.metrics", "tensorflow_datasets", "nbclient", "nbformat", "ipykernel"):
+    for _module in ("sklearn.metrics", "tensorflow_datasets", "nbclient", "nbformat", "ipykernel",
+                    "filelock"):
         try:
             importlib.import_module(_module)
         except Exception as _error:
@@ -62,3 +103,9 @@ def evaluated_runs(tiny_run):
     root, _ = tiny_run
     evaluate.evaluate_run(root / "cifar10" / "resnet50" / "ce", which="final")
     return root
+
+
+def pytest_unconfigure(config):
+    if _OWN_COMPILATION_CACHE is not None:
+        shutil.rmtree(_OWN_COMPILATION_CACHE, ignore_errors=True)
+

@@ -387,7 +387,8 @@ def run_cli(workdir, *extra, wait=True, **env_vars):
            f"--workdir={workdir}", *extra]
     # Four CPU devices, like this process (conftest): the same program as the fixture's run.
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4", **env_vars)
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "  # the session's (conftest)
+                         "--xla_force_host_platform_device_count=4", **env_vars)
     if wait:
         return subprocess.run(["timeout", "-k", "10", "300", *cmd], env=env, capture_output=True,
                               text=True, cwd=REPO)

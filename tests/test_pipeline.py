@@ -128,3 +128,79 @@ def test_normalize_and_input_errors():
         pipeline.put_on_device(np.zeros((2, 2, 2, 3), np.float32), np.zeros(2))
     with pytest.raises(ValueError, match="`batch_size`"):
         pipeline.steps_per_epoch(10, 11)
+
+
+def _as_two_processes(monkeypatch, other_process=lambda digests: digests):
+    """pipeline's multi-process path in this one process: the replicated sharding counts as
+    spanning two processes, and the allgather returns this process's hashes and "process
+    1's" (``other_process`` of them). Returns the list of gathered arrays, one per call."""
+    from jax.experimental import multihost_utils
+    calls = []
+
+    def allgather(digests):
+        calls.append(digests)
+        return np.stack([digests, other_process(digests.copy())])
+
+    monkeypatch.setattr(pipeline, "_spans_processes", lambda sharding: sharding is not None)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    return calls
+
+
+def test_put_replicated_across_processes_places_what_device_put_places(monkeypatch):
+    """One collective for the whole tree (jax.device_put would allgather each array), then
+    the same arrays as jax.device_put: values, dtypes (bfloat16, an int64 leaf made int32
+    as jax does, a 0-d scalar) and the replicated sharding."""
+    mesh = pipeline.data_mesh(jax.devices())
+    replicated = NamedSharding(mesh, P())
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.normal(size=(3, 5)).astype(np.float32),
+            "b": jnp.asarray(rng.normal(size=(5,)), jnp.bfloat16),  # uncommitted jax array
+            "step": np.int64(7), "labels": np.arange(6)}
+    want = jax.device_put(tree, replicated)
+    calls = _as_two_processes(monkeypatch)
+    got = pipeline.put_replicated(tree, replicated, what="the state")
+    assert len(calls) == 1 and calls[0].shape == (4, 8) and calls[0].dtype == np.uint8
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert (g.shape, g.dtype) == (w.shape, w.dtype)
+        assert g.sharding.is_equivalent_to(replicated, g.ndim)
+        assert len(g.addressable_shards) == len(jax.devices())
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    # Batches of an already compared split: no collective.
+    pipeline.put_replicated(tree["w"][:2], replicated, check=False)
+    assert len(calls) == 1
+    pipeline.check_same_across_processes(tree, replicated, what="the state")
+    assert len(calls) == 2
+
+
+def test_put_replicated_names_the_arrays_that_differ_between_processes(monkeypatch):
+    def second_array_differs(digests):
+        digests[1, 0] ^= 1
+        return digests
+
+    _as_two_processes(monkeypatch, second_array_differs)
+    replicated = NamedSharding(pipeline.data_mesh(jax.devices()), P())
+    tree = {"a": np.zeros(3), "b": np.ones(2), "c": np.zeros(1)}
+    with pytest.raises(ValueError, match=r"the initial training state differs between processes "
+                                         r"\(1 of 3 arrays, e\.g\. \['b'\]; processes \[1\]"):
+        pipeline.put_replicated(tree, replicated, what="the initial training state")
+    _as_two_processes(monkeypatch, lambda digests: digests ^ np.uint8(1))
+    with pytest.raises(ValueError, match=r"the images to predict differs .*\(the value\)"):
+        pipeline.check_same_across_processes(np.zeros(3), replicated,
+                                             what="the images to predict")
+
+
+def test_the_hash_tells_apart_arrays_of_equal_bytes():
+    zeros = np.zeros(4, np.float32)
+    digests = {pipeline._digest(x).tobytes() for x in (
+        zeros, zeros.reshape(2, 2), zeros.view(np.int32), np.zeros(4, np.float32)[::-1].copy())}
+    assert len(digests) == 3  # shape and dtype count; equal values hash equal
+    assert pipeline._digest(np.float32(1.0)).shape == (8,)
+    assert not (pipeline._digest(np.arange(3)) == pipeline._digest(np.arange(1, 4))).all()
+
+
+def test_put_replicated_in_one_process_is_device_put():
+    replicated = NamedSharding(pipeline.data_mesh(jax.devices()), P())
+    assert not pipeline._spans_processes(replicated)  # one process: jax.device_put, no check
+    x = pipeline.put_replicated(np.arange(5), replicated)
+    assert x.sharding == replicated
+    assert pipeline.put_replicated(np.arange(5), None).committed is False

@@ -11,6 +11,9 @@ the host only hands out step numbers. Every function here is pure:
   its own rows.
 * :func:`eval_batches` -- index batches covering every example exactly once,
   the last one padded and masked.
+* :func:`put_replicated` -- host values onto a replicated sharding; across processes
+  (``jax.distributed``) checked equal everywhere with one collective over hashes, where
+  ``jax.device_put`` would allgather every array.
 
 Determinism: the batch contents depend only on ``(seed, epoch, step)`` and the
 global batch size, never on the device or host count (random bits come from
@@ -24,15 +27,16 @@ examples left over are a different random subset each epoch.
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["EvalBatch", "augment_crop_flip", "batch_key", "data_mesh", "epoch_order",
-           "eval_batches", "gather_batch", "normalize", "put_on_device", "steps_per_epoch",
-           "train_batch"]
+__all__ = ["EvalBatch", "augment_crop_flip", "batch_key", "check_same_across_processes",
+           "data_mesh", "epoch_order", "eval_batches", "gather_batch", "normalize",
+           "put_on_device", "put_replicated", "steps_per_epoch", "train_batch"]
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -55,7 +59,88 @@ def put_on_device(images: np.ndarray, labels: np.ndarray, sharding=None):
     if not np.issubdtype(images.dtype, np.integer):
         raise TypeError(f"`images` must be uint8 images (normalised on device) or integer token "
                         f"ids, got {images.dtype}.")
-    return jax.device_put(images, sharding), jax.device_put(np.asarray(labels, np.int32), sharding)
+    return put_replicated((images, np.asarray(labels, np.int32)), sharding,
+                          what="the training split")
+
+
+def _spans_processes(sharding) -> bool:
+    return (sharding is not None and jax.process_count() > 1
+            and len({d.process_index for d in sharding.device_set}) == jax.process_count())
+
+
+def _digest(x: np.ndarray) -> np.ndarray:
+    """8 bytes of BLAKE2b over ``x``'s dtype, shape and bytes."""
+    h = hashlib.blake2b(f"{x.dtype.str}{x.shape}".encode(), digest_size=8)
+    h.update(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+    return np.frombuffer(h.digest(), np.uint8)
+
+
+def check_same_across_processes(tree, sharding, *, what: str = "the value") -> None:
+    """Raises ValueError on every process if the arrays of ``tree`` (host values) are not
+    the same on every process that ``sharding`` spans; nothing to do in a single process.
+
+    One collective for the whole tree: each process hashes its arrays (8 bytes of BLAKE2b
+    each) and a single allgather compares the hashes. The message names the arrays that
+    differ."""
+    if _spans_processes(sharding):
+        paths, host, _ = _host_leaves(tree)
+        _check_host_arrays(paths, host, what=what)
+
+
+def put_replicated(tree, sharding, *, check: bool = True, what: str = "the value"):
+    """``jax.device_put(tree, sharding)`` of host values every process holds alike, checked
+    across processes with one collective for the whole tree.
+
+    In a single process this is ``jax.device_put``. When ``sharding`` (replicated) spans
+    several processes (``jax.distributed``), ``jax.device_put`` of a host array checks that
+    every process passed the same value with an allgather of the whole array, one per array:
+    hundreds of collectives moving the whole state through the network at the start of a run
+    (and one per validation batch). Here the check is :func:`check_same_across_processes`'s
+    single collective over hashes, then each process places its own copy
+    (``jax.make_array_from_callback``). ``check=False`` skips the comparison, for parts of
+    data already compared (the batches of a checked split).
+
+    Args:
+      tree: a pytree of NumPy arrays, scalars or fully addressable (e.g. uncommitted) jax
+        arrays, the same on every process.
+      sharding: a replicated ``jax.sharding.Sharding``, or None (the default device).
+      check: compare the values across processes first.
+      what: the value's name in the error message.
+
+    Raises:
+      ValueError: on every process, naming the arrays that differ between processes.
+    """
+    if not _spans_processes(sharding):
+        return jax.device_put(tree, sharding)
+    paths, host, treedef = _host_leaves(tree)
+    if check:
+        _check_host_arrays(paths, host, what=what)
+    return jax.tree_util.tree_unflatten(treedef, [
+        jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+        for x in host])
+
+
+def _host_leaves(tree):
+    """``(leaf paths, leaves as NumPy arrays, treedef)``."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    paths = [jax.tree_util.keystr(path) or "(the value)" for path, _ in leaves]
+    return paths, [np.asarray(jax.device_get(x)) for _, x in leaves], treedef
+
+
+def _check_host_arrays(paths, host, *, what):
+    if not host:
+        return
+    from jax.experimental import multihost_utils  # only needed across processes
+    gathered = np.asarray(multihost_utils.process_allgather(
+        np.stack([_digest(x) for x in host])))  # [processes, arrays, 8]
+    differs = np.any(gathered != gathered[:1], axis=-1)  # [processes, arrays]
+    if differs.any():
+        names = [p for p, d in zip(paths, differs.any(axis=0)) if d]
+        raise ValueError(
+            f"{what} differs between processes ({len(names)} of {len(paths)} arrays, e.g. "
+            f"{', '.join(names[:3])}; processes {np.flatnonzero(differs.any(axis=1)).tolist()} "
+            f"differ from process 0): every process must build it from the same config, seed "
+            f"and data files.")
 
 
 @functools.partial(jax.jit, static_argnames=("num_examples",))

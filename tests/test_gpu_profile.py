@@ -159,8 +159,11 @@ def test_profile_part_runs_and_a_failed_variant_sets_the_exit_status(tmp_path, m
 
     monkeypatch.setattr(gpu_profile, "lower_variant", lower)
     out = tmp_path / "profile"
+    # One step per call: on CPU the default variant's rolled loop would run its convolutions
+    # through XLA:CPU's slow in-loop path (jax-ml/jax#12868), ten times slower again at the
+    # test session's XLA level 0 (this test took 59 s with two steps per call, 16 s with one).
     status = gpu_profile.main([
-        "--model", "resnet8", "--batch", "8", "--steps-per-call", "2", "--calls", "1",
+        "--model", "resnet8", "--batch", "8", "--steps-per-call", "1", "--calls", "1",
         "--rounds", "1", "--plane-prefix", "/host:CPU", "--out", str(out),
         "--variants", "default,before_bytes,fewer_kernels", "--trace-variants", "fewer_kernels"])
     printed = capsys.readouterr().out

@@ -15,12 +15,12 @@ from checkpoint_damage import damage
 from calib_jax import checkpoints, train
 
 REPO = Path(__file__).resolve().parents[1]
-# Two members, two epochs of 3 steps (a 192-image subset: the collectives and saves, not the
-# amount of training, are what this test checks), a checkpoint every epoch: eight Orbax
+# Two members, two epochs of 3 steps (a 96-image subset at batch 32: the collectives and saves,
+# not the amount of training, are what this test checks), a checkpoint every epoch: eight Orbax
 # managers' background saves in flight together (periodic + best, per member) while the next
 # epoch trains.
-OVERRIDES = ("dataset=synthetic,model=resnet8,num_epochs=2,batch_size=64,checkpoint_every_epochs=1,"
-             "train_subset=192,eval_batch_size=128,loss=[ce,flsd53]")
+OVERRIDES = ("dataset=synthetic,model=resnet8,num_epochs=2,batch_size=32,checkpoint_every_epochs=1,"
+             "train_subset=96,eval_batch_size=128,loss=[ce,flsd53]")
 
 
 def free_port():
@@ -36,11 +36,12 @@ def command(workdir):
 
 
 def clean_env(*xla_flags, **extra):
-    # The session's compilation cache and XLA flags (conftest) are kept: the rerun and the
-    # single process load the programs the first processes compiled, and all five processes
-    # generate their code alike.
+    # The session's compilation cache with its settings (conftest: every program kept, not
+    # only those compiled in over a second) and XLA flags are kept: the rerun loads the
+    # programs the first pair compiled, and all five processes generate their code alike.
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_", "XLA_")) or k.startswith("JAX_COMPILATION_CACHE_")}
+           if not k.startswith(("JAX_", "XLA_"))
+           or k.startswith(("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_"))}
     extra["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *xla_flags]).strip()
     env.update(JAX_PLATFORMS="cpu", **extra)
     return env

@@ -17,9 +17,13 @@ def test_the_table_parts_rows_run_and_are_recorded(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(train_throughput, "NUM_TRAIN", 512)
     monkeypatch.setattr(train_throughput, "NUM_VAL", 500)
     out = tmp_path / "rows.json"
+    # Two steps per call, unrolled: on CPU a rolled loop runs its convolutions through
+    # XLA:CPU's slow in-loop path (jax-ml/jax#12868), ten times slower again at the test
+    # session's XLA level 0 (45 s alone with the rolled loop, 35 s unrolled).
     status = train_throughput.main([
         "--models", "resnet8", "--batch-sizes", "8", "--dtypes", "bfloat16", "--losses", "ce",
-        "--steps-per-call", "2", "--calls", "1", "--epoch-overhead", "--multi", "ce,flsd53",
+        "--steps-per-call", "2", "--unroll", "2", "--calls", "1", "--epoch-overhead",
+        "--multi", "ce,flsd53",
         "--multi-modes", "sequential", "--eval", "--json", str(out)])
     assert status == 0, capsys.readouterr().out[-2000:]
     report = json.loads(out.read_text())
@@ -37,7 +41,7 @@ def test_the_table_parts_rows_run_and_are_recorded(tmp_path, capsys, monkeypatch
     assert (multi["runs"], multi["members"]) == (2, "sequential")
     assert multi["losses_vs_single_run"]["first_step_rel_diff"] < 1e-5
     table = capsys.readouterr().out
-    assert "| resnet8 | 8 | bfloat16 | ce (2/call;" in table and "2 runs (sequential)" in table
+    assert "| resnet8 | 8 | bfloat16 | ce (2/call, unroll 2;" in table and "2 runs (sequential)" in table
 
 
 def test_a_failed_row_is_recorded_the_others_run_and_the_status_says_so(

@@ -1,7 +1,9 @@
 """The training input pipeline: data on the device(s), augmentation in JAX.
 
 CIFAR-scale data lives on the accelerator as uint8 (150 MB for CIFAR-10), so
-the host only hands out step numbers. Every function here is pure:
+the host only hands out step numbers. Every function here is pure except those that place
+data or compare it across processes (:func:`put_on_device`, :func:`put_replicated`,
+:func:`check_same_across_processes`):
 
 * :func:`epoch_order` -- the permutation of epoch ``e``: ``permutation(fold_in(key(seed), e))``.
 * :func:`train_batch` -- the ``step``-th global batch of that order, randomly

@@ -616,12 +616,10 @@ def _predict_batches(state, images, batch_size, forward):
     def fetch(logits, mask):
         done.append(np.asarray(jax.device_get(logits))[..., mask, :])
 
-    if sharding is not None:  # across processes: the images compared once, not every batch
-        pipeline.check_same_across_processes(images, sharding, what="the images to predict")
+    # Across processes the images are compared once here, not batch by batch.
+    pipeline.check_same_across_processes(images, sharding, what="the images to predict")
     for batch in pipeline.eval_batches(images.shape[0], batch_size):
-        x = images[batch.index]
-        x = pipeline.put_replicated(x, sharding, check=False) if sharding is not None else \
-            jnp.asarray(x)
+        x = pipeline.put_replicated(images[batch.index], sharding, check=False)
         in_flight.append((forward(x), batch.mask))
         if len(in_flight) > _PREDICT_IN_FLIGHT:
             fetch(*in_flight.pop(0))

@@ -133,7 +133,7 @@ def test_normalize_and_input_errors():
 def _as_two_processes(monkeypatch, other_process=lambda digests: digests):
     """pipeline's multi-process path in this one process: the replicated sharding counts as
     spanning two processes, and the allgather returns this process's hashes and "process
-    1's" (``other_process`` of them). Returns the list of gathered arrays, one per call."""
+    1's" (``other_process`` of them). Returns the hashes passed to each allgather call."""
     from jax.experimental import multihost_utils
     calls = []
 

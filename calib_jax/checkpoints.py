@@ -13,8 +13,9 @@ directories are ignored. A finished checkpoint that cannot be read back
 is used: it is never loaded. When training reaches that epoch again, the recomputed
 state takes its place and the unreadable files are moved, not deleted, to
 ``unreadable/<folder>-<epoch>/`` (training is deterministic, so a resumed run still
-ends with the parameters of an uninterrupted one). A best checkpoint whose metrics
-cannot be read, which Orbax could not rank (it would raise on opening ``best/``), is
+ends with the parameters of an uninterrupted one). An unreadable best checkpoint is read
+from its epoch's periodic checkpoint while that one is kept (both are saved from one state).
+A best checkpoint whose metrics cannot be read, which Orbax could not rank (it would raise on opening ``best/``), is
 moved there as soon as the run's checkpoints are opened. A checkpoint of another
 configuration (another tree of parameters or optimiser state, or parameters of other
 shapes, e.g. a head for another number of classes, named from the checkpoint's metadata)
@@ -276,7 +277,8 @@ class RunCheckpoints:
             :func:`calib_jax.train.abstract_state_for_config`): gives structure,
             shapes, dtypes and shardings.
           which: ``"latest"`` (newest readable periodic checkpoint), ``"best"``,
-            or an epoch number.
+            or an epoch number. A best checkpoint that cannot be read is replaced by the
+            periodic checkpoint of its epoch while that one is kept (the same state).
         """
         self.wait()
         key = "best" if which == "best" else "latest"
@@ -306,7 +308,30 @@ class RunCheckpoints:
                 self._skip_unreadable(key, step, e)
             except Exception as e:  # a corrupt or partial checkpoint: never load it
                 self._skip_unreadable(key, step, e)
+            if key == "best" and (same := self._periodic_of_best(step, template_state)):
+                return same
         return None
+
+    def _periodic_of_best(self, step: int, template_state):
+        """``(state, meta)`` of ``checkpoints/<step>`` for an unreadable ``best/<step>``, or None.
+
+        :meth:`save` writes an epoch's periodic and best checkpoints from one state and one
+        meta, so the periodic one, while it is kept, is the best state itself (the run's
+        recorded best stays the same epoch; nothing is substituted). The damaged best stays
+        listed as unreadable, so a run that recomputes the epoch still replaces it.
+        """
+        if step not in self.latest.all_steps() or step in self._unreadable["latest"]:
+            return None
+        try:
+            restored = self._restore_from(self.latest, step, template_state)
+        except Exception as e:  # noqa: BLE001 -- damaged too (or not this run's): never loaded
+            if not (isinstance(e, ValueError) and _another_configuration(e)):
+                self._skip_unreadable("latest", step, e)
+            return None
+        warnings.warn(f"checkpoint {self.best.directory}/{step} could not be read; using "
+                      f"{self.latest.directory}/{step}, saved from the same state.",
+                      RuntimeWarning)
+        return restored
 
     def _skip_unreadable(self, key: str, step: int, error: Exception) -> None:
         self._unreadable[key].add(step)

@@ -1,5 +1,7 @@
 """calib_jax.checkpoints: round trip, best tracking, corrupt checkpoints never loaded."""
 
+import shutil
+
 import jax
 import pytest
 
@@ -110,6 +112,50 @@ def test_a_recomputed_epoch_replaces_its_unreadable_checkpoint(tmp_path):
     assert any(p.read_bytes() == GARBAGE
                for p in (tmp_path / "unreadable" / "checkpoints-2" / "state").rglob("*")
                if p.is_file())
+
+
+def test_an_unreadable_best_checkpoint_is_read_from_its_epochs_periodic_one(tmp_path):
+    """best/<e> damaged, checkpoints/<e> kept: restore("best") returns the periodic one (the
+    same state and meta), with a warning naming both; the best stays listed as unreadable,
+    so a recomputed epoch still replaces it. Once the periodic one is gone (rotated away, or
+    damaged too) there is no best to return."""
+    ckpt = checkpoints.RunCheckpoints(tmp_path, keep=2)
+    ckpt.save(1, small_state(1), {"note": "1"}, best_metrics={"val_accuracy": 0.4})
+    ckpt.save(2, small_state(2), {"note": "2"}, best_metrics={"val_accuracy": 0.5})
+    ckpt.save(3, small_state(3), {"note": "3"}, best_metrics={"val_accuracy": 0.3})
+    ckpt.close()
+    damage(tmp_path / "best" / "2")
+
+    ckpt = checkpoints.RunCheckpoints(tmp_path, keep=2)
+    with pytest.warns(RuntimeWarning) as record:
+        state, meta = ckpt.restore(small_state(0), "best")
+    assert meta == {"note": "2", "epoch": 2}
+    assert checkpoints.tree_equal(checkpoints.state_to_tree(state),
+                                  checkpoints.state_to_tree(small_state(2)))
+    messages = [str(w.message).replace(f"{tmp_path}/", "") for w in record]
+    assert messages[0].startswith("checkpoint best/2 could not be read (")
+    assert messages[1:] == ["checkpoint best/2 could not be read; using checkpoints/2, saved "
+                            "from the same state."]
+    with pytest.warns(RuntimeWarning, match="best/2: it could not be read; replaced"):
+        ckpt.save(2, small_state(2), {"note": "2"}, best_metrics={"val_accuracy": 0.5})
+    assert moved_aside(tmp_path) == ["best-2"]
+    ckpt.close()
+
+    damage(tmp_path / "best" / "2")
+    damage(tmp_path / "checkpoints" / "2")
+    ckpt = checkpoints.RunCheckpoints(tmp_path, keep=2)
+    with pytest.warns(RuntimeWarning) as record:
+        assert ckpt.restore(small_state(0), "best") is None
+    assert [str(w.message).split(" (")[0].replace(f"{tmp_path}/", "") for w in record] == [
+        "checkpoint best/2 could not be read", "checkpoint checkpoints/2 could not be read"]
+    # Both are now listed as unreadable: a recomputed epoch 2 replaces both.
+    assert ckpt._unreadable == {"latest": {2}, "best": {2}}
+    ckpt.close()
+    shutil.rmtree(tmp_path / "checkpoints" / "2")  # rotated away
+    ckpt = checkpoints.RunCheckpoints(tmp_path, keep=2)
+    with pytest.warns(RuntimeWarning, match="best/2 could not be read"):
+        assert ckpt.restore(small_state(0), "best") is None
+    ckpt.close()
 
 
 def test_a_best_checkpoint_with_unreadable_metrics_is_moved_aside_on_opening(tmp_path):

@@ -87,7 +87,22 @@ def _manager(directory: Path, async_save: bool, **options) -> ocp.CheckpointMana
             multiprocessing_options=ocp.options.MultiprocessingOptions(
                 barrier_sync_key_prefix=prefix),
             **options),
-        item_names=("state", "meta"))
+        handler_registry=_handler_registry())
+
+
+def _handler_registry():
+    """The handlers of a checkpoint's two items. Named up front, not only learnt from the
+    first save or restore: a manager opened on existing checkpoints (a resumed run, an
+    evaluation) can then read a checkpoint's metadata (``_stored_shapes``; with item names
+    alone Orbax returns None there and logs two "could not be restored" warnings per call)."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item, handler, save, restore in (
+            ("state", ocp.StandardCheckpointHandler, ocp.args.StandardSave,
+             ocp.args.StandardRestore),
+            ("meta", ocp.JsonCheckpointHandler, ocp.args.JsonSave, ocp.args.JsonRestore)):
+        registry.add(item, save, handler)
+        registry.add(item, restore, handler)
+    return registry
 
 
 def _unrankable(step_dir: Path) -> bool:

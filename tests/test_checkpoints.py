@@ -188,6 +188,10 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path, other):
     ckpt = checkpoints.RunCheckpoints(tmp_path)
     ckpt.save(1, small_state(), {})
     ckpt.save(2, small_state(), {})
+    ckpt.close()
+    # Opened afresh, as a resumed run or an evaluation does: the metadata is read without
+    # a save or restore of this manager having named the items' handlers.
+    ckpt = checkpoints.RunCheckpoints(tmp_path)
     if other == "optimiser":
         template = train.create_train_state(
             jax.random.PRNGKey(0), models.get("resnet8", 4),

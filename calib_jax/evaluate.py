@@ -40,7 +40,7 @@ from calib_jax.data import datasets, sources
 from calib_jax.files import atomic_save_figure, atomic_write_text, unwritable_reason
 
 __all__ = ["EvaluationRefused", "check_finished", "default_out_name", "evaluate_run",
-           "markdown_report", "main", "member_dirs", "table_checkpoint", "test_report"]
+           "fixed", "markdown_report", "main", "member_dirs", "table_checkpoint", "test_report"]
 
 OOD_SETS = {"cifar10": ("svhn", "cifar10_c"), "cifar100": ("svhn", "cifar10_c"),
             "synthetic": ("synthetic_c",)}
@@ -271,6 +271,19 @@ def _write_plots(out: Path, test_logits, labels, t, search, ood_logits):
         plt.close(fig)
 
 
+def fixed(value: float, digits: int = 2) -> str:
+    """``value`` with ``digits`` decimals, as the tables print it; a zero is never signed.
+
+    (An NLL of exactly confident predictions is ``-0.0``, the mean of ``-log(1)``; a table
+    showing ``-0.0000`` reads as a negative NLL.)
+
+    >>> fixed(-0.0, 4), fixed(-0.004), fixed(-0.006), fixed(12.345678, 3)
+    ('0.0000', '0.00', '-0.01', '12.346')
+    """
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
 def markdown_report(results: dict) -> str:
     """The results as a markdown table (percent; NLL as is)."""
     before, after = results["test"]["before"], results["test"]["after"]
@@ -280,14 +293,13 @@ def markdown_report(results: dict) -> str:
              f"{t['criterion'].upper()} (NLL-fit T = {t['nll_fit']:.3f}).",
              "", "| metric | before T | after T |", "| --- | --- | --- |"]
     for name in METRIC_NAMES:
-        scale = 1.0 if name == "nll" else 100.0
-        fmt = "{:.4f}" if name == "nll" else "{:.2f}"
-        lines.append(f"| {name} | {fmt.format(scale * before[name])} | "
-                     f"{fmt.format(scale * after[name])} |")
+        scale, digits = (1.0, 4) if name == "nll" else (100.0, 2)
+        lines.append(f"| {name} | {fixed(scale * before[name], digits)} | "
+                     f"{fixed(scale * after[name], digits)} |")
     for ood_name, scores in before["ood_auroc"].items():
         for score in ("entropy", "confidence"):
-            lines.append(f"| OOD AUROC {ood_name} ({score}) | {100 * scores[score]:.2f} | "
-                         f"{100 * after['ood_auroc'][ood_name][score]:.2f} |")
+            lines.append(f"| OOD AUROC {ood_name} ({score}) | {fixed(100 * scores[score])} | "
+                         f"{fixed(100 * after['ood_auroc'][ood_name][score])} |")
     if results["data"]["val_is_test"]:
         lines.append("\nNote: the validation split is the test split (as in the reference).")
     for name, why in results["data"]["ood_skipped"].items():

@@ -167,7 +167,8 @@ def stat(values, digits=2, mark=""):
     m, s = mean_std(values)
     if m is None:
         return "-"
-    return f"{m:.{digits}f}{mark}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}{mark}"
+    m = evaluate.fixed(m, digits)
+    return f"{m}{mark}" if s is None else f"{m} ± {evaluate.fixed(s, digits)}{mark}"
 
 
 def mean(values):
@@ -219,7 +220,7 @@ def diff(ours, paper):
 
 
 def _paper(value, digits=2):
-    return "-" if value is None else f"{value:.{digits}f}"
+    return "-" if value is None else evaluate.fixed(value, digits)
 
 
 def _rows(results, paper_cells):

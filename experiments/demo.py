@@ -94,9 +94,10 @@ def table(results) -> str:
              "|" + "---|" * 14]
     for name, r in results.items():
         b, a = r["metrics"]["before"], r["metrics"]["after"]
-        pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
+        pct = lambda v: evaluate.fixed(100 * v)  # noqa: E731
         lines.append(
-            f"| {LOSSES[name]} | {r['temperature']:.1f} | {pct(b['error'])} | {b['nll']:.3f} | "
+            f"| {LOSSES[name]} | {r['temperature']:.1f} | {pct(b['error'])} | "
+            f"{evaluate.fixed(b['nll'], 3)} | "
             f"{pct(b['ece'])} | {pct(a['ece'])} | {pct(b['adaptive_ece'])} | "
             f"{pct(a['adaptive_ece'])} | {pct(b['classwise_ece'])} | {pct(a['classwise_ece'])} | "
             f"{pct(b['mce'])} | {pct(a['mce'])} | {pct(ood_entropy(b))} | "

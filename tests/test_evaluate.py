@@ -51,6 +51,19 @@ def test_evaluation_pass_writes_report(run_dir):
     assert "| ece |" in (out / "results.md").read_text()
 
 
+def test_the_report_never_prints_a_signed_zero(run_dir):
+    """A run whose scaled predictions are certain has an NLL of -0.0 (the mean of -log 1):
+    the report says 0.0000, not a negative NLL."""
+    results = evaluate.evaluate_run(run_dir, which="final")
+    results["test"]["after"]["nll"] = -0.0
+    results["test"]["after"]["ece"] = -1e-9
+    lines = evaluate.markdown_report(results).splitlines()
+    nll, ece = ([line for line in lines if line.startswith(f"| {name} |")][0]
+                for name in ("nll", "ece"))
+    assert nll.endswith("| 0.0000 |") and ece.endswith("| 0.00 |"), (nll, ece)
+    assert "-0.0" not in "\n".join(lines)
+
+
 def test_evaluate_best_and_epoch_checkpoints(run_dir, tmp_path):
     best = evaluate.evaluate_run(run_dir, which="best", criterion="nll")
     assert best["temperature"]["criterion"] == "nll" and best["epoch"] in (1, 2)

@@ -15,13 +15,12 @@ state takes its place and the unreadable files are moved, not deleted, to
 ``unreadable/<folder>-<epoch>/`` (training is deterministic, so a resumed run still
 ends with the parameters of an uninterrupted one). An unreadable best checkpoint is read
 from its epoch's periodic checkpoint while that one is kept (both are saved from one state).
-A best checkpoint whose metrics cannot be read, which Orbax could not rank (it would raise on opening ``best/``), is
-moved there as soon as the run's checkpoints are opened. A checkpoint of another
-configuration (another tree of parameters or optimiser state, or parameters of other
-shapes, e.g. a head for another number of classes, named from the checkpoint's metadata)
-is refused with a
-``ValueError``, not skipped: a run that skipped it would start afresh and, rotating
-its kept checkpoints, delete the other configuration's.
+A best checkpoint whose metrics cannot be read, which Orbax could not rank (it would raise
+on opening ``best/``), is moved there as soon as the run's checkpoints are opened. A
+checkpoint of another configuration (another tree of parameters or optimiser state, or
+parameters of other shapes, e.g. a head for another number of classes, named from the
+checkpoint's metadata) is refused with a ``ValueError``, not skipped: a run that skipped it
+would start afresh and, rotating its kept checkpoints, delete the other configuration's.
 
 Saves are asynchronous by default (``async_save=True``): :meth:`RunCheckpoints.save`
 returns once the arrays are copied to host memory and the files are written by a

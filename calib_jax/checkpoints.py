@@ -319,10 +319,14 @@ class RunCheckpoints:
                     # Not damage: the run directory belongs to another configuration.
                     # Refuse rather than skip, so that nothing saved is overwritten.
                     raise _another_configuration_refusal(manager, step, str(e)[:300]) from e
-                self._skip_unreadable(key, step, e)
+                error = e
             except Exception as e:  # a corrupt or partial checkpoint: never load it
-                self._skip_unreadable(key, step, e)
-            if key == "best" and (same := self._periodic_of_best(step, template_state)):
+                error = e
+            same = self._periodic_of_best(step, template_state) if key == "best" else None
+            self._skip_unreadable(key, step, error, then=(
+                f"using {self.latest.directory}/{step}, saved from the same state" if same
+                else "skipping it"))
+            if same:
                 return same
         return None
 
@@ -342,15 +346,13 @@ class RunCheckpoints:
             if not (isinstance(e, ValueError) and _another_configuration(e)):
                 self._skip_unreadable("latest", step, e)
             return None
-        warnings.warn(f"checkpoint {self.best.directory}/{step} could not be read; using "
-                      f"{self.latest.directory}/{step}, saved from the same state.",
-                      RuntimeWarning)
         return restored
 
-    def _skip_unreadable(self, key: str, step: int, error: Exception) -> None:
+    def _skip_unreadable(self, key: str, step: int, error: Exception, *,
+                         then: str = "skipping it") -> None:
         self._unreadable[key].add(step)
         warnings.warn(f"checkpoint {getattr(self, key).directory}/{step} could not be read "
-                      f"({type(error).__name__}: {str(error)[:200]}); skipping it.",
+                      f"({type(error).__name__}: {str(error)[:200]}); {then}.",
                       RuntimeWarning)
 
     def close(self):

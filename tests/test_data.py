@@ -50,6 +50,21 @@ def test_chunk_source_round_trip(tmp_path):
     assert not ds.inputs.flags.writeable  # the cached copy cannot be corrupted
 
 
+def test_chunks_of_one_split_under_two_names_are_refused(tmp_path):
+    """cifar10_train_* beside cifar100_train_* (or a second copy named train_*) in one
+    folder: read together they would train on both sets; refused, naming both. Another
+    split's chunks beside them are no conflict."""
+    images, labels = random_images(4), np.arange(4) % 2
+    write_chunks(tmp_path / "svhn", "test", images, labels)
+    write_chunks(tmp_path / "svhn", "train", images, labels)  # svhn_train_*: another split
+    assert len(datasets.load("svhn", "test", data_dir=tmp_path, source="local")) == 4
+    (tmp_path / "svhn" / "svhn_test_000.npz").rename(tmp_path / "svhn" / "other_test_000.npz")
+    with pytest.raises(sources.DamagedDataError,
+                       match=r"holds chunks of split 'test' under 2 names \(other_test_NNN.npz: "
+                             r"1 file\(s\), svhn_test_NNN.npz: 1 file\(s\)\)"):
+        datasets.load("svhn", "test", data_dir=tmp_path, source="local")
+
+
 def test_local_images_are_decoded_once_and_again_when_a_file_changes(tmp_path, monkeypatch):
     decoded = []  # images decoded, per call
     real_decode = sources.decode_images

@@ -19,7 +19,7 @@ A local data set lives in ``<data_dir>/<folder>/`` as either
 * **chunks**: ``*.npz`` files holding ``blob`` (concatenated JPEG/PNG bytes),
   ``offsets`` (``n + 1`` int64), ``labels`` and ``names``; a file's split is
   the part of its name before the trailing ``_NNN`` (``cifar10_train_003.npz``
-  is split ``train``); or
+  is split ``train``; a split's chunks under two names are refused); or
 * **an image tree**: ``<folder>/<split>/<class name>/*.{png,jpg,jpeg}``, class
   indices in sorted class-name order; or
 * **the Tiny-ImageNet release** (``tiny-imagenet-200.zip`` unzipped, marked by its
@@ -139,13 +139,24 @@ _CHUNK_RE = re.compile(r"^(?P<split>.+)_\d+\.npz$")
 
 
 def chunk_files(folder: Path, split: str) -> list[Path]:
-    """The ``*.npz`` chunks of ``split`` in ``folder``, in name order."""
-    files = []
+    """The ``*.npz`` chunks of ``split`` in ``folder``, in name order.
+
+    Chunks of the split under two names (``cifar10_train_*`` beside ``cifar100_train_*``, or
+    ``train_*``: two data sets, or two copies, in one folder) raise
+    :class:`DamagedDataError` naming them: read together they would silently train on both.
+    """
+    named: dict[str, list[Path]] = {}
     for path in sorted(folder.glob("*.npz")):
         m = _CHUNK_RE.match(path.name)
         if m and (m.group("split") == split or m.group("split").endswith("_" + split)):
-            files.append(path)
-    return files
+            named.setdefault(m.group("split"), []).append(path)
+    if len(named) > 1:
+        raise DamagedDataError(
+            f"{folder} holds chunks of split {split!r} under {len(named)} names ("
+            + ", ".join(f"{name}_NNN.npz: {len(paths)} file(s)" for name, paths in named.items())
+            + "): two data sets or two copies in one folder; keep one set of chunks per "
+              "split there (move the others to a folder of their own).")
+    return next(iter(named.values()), [])
 
 
 def read_chunks(files: list[Path]) -> tuple[np.ndarray, np.ndarray, dict]:

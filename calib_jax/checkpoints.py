@@ -341,12 +341,11 @@ class RunCheckpoints:
         if step not in self.latest.all_steps() or step in self._unreadable["latest"]:
             return None
         try:
-            restored = self._restore_from(self.latest, step, template_state)
+            return self._restore_from(self.latest, step, template_state)
         except Exception as e:  # noqa: BLE001 -- damaged too (or not this run's): never loaded
             if not (isinstance(e, ValueError) and _another_configuration(e)):
                 self._skip_unreadable("latest", step, e)
             return None
-        return restored
 
     def _skip_unreadable(self, key: str, step: int, error: Exception, *,
                          then: str = "skipping it") -> None:

@@ -17,6 +17,8 @@ ends with the parameters of an uninterrupted one). An unreadable best checkpoint
 from its epoch's periodic checkpoint while that one is kept (both are saved from one state).
 A best checkpoint whose metrics cannot be read, which Orbax could not rank (it would raise
 on opening ``best/``), is moved there as soon as the run's checkpoints are opened. A
+resumed run rewrites a best checkpoint of either kind from that periodic twin
+(:meth:`RunCheckpoints.mend_best`), so the best state outlives the twin's rotation. A
 checkpoint of another configuration (another tree of parameters or optimiser state, or
 parameters of other shapes, e.g. a head for another number of classes, named from the
 checkpoint's metadata) is refused with a ``ValueError``, not skipped: a run that skipped it
@@ -196,12 +198,17 @@ class RunCheckpoints:
         opens the folder, and raises on a damaged metrics file (a JSON error): the run could
         then neither resume nor be evaluated. Such checkpoints, which cannot be ranked, are
         moved to ``unreadable/`` first, with a warning (by process 0; every process waits for
-        it before opening the folder)."""
+        it before opening the folder). Every process notes their epochs before any is moved,
+        so that :meth:`mend_best` saves on all of them or on none."""
+        folder = self.workdir / FOLDERS["best"]
+        # What mend_best may rewrite from their periodic twins.
+        self._unrankable_best: set[int] = {epoch for epoch in saved_epochs(self.workdir, "best")
+                                 if _unrankable(folder / str(epoch))}
+        _sync_processes(f"calib_jax check {folder}")
         if jax.process_index() == 0:
-            for epoch in saved_epochs(self.workdir, "best"):
-                if _unrankable(self.workdir / FOLDERS["best"] / str(epoch)):
-                    self._move_to_unreadable("best", epoch, "its metrics could not be read")
-        _sync_processes(f"calib_jax open {self.workdir / FOLDERS['best']}")
+            for epoch in sorted(self._unrankable_best):
+                self._move_to_unreadable("best", epoch, "its metrics could not be read")
+        _sync_processes(f"calib_jax open {folder}")
         return _manager(self.workdir / FOLDERS["best"], async_save, max_to_keep=1,
                         best_fn=lambda m: m["val_accuracy"], best_mode="max",
                         keep_checkpoints_without_metrics=False)
@@ -236,17 +243,18 @@ class RunCheckpoints:
             if epoch not in self.best.all_steps():
                 self.best.save(epoch, args=args, metrics=best_metrics, force=True)
 
-    def _set_aside(self, key: str, epoch: int) -> None:
+    def _set_aside(self, key: str, epoch: int, *, by: str = "") -> None:
         """Moves the checkpoint of ``epoch`` in ``FOLDERS[key]`` to ``unreadable/`` if
-        :meth:`restore` found it unreadable, so that a save can take its place. Moved, not
+        :meth:`restore` found it unreadable, so that a save can take its place (``by``: what
+        replaces it, for the warning; the recomputed epoch by default). Moved, not
         deleted: nothing a user saved is destroyed (it may be inspected, or removed by hand)."""
         if epoch not in self._unreadable[key]:
             return
         manager = getattr(self, key)
         manager.wait_until_finished()  # reload() below must not forget a save in flight
         if jax.process_index() == 0:
-            self._move_to_unreadable(key, epoch, f"it could not be read; replaced by the "
-                                                 f"recomputed epoch {epoch}")
+            self._move_to_unreadable(key, epoch, f"it could not be read; replaced by "
+                                                 f"{by or f'the recomputed epoch {epoch}'}")
         _sync_processes(f"calib_jax set aside {self.workdir / FOLDERS[key]}/{epoch}")
         manager.reload()  # on every process: the manager's list of steps must lose it
         self._unreadable[key].discard(epoch)
@@ -346,6 +354,50 @@ class RunCheckpoints:
             if not (isinstance(e, ValueError) and _another_configuration(e)):
                 self._skip_unreadable("latest", step, e)
             return None
+
+    def mend_best(self, template_state) -> int | None:
+        """Rewrites the newest best checkpoint from its epoch's periodic one when the best
+        cannot be read, and returns that epoch (None when there was nothing to mend).
+
+        :meth:`restore` reads an unreadable best from that periodic twin while it is kept,
+        but the twin is rotated away as training goes on, and the best state would be lost
+        with it. Training calls this when it resumes (it holds the run's lock: an evaluation,
+        which only reads, does not write checkpoints). Covers both kinds of damage: arrays
+        that cannot be read (found here, by reading the best checkpoint) and metrics that
+        cannot be read (moved aside on opening). The twin's ``best_val_accuracy`` (its meta,
+        written with the state) is the rewritten checkpoint's metric: a best checkpoint is
+        saved only by an epoch that improved on the best, so the two are the same number.
+        A best with no readable twin stays as it is (an epoch recomputed later replaces it,
+        see :meth:`save`).
+        """
+        listed = self.best.all_steps()
+        epoch = max([*listed, *self._unrankable_best], default=None)
+        if epoch is None:
+            return None
+        if epoch in listed:
+            # restore() warns once, and returns the twin (or None) for unreadable arrays.
+            restored = self.restore(template_state, "best")
+            if epoch not in self._unreadable["best"] or restored is None \
+                    or restored[1].get("epoch") != epoch:
+                return None
+        else:
+            restored = self._periodic_of_best(epoch, template_state)
+            if restored is None:
+                return None
+        state, meta = restored
+        metric = meta.get("best_val_accuracy")
+        if not isinstance(metric, (int, float)):  # a meta without it: cannot be ranked
+            return None
+        meta = {k: v for k, v in meta.items() if k != "epoch"}
+        twin = f"{self.latest.directory}/{epoch}"
+        self._set_aside("best", epoch, by=f"a copy of {twin}, saved from the same state")
+        self.save(epoch, state, meta, periodic=False, best_metrics={"val_accuracy": metric})
+        self.best.wait_until_finished()
+        if epoch in self._unrankable_best:
+            self._unrankable_best.discard(epoch)
+            warnings.warn(f"checkpoint {self.best.directory}/{epoch}: rewritten from {twin}, "
+                          f"saved from the same state.", RuntimeWarning)
+        return epoch
 
     def _skip_unreadable(self, key: str, step: int, error: Exception, *,
                          then: str = "skipping it") -> None:

@@ -1274,9 +1274,11 @@ def _resume(ckpts, templates, names, member_dirs, *, is_chief: bool):
     """``(member_states, start_epoch, best_accuracies)``: the newest epoch every member can
     restore (:func:`_restore_members`), else the ``templates`` from epoch 0.
 
-    Also reads each best checkpoint newer than that epoch (saved between two periodic ones):
-    the run recomputes its epoch, and one that cannot be read is then replaced
-    (``RunCheckpoints.save``) instead of staying damaged for good.
+    Also reads each member's best checkpoint (``RunCheckpoints.mend_best``): one that cannot
+    be read is rewritten from its epoch's periodic checkpoint while that is kept (before
+    rotation deletes the last good copy), and one newer than the resume point (saved between
+    two periodic ones) is replaced when the run recomputes its epoch
+    (``RunCheckpoints.save``), instead of staying damaged for good.
     """
     restored = _restore_members(ckpts, templates)
     start_epoch, best_accs, states = 0, [-1.0] * len(ckpts), templates
@@ -1292,8 +1294,7 @@ def _resume(ckpts, templates, names, member_dirs, *, is_chief: bool):
             print(f"resumed from {member_dirs[0]}/checkpoints/{start_epoch} (epoch "
                   f"{start_epoch}){together}")
     for ckpt, template in zip(ckpts, templates):
-        if any(epoch > start_epoch for epoch in ckpt.best.all_steps()):
-            ckpt.restore(template, "best")
+        ckpt.mend_best(template)
     return states, start_epoch, best_accs
 
 

@@ -1,5 +1,6 @@
 """calib_jax.checkpoints: round trip, best tracking, corrupt checkpoints never loaded."""
 
+import json
 import shutil
 
 import jax
@@ -155,6 +156,55 @@ def test_an_unreadable_best_checkpoint_is_read_from_its_epochs_periodic_one(tmp_
     ckpt = checkpoints.RunCheckpoints(tmp_path, keep=2)
     with pytest.warns(RuntimeWarning, match="best/2 could not be read"):
         assert ckpt.restore(small_state(0), "best") is None
+    ckpt.close()
+
+
+@pytest.mark.parametrize("part", ["state", "metrics"])
+def test_mend_best_rewrites_a_damaged_best_from_its_periodic_twin(tmp_path, part):
+    """best/<e> with unreadable arrays (found by reading it) or metrics (moved aside on
+    opening), checkpoints/<e> kept: mend_best saves the twin as best/<e> (the same state, meta
+    and metric), so the best survives the twin's rotation. A readable best, or one without a
+    readable twin, is left as it is (None)."""
+    ckpt = checkpoints.RunCheckpoints(tmp_path, keep=3)
+    ckpt.save(1, small_state(1), {"best_val_accuracy": 0.4}, best_metrics={"val_accuracy": 0.4})
+    ckpt.save(2, small_state(2), {"best_val_accuracy": 0.5}, best_metrics={"val_accuracy": 0.5})
+    ckpt.save(3, small_state(3), {"best_val_accuracy": 0.5})
+    assert ckpt.mend_best(small_state(0)) is None  # readable: nothing to do, no warning
+    ckpt.close()
+    damage(tmp_path / "best" / "2", part=part)
+
+    with pytest.warns(RuntimeWarning) as record:
+        ckpt = checkpoints.RunCheckpoints(tmp_path, keep=3)
+        assert ckpt.mend_best(small_state(0)) == 2
+    messages = [str(w.message).replace(f"{tmp_path}/", "") for w in record]
+    if part == "state":
+        assert len(messages) == 2 and messages[0].startswith("checkpoint best/2 could not be read")
+        assert messages[1] == ("checkpoint best/2: it could not be read; replaced by a copy of "
+                               "checkpoints/2, saved from the same state; moved to "
+                               "unreadable/best-2.")
+    else:
+        assert messages == [
+            "checkpoint best/2: its metrics could not be read; moved to unreadable/best-2.",
+            "checkpoint best/2: rewritten from checkpoints/2, saved from the same state."]
+    assert ckpt.mend_best(small_state(0)) is None  # mended: nothing left to do
+    ckpt.close()
+    assert moved_aside(tmp_path) == ["best-2"]
+
+    shutil.rmtree(tmp_path / "checkpoints" / "2")  # the twin rotated away: the best stays
+    ckpt = checkpoints.RunCheckpoints(tmp_path, keep=3)
+    state, meta = ckpt.restore(small_state(0), "best")  # no warning (the suite makes it an error)
+    assert meta == {"best_val_accuracy": 0.5, "epoch": 2}
+    assert checkpoints.tree_equal(checkpoints.state_to_tree(state),
+                                  checkpoints.state_to_tree(small_state(2)))
+    assert ckpt.best.all_steps() == [2]
+    assert json.loads((tmp_path / "best" / "2" / "metrics" / "metrics").read_text()) == {
+        "val_accuracy": 0.5}
+    ckpt.close()
+
+    damage(tmp_path / "best" / "2", part=part)  # no twin now: left for a recomputed epoch
+    with pytest.warns(RuntimeWarning, match="best/2"):
+        ckpt = checkpoints.RunCheckpoints(tmp_path, keep=3)
+        assert ckpt.mend_best(small_state(0)) is None
     ckpt.close()
 
 

@@ -944,6 +944,34 @@ def test_a_damaged_best_checkpoint_past_the_resume_point_is_replaced(tmp_path,
                                   jax.device_get(restored[1][0].params))
 
 
+def test_a_resumed_run_rewrites_a_damaged_best_checkpoint_from_its_periodic_twin(
+        tmp_path, evaluated_runs):
+    """A best checkpoint at or before the resume point is not recomputed; while its epoch's
+    periodic checkpoint is kept, the resumed run (here: the finished run's command again)
+    rewrites it from that one, so the best state outlives the periodic one's rotation."""
+    import shutil
+
+    from calib_jax import checkpoints
+    run = tmp_path / "ce"
+    original = evaluated_runs / "cifar10" / "resnet50" / "ce"
+    shutil.copytree(original, run)
+    (best_epoch,) = checkpoints.saved_epochs(run, "best")
+    assert best_epoch in checkpoints.saved_epochs(run)  # its twin (checkpoint_every_epochs=1)
+    damage(run / "best" / str(best_epoch))
+    with pytest.warns(RuntimeWarning) as record:
+        train.train_and_evaluate(load_config(SMOKE), run)
+    assert any(f"best/{best_epoch}: it could not be read; replaced by a copy of "
+               f"{run}/checkpoints/{best_epoch}" in str(w.message) for w in record), \
+        [str(w.message) for w in record]
+    shutil.rmtree(run / "checkpoints" / str(best_epoch))  # as rotation would
+    config = load_config(SMOKE)
+    template = train.state_for_config(config, 4, (32, 32, 3))
+    restored = [checkpoints.RunCheckpoints(r).restore(template, "best") for r in (run, original)]
+    assert restored[0][1] == restored[1][1]  # meta: the epoch and the best accuracy
+    assert checkpoints.tree_equal(jax.device_get(checkpoints.state_to_tree(restored[0][0])),
+                                  jax.device_get(checkpoints.state_to_tree(restored[1][0])))
+
+
 def _record_loop_calls(monkeypatch, name):
     """Wraps ``train.<name>`` (the loop's compiled call) to record each call's keywords."""
     calls, original = [], getattr(train, name)

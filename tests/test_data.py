@@ -312,6 +312,31 @@ def test_tfds_source_without_tensorflow(monkeypatch):
     assert len(train) == 5000
 
 
+def test_an_unprepared_tfds_split_raises_without_tfds_warning_above_it(tmp_path, monkeypatch,
+                                                                      caplog):
+    """TFDS logs a WARNING ("Variant folder ... has no dataset_info.json") before it raises
+    for a split that is not prepared: our DataNotFoundError says what is missing and how to
+    prepare it, so that record is dropped. A prepared split's records are still logged."""
+    import logging
+
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with caplog.at_level(logging.INFO), pytest.raises(sources.DataNotFoundError,
+                                                      match="'svhn_cropped' .* not prepared"):
+        sources.read_tfds("svhn_cropped", "test", data_dir=str(tmp_path))
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []
+
+    def prepared(*args, **kwargs):
+        logging.getLogger("absl").warning("a prepared split's note")
+        return [{"image": index_image(3), "label": 3}]
+
+    monkeypatch.setattr(tfds, "data_source", prepared)
+    with caplog.at_level(logging.INFO):
+        images, labels = sources.read_tfds("svhn_cropped", "test")
+    assert labels.tolist() == [3]
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == [
+        "a prepared split's note"]
+
+
 def index_image(index: int) -> np.ndarray:
     """A CIFAR-sized image whose pixel (0, 0) says ``index`` (red: low byte, green: high)."""
     image = np.zeros((32, 32, 3), np.uint8)

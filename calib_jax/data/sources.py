@@ -50,8 +50,10 @@ does need TensorFlow and network: ``pip install 'calib_jax[tfds]' tensorflow``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import io
+import logging
 import os
 import pickle
 import re
@@ -490,7 +492,8 @@ def read_tfds(name: str, split: str, data_dir=None, image_key="image", label_key
             f"TFDS source for {name!r} needs tensorflow-datasets: pip install 'calib_jax[tfds]'"
         ) from e
     try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        with _absl_records_dropped_on_error():
+            source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # TFDS raises several types for "not prepared"
         raise DataNotFoundError(
             f"TFDS data set {name!r} split {split!r} is not prepared in "
@@ -507,6 +510,32 @@ def read_tfds(name: str, split: str, data_dir=None, image_key="image", label_key
     images = np.stack([np.asarray(ex[image_key], np.uint8) for ex in examples])
     labels = np.asarray([int(ex[label_key]) for ex in examples], np.int32)
     return images, labels
+
+
+@contextlib.contextmanager
+def _absl_records_dropped_on_error():
+    """Holds what TFDS logs through absl during the block and logs it after, unless the block
+    raises. TFDS logs a WARNING such as "Variant folder .../3.1.0 has no dataset_info.json"
+    when it looks for a split that is not prepared, before it raises; the
+    :class:`DataNotFoundError` raised then says what is missing and how to prepare it (and an
+    evaluation skips an OOD set with that message), so the warning would only be noise above
+    it. A prepared split's records are logged as usual."""
+    logger, held = logging.getLogger("absl"), []
+
+    def hold(record):
+        held.append(record)
+        return False
+
+    logger.addFilter(hold)
+    try:
+        yield
+    except BaseException:
+        held.clear()
+        raise
+    finally:
+        logger.removeFilter(hold)
+        for record in held:
+            logger.handle(record)
 
 
 _ID_INDEX = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)$")

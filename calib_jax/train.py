@@ -1337,7 +1337,8 @@ class _EpochProgress:
         eta = (self.steps - first + self.steps * (config.num_epochs - self.epoch - 1)) \
             * config.batch_size / max(rate, 1e-9)
         _show_progress(f"epoch {self.epoch + 1}/{config.num_epochs} step {first + count}/"
-                       f"{self.steps} {rate:,.0f} img/s, ETA {eta / 60:.1f} min")
+                       f"{self.steps} {rate:,.0f} {_example_unit(config.dataset)}/s, "
+                       f"ETA {eta / 60:.1f} min")
         self.shown = True
 
     def end(self) -> None:
@@ -1390,15 +1391,22 @@ def _epoch_record(epoch: int, spec: LossSpec, loss_sum: float, correct: int, val
             "images_per_second": steps * batch_size / seconds, **val}
 
 
+def _example_unit(dataset: str) -> str:
+    """What the printed rates and losses count one example as: ``"img"`` for the image data
+    sets, ``"ex"`` (a document, a sentence) for the text ones. The log's keys keep their
+    names (``train_loss_per_image``, ``images_per_second``) whatever the data set."""
+    return "ex" if dataset in TEXT_DATASETS else "img"
+
+
 def _log_epoch(record: dict, name: str, run_dir: Path, writer, *, num_epochs: int,
-               several: bool) -> None:
+               several: bool, unit: str = "img") -> None:
     """Prints a member's epoch, appends it to ``run_dir/log.jsonl`` and to TensorBoard."""
     print(f"epoch {record['epoch']}/{num_epochs}{' ' + name if name else ''}: "
-          f"loss/img {record['train_loss_per_image']:.4f} "
+          f"loss/{unit} {record['train_loss_per_image']:.4f} "
           f"train acc {record['train_accuracy']:.4f} "
           f"val acc {record['val_accuracy']:.4f} val NLL {record['val_nll']:.4f} "
           f"val ECE {record['val_ece']:.4f} "
-          f"({record['images_per_second']:,.0f} img/s{' per member' if several else ''})")
+          f"({record['images_per_second']:,.0f} {unit}/s{' per member' if several else ''})")
     with open(run_dir / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     for key, value in record.items():
@@ -1541,7 +1549,8 @@ def train_and_evaluate(config, workdir):
                     # lose this epoch's line.
                     if is_chief:
                         _log_epoch(record, name, member_dirs[k], writers[k],
-                                   num_epochs=config.num_epochs, several=len(members) > 1)
+                                   num_epochs=config.num_epochs, several=len(members) > 1,
+                                   unit=_example_unit(config.dataset))
                     if periodic or improved:
                         member = state if len(members) == 1 else unstack_state(state, k)
                         ckpts[k].save(done_epochs, member,

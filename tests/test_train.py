@@ -764,12 +764,17 @@ def test_node_losses_are_the_reference_sum_over_labelled_nodes_per_tree(name):
 
 
 @pytest.mark.skipif(not (SHARED / "sst").is_dir(), reason=f"no SST copy at {SHARED}")
-def test_tree_lstm_run_on_sst(tmp_path):
+def test_tree_lstm_run_on_sst(tmp_path, capsys):
     config = experiment_configs.load("sst", "train_subset=64,num_epochs=1,batch_size=16,"
-                                     "loss=flsc531,mem_dim=8,embed_dim=8,eval_batch_size=436")
+                                     "loss=flsc531,mem_dim=8,embed_dim=8,eval_batch_size=436,"
+                                     "log_every_steps=2")
     assert (config.optimizer, tuple(config.gamma_boundaries)) == ("adagrad", (3, 7))
     state = train.train_and_evaluate(config, tmp_path)
     assert int(state.step) == 4
+    # Sentences, not images: the printed progress and epoch lines count examples.
+    printed = capsys.readouterr().out
+    assert "img" not in printed and " ex/s, ETA " in printed, printed
+    assert "epoch 1/1: loss/ex " in printed and " ex/s)" in printed, printed
     record = json.loads((tmp_path / "log.jsonl").read_text())
     # Epoch 0 of FLSc-531 is focal loss with gamma 5, on every phrase of a tree (the
     # reference's SST training): about (2/3) ** 5 * log 3 per node of three classes, summed

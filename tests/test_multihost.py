@@ -73,15 +73,23 @@ def test_a_workdir_in_use_stops_every_process(tmp_path):
 
 
 def test_two_processes_equal_one_process(tmp_path):
-    """Also: rerun with one member's final checkpoint damaged, the two processes resume from
-    epoch 1 and replace it together (process 0 moves the damaged files aside, both wait for
-    that before saving), ending where one process does."""
+    """Also: rerun with one member's final checkpoint damaged and the other's best checkpoint,
+    the two processes resume from epoch 1 and replace the first together (process 0 moves the
+    damaged files aside, both wait for that before saving) and rewrite the second from its
+    epoch's periodic checkpoint together (RunCheckpoints.mend_best), ending where one
+    process does."""
     run_two_processes(tmp_path / "multi")
     damage(tmp_path / "multi" / "ce" / "checkpoints" / "2")
+    (best_epoch,) = checkpoints.saved_epochs(tmp_path / "multi" / "flsd53", "best")
+    damage(tmp_path / "multi" / "flsd53" / "best" / str(best_epoch))
     outputs = run_two_processes(tmp_path / "multi")
     assert "moved to" in outputs[0] and "resumed from" in outputs[0], outputs[0][-3000:]
     assert [p.name for p in (tmp_path / "multi" / "ce" / "unreadable").iterdir()] == \
         ["checkpoints-2"]
+    assert [p.name for p in (tmp_path / "multi" / "flsd53" / "unreadable").iterdir()] == \
+        [f"best-{best_epoch}"]
+    assert f"replaced by a copy of {tmp_path / 'multi' / 'flsd53' / 'checkpoints'}/" \
+        f"{best_epoch}" in outputs[0], outputs[0][-3000:]
     single = subprocess.run(command(tmp_path / "single"), cwd=REPO, capture_output=True,
                             text=True,
                             env=clean_env("--xla_force_host_platform_device_count=2"))
@@ -97,3 +105,8 @@ def test_two_processes_equal_one_process(tmp_path):
         assert checkpoints.tree_equal(jax.device_get(multi.params), jax.device_get(one.params))
         assert checkpoints.tree_equal(jax.device_get(multi.batch_stats),
                                       jax.device_get(one.batch_stats))
+        (multi, multi_meta), (one, one_meta) = [
+            checkpoints.RunCheckpoints(tmp_path / run / member).restore(template, "best")
+            for run in ("multi", "single")]
+        assert multi_meta == one_meta
+        assert checkpoints.tree_equal(jax.device_get(multi.params), jax.device_get(one.params))

@@ -202,14 +202,15 @@ class RunCheckpoints:
         so that :meth:`mend_best` saves on all of them or on none."""
         folder = self.workdir / FOLDERS["best"]
         # What mend_best may rewrite from their periodic twins.
-        self._unrankable_best: set[int] = {epoch for epoch in saved_epochs(self.workdir, "best")
-                                 if _unrankable(folder / str(epoch))}
+        self._unrankable_best: set[int] = {
+            epoch for epoch in saved_epochs(self.workdir, "best")
+            if _unrankable(folder / str(epoch))}
         _sync_processes(f"calib_jax check {folder}")
         if jax.process_index() == 0:
             for epoch in sorted(self._unrankable_best):
                 self._move_to_unreadable("best", epoch, "its metrics could not be read")
         _sync_processes(f"calib_jax open {folder}")
-        return _manager(self.workdir / FOLDERS["best"], async_save, max_to_keep=1,
+        return _manager(folder, async_save, max_to_keep=1,
                         best_fn=lambda m: m["val_accuracy"], best_mode="max",
                         keep_checkpoints_without_metrics=False)
 

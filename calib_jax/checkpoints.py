@@ -8,7 +8,8 @@ Layout under a run's work directory::
 ``<epoch>`` counts *completed* epochs. Orbax writes each checkpoint into a
 temporary directory and renames it when complete, so a run killed at any
 moment leaves either a whole checkpoint or none; unfinished temporary
-directories are ignored. A finished checkpoint that cannot be read back
+directories are ignored (and deleted when training opens the folders again:
+``clean_up_unfinished``). A finished checkpoint that cannot be read back
 (truncated or corrupted files) is skipped with a warning and the previous one
 is used: it is never loaded. When training reaches that epoch again, the recomputed
 state takes its place and the unreadable files are moved, not deleted, to
@@ -183,17 +184,24 @@ class RunCheckpoints:
       keep: periodic checkpoints to keep (the final one is one of them).
       async_save: write checkpoints in a background thread (see the module
         docstring); False makes :meth:`save` return only once the files are complete.
+      clean_up_unfinished: delete the temporary folders of saves cut short (a process
+        killed while it wrote a checkpoint: up to a whole state's size each, never
+        readable) when the folders are opened. Only for the process that trains the run,
+        holding its lock (training does): anyone else, e.g. an evaluation of a run still
+        training, would delete a save in flight.
     """
 
-    def __init__(self, workdir, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir, *, keep: int = 3, async_save: bool = True,
+                 clean_up_unfinished: bool = False):
         self.workdir = Path(workdir)
-        self.latest = _manager(self.workdir / FOLDERS["latest"], async_save, max_to_keep=keep)
-        self.best = self._open_best(async_save)
+        self.latest = _manager(self.workdir / FOLDERS["latest"], async_save, max_to_keep=keep,
+                               cleanup_tmp_directories=clean_up_unfinished)
+        self.best = self._open_best(async_save, clean_up_unfinished)
         # Epochs that restore() found unreadable, per folder key: the only existing
         # checkpoints that save() replaces (see _set_aside).
         self._unreadable: dict[str, set[int]] = {"latest": set(), "best": set()}
 
-    def _open_best(self, async_save: bool) -> ocp.CheckpointManager:
+    def _open_best(self, async_save: bool, clean_up_unfinished: bool) -> ocp.CheckpointManager:
         """The manager of ``best/``. Orbax reads every best checkpoint's metrics when it
         opens the folder, and raises on a damaged metrics file (a JSON error): the run could
         then neither resume nor be evaluated. Such checkpoints, which cannot be ranked, are
@@ -212,7 +220,8 @@ class RunCheckpoints:
         _sync_processes(f"calib_jax open {folder}")
         return _manager(folder, async_save, max_to_keep=1,
                         best_fn=lambda m: m["val_accuracy"], best_mode="max",
-                        keep_checkpoints_without_metrics=False)
+                        keep_checkpoints_without_metrics=False,
+                        cleanup_tmp_directories=clean_up_unfinished)
 
     def save(self, epoch: int, state, meta: dict, *, best_metrics: dict | None = None,
              periodic: bool = True):

@@ -1480,7 +1480,10 @@ def train_and_evaluate(config, workdir):
         steps = pipeline.steps_per_epoch(len(labels), config.batch_size)
         templates = [replicate(state_for_config(c, num_classes, images.shape[1:], steps), mesh)
                      for _, c in members]
-        ckpts = [checkpoints.RunCheckpoints(d, keep=config.keep_checkpoints) for d in member_dirs]
+        # Under the lock: no other process writes these checkpoints, so the unfinished saves
+        # of a killed process are removed.
+        ckpts = [checkpoints.RunCheckpoints(d, keep=config.keep_checkpoints,
+                                            clean_up_unfinished=True) for d in member_dirs]
         is_chief = jax.process_index() == 0
         member_states, start_epoch, best_accs = _resume(ckpts, templates, names, member_dirs,
                                                         is_chief=is_chief)

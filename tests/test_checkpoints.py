@@ -68,6 +68,33 @@ def test_corrupt_checkpoint_is_skipped_with_warning(tmp_path):
     ckpt.close()
 
 
+def test_unfinished_saves_are_deleted_only_when_asked(tmp_path):
+    """A process killed while it wrote a checkpoint leaves Orbax's temporary folder (never
+    readable, up to a state's size). The trainer (clean_up_unfinished=True, under the run's
+    lock) deletes such folders; anyone else leaves them (it could be a save in flight)."""
+    ckpt = checkpoints.RunCheckpoints(tmp_path)
+    ckpt.save(1, small_state(1), {}, best_metrics={"val_accuracy": 0.5})
+    ckpt.close()
+    unfinished = [tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1234",
+                  tmp_path / "best" / "2.orbax-checkpoint-tmp-1234"]
+    for folder in unfinished:
+        (folder / "state").mkdir(parents=True)
+        (folder / "state" / "half_written").write_bytes(b"\0" * 100)
+
+    reader = checkpoints.RunCheckpoints(tmp_path)
+    assert reader.restore(small_state(0))[1]["epoch"] == 1
+    reader.close()
+    assert all(folder.is_dir() for folder in unfinished)
+
+    trainer = checkpoints.RunCheckpoints(tmp_path, clean_up_unfinished=True)
+    # (Orbax may delete them in the background until the first save: one saves here.)
+    trainer.save(2, small_state(2), {}, best_metrics={"val_accuracy": 0.6})
+    trainer.close()
+    assert not any(folder.exists() for folder in unfinished)
+    assert checkpoints.saved_epochs(tmp_path) == [1, 2]
+    assert checkpoints.saved_epochs(tmp_path, "best") == [2]
+
+
 def moved_aside(workdir):
     folder = workdir / checkpoints.UNREADABLE_FOLDER
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []

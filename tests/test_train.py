@@ -874,15 +874,19 @@ def tensorboard_scalars(run_dir) -> dict:
 
 def test_resume_after_a_kill_between_log_line_and_checkpoint(tmp_path, evaluated_runs):
     """The fixture's finished two-epoch run, as if killed after writing epoch 2's log line
-    and TensorBoard scalars but before its checkpoint: the rerun recomputes epoch 2 and
-    ends with one record per epoch in log.jsonl and in what TensorBoard shows."""
+    and TensorBoard scalars, while its checkpoint was being written: the rerun recomputes
+    epoch 2, ends with one record per epoch in log.jsonl and in what TensorBoard shows, and
+    deletes the half-written checkpoint's temporary folder."""
     import shutil
     run = tmp_path / "ce"
     shutil.copytree(evaluated_runs / "cifar10" / "resnet50" / "ce", run)
     for kind in ("checkpoints", "best"):
         shutil.rmtree(run / kind / "2", ignore_errors=True)
+    half_written = run / "checkpoints" / "2.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(run / "checkpoints" / "1", half_written)
     assert tensorboard_scalars(run)["val_ece"] == [1, 2]
     train.train_and_evaluate(load_config(SMOKE), run)
+    assert not half_written.exists()
     assert json_epochs((run / "log.jsonl").read_text().splitlines()) == [1, 2]
     shown = tensorboard_scalars(run)
     assert shown and all(steps == [1, 2] for steps in shown.values()), shown

@@ -316,8 +316,10 @@ def test_an_unprepared_tfds_split_raises_without_tfds_warning_above_it(tmp_path,
                                                                       caplog):
     """TFDS logs a WARNING ("Variant folder ... has no dataset_info.json") before it raises
     for a split that is not prepared: our DataNotFoundError says what is missing and how to
-    prepare it, so that record is dropped. A prepared split's records are still logged."""
+    prepare it, so that record is dropped. A prepared split's records are still logged, and
+    so are other threads' records."""
     import logging
+    import threading
 
     tfds = pytest.importorskip("tensorflow_datasets")
     with caplog.at_level(logging.INFO), pytest.raises(sources.DataNotFoundError,
@@ -328,6 +330,20 @@ def test_an_unprepared_tfds_split_raises_without_tfds_warning_above_it(tmp_path,
     def prepared(*args, **kwargs):
         logging.getLogger("absl").warning("a prepared split's note")
         return [{"image": index_image(3), "label": 3}]
+
+    def unprepared_while_another_thread_logs(*args, **kwargs):
+        other = threading.Thread(
+            target=lambda: logging.getLogger("absl").warning("another thread's note"))
+        other.start()
+        other.join()
+        raise KeyError("splits is empty")
+
+    monkeypatch.setattr(tfds, "data_source", unprepared_while_another_thread_logs)
+    with caplog.at_level(logging.INFO), pytest.raises(sources.DataNotFoundError):
+        sources.read_tfds("svhn_cropped", "test")
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == [
+        "another thread's note"]  # only this thread's records are held (and dropped)
+    caplog.clear()
 
     monkeypatch.setattr(tfds, "data_source", prepared)
     with caplog.at_level(logging.INFO):

@@ -57,6 +57,7 @@ import logging
 import os
 import pickle
 import re
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -519,10 +520,13 @@ def _absl_records_dropped_on_error():
     when it looks for a split that is not prepared, before it raises; the
     :class:`DataNotFoundError` raised then says what is missing and how to prepare it (and an
     evaluation skips an OOD set with that message), so the warning would only be noise above
-    it. A prepared split's records are logged as usual."""
-    logger, held = logging.getLogger("absl"), []
+    it. A prepared split's records are logged as usual, and other threads' records (e.g.
+    Orbax's background saves) pass at once."""
+    logger, held, this_thread = logging.getLogger("absl"), [], threading.get_ident()
 
     def hold(record):
+        if record.thread != this_thread:
+            return True
         held.append(record)
         return False
 

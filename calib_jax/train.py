@@ -1270,7 +1270,8 @@ def _training_data(config):
     return images, labels, val_split, train_split.num_classes
 
 
-def _resume(ckpts, templates, names, member_dirs, *, is_chief: bool):
+def _resume(ckpts, templates, names, member_dirs, *, is_chief: bool, num_epochs: int,
+            workdir: Path):
     """``(member_states, start_epoch, best_accuracies)``: the newest epoch every member can
     restore (:func:`_restore_members`), else the ``templates`` from epoch 0.
 
@@ -1293,6 +1294,10 @@ def _resume(ckpts, templates, names, member_dirs, *, is_chief: bool):
             together = f" with {len(ckpts)} members" if len(ckpts) > 1 else ""
             print(f"resumed from {member_dirs[0]}/checkpoints/{start_epoch} (epoch "
                   f"{start_epoch}){together}")
+            if start_epoch >= num_epochs:  # the command of a finished run, run again
+                print(f"the run has finished its {num_epochs} epochs: nothing to train "
+                      f"(--config.num_epochs=N lengthens it; python -m calib_jax.evaluate "
+                      f"--workdir {workdir} evaluates it)")
     for ckpt, template in zip(ckpts, templates):
         ckpt.mend_best(template)
     return states, start_epoch, best_accs
@@ -1485,8 +1490,9 @@ def train_and_evaluate(config, workdir):
         ckpts = [checkpoints.RunCheckpoints(d, keep=config.keep_checkpoints,
                                             clean_up_unfinished=True) for d in member_dirs]
         is_chief = jax.process_index() == 0
-        member_states, start_epoch, best_accs = _resume(ckpts, templates, names, member_dirs,
-                                                        is_chief=is_chief)
+        member_states, start_epoch, best_accs = _resume(
+            ckpts, templates, names, member_dirs, is_chief=is_chief,
+            num_epochs=config.num_epochs, workdir=workdir)
         saved_epoch = start_epoch  # the newest periodic checkpoint of every member
         writers = _open_member_logs(workdir, members, member_dirs, config, start_epoch) \
             if is_chief else []

@@ -954,10 +954,11 @@ def test_a_damaged_best_checkpoint_past_the_resume_point_is_replaced(tmp_path,
 
 
 def test_a_resumed_run_rewrites_a_damaged_best_checkpoint_from_its_periodic_twin(
-        tmp_path, evaluated_runs):
+        tmp_path, evaluated_runs, capsys):
     """A best checkpoint at or before the resume point is not recomputed; while its epoch's
-    periodic checkpoint is kept, the resumed run (here: the finished run's command again)
-    rewrites it from that one, so the best state outlives the periodic one's rotation."""
+    periodic checkpoint is kept, the resumed run (here: the finished run's command again,
+    which says that there is nothing to train) rewrites it from that one, so the best state
+    outlives the periodic one's rotation."""
     import shutil
 
     from calib_jax import checkpoints
@@ -972,6 +973,10 @@ def test_a_resumed_run_rewrites_a_damaged_best_checkpoint_from_its_periodic_twin
     assert any(f"best/{best_epoch}: it could not be read; replaced by a copy of "
                f"{run}/checkpoints/{best_epoch}" in str(w.message) for w in record), \
         [str(w.message) for w in record]
+    assert capsys.readouterr().out.splitlines() == [
+        f"resumed from {run}/checkpoints/2 (epoch 2)",
+        f"the run has finished its 2 epochs: nothing to train (--config.num_epochs=N lengthens "
+        f"it; python -m calib_jax.evaluate --workdir {run} evaluates it)"]
     shutil.rmtree(run / "checkpoints" / str(best_epoch))  # as rotation would
     config = load_config(SMOKE)
     template = train.state_for_config(config, 4, (32, 32, 3))

@@ -402,8 +402,9 @@ class RunCheckpoints:
         meta = {k: v for k, v in meta.items() if k != "epoch"}
         twin = f"{self.latest.directory}/{epoch}"
         self._set_aside("best", epoch, by=f"a copy of {twin}, saved from the same state")
+        # Written in the background like any save (close() and restore() wait for it); the
+        # twin it is copied from is already read into memory.
         self.save(epoch, state, meta, periodic=False, best_metrics={"val_accuracy": metric})
-        self.best.wait_until_finished()
         if epoch in self._unrankable_best:
             self._unrankable_best.discard(epoch)
             warnings.warn(f"checkpoint {self.best.directory}/{epoch}: rewritten from {twin}, "

@@ -1404,8 +1404,9 @@ def _example_unit(dataset: str) -> str:
 
 
 def _log_epoch(record: dict, name: str, run_dir: Path, writer, *, num_epochs: int,
-               several: bool, unit: str = "img") -> None:
-    """Prints a member's epoch, appends it to ``run_dir/log.jsonl`` and to TensorBoard."""
+               several: bool, unit: str) -> None:
+    """Prints a member's epoch (``unit``: :func:`_example_unit`), appends it to
+    ``run_dir/log.jsonl`` and to TensorBoard."""
     print(f"epoch {record['epoch']}/{num_epochs}{' ' + name if name else ''}: "
           f"loss/{unit} {record['train_loss_per_image']:.4f} "
           f"train acc {record['train_accuracy']:.4f} "

@@ -52,6 +52,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from unittest.mock import patch
 
 import jax
@@ -342,7 +343,12 @@ def kernel_part(op_name: str | None, kernel: str) -> str:
 
 def _graph_id(event):
     try:
-        return dict(event.stats).get("cuda_graph_id")
+        with warnings.catch_warnings():
+            # jaxlib's event_stats type lacks __module__, which Python 3.12 reports (as a
+            # DeprecationWarning) on the first read of an event's stats: not ours to fix.
+            warnings.filterwarnings("ignore", "builtin type .* has no __module__",
+                                    DeprecationWarning)
+            return dict(event.stats).get("cuda_graph_id")
     except Exception:  # stats of another shape: no graph information
         return None
 

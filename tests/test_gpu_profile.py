@@ -144,10 +144,13 @@ def test_gpu_check_command_lines_parse():
 
 
 def test_profile_part_runs_and_a_failed_variant_sets_the_exit_status(tmp_path, monkeypatch,
-                                                                    capsys):
+                                                                    capsys, recwarn):
     """gpu_check.sh profile's flow at ResNet-8 size on CPU, with a variant that fails to
     compile between two that run: the default and its trace, the failure recorded, the next
-    variant, the interleaved rounds of the two that ran, the next one's trace; exit status 1."""
+    variant, the interleaved rounds of the two that ran, the next one's trace; exit status 1.
+    Under Python 3.12 the trace's summary prints no DeprecationWarning for jaxlib's
+    ``event_stats`` type (``_graph_id`` silences it; recorded here, not raised: an exception
+    inside jaxlib's attribute read aborts the process)."""
     monkeypatch.setattr(gpu_profile, "NUM_TRAIN", 512)
     monkeypatch.setattr(train_throughput, "NUM_TRAIN", 512)
     real = gpu_profile.lower_variant
@@ -180,6 +183,7 @@ def test_profile_part_runs_and_a_failed_variant_sets_the_exit_status(tmp_path, m
     assert "profile" in report and "fewer_kernels" in report["profiles"]
     assert (out / "trace.xplane.pb.gz").exists()
     assert (out / "trace_fewer_kernels.xplane.pb.gz").exists()
+    assert not [w for w in recwarn if "has no __module__" in str(w.message)]
 
 
 @pytest.mark.parametrize("argv,why", [

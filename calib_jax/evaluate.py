@@ -23,6 +23,13 @@ diagrams, confidence histograms, temperature curves and ROC curves (PNG) to
 ``--out`` (default ``<workdir>/eval_<checkpoint>``, and ``eval_<checkpoint>_nll`` with
 ``--criterion nll``, so that the default, ECE-picked results that ``build_tables.py`` and the
 sweep read are never replaced by another criterion's).
+
+``--bootstrap N`` (e.g. 1000) adds 95 % bootstrap intervals of every test metric before and
+after scaling (:func:`test_intervals`: ``N`` resamples of the test set, the same ones before
+and after, T fixed; ``--bootstrap-seed`` picks them): ``results.json``'s ``test_intervals``
+holds the percentile and basic intervals and the standard error of each metric,
+``results.md`` shows the basic ones. Read :mod:`calib_jax.bootstrap` on what an interval of
+a calibration error can and cannot say.
 """
 
 from __future__ import annotations
@@ -32,15 +39,17 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 
-from calib_jax import calibration, checkpoints, metrics, ood, plots, train
+from calib_jax import bootstrap, calibration, checkpoints, metrics, ood, plots, train
 from calib_jax.data import datasets, sources
 from calib_jax.files import atomic_save_figure, atomic_write_text, unwritable_reason
 
 __all__ = ["EvaluationRefused", "check_finished", "default_out_name", "evaluate_run",
-           "fixed", "markdown_report", "main", "member_dirs", "table_checkpoint", "test_report"]
+           "fixed", "markdown_report", "main", "member_dirs", "table_checkpoint", "test_intervals",
+           "test_report"]
 
 OOD_SETS = {"cifar10": ("svhn", "cifar10_c"), "cifar100": ("svhn", "cifar10_c"),
             "synthetic": ("synthetic_c",)}
@@ -134,16 +143,49 @@ def test_report(test_logits, test_labels, temperature: float, ood_logits: dict) 
     return report
 
 
+def test_intervals(test_logits, test_labels, temperature: float, *, num_resamples: int,
+                   seed: int = 0, confidence: float = 0.95) -> dict:
+    """Bootstrap intervals of every :func:`calib_jax.metrics.summary` metric on the test
+    logits before and after temperature scaling (``temperature`` fixed, as chosen on the
+    validation split): ``{"num_resamples", "seed", "confidence", "before": {metric: {"std",
+    "percentile": [low, high], "basic": [low, high]}}, "after": ...}``. Before and after use
+    the same ``num_resamples`` resamples (:func:`calib_jax.bootstrap.resample_indices` of
+    ``jax.random.key(seed)``), so their differences are paired too."""
+    report = {"num_resamples": num_resamples, "seed": seed, "confidence": confidence}
+    for tag, scale in (("before", 1.0), ("after", temperature)):
+        result = bootstrap.bootstrap(
+            metrics.summary, calibration.apply_temperature(test_logits, scale), test_labels,
+            key=jax.random.key(seed), num_resamples=num_resamples, confidence=confidence)
+        basic = bootstrap.interval(result.value, result.samples, confidence=confidence,
+                                   method="basic")
+        report[tag] = {name: {"std": float(result.std[name]),
+                              "percentile": [float(result.low[name]), float(result.high[name])],
+                              "basic": [float(basic[0][name]), float(basic[1][name])]}
+                       for name in sorted(result.value)}
+    return report
+
+
 def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", out=None,
-                 data_dir=None) -> dict:
+                 data_dir=None, bootstrap_resamples: int = 0, bootstrap_seed: int = 0) -> dict:
     """Runs the evaluation pass (see the module docstring) and returns the results dict.
 
     ``which``: ``"final"``, ``"best"``, ``"latest"`` or an epoch; None (default) takes the
     run's ``config.eval_checkpoint`` (:func:`table_checkpoint`). ``"final"`` and the default
     refuse a run that has not finished (:func:`check_finished`; a table's "best" is the best of
-    the whole run); ``which="best"`` evaluates the best so far, ``"latest"`` the newest."""
+    the whole run); ``which="best"`` evaluates the best so far, ``"latest"`` the newest.
+    ``bootstrap_resamples`` > 0 adds :func:`test_intervals` (``results["test_intervals"]``)
+    from that many resamples drawn with ``bootstrap_seed``."""
     if criterion not in calibration.CRITERIA:
         raise ValueError(f"`criterion` must be one of {calibration.CRITERIA}, got {criterion!r}.")
+    for name, value in (("bootstrap_resamples", bootstrap_resamples),
+                        ("bootstrap_seed", bootstrap_seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
+    if bootstrap_seed >= 2 ** 32:  # jax.random.key would wrap it around silently
+        raise ValueError(f"`bootstrap_seed` must be below 2**32, got {bootstrap_seed}.")
+    if bootstrap_resamples == 1:
+        raise ValueError("`bootstrap_resamples` must be 0 (no intervals) or >= 2 (1000 is "
+                         "customary), got 1.")
     workdir = Path(workdir)
     config = load_run_config(workdir)
     if data_dir:
@@ -214,6 +256,10 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
                         "nll_fit": float(fit.temperature)},
         "test": report,
     }
+    if bootstrap_resamples:
+        results["test_intervals"] = test_intervals(test_logits, test.labels, t,
+                                                   num_resamples=bootstrap_resamples,
+                                                   seed=bootstrap_seed)
     out = Path(out) if out else workdir / default_out_name(which, criterion)
     # results.json last: the sweep and the tables take a directory holding it as a complete
     # evaluation, so an evaluation stopped while it draws (killed, or a plotting error) must
@@ -288,18 +334,36 @@ def markdown_report(results: dict) -> str:
     """The results as a markdown table (percent; NLL as is)."""
     before, after = results["test"]["before"], results["test"]["after"]
     t = results["temperature"]
+    intervals = results.get("test_intervals")
     lines = [f"Run `{results['workdir']}`, checkpoint {results['checkpoint']} (epoch "
              f"{results['epoch']}); T = {t['value']:.2f} chosen on the validation split by "
              f"{t['criterion'].upper()} (NLL-fit T = {t['nll_fit']:.3f}).",
              "", "| metric | before T | after T |", "| --- | --- | --- |"]
+    if intervals:
+        share = fixed(100 * intervals["confidence"], 0)
+        lines[-2:] = [f"| metric | before T | {share} % interval | after T | {share} % interval |",
+                      "| --- | --- | --- | --- | --- |"]
     for name in METRIC_NAMES:
         scale, digits = (1.0, 4) if name == "nll" else (100.0, 2)
-        lines.append(f"| {name} | {fixed(scale * before[name], digits)} | "
-                     f"{fixed(scale * after[name], digits)} |")
+        cells = []
+        for tag, values in (("before", before), ("after", after)):
+            cells.append(fixed(scale * values[name], digits))
+            if intervals:
+                low, high = intervals[tag][name]["basic"]
+                cells.append(f"[{fixed(scale * low, digits)}, {fixed(scale * high, digits)}]")
+        lines.append(f"| {name} | {' | '.join(cells)} |")
     for ood_name, scores in before["ood_auroc"].items():
         for score in ("entropy", "confidence"):
-            lines.append(f"| OOD AUROC {ood_name} ({score}) | {fixed(100 * scores[score])} | "
-                         f"{fixed(100 * after['ood_auroc'][ood_name][score])} |")
+            cells = [fixed(100 * scores[score]), fixed(100 * after['ood_auroc'][ood_name][score])]
+            if intervals:  # no intervals for OOD AUROC (two samples: not resampled)
+                cells = [cells[0], "", cells[1], ""]
+            lines.append(f"| OOD AUROC {ood_name} ({score}) | {' | '.join(cells)} |")
+    if intervals:
+        lines.append(f"\nIntervals: basic bootstrap, {intervals['num_resamples']} resamples of the "
+                     f"test set (seed {intervals['seed']}), T fixed; results.json holds the "
+                     f"percentile ones and the standard errors. A calibration error's interval "
+                     f"is the spread of its estimate, not bounds on the true error (see "
+                     f"calib_jax.bootstrap).")
     if results["data"]["val_is_test"]:
         lines.append("\nNote: the validation split is the test split (as in the reference).")
     for name, why in results["data"]["ood_skipped"].items():
@@ -318,7 +382,16 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     # --data-dir as the demo spells it; --data_dir (the first spelling) still works.
     parser.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None)
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                        help="add 95%% bootstrap intervals of the test metrics from N resamples "
+                             "(e.g. 1000; default 0: none)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0,
+                        help="the seed of the resamples (default 0)")
     args = parser.parse_args(argv)
+    if args.bootstrap < 0 or args.bootstrap == 1:
+        parser.error("--bootstrap must be 0 (no intervals) or >= 2 (1000 is customary)")
+    if not 0 <= args.bootstrap_seed < 2 ** 32:
+        parser.error("--bootstrap-seed must be in [0, 2**32)")
     if args.checkpoint not in (None, "final", "best", "latest") and \
             not args.checkpoint.isdigit():
         parser.error("--checkpoint must be final, best, latest or an epoch number")
@@ -331,7 +404,9 @@ def main(argv=None):
         try:
             with train.concise_warnings():
                 results = evaluate_run(run_dir, which=args.checkpoint, criterion=args.criterion,
-                                       out=args.out, data_dir=args.data_dir)
+                                       out=args.out, data_dir=args.data_dir,
+                                       bootstrap_resamples=args.bootstrap,
+                                       bootstrap_seed=args.bootstrap_seed)
         except (EvaluationRefused, FileNotFoundError, datasets.DamagedDataError) as e:
             # Their messages name the run (or the data file) and what to do instead; a
             # traceback adds nothing. (DataNotFoundError is a FileNotFoundError.) The other

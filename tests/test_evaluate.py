@@ -51,6 +51,52 @@ def test_evaluation_pass_writes_report(run_dir):
     assert "| ece |" in (out / "results.md").read_text()
 
 
+def test_bootstrap_intervals_of_the_test_metrics(run_dir, tmp_path, capsys):
+    """--bootstrap N: intervals of every metric before and after T from the same resamples
+    (the error, which T does not change, gets the same interval both times), in results.json
+    and results.md; the plain report is unchanged without it."""
+    out = tmp_path / "intervals"
+    assert evaluate.main(["--workdir", str(run_dir), "--out", str(out), "--bootstrap", "40",
+                          "--bootstrap-seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "results.json").read_text())
+    intervals = saved["test_intervals"]
+    assert (intervals["num_resamples"], intervals["seed"], intervals["confidence"]) == \
+        (40, 3, 0.95)
+    for tag in ("before", "after"):
+        for name in evaluate.METRIC_NAMES:
+            row = intervals[tag][name]
+            assert row["std"] >= 0 and row["percentile"][0] <= row["percentile"][1]
+            assert row["basic"][0] <= row["basic"][1]
+            # Basic ends are the percentile ends reflected around the reported value.
+            value = saved["test"][tag][name]
+            np.testing.assert_allclose(row["basic"], [2 * value - row["percentile"][1],
+                                                      2 * value - row["percentile"][0]],
+                                       atol=1e-5)
+    assert intervals["before"]["error"] == intervals["after"]["error"]
+    assert intervals["before"]["error"]["std"] > 0
+    report = (out / "results.md").read_text()
+    assert "| metric | before T | 95 % interval | after T | 95 % interval |" in report
+    low, high = intervals["before"]["ece"]["basic"]
+    assert f"| ece | {evaluate.fixed(100 * saved['test']['before']['ece'])} | " \
+        f"[{evaluate.fixed(100 * low)}, {evaluate.fixed(100 * high)}] |" in report
+    assert "Intervals: basic bootstrap, 40 resamples of the test set (seed 3)" in printed
+    plain = evaluate.evaluate_run(run_dir, which="final", out=tmp_path / "plain")
+    assert "test_intervals" not in plain
+    assert "interval" not in (tmp_path / "plain" / "results.md").read_text()
+    for argv in (["--bootstrap", "1"], ["--bootstrap", "-5"], ["--bootstrap-seed", "-1"],
+                 ["--bootstrap-seed", str(2 ** 32)]):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--workdir", str(run_dir), *argv])
+        assert "--bootstrap" in capsys.readouterr().err
+    for kwargs, match in ((dict(bootstrap_resamples=1), "0 \\(no intervals\\) or >= 2"),
+                          (dict(bootstrap_resamples=2.5), "`bootstrap_resamples` must be an int"),
+                          (dict(bootstrap_seed=2 ** 32), "`bootstrap_seed` must be below 2")):
+        with pytest.raises(ValueError, match=match):
+            evaluate.evaluate_run(run_dir, which="final", out=tmp_path / "refused", **kwargs)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_the_report_never_prints_a_signed_zero(run_dir):
     """A run whose scaled predictions are certain has an NLL of -0.0 (the mean of -log 1):
     the report says 0.0000, not a negative NLL."""

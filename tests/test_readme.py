@@ -35,6 +35,7 @@ def test_readme_python_examples_run_in_order(monkeypatch):
         "val_logits": jnp.asarray(rng.normal(size=(200, 10)) * 3, jnp.float32),
         "val_labels": jnp.asarray(rng.integers(0, 10, 200)),
         "test_logits": jnp.asarray(rng.normal(size=(100, 10)) * 3, jnp.float32),
+        "test_labels": jnp.asarray(rng.integers(0, 10, 100)),
         "in_logits": jnp.asarray(rng.normal(size=(50, 10)) * 4, jnp.float32),
         "out_logits": jnp.asarray(rng.normal(size=(40, 10)), jnp.float32),
         "images": jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32),
@@ -56,3 +57,5 @@ def test_readme_python_examples_run_in_order(monkeypatch):
     assert namespace["logits"].shape == (2, 10)  # the model block's logits replace the toy ones
     assert len(namespace["train"].labels) == 45000 and len(namespace["val"].labels) == 5000
     assert isinstance(namespace["err"], jax.experimental.checkify.Error)
+    assert namespace["result"].low <= namespace["result"].high
+    assert namespace["gap"].samples.shape == (1000,)

@@ -1,0 +1,131 @@
+"""How often a bootstrap interval of ECE holds the population ECE, and what a bootstrap costs.
+
+Simulated 10-class models (``calib_jax.bootstrap``'s docstring quotes the table this prints):
+true logits ``z ~ 2 N(0, 1)`` per class and labels drawn from ``softmax(z)``, so a model whose
+logits are ``z`` is calibrated and one with ``s z`` (``s > 1``) over-confident. The
+population ECE of each model (and of each paired difference) is its ECE on
+``--population`` examples; then, for each of ``--trials`` test sets of ``--test-size``
+examples, a 95 % interval from ``--resamples`` resamples, by both methods, is checked for
+holding it. Last, the time of one ``bootstrap`` of ``metrics.ece`` and of
+``metrics.summary`` (every metric) over ``--time-size`` 10-class examples and 1,000
+resamples, after the compiling call.
+
+Usage:
+  python benchmarks/bootstrap_coverage.py [--trials 40] [--test-size 2000]
+      [--resamples 500] [--population 400000] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calib_jax import bootstrap, metrics
+from calib_jax.files import atomic_write_text
+
+NUM_CLASSES = 10
+CALIBRATED, LESS_OVERCONFIDENT, OVERCONFIDENT = 1.0, 1.1, 1.2
+
+
+def draw(num_examples: int, seed: int):
+    """``(true logits [N, C] float32, labels [N])``: labels drawn from the logits' softmax."""
+    rng = np.random.default_rng(seed)
+    z = 2.0 * rng.standard_normal((num_examples, NUM_CLASSES))
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    labels = (p.cumsum(1) > rng.random((num_examples, 1))).argmax(1)
+    return jnp.asarray(z, jnp.float32), jnp.asarray(labels)
+
+
+def ece_gap(better, worse, labels):
+    """The paired difference ``ECE(worse) - ECE(better)``."""
+    return metrics.ece(worse, labels) - metrics.ece(better, labels)
+
+
+# (row, metric_fn, scales of the logits it is given)
+ROWS = (("calibrated", metrics.ece, (CALIBRATED,)),
+        ("over-confident", metrics.ece, (OVERCONFIDENT,)),
+        ("difference, over-confident - calibrated", ece_gap, (CALIBRATED, OVERCONFIDENT)),
+        ("difference, over-confident - less so", ece_gap, (LESS_OVERCONFIDENT, OVERCONFIDENT)))
+
+
+def coverage(args) -> list[dict]:
+    z_pop, y_pop = draw(args.population, seed=10_000)
+    rows = []
+    for name, fn, scales in ROWS:
+        population = float(fn(*(s * z_pop for s in scales), y_pop))
+        held = {m: 0 for m in bootstrap.METHODS}
+        widths = []
+        for trial in range(args.trials):
+            z, y = draw(args.test_size, seed=trial)
+            for method in bootstrap.METHODS:
+                r = bootstrap.bootstrap(fn, *(s * z for s in scales), y,
+                                        key=jax.random.key(trial),
+                                        num_resamples=args.resamples, method=method)
+                held[method] += bool(r.low <= population <= r.high)
+            widths.append(float(r.high - r.low))
+        rows.append({"row": name, "population": population, "held": held,
+                     "trials": args.trials, "mean_width": float(np.mean(widths))})
+        print(f"| {name} | {100 * population:.2f} | "
+              + " | ".join(f"{held[m]} / {args.trials}" for m in bootstrap.METHODS)
+              + f" | {100 * np.mean(widths):.2f} |", flush=True)
+    # The unpaired comparison of the last row: the two models' intervals, each on its own.
+    z, y = draw(args.test_size, seed=0)
+    apart = sum(float(r.high - r.low) for r in (
+        bootstrap.bootstrap(metrics.ece, s * z, y, key=jax.random.key(0),
+                            num_resamples=args.resamples)
+        for s in (LESS_OVERCONFIDENT, OVERCONFIDENT)))
+    print(f"(unpaired: the two intervals of the last row's models together {100 * apart:.2f} "
+          f"wide, test set 0)")
+    rows.append({"row": "unpaired widths, last row's models, test set 0", "width": apart})
+    return rows
+
+
+def timing(args) -> list[dict]:
+    z, y = draw(args.time_size, seed=1)
+    out = []
+    for fn in (metrics.ece, metrics.summary):
+        times = []
+        for call in range(3):
+            start = time.perf_counter()
+            r = bootstrap.bootstrap(fn, 1.2 * z, y, key=jax.random.key(call),
+                                    num_resamples=1000)
+            jax.block_until_ready(r.samples)
+            times.append(time.perf_counter() - start)
+        row = {"metric": fn.__name__, "examples": args.time_size, "resamples": 1000,
+               "first_call_s": times[0], "later_call_s": float(np.median(times[1:]))}
+        print(f"bootstrap of metrics.{fn.__name__}, {args.time_size} x {NUM_CLASSES}, 1,000 "
+              f"resamples: first call {times[0]:.2f} s, then {row['later_call_s']:.2f} s")
+        out.append(row)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--test-size", type=int, default=2000)
+    parser.add_argument("--resamples", type=int, default=500)
+    parser.add_argument("--population", type=int, default=400_000)
+    parser.add_argument("--time-size", type=int, default=10_000)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    for field in ("trials", "test_size", "resamples", "population", "time_size"):
+        if getattr(args, field) < (2 if field == "resamples" else 1):
+            parser.error(f"--{field.replace('_', '-')} must be >= "
+                         f"{2 if field == 'resamples' else 1}")
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {platform.processor() or ''}")
+    print("| row | population ECE (%) | percentile held | basic held | mean basic width (%) |")
+    print("| --- | --- | --- | --- | --- |")
+    report = {"coverage": coverage(args), "timing": timing(args), "args": vars(args)}
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

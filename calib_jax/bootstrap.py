@@ -1,0 +1,259 @@
+"""Bootstrap confidence intervals for any metric of a test set, in one compiled call.
+
+A table cell is one number from one test set: whether a 1.5 % ECE is really below a 1.9 %
+one depends on how much each moves with the test sample. :func:`bootstrap` draws
+``num_resamples`` resamples of the examples (with replacement, each of the ``N`` examples'
+size), evaluates ``metric_fn`` on every one **in one jitted call** (the resamples mapped in
+chunks of ``chunk_size``, so memory stays ``O(chunk_size x N x C)`` whatever their number)
+and returns the metric on all the examples with a confidence interval and the bootstrap
+standard error.
+
+Every array given is resampled with the **same** indices, so a paired comparison of two
+models on one test set is a metric of both: ``bootstrap(lambda a, b, y: ece(a, y) - ece(b,
+y), logits_a, logits_b, labels, key=key)``. Pairing removes the test set's shared
+difficulty from the difference: its interval is narrower than the two intervals together
+(the last row of the table below: 2.6 points of ECE wide on average, against 7.3 for the two
+models' own intervals together).
+
+Intervals (``method=``):
+
+``"percentile"`` (default): the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2``
+    quantiles of the resampled values (``jnp.quantile``'s linear interpolation, NumPy's
+    default).
+``"basic"``: those quantiles reflected around the full-data value ``v``,
+    ``[2 v - q_high, 2 v - q_low]``; it can leave the metric's range (a negative MCE).
+
+**What an interval of a binned calibration error means.** ECE, MCE, AdaECE and classwise
+ECE are biased estimators: the bins' sampling noise adds to them, so a calibrated model's
+test ECE is above its true ECE of 0, and a resample, which repeats examples, adds more. No
+bootstrap interval removes that bias. Measured (10-class simulated models, 2,000 test
+examples, 500 resamples, 40 test sets each; the population ECE from 400,000 examples, where
+a calibrated model's is the binning noise left at that size;
+``benchmarks/bootstrap_coverage.py``), how often the 95 % interval held the population ECE:
+
+==================================================  ==========  =======
+model, or paired difference of two models           percentile  basic
+==================================================  ==========  =======
+calibrated (population ECE 0.15 %: noise)           0 / 40      28 / 40
+over-confident (population ECE 6.0 %)               39 / 40     36 / 40
+difference, over-confident - calibrated (5.9 %)     0 / 40      31 / 40
+difference, over-confident - less so (6.0 - 3.2 %)  32 / 40     39 / 40
+==================================================  ==========  =======
+
+So read an ECE interval as the spread of the *estimate* over test sets of this size (does a
+difference survive resampling the test set?), not as bounds on the true calibration error of
+a nearly calibrated model; for accuracy, NLL and Brier (unbiased means) both methods are
+ordinary confidence intervals and agree closely.
+
+The resample indices are :func:`resample_indices` ``(key, N, num_resamples)``: the same key
+gives the same resamples on every machine and for every chunk size. :func:`interval` gives
+another method's or confidence's interval from a result's samples without resampling.
+
+Cost (the same script, this project's 2-core CPU): 1,000 resamples of 10,000 x 10 logits,
+``metrics.ece`` 0.38 s and ``metrics.summary`` (every metric) 3.5 s a call after the first
+(3.3 s and 7.4 s, compiling).
+
+References:
+  Efron, Tibshirani, *An Introduction to the Bootstrap*, Chapman & Hall 1993 (the
+  percentile interval); Davison, Hinkley, *Bootstrap Methods and their Application*,
+  Cambridge University Press 1997 (the basic interval).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calib_jax import validation
+
+__all__ = ["BootstrapResult", "METHODS", "bootstrap", "interval", "resample_indices"]
+
+#: The interval methods of :func:`bootstrap`.
+METHODS = ("percentile", "basic")
+
+
+class BootstrapResult(NamedTuple):
+    """Outcome of :func:`bootstrap`; every field has ``metric_fn``'s output structure.
+
+    Attributes:
+      value: the metric on all the examples (computed eagerly, so bad input raises).
+      low, high: the interval's ends (``method``; float32, or float64 for float64 values).
+      std: the standard deviation of the resampled values (``ddof=1``): the bootstrap
+        standard error of ``value``.
+      samples: each leaf ``[num_resamples, ...]``, the metric on every resample.
+    """
+    value: Any
+    low: Any
+    high: Any
+    std: Any
+    samples: Any
+
+
+def _indices(key, resample, num_examples: int):
+    return jax.random.randint(jax.random.fold_in(key, resample), (num_examples,), 0,
+                              num_examples)
+
+
+def resample_indices(key, num_examples: int, num_resamples: int) -> jax.Array:
+    """``[num_resamples, num_examples]`` int32: the example indices of each resample
+    :func:`bootstrap` draws with ``key`` (resample ``r`` from ``fold_in(key, r)``).
+
+    >>> import jax
+    >>> resample_indices(jax.random.key(0), 5, 2).shape
+    (2, 5)
+    """
+    key = _check_key(key)
+    validation.check_count(num_examples, "num_examples")
+    validation.check_count(num_resamples, "num_resamples")
+    return jax.vmap(_indices, in_axes=(None, 0, None))(key, jnp.arange(num_resamples),
+                                                        num_examples)
+
+
+def _check_key(key):
+    if isinstance(key, (int, np.integer)) or not hasattr(key, "dtype"):
+        raise TypeError(f"`key` must be a JAX PRNG key, e.g. jax.random.key(0), got "
+                        f"{type(key).__name__} {key!r}.")
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"`key` must be a single key, got an array of keys of shape "
+                             f"{key.shape}; pass one of them.")
+        return key
+    if key.dtype == jnp.uint32 and key.shape == (2,):  # a raw jax.random.PRNGKey
+        return key
+    raise TypeError(f"`key` must be a JAX PRNG key (jax.random.key(seed), or a "
+                    f"jax.random.PRNGKey), got dtype {key.dtype} shape {key.shape}.")
+
+
+def _check_arrays(arrays) -> int:
+    if not arrays:
+        raise TypeError("bootstrap needs at least one array to resample after `metric_fn`, "
+                        "e.g. bootstrap(metrics.ece, logits, labels, key=key).")
+    lengths = []
+    for i, a in enumerate(arrays):
+        shape = np.shape(a)
+        if len(shape) < 1:
+            raise ValueError(f"`arrays[{i}]` is a scalar; every array is resampled along its "
+                             f"first axis (the examples), so it needs one.")
+        lengths.append(shape[0])
+    if len(set(lengths)) > 1:
+        raise ValueError(f"the arrays have {lengths} examples (first axis); they are resampled "
+                         f"with the same indices, so all need the same number.")
+    if lengths[0] < 1:
+        raise ValueError("the arrays are empty (0 examples); pass at least one example.")
+    return lengths[0]
+
+
+def _check_interval_options(confidence, method) -> None:
+    if isinstance(confidence, bool) or not isinstance(confidence, (float, int, np.floating)) \
+            or not 0 < confidence < 1:
+        raise ValueError(f"`confidence` must be a number in (0, 1), e.g. 0.95, got "
+                         f"{confidence!r}.")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+
+
+def _as_float(x):
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def interval(value, samples, *, confidence: float = 0.95, method: str = "percentile"):
+    """``(low, high)``, each with ``value``'s structure: the interval of ``method`` (see
+    the module docstring) from resampled values ``samples`` (leaves ``[R, ...]``, e.g.
+    :class:`BootstrapResult`'s), without resampling again.
+
+    >>> import jax.numpy as jnp
+    >>> samples = jnp.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    >>> [round(float(x), 2) for x in interval(jnp.array(0.2), samples, confidence=0.5)]
+    [0.2, 0.4]
+    >>> [round(float(x), 2) for x in interval(jnp.array(0.2), samples, confidence=0.5,
+    ...                                       method="basic")]
+    [0.0, 0.2]
+    """
+    _check_interval_options(confidence, method)
+    alpha = (1.0 - float(confidence)) / 2.0
+    q_low, q_high = (jax.tree.map(lambda s: jnp.quantile(_as_float(s), q, axis=0), samples)
+                     for q in (alpha, 1.0 - alpha))
+    if method == "percentile":
+        return q_low, q_high
+    # basic: the quantiles reflected around the full-data value
+    return (jax.tree.map(lambda v, q: 2 * _as_float(v) - q, value, q_high),
+            jax.tree.map(lambda v, q: 2 * _as_float(v) - q, value, q_low))
+
+
+@functools.partial(jax.jit, static_argnames=("metric_fn", "num_resamples", "chunk_size"))
+def _resampled(metric_fn, arrays, key, num_resamples, chunk_size):
+    n = arrays[0].shape[0]
+
+    def on_resample(r):
+        index = _indices(key, r, n)
+        return metric_fn(*(jnp.take(a, index, axis=0) for a in arrays))
+
+    # lax.map vmaps chunk_size resamples at a time: their gathered copies are what memory
+    # holds, never all of them.
+    return jax.lax.map(on_resample, jnp.arange(num_resamples), batch_size=chunk_size)
+
+
+def bootstrap(metric_fn: Callable, *arrays, key, num_resamples: int = 1000,
+              confidence: float = 0.95, method: str = "percentile",
+              chunk_size: int = 64) -> BootstrapResult:
+    """The metric with a bootstrap confidence interval over the examples.
+
+    Args:
+      metric_fn: ``metric_fn(*arrays) -> scalar`` (or a pytree of arrays, e.g.
+        :func:`calib_jax.metrics.summary`'s dict), jax-traceable: it is vmapped over
+        resamples inside ``jit``. Pass the same function object each call (a module-level
+        function, not a new lambda) to reuse the compiled program.
+      *arrays: the data, each with the examples on its first axis (``logits [N, C]``,
+        ``labels [N]``, ...), all resampled with the same indices.
+      key: a JAX PRNG key (``jax.random.key(seed)``).
+      num_resamples: how many resamples (>= 2; 1,000 is customary for 95 % intervals).
+      confidence: the interval's coverage, in (0, 1).
+      method: ``"percentile"`` or ``"basic"`` (see the module docstring, and its measured
+        coverage for binned calibration errors; :func:`interval` gives the other from the
+        result's samples).
+      chunk_size: resamples evaluated together (memory ``O(chunk_size x N x C)``); the
+        result does not depend on it.
+
+    Returns:
+      :class:`BootstrapResult`. A metric that is NaN or infinite on some resamples (e.g.
+      undefined when a resample lacks a class) gives NaN ends and std, with a
+      ``RuntimeWarning`` saying on how many.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from calib_jax import metrics
+    >>> logits = jnp.log(jnp.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.8, 0.2]]))
+    >>> labels = jnp.array([0, 1, 1, 0])
+    >>> result = bootstrap(metrics.accuracy, logits, labels, key=jax.random.key(0),
+    ...                    num_resamples=200)
+    >>> float(result.value), bool(result.low <= result.value <= result.high)
+    (0.75, True)
+    """
+    if not callable(metric_fn):
+        raise TypeError(f"`metric_fn` must be a function of the arrays, e.g. metrics.ece, got "
+                        f"{type(metric_fn).__name__}.")
+    num_examples = _check_arrays(arrays)
+    key = _check_key(key)
+    validation.check_count(num_resamples, "num_resamples", minimum=2)
+    validation.check_count(chunk_size, "chunk_size")
+    _check_interval_options(confidence, method)
+    arrays = tuple(jnp.asarray(a) for a in arrays)
+    value = jax.tree.map(jnp.asarray, metric_fn(*arrays))  # eager: the metric's checks run
+    samples = _resampled(metric_fn, arrays, key, num_resamples, min(chunk_size, num_resamples))
+    bad = sum(int(np.size(s) - np.isfinite(np.asarray(s, np.float64)).sum())
+              for s in jax.tree.leaves(samples))
+    if bad:
+        warnings.warn(f"`metric_fn` gave {bad} NaN or infinite value(s) over the "
+                      f"{num_resamples} resamples of {num_examples} examples (e.g. a metric "
+                      f"undefined when a resample lacks a class): their interval and std are "
+                      f"NaN.", RuntimeWarning, stacklevel=2)
+
+    low, high = interval(value, samples, confidence=confidence, method=method)
+    std = jax.tree.map(lambda s: jnp.std(_as_float(s), axis=0, ddof=1), samples)
+    return BootstrapResult(value, low, high, std, samples)
+

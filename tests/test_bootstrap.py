@@ -1,0 +1,162 @@
+"""calib_jax.bootstrap: resampled metrics equal the metric on the drawn indices, intervals
+equal NumPy's quantiles, paired resampling, chunking, coverage of a known mean, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import numpy_reference as ref
+from calib_jax import bootstrap, metrics
+
+
+def data(n=60, c=4, seed=0, scale=3.0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(scale * rng.standard_normal((n, c)), jnp.float32),
+            jnp.asarray(rng.integers(0, c, n)))
+
+
+def test_each_resample_is_the_metric_on_its_indices_and_the_ends_are_numpys_quantiles():
+    logits, labels = data()
+    key = jax.random.key(3)
+    result = bootstrap.bootstrap(metrics.ece, logits, labels, key=key, num_resamples=50)
+    indices = np.asarray(bootstrap.resample_indices(key, 60, 50))
+    assert indices.shape == (50, 60) and indices.min() >= 0 and indices.max() < 60
+    # Resamples differ from each other and repeat examples (drawn with replacement).
+    assert len({tuple(i) for i in indices}) == 50 and len(set(indices[0])) < 60
+    def ece(z, y):
+        return ref.ece_mce(z, y)[0]
+
+    want = np.array([ece(np.asarray(logits)[i], np.asarray(labels)[i]) for i in indices])
+    np.testing.assert_allclose(result.samples, want, atol=2e-6)
+    np.testing.assert_allclose(result.value, ece(np.asarray(logits), np.asarray(labels)),
+                               atol=2e-6)
+    low, high = np.quantile(np.asarray(result.samples, np.float64), [0.025, 0.975])
+    np.testing.assert_allclose([result.low, result.high], [low, high], atol=1e-6)
+    np.testing.assert_allclose(result.std, np.std(np.asarray(result.samples, np.float64),
+                                                  ddof=1), rtol=1e-5)
+    basic = bootstrap.bootstrap(metrics.ece, logits, labels, key=key, num_resamples=50,
+                                method="basic")
+    np.testing.assert_allclose([basic.low, basic.high],
+                               [2 * result.value - high, 2 * result.value - low], atol=1e-6)
+    np.testing.assert_array_equal(basic.samples, result.samples)
+
+
+def test_the_chunk_size_and_a_raw_key_change_nothing():
+    logits, labels = data()
+    results = [bootstrap.bootstrap(metrics.nll, logits, labels, key=jax.random.key(5),
+                                   num_resamples=23, chunk_size=chunk) for chunk in (1, 7, 64)]
+    for other in results[1:]:
+        np.testing.assert_allclose(other.samples, results[0].samples, rtol=1e-6)
+    raw = bootstrap.bootstrap(metrics.nll, logits, labels, key=jax.random.PRNGKey(5),
+                              num_resamples=23)
+    np.testing.assert_allclose(raw.samples, results[0].samples, rtol=1e-6)
+    other_key = bootstrap.bootstrap(metrics.nll, logits, labels, key=jax.random.key(6),
+                                    num_resamples=23)
+    assert not np.allclose(other_key.samples, results[0].samples)
+
+
+def test_a_pytree_metric_and_paired_arrays():
+    logits, labels = data()
+    key = jax.random.key(1)
+    result = bootstrap.bootstrap(metrics.summary, logits, labels, key=key, num_resamples=20)
+    assert set(result.value) == set(result.low) == set(result.std) == set(metrics.summary(
+        logits, labels))
+    assert result.samples["ece"].shape == (20,)
+    one = bootstrap.bootstrap(metrics.adaptive_ece, logits, labels, key=key, num_resamples=20)
+    np.testing.assert_allclose(result.samples["adaptive_ece"], one.samples, atol=1e-6)
+
+    # Two models resampled with the same indices: the difference of a model with itself is
+    # exactly 0 on every resample, and a paired difference is each resample's difference.
+    def gap(a, b, y):
+        return metrics.ece(a, y) - metrics.ece(b, y)
+
+    same = bootstrap.bootstrap(gap, logits, logits, labels, key=key, num_resamples=20)
+    np.testing.assert_array_equal(same.samples, np.zeros(20))
+    scaled = bootstrap.bootstrap(gap, logits, 0.5 * logits, labels, key=key, num_resamples=20)
+    full, half = (bootstrap.bootstrap(metrics.ece, z, labels, key=key, num_resamples=20)
+                  for z in (logits, 0.5 * logits))
+    np.testing.assert_allclose(scaled.samples, full.samples - half.samples, atol=1e-6)
+
+
+def test_interval_of_a_mean_covers_and_its_std_is_the_standard_error():
+    """Accuracy of a classifier right with probability 0.7: the bootstrap standard error is
+    sqrt(p (1 - p) / N) to within 15 %, and 95 % intervals over 60 independent test sets hold
+    0.7 about 95 % of the time (a broken resampling, e.g. one index for all, would not)."""
+    n, held, ratios = 400, 0, []
+    for trial in range(60):
+        rng = np.random.default_rng(100 + trial)
+        labels = rng.integers(0, 2, n)
+        right = rng.random(n) < 0.7
+        predicted = np.where(right, labels, 1 - labels)
+        logits = jnp.asarray(np.eye(2)[predicted] * 2.0, jnp.float32)
+        r = bootstrap.bootstrap(metrics.accuracy, logits, jnp.asarray(labels),
+                                key=jax.random.key(trial), num_resamples=300)
+        held += bool(r.low <= 0.7 <= r.high)
+        ratios.append(float(r.std) / np.sqrt(float(r.value) * (1 - float(r.value)) / n))
+    assert 52 <= held <= 60, held
+    assert 0.85 < np.median(ratios) < 1.15, np.median(ratios)
+
+
+@given(confidence=st.floats(0.05, 0.99), seed=st.integers(0, 2 ** 31))
+def test_property_the_interval_is_ordered_and_nests_by_confidence(confidence, seed):
+    logits, labels = data(n=30, seed=seed % 1000)
+    key = jax.random.key(seed)
+    wide = bootstrap.bootstrap(metrics.nll, logits, labels, key=key, num_resamples=40,
+                               confidence=max(confidence, 0.5))
+    narrow_ends = bootstrap.interval(wide.value, wide.samples, confidence=confidence / 2)
+    assert wide.low <= narrow_ends[0] <= narrow_ends[1] <= wide.high
+    assert float(jnp.min(wide.samples)) <= wide.low and wide.high <= float(jnp.max(wide.samples))
+
+
+def test_a_metric_undefined_on_some_resamples_warns_and_gives_nan_ends():
+    logits, labels = data(n=6)
+
+    def first_class_rate(z, y):  # NaN when a resample holds no example of class 0
+        counted = (y == 0)
+        return jnp.sum(counted * (jnp.argmax(z, -1) == 0)) / jnp.sum(counted)
+
+    labels = jnp.array([0, 1, 2, 3, 1, 2])
+    with pytest.warns(RuntimeWarning, match="NaN or infinite value"):
+        result = bootstrap.bootstrap(first_class_rate, logits, labels, key=jax.random.key(0),
+                                     num_resamples=50)
+    assert np.isnan(result.low) and np.isnan(result.std) and np.isfinite(result.value)
+
+
+@pytest.mark.parametrize("kwargs,args,error,match", [
+    (dict(key=0), None, TypeError, "`key` must be a JAX PRNG key, e.g. jax.random.key"),
+    (dict(key=jnp.zeros(3, jnp.uint32)), None, TypeError, "got dtype uint32 shape"),
+    (dict(key=jax.random.split(jax.random.key(0), 2)), None, ValueError, "a single key"),
+    (dict(num_resamples=1), None, ValueError, "`num_resamples` must be a Python int >= 2"),
+    (dict(num_resamples=10.0), None, ValueError, "`num_resamples`"),
+    (dict(chunk_size=0), None, ValueError, "`chunk_size` must be a positive Python int"),
+    (dict(confidence=95), None, ValueError, r"`confidence` must be a number in \(0, 1\)"),
+    (dict(confidence=True), None, ValueError, "`confidence`"),
+    (dict(method="bca"), None, ValueError, "`method` must be one of"),
+    ({}, "short", ValueError, r"the arrays have \[60, 5\] examples"),
+    ({}, "scalar", ValueError, r"`arrays\[1\]` is a scalar"),
+    ({}, "none", TypeError, "at least one array"),
+    ({}, "empty", ValueError, "the arrays are empty"),
+])
+def test_bad_input_names_the_argument(kwargs, args, error, match):
+    logits, labels = data()
+    arrays = {None: (logits, labels), "short": (logits, labels[:5]),
+              "scalar": (logits, jnp.float32(1.0)), "none": (),
+              "empty": (logits[:0], labels[:0])}[args]
+    options = {"key": jax.random.key(0), "num_resamples": 10, **kwargs}
+    with pytest.raises(error, match=match):
+        bootstrap.bootstrap(metrics.ece, *arrays, **options)
+
+
+def test_bad_metric_fn_and_the_metrics_own_checks():
+    logits, labels = data()
+    with pytest.raises(TypeError, match="`metric_fn` must be a function"):
+        bootstrap.bootstrap("ece", logits, labels, key=jax.random.key(0))
+    # The full-data value is computed eagerly, so the metric's own checks run on it.
+    with pytest.raises(ValueError, match="`labels` must lie in"):
+        bootstrap.bootstrap(metrics.ece, logits, labels + 4, key=jax.random.key(0),
+                            num_resamples=10)
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        bootstrap.interval(jnp.float32(0.1), jnp.zeros(5), method="bca")

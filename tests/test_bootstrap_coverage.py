@@ -1,0 +1,36 @@
+"""benchmarks/bootstrap_coverage.py at a tiny size: every row, both methods, the timing and
+the JSON (the table it prints at full size is quoted in calib_jax.bootstrap's docstring)."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+import bootstrap_coverage  # noqa: E402
+
+
+def test_the_table_rows_and_timing_run_and_are_recorded(tmp_path, capsys):
+    out = tmp_path / "coverage.json"
+    bootstrap_coverage.main(["--trials", "2", "--test-size", "40", "--resamples", "8",
+                             "--population", "2000", "--time-size", "50", "--json", str(out)])
+    report = json.loads(out.read_text())
+    rows = report["coverage"]
+    assert [r["row"] for r in rows[:4]] == [name for name, _, _ in bootstrap_coverage.ROWS]
+    for row in rows[:4]:
+        assert set(row["held"]) == {"percentile", "basic"} and row["trials"] == 2
+        assert all(0 <= held <= 2 for held in row["held"].values())
+        assert row["mean_width"] > 0
+    # Over-confident logits (x1.2) have the larger population ECE.
+    assert rows[1]["population"] > rows[0]["population"] >= 0
+    assert rows[4]["width"] > 0
+    assert [t["metric"] for t in report["timing"]] == ["ece", "summary"]
+    assert all(t["later_call_s"] > 0 for t in report["timing"])
+    assert "| calibrated |" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bootstrap_coverage.main(["--resamples", "1"])
+    assert exit_info.value.code == 2 and "--resamples must be >= 2" in capsys.readouterr().err

@@ -7,12 +7,13 @@ population ECE of each model (and of each paired difference) is its ECE on
 ``--population`` examples; then, for each of ``--trials`` test sets of ``--test-size``
 examples, a 95 % interval from ``--resamples`` resamples, by both methods, is checked for
 holding it. Last, the time of one ``bootstrap`` of ``metrics.ece`` and of
-``metrics.summary`` (every metric) over ``--time-size`` 10-class examples and 1,000
-resamples, after the compiling call.
+``metrics.summary`` (every metric) over ``--time-size`` 10-class examples and
+``--time-resamples`` resamples (1,000), after the compiling call.
 
 Usage:
   python benchmarks/bootstrap_coverage.py [--trials 40] [--test-size 2000]
-      [--resamples 500] [--population 400000] [--json out.json]
+      [--resamples 500] [--population 400000] [--time-size 10000] [--time-resamples 1000]
+      [--json out.json]
 """
 
 from __future__ import annotations
@@ -95,13 +96,14 @@ def timing(args) -> list[dict]:
         for call in range(3):
             start = time.perf_counter()
             r = bootstrap.bootstrap(fn, 1.2 * z, y, key=jax.random.key(call),
-                                    num_resamples=1000)
+                                    num_resamples=args.time_resamples)
             jax.block_until_ready(r.samples)
             times.append(time.perf_counter() - start)
-        row = {"metric": fn.__name__, "examples": args.time_size, "resamples": 1000,
+        row = {"metric": fn.__name__, "examples": args.time_size,
+               "resamples": args.time_resamples,
                "first_call_s": times[0], "later_call_s": float(np.median(times[1:]))}
-        print(f"bootstrap of metrics.{fn.__name__}, {args.time_size} x {NUM_CLASSES}, 1,000 "
-              f"resamples: first call {times[0]:.2f} s, then {row['later_call_s']:.2f} s")
+        print(f"bootstrap of metrics.{fn.__name__}, {args.time_size} x {NUM_CLASSES}, "
+              f"{args.time_resamples:,} resamples: first call {times[0]:.2f} s, then {row['later_call_s']:.2f} s")
         out.append(row)
     return out
 
@@ -113,12 +115,14 @@ def main(argv=None):
     parser.add_argument("--resamples", type=int, default=500)
     parser.add_argument("--population", type=int, default=400_000)
     parser.add_argument("--time-size", type=int, default=10_000)
+    parser.add_argument("--time-resamples", type=int, default=1000)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    for field in ("trials", "test_size", "resamples", "population", "time_size"):
-        if getattr(args, field) < (2 if field == "resamples" else 1):
-            parser.error(f"--{field.replace('_', '-')} must be >= "
-                         f"{2 if field == 'resamples' else 1}")
+    for field in ("trials", "test_size", "resamples", "population", "time_size",
+                  "time_resamples"):
+        least = 2 if field.endswith("resamples") else 1
+        if getattr(args, field) < least:
+            parser.error(f"--{field.replace('_', '-')} must be >= {least}")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {platform.processor() or ''}")
     print("| row | population ECE (%) | percentile held | basic held | mean basic width (%) |")
     print("| --- | --- | --- | --- | --- |")

@@ -18,7 +18,9 @@ such), picks the temperature on the validation split (the reference's
 100-point grid by ECE by default; the NLL grid and the continuous NLL fit are
 reported too), and reports on the test split before and after scaling:
 error, NLL, ECE, AdaECE, classwise ECE, MCE, and OOD AUROC with the entropy
-and confidence scores. Writes ``results.json``, ``results.md``, reliability
+and confidence scores. Writes ``results.json``, ``results.md``, ``logits.npz`` (the
+validation, test and OOD logits with their labels and the chosen T: what
+:mod:`calib_jax.compare` and a notebook need, without the model), reliability
 diagrams, confidence histograms, temperature curves and ROC curves (PNG) to
 ``--out`` (default ``<workdir>/eval_<checkpoint>``, and ``eval_<checkpoint>_nll`` with
 ``--criterion nll``, so that the default, ECE-picked results that ``build_tables.py`` and the
@@ -35,6 +37,7 @@ a calibration error can and cannot say.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -45,11 +48,13 @@ import numpy as np
 
 from calib_jax import bootstrap, calibration, checkpoints, metrics, ood, plots, train
 from calib_jax.data import datasets, sources
-from calib_jax.files import atomic_save_figure, atomic_write_text, unwritable_reason
+from calib_jax.files import (atomic_save_figure, atomic_write_bytes, atomic_write_text,
+                             unwritable_reason)
 
-__all__ = ["EvaluationRefused", "check_finished", "default_out_name", "evaluate_run",
+__all__ = ["EvaluationRefused", "LOGITS_FILE", "check_finished", "default_out_name",
+           "evaluate_run",
            "fixed", "markdown_report", "main", "member_dirs", "table_checkpoint", "test_intervals",
-           "test_report"]
+           "test_report", "write_logits"]
 
 OOD_SETS = {"cifar10": ("svhn", "cifar10_c"), "cifar100": ("svhn", "cifar10_c"),
             "synthetic": ("synthetic_c",)}
@@ -265,6 +270,9 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
     # evaluation, so an evaluation stopped while it draws (killed, or a plotting error) must
     # not leave one (a rerun then draws everything again).
     _write_plots(out, test_logits, test.labels, t, search, ood_logits)
+    write_logits(out / LOGITS_FILE, val_logits=val_logits, val_labels=val.labels,
+                 test_logits=test_logits, test_labels=test.labels, temperature=t,
+                 ood_logits=ood_logits)
     atomic_write_text(out / "results.md", markdown_report(results) + "\n")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     return results
@@ -273,6 +281,27 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
 #: The checkpoint a run's evaluation reports by default (``config.eval_checkpoint``; defined
 #: in :mod:`calib_jax.train`, whose config check needs it too).
 table_checkpoint = train.table_checkpoint
+
+
+#: The evaluation's logits (:func:`write_logits`), beside ``results.json``.
+LOGITS_FILE = "logits.npz"
+
+
+def write_logits(path, *, val_logits, val_labels, test_logits, test_labels, temperature: float,
+                 ood_logits: dict) -> None:
+    """Saves an evaluation's logits as ``.npz`` (atomically): ``val_logits``, ``val_labels``,
+    ``test_logits``, ``test_labels``, ``temperature`` (the chosen T, a scalar) and
+    ``ood_logits_<name>`` per OOD set; float32 logits, int32 labels (CIFAR-10: 1.4 MB).
+    ``np.load(path)`` reads them."""
+    buffer = io.BytesIO()
+    np.savez(buffer, val_logits=np.asarray(val_logits, np.float32),
+             val_labels=np.asarray(val_labels, np.int32),
+             test_logits=np.asarray(test_logits, np.float32),
+             test_labels=np.asarray(test_labels, np.int32),
+             temperature=np.float64(temperature),
+             **{f"ood_logits_{name}": np.asarray(z, np.float32)
+                for name, z in ood_logits.items()})
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def default_out_name(which: str, criterion: str = "ece") -> str:

@@ -462,6 +462,15 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
             assert 0 <= values["ece"] <= 1 and 0 <= values["error"] <= 1
             assert set(values["ood_auroc"]) == {"cifar10_c"}
     assert (out / "results.md").read_text().startswith("| loss |")
+    # The paired difference: its value is the difference of the two rows' ECEs.
+    gaps = saved["ece_gap_flsd53_minus_ce"]
+    for tag in ("before", "after"):
+        want = saved["results"]["flsd53"]["metrics"][tag]["ece"] - \
+            saved["results"]["ce"]["metrics"][tag]["ece"]
+        assert abs(gaps[tag]["gap"] - want) < 1e-6
+        assert gaps[tag]["basic_95"][0] <= gaps[tag]["basic_95"][1]
+    assert "FLSD-53's test ECE minus cross-entropy's, in points: before T " in printed
+    assert "paired resamples of the test set" in (out / "results.md").read_text()
     assert (out / "reliability.png").stat().st_size > 0
 
 

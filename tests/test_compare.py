@@ -1,0 +1,117 @@
+"""calib_jax.compare: paired differences of two evaluations' metrics on one test set."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from calib_jax import bootstrap, calibration, compare, evaluate, metrics
+
+
+@pytest.fixture(scope="module")
+def two_evaluations(evaluated_runs, tmp_path_factory):
+    """The tiny run's evaluation, and a copy whose test logits are those halved (another
+    'model' on the same test set) with its results recomputed from them."""
+    run = evaluated_runs / "cifar10" / "resnet50" / "ce"
+    base = run / "eval_final"
+    other = tmp_path_factory.mktemp("other") / "eval_final"
+    shutil.copytree(base, other)
+    with np.load(other / evaluate.LOGITS_FILE) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    halved = arrays["test_logits"] / 2
+    evaluate.write_logits(other / evaluate.LOGITS_FILE, val_logits=arrays["val_logits"],
+                          val_labels=arrays["val_labels"], test_logits=halved,
+                          test_labels=arrays["test_labels"],
+                          temperature=float(arrays["temperature"]),
+                          ood_logits={"synthetic_c": arrays["ood_logits_synthetic_c"]})
+    results = json.loads((other / "results.json").read_text())
+    results["test"] = evaluate.test_report(halved, arrays["test_labels"],
+                                           float(arrays["temperature"]), {})
+    (other / "results.json").write_text(json.dumps(results))
+    return run, base, other
+
+
+def test_the_evaluation_saves_its_logits(two_evaluations):
+    run, base, _ = two_evaluations
+    results = json.loads((base / "results.json").read_text())
+    with np.load(base / evaluate.LOGITS_FILE) as saved:
+        assert saved["test_logits"].dtype == np.float32 and saved["test_labels"].dtype == np.int32
+        assert len(saved["test_logits"]) == len(saved["test_labels"])
+        assert float(saved["temperature"]) == results["temperature"]["value"]
+        assert saved["ood_logits_synthetic_c"].shape[1] == saved["test_logits"].shape[1]
+        # The saved logits give the reported metrics.
+        ece = float(metrics.ece(calibration.apply_temperature(saved["test_logits"],
+                                                              float(saved["temperature"])),
+                                saved["test_labels"]))
+    assert ece == pytest.approx(results["test"]["after"]["ece"], abs=1e-6)
+
+
+def test_differences_are_the_reported_metrics_differences_with_paired_intervals(
+        two_evaluations, capsys, tmp_path):
+    run, base, other = two_evaluations
+    # A run directory resolves to its table evaluation (eval_final).
+    report = compare.compare(run, other, num_resamples=50, seed=2)
+    assert report["baseline"] == str(base) and report["num_resamples"] == 50
+    for tag in ("before", "after"):
+        for name in evaluate.METRIC_NAMES:
+            row = report[tag][name]
+            assert row["difference"] == pytest.approx(row["other"] - row["baseline"], abs=1e-5)
+            assert row["basic_95"][0] <= row["basic_95"][1]
+            assert 0 <= row["other_lower"] <= 50
+    # The intervals are the bootstrap of the difference on the same resamples.
+    with np.load(base / evaluate.LOGITS_FILE) as saved:
+        z, y = saved["test_logits"], saved["test_labels"]
+    direct = bootstrap.bootstrap(lambda a, b, labels: metrics.ece(b, labels) -
+                                 metrics.ece(a, labels), z, z / 2, y,
+                                 key=jax.random.key(2), num_resamples=50, method="basic")
+    np.testing.assert_allclose(report["before"]["ece"]["basic_95"], [direct.low, direct.high],
+                               atol=1e-6)
+    # The error does not change when logits are halved (same argmax): zero, on every resample.
+    assert report["before"]["error"]["difference"] == 0
+    assert report["before"]["error"]["basic_95"] == [0.0, 0.0]
+    # A run against itself: every difference and interval is 0.
+    same = compare.compare(base, base, num_resamples=10)
+    assert all(same[t][n]["basic_95"] == [0.0, 0.0] for t in ("before", "after")
+               for n in evaluate.METRIC_NAMES)
+    out = tmp_path / "cmp.json"
+    assert compare.main(["--baseline", str(base), "--other", str(other), "--bootstrap", "20",
+                         "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| ece | 1 |" in printed and "| ece | each run's |" in printed
+    assert "of 20 |" in printed and json.loads(out.read_text())["num_resamples"] == 20
+
+
+def test_refusals_say_what_to_do(two_evaluations, tmp_path, capsys):
+    run, base, other = two_evaluations
+    shorter = tmp_path / "shorter"
+    shutil.copytree(other, shorter)
+    with np.load(shorter / evaluate.LOGITS_FILE) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    flipped = arrays["test_labels"].copy()
+    flipped[:3] = (flipped[:3] + 1) % arrays["test_logits"].shape[1]
+    evaluate.write_logits(shorter / evaluate.LOGITS_FILE, val_logits=arrays["val_logits"],
+                          val_labels=arrays["val_labels"], test_logits=arrays["test_logits"],
+                          test_labels=flipped, temperature=1.0, ood_logits={})
+    with pytest.raises(compare.ComparisonRefused,
+                       match="different test sets \\(labels differing in 3 of"):
+        compare.compare(base, shorter, num_resamples=10)
+    old = tmp_path / "old"
+    shutil.copytree(base, old)
+    (old / evaluate.LOGITS_FILE).unlink()
+    with pytest.raises(compare.ComparisonRefused,
+                       match=f"has no logits.npz .*python -m calib_jax.evaluate --workdir {run}"):
+        compare.compare(old, base, num_resamples=10)
+    (tmp_path / "run").mkdir()
+    shutil.copy(run / "config.json", tmp_path / "run" / "config.json")
+    with pytest.raises(compare.ComparisonRefused, match="has no evaluation at .*eval_final"):
+        compare.compare(tmp_path / "run", base, num_resamples=10)
+    assert compare.main(["--baseline", str(tmp_path / "nothing"), "--other", str(base)]) == 1
+    assert "holds neither an evaluation" in capsys.readouterr().err
+    for argv in (["--bootstrap", "1"], ["--seed", "-1"]):
+        with pytest.raises(SystemExit):
+            compare.main(["--baseline", str(base), "--other", str(base), *argv])
+        assert argv[0] in capsys.readouterr().err
+    with pytest.raises(ValueError, match="`num_resamples` must be an int >= 2"):
+        compare.compare(base, base, num_resamples=1)

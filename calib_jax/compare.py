@@ -53,8 +53,11 @@ def evaluation_dir(path) -> Path:
             return found
         raise ComparisonRefused(f"the run in {path} has no evaluation at {found}; evaluate it "
                                 f"first: python -m calib_jax.evaluate --workdir {path}")
+    group = (path / "members.json").is_file()
     raise ComparisonRefused(f"{path} holds neither an evaluation (results.json) nor a run "
-                            f"(config.json); give an eval_* directory or a run directory")
+                            f"(config.json); give an eval_* directory or a run directory" +
+                            (" (this is a group of runs: give one of its members, "
+                             f"{path}/<member>)" if group else ""))
 
 
 def _load(eval_dir: Path) -> tuple[dict, dict]:

@@ -109,6 +109,10 @@ def test_refusals_say_what_to_do(two_evaluations, tmp_path, capsys):
         compare.compare(tmp_path / "run", base, num_resamples=10)
     assert compare.main(["--baseline", str(tmp_path / "nothing"), "--other", str(base)]) == 1
     assert "holds neither an evaluation" in capsys.readouterr().err
+    (tmp_path / "group").mkdir()
+    (tmp_path / "group" / "members.json").write_text('{"members": ["ce"]}')
+    with pytest.raises(compare.ComparisonRefused, match="give one of its members"):
+        compare.compare(tmp_path / "group", base, num_resamples=10)
     for argv in (["--bootstrap", "1"], ["--seed", "-1"]):
         with pytest.raises(SystemExit):
             compare.main(["--baseline", str(base), "--other", str(base), *argv])

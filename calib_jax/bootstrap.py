@@ -46,7 +46,7 @@ a nearly calibrated model; for accuracy, NLL and Brier (unbiased means) both met
 ordinary confidence intervals and agree closely.
 
 The resample indices are :func:`resample_indices` ``(key, N, num_resamples)``: the same key
-gives the same resamples on every machine and for every chunk size. :func:`interval` gives
+gives the same resamples on every machine and for every ``chunk_size``. :func:`interval` gives
 another method's or confidence's interval from a result's samples without resampling.
 
 Cost (the same script, this project's 2-core CPU): 1,000 resamples of 10,000 x 10 logits,
@@ -218,7 +218,7 @@ def bootstrap(metric_fn: Callable, *arrays, key, num_resamples: int = 1000,
         coverage for binned calibration errors; :func:`interval` gives the other from the
         result's samples).
       chunk_size: resamples evaluated together (memory ``O(chunk_size x N x C)``); the
-        result does not depend on it.
+        resamples do not depend on it (their metrics only up to float rounding).
 
     Returns:
       :class:`BootstrapResult`. A metric that is NaN or infinite on some resamples (e.g.

@@ -68,8 +68,18 @@ def _load(eval_dir: Path) -> tuple[dict, dict]:
             f"{eval_dir} has no {evaluate.LOGITS_FILE} (evaluations before calib_jax saved "
             f"logits lack it); evaluate the run again: python -m calib_jax.evaluate --workdir "
             f"{results['workdir']} --checkpoint {results['checkpoint']}")
-    with np.load(path) as saved:
-        return results, {k: saved[k] for k in saved.files}
+    try:
+        with np.load(path) as saved:
+            arrays = {k: saved[k] for k in saved.files}
+        missing = {"test_logits", "test_labels", "temperature"} - set(arrays)
+        if missing:
+            raise ValueError(f"no {', '.join(sorted(missing))} in it")
+    except Exception as error:  # truncated, not a zip, another file under the name
+        raise ComparisonRefused(
+            f"{path} cannot be read ({type(error).__name__}: {error}); evaluate the run again: "
+            f"python -m calib_jax.evaluate --workdir {results['workdir']} --checkpoint "
+            f"{results['checkpoint']}") from error
+    return results, arrays
 
 
 def summary_difference(baseline_logits, other_logits, labels) -> dict:

@@ -103,6 +103,13 @@ def test_refusals_say_what_to_do(two_evaluations, tmp_path, capsys):
     with pytest.raises(compare.ComparisonRefused,
                        match=f"has no logits.npz .*python -m calib_jax.evaluate --workdir {run}"):
         compare.compare(old, base, num_resamples=10)
+    (old / evaluate.LOGITS_FILE).write_bytes((base / evaluate.LOGITS_FILE).read_bytes()[:500])
+    with pytest.raises(compare.ComparisonRefused, match="logits.npz cannot be read .*evaluate "
+                                                        "the run again"):
+        compare.compare(old, base, num_resamples=10)
+    np.savez(old / evaluate.LOGITS_FILE, test_logits=np.zeros((2, 3)))
+    with pytest.raises(compare.ComparisonRefused, match="no temperature, test_labels in it"):
+        compare.compare(old, base, num_resamples=10)
     (tmp_path / "run").mkdir()
     shutil.copy(run / "config.json", tmp_path / "run" / "config.json")
     with pytest.raises(compare.ComparisonRefused, match="has no evaluation at .*eval_final"):

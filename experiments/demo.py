@@ -93,11 +93,12 @@ def ece_gap(logits_ce, logits_flsd, labels):
 
 
 def paired_ece_gaps(test_logits, labels, num_resamples: int = 1000) -> dict:
-    """``{tag: {"gap", "basic_95"}}``: FLSD-53's test ECE minus cross-entropy's before and
-    after scaling, with the basic 95 % interval of ``num_resamples`` resamples of the test set
-    shared by both models (paired) and both tags. Basic, not percentile: for a difference of
-    ECEs it held the true difference more often (calib_jax.bootstrap's measured table)."""
-    gaps = {}
+    """``{"num_resamples", tag: {"gap", "basic_95"}}``: FLSD-53's test ECE minus
+    cross-entropy's before and after scaling, with the basic 95 % interval of ``num_resamples``
+    resamples of the test set shared by both models (paired) and both tags. Basic, not
+    percentile: for a difference of ECEs it held the true difference more often
+    (calib_jax.bootstrap's measured table)."""
+    gaps = {"num_resamples": num_resamples}
     for tag in ("before", "after"):
         r = bootstrap.bootstrap(ece_gap, test_logits["ce"][tag], test_logits["flsd53"][tag],
                                 labels, key=jax.random.key(0), num_resamples=num_resamples,
@@ -106,14 +107,14 @@ def paired_ece_gaps(test_logits, labels, num_resamples: int = 1000) -> dict:
     return gaps
 
 
-def gaps_line(gaps, num_resamples: int = 1000) -> str:
+def gaps_line(gaps) -> str:
     def one(tag, label):
         g = gaps[tag]
         return (f"{label} {100 * g['gap']:+.2f} [{100 * g['basic_95'][0]:+.2f}, "
                 f"{100 * g['basic_95'][1]:+.2f}]")
     return (f"FLSD-53's test ECE minus cross-entropy's, in points: {one('before', 'before T')}; "
-            f"{one('after', 'after T')} (95 % intervals: basic bootstrap, {num_resamples:,} "
-            f"paired resamples of the test set)")
+            f"{one('after', 'after T')} (95 % intervals: basic bootstrap, "
+            f"{gaps['num_resamples']:,} paired resamples of the test set)")
 
 
 def ood_entropy(values) -> float:

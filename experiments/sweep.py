@@ -31,6 +31,10 @@ Equivalently, one work root per seed (``--workroot runs/paper-seed2 --set seed=2
 together to ``build_tables.py --workroot``. ``--set seeds=...`` and ``--set loss=...`` are
 refused: a cell is one run.
 
+``--bootstrap N`` evaluates with bootstrap intervals (``calib_jax.evaluate --bootstrap N``:
+``results.json``'s ``test_intervals``); a cell evaluated without intervals of ``N`` resamples is
+then not done: its finished training is resumed (nothing to train) and evaluated again.
+
 Every run's config is validated before the first run trains (and in ``--dry-run``): a bad
 ``--set`` value or seed is refused at once, naming the field.
 A failing cell (e.g. a data set that is not on this machine) stops the sweep; with
@@ -47,6 +51,7 @@ another sweep has finished and evaluated since it started says ``done``. The lis
 
 import argparse
 import fnmatch
+import json
 import os
 import sys
 from pathlib import Path
@@ -116,20 +121,25 @@ def other_seed_jobs(workroot, todo, vmap_rows):
     return jobs
 
 
-def finished(workdir, config) -> tuple[bool, str]:
+def finished(workdir, config, bootstrap: int = 0) -> tuple[bool, str]:
     """``(done, why not)``: a run is done when the evaluation of its ``eval_checkpoint`` exists
     and its ``config.json`` computes what ``config`` does (``num_epochs`` included; a changed
-    ``eval_checkpoint`` is not done either, its results are of the other checkpoint)."""
+    ``eval_checkpoint`` is not done either, its results are of the other checkpoint), and, with
+    ``bootstrap`` > 0, the evaluation holds intervals of that many resamples."""
     from calib_jax import evaluate, train
 
     which = evaluate.table_checkpoint(config)  # final; best for the text data sets
-    if not (Path(workdir) / evaluate.default_out_name(which) / "results.json").exists():
+    results = Path(workdir) / evaluate.default_out_name(which) / "results.json"
+    if not results.exists():
         return False, ""
     changed = train.config_differences(workdir, config, ignore=train.EXECUTION_FIELDS)
     if changed is None:
         return False, " (results without a config.json)"
     if changed:
         return False, f" (its results are of another config: {'; '.join(changed)})"
+    if bootstrap and json.loads(results.read_text()).get("test_intervals", {}).get(
+            "num_resamples") != bootstrap:
+        return False, f" (its results have no bootstrap intervals of {bootstrap} resamples)"
     return True, ""
 
 
@@ -149,11 +159,16 @@ def main(argv=None):
                         help="train each row's cells that share a recipe as one program")
     parser.add_argument("--keep-going", action="store_true",
                         help="after a failing cell go on with the others; exit 1 at the end")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                        help="evaluate with 95%% bootstrap intervals from N resamples of the "
+                             "test set (e.g. 1000; default 0: none)")
     parser.add_argument("--seeds", default="",
                         help="comma-separated seeds, for error bars: the recipe's seed trains "
                              "in <loss>/, any other seed s in <loss>-seed<s>/ (default: the "
                              "recipe's seed alone)")
     args = parser.parse_args(argv)
+    if args.bootstrap < 0 or args.bootstrap == 1:
+        parser.error("--bootstrap must be 0 (no intervals) or >= 2 (1000 is customary)")
     cells = selected(args.cells.split(","))
     if not cells:
         parser.error(f"no cell matches {args.cells!r}")
@@ -191,7 +206,7 @@ def main(argv=None):
             workdir = Path(args.workroot) / dataset / model / (
                 loss if other is None else f"{loss}-seed{other}")  # build_tables' replicates
             done, why = finished(workdir, recipe if other is None else
-                                 paper.get_config(spec + rest))
+                                 paper.get_config(spec + rest), args.bootstrap)
             holder = None if done else lock_holder(workdir)
             if holder:  # another sweep (or command) is training it now: it will be "busy"
                 why += f" (being trained by another process: {holder})"
@@ -225,7 +240,7 @@ def main(argv=None):
             parser.error(f"{spec + rest}: {error}")
     failed, busy = [], []
     for (spec, workdir, run_dirs), config in zip(jobs, configs):
-        if not args.dry_run and all_finished(workdir, config):
+        if not args.dry_run and all_finished(workdir, config, args.bootstrap):
             # Another sweep over this work root trained and evaluated it since the list above.
             print(f"done  {spec + rest} -> {workdir} (finished by another process meanwhile)",
                   flush=True)
@@ -237,7 +252,8 @@ def main(argv=None):
             with train.concise_warnings():  # e.g. a damaged checkpoint replaced: one line
                 train.train_and_evaluate(config, workdir)
                 for run_dir in run_dirs:
-                    evaluate.evaluate_run(run_dir)  # the run's eval_checkpoint
+                    # the run's eval_checkpoint
+                    evaluate.evaluate_run(run_dir, bootstrap_resamples=args.bootstrap)
         except DirectoryInUseError as error:
             # Another process trains it (e.g. a second sweep over this work root, to use
             # another GPU): left to that one, not a failure.
@@ -261,11 +277,11 @@ def main(argv=None):
     return 0
 
 
-def all_finished(workdir, config) -> bool:
+def all_finished(workdir, config, bootstrap: int = 0) -> bool:
     """Whether every run of a job (its members, or the run itself) is :func:`finished`."""
     from calib_jax import train
 
-    return all(finished(train.member_dir(workdir, name), member)[0]
+    return all(finished(train.member_dir(workdir, name), member, bootstrap)[0]
                for name, member in train.run_members(config))
 
 

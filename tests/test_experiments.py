@@ -88,6 +88,18 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     assert results.exists()
     assert sweep.main(args) == 0  # restart: the finished cell is skipped
     assert "done  cell=cifar10/resnet50/ce" in capsys.readouterr().out
+    # Asked for bootstrap intervals, the cell evaluated without them is evaluated again (its
+    # training has nothing left to do); then it is done.
+    assert sweep.main(args + ["--bootstrap", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "(its results have no bootstrap intervals of 20 resamples)" in out
+    assert "nothing to train" in out
+    assert json.loads(results.read_text())["test_intervals"]["num_resamples"] == 20
+    assert sweep.main(args + ["--bootstrap", "20"]) == 0
+    assert "done  cell=cifar10/resnet50/ce" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sweep.main(args + ["--bootstrap", "1"])
+    assert "--bootstrap must be 0 (no intervals) or >= 2" in capsys.readouterr().err
     # Asked for longer, the cell is not done: it trains on from its last epoch and is
     # evaluated again.
     longer = args[:-1] + [args[-1].replace("num_epochs=1", "num_epochs=2")]

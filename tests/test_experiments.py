@@ -340,8 +340,8 @@ def test_sweep_stops_at_a_failing_cell_or_with_keep_going_runs_the_rest(tmp_path
         trained.append(Path(workdir).relative_to(tmp_path).as_posix())
 
     monkeypatch.setattr(train, "train_and_evaluate", fake_train)
-    monkeypatch.setattr(evaluate, "evaluate_run",
-                        lambda run_dir: evaluated.append(Path(run_dir).name))
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda run_dir, bootstrap_resamples=0:
+                        evaluated.append(Path(run_dir).name))
     # Cells run in table order: the CIFAR-100 cell before the Tiny-ImageNet one.
     cells = ["--cells", "tiny_imagenet/*/ce,cifar100/resnet110/ce", "--workroot", str(tmp_path)]
     with pytest.raises(data.DataNotFoundError):
@@ -374,8 +374,8 @@ def test_two_sweeps_over_one_work_root_share_the_runs(tmp_path, capsys, monkeypa
             (finished_dir / "eval_final" / "results.json").write_text("{}")
 
     monkeypatch.setattr(train, "train_and_evaluate", fake_train)
-    monkeypatch.setattr(evaluate, "evaluate_run",
-                        lambda run_dir: evaluated.append(Path(run_dir).name))
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda run_dir, bootstrap_resamples=0:
+                        evaluated.append(Path(run_dir).name))
     cells = ["--cells", "cifar100/resnet110/ce,cifar100/resnet110/brier,tiny_imagenet/*/ce",
              "--workroot", str(root)]
     with files.hold_directory_lock(busy_dir, "training"):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calib_jax import bootstrap, calibration, evaluate, metrics, train
+from calib_jax import bootstrap, calibration, evaluate, metrics
 from calib_jax.files import atomic_write_text
 
 __all__ = ["ComparisonRefused", "compare", "evaluation_dir", "markdown_comparison",
@@ -47,8 +47,7 @@ def evaluation_dir(path) -> Path:
     if (path / "results.json").is_file():
         return path
     if (path / "config.json").is_file():
-        config = evaluate.load_run_config(path)
-        found = path / evaluate.default_out_name(train.table_checkpoint(config))
+        found = evaluate.table_evaluation_dir(path)
         if (found / "results.json").is_file():
             return found
         raise ComparisonRefused(f"the run in {path} has no evaluation at {found}; evaluate it "

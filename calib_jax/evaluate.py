@@ -52,9 +52,8 @@ from calib_jax.files import (atomic_save_figure, atomic_write_bytes, atomic_writ
                              unwritable_reason)
 
 __all__ = ["EvaluationRefused", "LOGITS_FILE", "check_finished", "default_out_name",
-           "evaluate_run",
-           "fixed", "markdown_report", "main", "member_dirs", "table_checkpoint", "test_intervals",
-           "test_report", "write_logits"]
+           "evaluate_run", "fixed", "markdown_report", "main", "member_dirs", "table_checkpoint",
+           "table_evaluation_dir", "test_intervals", "test_report", "write_logits"]
 
 OOD_SETS = {"cifar10": ("svhn", "cifar10_c"), "cifar100": ("svhn", "cifar10_c"),
             "synthetic": ("synthetic_c",)}
@@ -302,6 +301,15 @@ def write_logits(path, *, val_logits, val_labels, test_logits, test_labels, temp
              **{f"ood_logits_{name}": np.asarray(z, np.float32)
                 for name, z in ood_logits.items()})
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def table_evaluation_dir(run_dir) -> Path:
+    """``run_dir/eval_<checkpoint>``: the evaluation the tables and :mod:`calib_jax.compare`
+    read, of the checkpoint the run's own ``config.json`` names (``eval_checkpoint``;
+    ``final`` without one)."""
+    config = Path(run_dir) / "config.json"
+    which = table_checkpoint(json.loads(config.read_text()) if config.exists() else {})
+    return Path(run_dir) / default_out_name(which)
 
 
 def default_out_name(which: str, criterion: str = "ece") -> str:

@@ -86,17 +86,10 @@ def load_results(workroot: Path):
     for 20 Newsgroups and SST, the reference's protocol)."""
     results = {}
     for run_dir in sorted({p.parents[1] for p in Path(workroot).glob("*/*/*/eval_*/results.json")}):
-        path = run_dir / evaluate.default_out_name(_table_checkpoint(run_dir)) / "results.json"
+        path = evaluate.table_evaluation_dir(run_dir) / "results.json"
         if path.exists():
             results[run_dir.parts[-3:]] = json.loads(path.read_text())
     return results
-
-
-def _table_checkpoint(run_dir) -> str:
-    """The checkpoint whose evaluation the tables read: the run's own ``config.json`` says
-    (``final`` without one)."""
-    config = Path(run_dir) / "config.json"
-    return evaluate.table_checkpoint(json.loads(config.read_text()) if config.exists() else {})
 
 
 #: A member of a group trained with several seeds (``calib_jax.train.run_members``):

@@ -6,14 +6,16 @@ logits are ``z`` is calibrated and one with ``s z`` (``s > 1``) over-confident. 
 population ECE of each model (and of each paired difference) is its ECE on
 ``--population`` examples; then, for each of ``--trials`` test sets of ``--test-size``
 examples, a 95 % interval from ``--resamples`` resamples, by both methods, is checked for
-holding it. Last, the time of one ``bootstrap`` of ``metrics.ece`` and of
+holding it. Last, the time of one ``bootstrap`` of ``metrics.ece``, of
 ``metrics.summary`` (every metric) over ``--time-size`` 10-class examples and
-``--time-resamples`` resamples (1,000), after the compiling call.
+``--time-resamples`` resamples (1,000), and of ``ood.aurocs`` (both OOD scores) of those
+examples against ``--time-ood-size`` others (26,032: SVHN's test set), each resampled on its
+own (``groups=(0, 1)``), after the compiling call.
 
 Usage:
   python benchmarks/bootstrap_coverage.py [--trials 40] [--test-size 2000]
       [--resamples 500] [--population 400000] [--time-size 10000] [--time-resamples 1000]
-      [--json out.json]
+      [--time-ood-size 26032] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calib_jax import bootstrap, metrics
+from calib_jax import bootstrap, metrics, ood
 from calib_jax.files import atomic_write_text
 
 NUM_CLASSES = 10
@@ -90,20 +92,26 @@ def coverage(args) -> list[dict]:
 
 def timing(args) -> list[dict]:
     z, y = draw(args.time_size, seed=1)
+    z_ood, _ = draw(args.time_ood_size, seed=2)
     out = []
-    for fn in (metrics.ece, metrics.summary):
+    for module, fn, arrays, groups, examples in (
+            ("metrics", metrics.ece, (1.2 * z, y), None, [args.time_size]),
+            ("metrics", metrics.summary, (1.2 * z, y), None, [args.time_size]),
+            ("ood", ood.aurocs, (1.2 * z, 0.3 * z_ood), (0, 1),
+             [args.time_size, args.time_ood_size])):
         times = []
         for call in range(3):
             start = time.perf_counter()
-            r = bootstrap.bootstrap(fn, 1.2 * z, y, key=jax.random.key(call),
-                                    num_resamples=args.time_resamples)
+            r = bootstrap.bootstrap(fn, *arrays, key=jax.random.key(call),
+                                    num_resamples=args.time_resamples, groups=groups)
             jax.block_until_ready(r.samples)
             times.append(time.perf_counter() - start)
-        row = {"metric": fn.__name__, "examples": args.time_size,
-               "resamples": args.time_resamples,
+        row = {"metric": fn.__name__, "examples": examples, "resamples": args.time_resamples,
                "first_call_s": times[0], "later_call_s": float(np.median(times[1:]))}
-        print(f"bootstrap of metrics.{fn.__name__}, {args.time_size} x {NUM_CLASSES}, "
-              f"{args.time_resamples:,} resamples: first call {times[0]:.2f} s, then {row['later_call_s']:.2f} s")
+        print(f"bootstrap of {module}.{fn.__name__}, {' and '.join(map(str, examples))} x "
+              f"{NUM_CLASSES}, "
+              f"{args.time_resamples:,} resamples: first call {times[0]:.2f} s, then "
+              f"{row['later_call_s']:.2f} s")
         out.append(row)
     return out
 
@@ -116,10 +124,11 @@ def main(argv=None):
     parser.add_argument("--population", type=int, default=400_000)
     parser.add_argument("--time-size", type=int, default=10_000)
     parser.add_argument("--time-resamples", type=int, default=1000)
+    parser.add_argument("--time-ood-size", type=int, default=26_032)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     for field in ("trials", "test_size", "resamples", "population", "time_size",
-                  "time_resamples"):
+                  "time_resamples", "time_ood_size"):
         least = 2 if field.endswith("resamples") else 1
         if getattr(args, field) < least:
             parser.error(f"--{field.replace('_', '-')} must be >= {least}")

@@ -12,7 +12,10 @@ NLL, ECE, AdaECE, classwise ECE, MCE), before and after each run's own temperatu
 ``other - baseline`` with the basic 95 % interval of ``--bootstrap`` resamples of the test
 set, the same resamples for both runs (paired: the test set's shared difficulty cancels, so
 the interval is narrower than the two runs' own intervals together), and how many resamples
-put ``other`` below ``baseline``. The temperatures are held fixed (chosen on the validation
+put ``other`` below ``baseline``. OOD AUROC (entropy and confidence) is compared on every OOD
+set both evaluations hold with as many examples: the test set with the same resamples, the
+OOD set resampled independently of it (the same OOD resamples for both runs); the others are
+named as left out. The temperatures are held fixed (chosen on the validation
 split), as the evaluation reports them. See :mod:`calib_jax.bootstrap` on what an interval
 of a calibration error's difference means (measured coverage).
 """
@@ -24,15 +27,14 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calib_jax import bootstrap, calibration, evaluate, metrics
+from calib_jax import bootstrap, calibration, evaluate, metrics, ood
 from calib_jax.files import atomic_write_text
 
-__all__ = ["ComparisonRefused", "compare", "evaluation_dir", "markdown_comparison",
-           "summary_difference"]
+__all__ = ["ComparisonRefused", "auroc_difference", "compare", "evaluation_dir",
+           "markdown_comparison", "summary_difference"]
 
 
 class ComparisonRefused(ValueError):
@@ -88,17 +90,20 @@ def summary_difference(baseline_logits, other_logits, labels) -> dict:
     return {name: other[name] - base[name] for name in base}
 
 
+def auroc_difference(baseline_in, other_in, baseline_out, other_out) -> dict:
+    """Each OOD score's AUROC of ``other`` minus ``baseline``'s (in-distribution test logits,
+    OOD logits; jittable)."""
+    base, other = ood.aurocs(baseline_in, baseline_out), ood.aurocs(other_in, other_out)
+    return {score: other[score] - base[score] for score in base}
+
+
 def compare(baseline, other, *, num_resamples: int = 1000, seed: int = 0) -> dict:
     """The comparison (see the module docstring) as a dict: ``{"baseline", "other",
     "num_resamples", "seed", "before": {metric: {"baseline", "other", "difference",
     "basic_95": [low, high], "percentile_95": [low, high], "other_lower": count}}, "after":
     ...}``; ``baseline`` and ``other`` are evaluation or run directories."""
-    if isinstance(num_resamples, bool) or not isinstance(num_resamples, int) or \
-            num_resamples < 2:
-        raise ValueError(f"`num_resamples` must be an int >= 2 (1000 is customary), got "
-                         f"{num_resamples!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
-        raise ValueError(f"`seed` must be an int in [0, 2**32), got {seed!r}.")
+    bootstrap.check_num_resamples(num_resamples)
+    key = bootstrap.seed_key(seed)
     dirs = [evaluation_dir(baseline), evaluation_dir(other)]
     (base_results, base), (other_results, oth) = (_load(d) for d in dirs)
     labels_a, labels_b = base["test_labels"], oth["test_labels"]
@@ -109,26 +114,62 @@ def compare(baseline, other, *, num_resamples: int = 1000, seed: int = 0) -> dic
                 f"test examples")
         raise ComparisonRefused(f"{dirs[0]} and {dirs[1]} were evaluated on different test "
                                 f"sets ({what}); compare runs of one data set and split")
+    ood_names, ood_left_out = _common_ood_sets(base, oth, dirs)
     report = {"baseline": str(dirs[0]), "other": str(dirs[1]), "num_resamples": num_resamples,
               "seed": seed, "temperature": {"baseline": float(base["temperature"]),
-                                            "other": float(oth["temperature"])}}
+                                            "other": float(oth["temperature"])},
+              "ood_left_out": ood_left_out}
     labels = jnp.asarray(labels_a)
     for tag in ("before", "after"):
         z = [calibration.apply_temperature(saved["test_logits"],
                                            float(saved["temperature"]) if tag == "after" else 1.0)
              for saved in (base, oth)]
-        result = bootstrap.bootstrap(summary_difference, z[0], z[1], labels,
-                                     key=jax.random.key(seed), num_resamples=num_resamples)
-        basic = bootstrap.interval(result.value, result.samples, method="basic")
-        report[tag] = {
-            name: {"baseline": base_results["test"][tag][name],
-                   "other": other_results["test"][tag][name],
-                   "difference": float(result.value[name]),
-                   "basic_95": [float(basic[0][name]), float(basic[1][name])],
-                   "percentile_95": [float(result.low[name]), float(result.high[name])],
-                   "other_lower": int(np.sum(np.asarray(result.samples[name]) < 0))}
-            for name in evaluate.METRIC_NAMES}
+        result = bootstrap.bootstrap(summary_difference, z[0], z[1], labels, key=key,
+                                     num_resamples=num_resamples)
+        report[tag] = {name: _row(result, name, base_results["test"][tag][name],
+                                  other_results["test"][tag][name])
+                       for name in evaluate.METRIC_NAMES}
+        report[tag]["ood_auroc"] = {}
+        for name in ood_names:
+            z_out = [calibration.apply_temperature(
+                saved[f"ood_logits_{name}"], float(saved["temperature"]) if tag == "after" else 1.0)
+                for saved in (base, oth)]
+            # The test set drawn with the indices above (group 0), the OOD set on its own.
+            result = bootstrap.bootstrap(auroc_difference, z[0], z[1], z_out[0], z_out[1],
+                                         key=key, num_resamples=num_resamples,
+                                         groups=(0, 0, 1, 1))
+            report[tag]["ood_auroc"][name] = {
+                score: _row(result, score, base_results["test"][tag]["ood_auroc"][name][score],
+                            other_results["test"][tag]["ood_auroc"][name][score])
+                for score in ood.SCORES}
     return report
+
+
+def _row(result, name, baseline_value, other_value) -> dict:
+    basic = bootstrap.interval(result.value[name], result.samples[name], method="basic")
+    return {"baseline": baseline_value, "other": other_value,
+            "difference": float(result.value[name]),
+            "basic_95": [float(basic[0]), float(basic[1])],
+            "percentile_95": [float(result.low[name]), float(result.high[name])],
+            "other_lower": int(np.sum(np.asarray(result.samples[name]) < 0))}
+
+
+def _common_ood_sets(base, other, dirs) -> tuple[list, dict]:
+    """OOD sets both evaluations hold with as many examples, and why the others are left out
+    (an OOD set has no labels to compare: its name and size stand for it)."""
+    names = [{k[len("ood_logits_"):] for k in saved if k.startswith("ood_logits_")}
+             for saved in (base, other)]
+    common, left_out = [], {}
+    for name in sorted(names[0] | names[1]):
+        if name not in names[0] or name not in names[1]:
+            left_out[name] = f"only {dirs[0 if name in names[0] else 1]} evaluated it"
+            continue
+        sizes = [len(saved[f"ood_logits_{name}"]) for saved in (base, other)]
+        if sizes[0] != sizes[1]:
+            left_out[name] = f"{sizes[0]} and {sizes[1]} examples: not the same set"
+            continue
+        common.append(name)
+    return common, left_out
 
 
 def markdown_comparison(report: dict) -> str:
@@ -139,18 +180,27 @@ def markdown_comparison(report: dict) -> str:
              f"set (seed {report['seed']}); 95 % basic bootstrap intervals.", "",
              "| metric | T | baseline | other | difference | 95 % interval | resamples with "
              "other lower |", "|" + " --- |" * 7]
+    def line(name, label, row, scale, digits):
+        def show(v):
+            return evaluate.fixed(scale * v, digits)
+        low, high = row["basic_95"]
+        return (f"| {name} | {label} | {show(row['baseline'])} | {show(row['other'])} | "
+                f"{'+' if row['difference'] > 0 else ''}{show(row['difference'])} | "
+                f"[{show(low)}, {show(high)}] | {row['other_lower']:,} of "
+                f"{report['num_resamples']:,} |")
+
     for tag, label in (("before", "1"), ("after", "each run's")):
         for name in evaluate.METRIC_NAMES:
-            row = report[tag][name]
-            scale, digits = (1.0, 4) if name == "nll" else (100.0, 2)
-
-            def show(v):
-                return evaluate.fixed(scale * v, digits)
-            low, high = row["basic_95"]
-            lines.append(f"| {name} | {label} | {show(row['baseline'])} | {show(row['other'])} | "
-                         f"{'+' if row['difference'] > 0 else ''}{show(row['difference'])} | "
-                         f"[{show(low)}, {show(high)}] | {row['other_lower']:,} of "
-                         f"{report['num_resamples']:,} |")
+            lines.append(line(name, label, report[tag][name],
+                              *((1.0, 4) if name == "nll" else (100.0, 2))))
+        for ood_name, scores in report[tag].get("ood_auroc", {}).items():
+            for score, row in scores.items():
+                lines.append(line(f"OOD AUROC {ood_name} ({score})", label, row, 100.0, 2))
+    if any(report[tag].get("ood_auroc") for tag in ("before", "after")):
+        lines.append("\nOOD AUROC: the test set's resamples above, each OOD set resampled "
+                     "independently (the same OOD resamples for both runs); higher is better.")
+    for name, why in report.get("ood_left_out", {}).items():
+        lines.append(f"\nOOD set {name} not compared: {why}.")
     return "\n".join(lines)
 
 
@@ -163,10 +213,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the resamples' seed (default 0)")
     parser.add_argument("--json", default=None, help="also write the comparison here")
     args = parser.parse_args(argv)
-    if args.bootstrap < 2:
-        parser.error("--bootstrap must be >= 2 (1000 is customary)")
-    if not 0 <= args.seed < 2 ** 32:
-        parser.error("--seed must be in [0, 2**32)")
+    try:
+        bootstrap.check_num_resamples(args.bootstrap, "--bootstrap")
+        bootstrap.check_seed(args.seed, "--seed")
+    except ValueError as e:
+        parser.error(str(e))
     try:
         report = compare(args.baseline, args.other, num_resamples=args.bootstrap, seed=args.seed)
     except (ComparisonRefused, FileNotFoundError) as e:

@@ -30,8 +30,9 @@ sweep read are never replaced by another criterion's).
 after scaling (:func:`test_intervals`: ``N`` resamples of the test set, the same ones before
 and after, T fixed; ``--bootstrap-seed`` picks them): ``results.json``'s ``test_intervals``
 holds the percentile and basic intervals and the standard error of each metric,
-``results.md`` shows the basic ones. Read :mod:`calib_jax.bootstrap` on what an interval of
-a calibration error can and cannot say.
+``results.md`` shows the basic ones. OOD AUROC's intervals resample each OOD set too,
+independently of the test set (a two-sample bootstrap). Read :mod:`calib_jax.bootstrap` on
+what an interval of a calibration error can and cannot say.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -129,8 +129,7 @@ def check_finished(workdir, config, which: str) -> None:
 
 
 def _ood_scores(test_logits, ood_logits):
-    return {"entropy": float(ood.auroc(test_logits, ood_logits, score="entropy")),
-            "confidence": float(ood.auroc(test_logits, ood_logits, score="confidence"))}
+    return {score: float(v) for score, v in ood.aurocs(test_logits, ood_logits).items()}
 
 
 def test_report(test_logits, test_labels, temperature: float, ood_logits: dict) -> dict:
@@ -147,25 +146,46 @@ def test_report(test_logits, test_labels, temperature: float, ood_logits: dict) 
     return report
 
 
+def _interval_entry(result, name_path, basic) -> dict:
+    def pick(tree):
+        for name in name_path:
+            tree = tree[name]
+        return float(tree)
+    return {"std": pick(result.std), "percentile": [pick(result.low), pick(result.high)],
+            "basic": [pick(basic[0]), pick(basic[1])]}
+
+
 def test_intervals(test_logits, test_labels, temperature: float, *, num_resamples: int,
-                   seed: int = 0, confidence: float = 0.95) -> dict:
+                   seed: int = 0, confidence: float = 0.95, ood_logits=None) -> dict:
     """Bootstrap intervals of every :func:`calib_jax.metrics.summary` metric on the test
-    logits before and after temperature scaling (``temperature`` fixed, as chosen on the
+    logits, and of OOD AUROC (entropy and confidence) per set of ``ood_logits`` (a dict, name
+    to logits), before and after temperature scaling (``temperature`` fixed, as chosen on the
     validation split): ``{"num_resamples", "seed", "confidence", "before": {metric: {"std",
-    "percentile": [low, high], "basic": [low, high]}}, "after": ...}``. Before and after use
-    the same ``num_resamples`` resamples (:func:`calib_jax.bootstrap.resample_indices` of
-    ``jax.random.key(seed)``), so their differences are paired too."""
+    "percentile": [low, high], "basic": [low, high]}, "ood_auroc": {name: {score: {...}}}},
+    "after": ...}``. Before and after use the same ``num_resamples`` resamples of the test set
+    (:func:`calib_jax.bootstrap.resample_indices` of :func:`calib_jax.bootstrap.seed_key`
+    ``(seed)``), so their differences are paired too; OOD AUROC resamples the test set with
+    those indices and each OOD set independently (a two-sample bootstrap, ``groups=(0, 1)``)."""
+    key = bootstrap.seed_key(seed)
+    ood_logits = ood_logits or {}
     report = {"num_resamples": num_resamples, "seed": seed, "confidence": confidence}
     for tag, scale in (("before", 1.0), ("after", temperature)):
-        result = bootstrap.bootstrap(
-            metrics.summary, calibration.apply_temperature(test_logits, scale), test_labels,
-            key=jax.random.key(seed), num_resamples=num_resamples, confidence=confidence)
+        z = calibration.apply_temperature(test_logits, scale)
+        result = bootstrap.bootstrap(metrics.summary, z, test_labels, key=key,
+                                     num_resamples=num_resamples, confidence=confidence)
         basic = bootstrap.interval(result.value, result.samples, confidence=confidence,
                                    method="basic")
-        report[tag] = {name: {"std": float(result.std[name]),
-                              "percentile": [float(result.low[name]), float(result.high[name])],
-                              "basic": [float(basic[0][name]), float(basic[1][name])]}
+        report[tag] = {name: _interval_entry(result, [name], basic)
                        for name in sorted(result.value)}
+        report[tag]["ood_auroc"] = {}
+        for ood_name, logits in ood_logits.items():
+            result = bootstrap.bootstrap(
+                ood.aurocs, z, calibration.apply_temperature(logits, scale), key=key,
+                num_resamples=num_resamples, confidence=confidence, groups=(0, 1))
+            basic = bootstrap.interval(result.value, result.samples, confidence=confidence,
+                                       method="basic")
+            report[tag]["ood_auroc"][ood_name] = {score: _interval_entry(result, [score], basic)
+                                                  for score in ood.SCORES}
     return report
 
 
@@ -181,15 +201,8 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
     from that many resamples drawn with ``bootstrap_seed``."""
     if criterion not in calibration.CRITERIA:
         raise ValueError(f"`criterion` must be one of {calibration.CRITERIA}, got {criterion!r}.")
-    for name, value in (("bootstrap_resamples", bootstrap_resamples),
-                        ("bootstrap_seed", bootstrap_seed)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
-    if bootstrap_seed >= 2 ** 32:  # jax.random.key would wrap it around silently
-        raise ValueError(f"`bootstrap_seed` must be below 2**32, got {bootstrap_seed}.")
-    if bootstrap_resamples == 1:
-        raise ValueError("`bootstrap_resamples` must be 0 (no intervals) or >= 2 (1000 is "
-                         "customary), got 1.")
+    bootstrap.check_num_resamples(bootstrap_resamples, "bootstrap_resamples", zero_allowed=True)
+    bootstrap.check_seed(bootstrap_seed, "bootstrap_seed")
     workdir = Path(workdir)
     config = load_run_config(workdir)
     if data_dir:
@@ -263,7 +276,7 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
     if bootstrap_resamples:
         results["test_intervals"] = test_intervals(test_logits, test.labels, t,
                                                    num_resamples=bootstrap_resamples,
-                                                   seed=bootstrap_seed)
+                                                   seed=bootstrap_seed, ood_logits=ood_logits)
     out = Path(out) if out else workdir / default_out_name(which, criterion)
     # results.json last: the sweep and the tables take a directory holding it as a complete
     # evaluation, so an evaluation stopped while it draws (killed, or a plotting error) must
@@ -275,6 +288,11 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
     atomic_write_text(out / "results.md", markdown_report(results) + "\n")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     return results
+
+
+# Library functions named test_*: pytest, given this file (e.g. for its doctests), must not
+# collect them as tests.
+test_report.__test__ = test_intervals.__test__ = False
 
 
 #: The checkpoint a run's evaluation reports by default (``config.eval_checkpoint``; defined
@@ -391,13 +409,19 @@ def markdown_report(results: dict) -> str:
         lines.append(f"| {name} | {' | '.join(cells)} |")
     for ood_name, scores in before["ood_auroc"].items():
         for score in ("entropy", "confidence"):
-            cells = [fixed(100 * scores[score]), fixed(100 * after['ood_auroc'][ood_name][score])]
-            if intervals:  # no intervals for OOD AUROC (two samples: not resampled)
-                cells = [cells[0], "", cells[1], ""]
+            cells = []
+            for tag, values in (("before", before), ("after", after)):
+                cells.append(fixed(100 * values["ood_auroc"][ood_name][score]))
+                if intervals:
+                    # Evaluations of an earlier version have no OOD intervals: empty cells.
+                    entry = intervals[tag].get("ood_auroc", {}).get(ood_name, {}).get(score)
+                    cells.append(f"[{fixed(100 * entry['basic'][0])}, "
+                                 f"{fixed(100 * entry['basic'][1])}]" if entry else "")
             lines.append(f"| OOD AUROC {ood_name} ({score}) | {' | '.join(cells)} |")
     if intervals:
         lines.append(f"\nIntervals: basic bootstrap, {intervals['num_resamples']} resamples of the "
-                     f"test set (seed {intervals['seed']}), T fixed; results.json holds the "
+                     f"test set (seed {intervals['seed']}; OOD AUROC: and of the OOD set, "
+                     f"independently), T fixed; results.json holds the "
                      f"percentile ones and the standard errors. A calibration error's interval "
                      f"is the spread of its estimate, not bounds on the true error (see "
                      f"calib_jax.bootstrap).")
@@ -425,10 +449,11 @@ def main(argv=None):
     parser.add_argument("--bootstrap-seed", type=int, default=0,
                         help="the seed of the resamples (default 0)")
     args = parser.parse_args(argv)
-    if args.bootstrap < 0 or args.bootstrap == 1:
-        parser.error("--bootstrap must be 0 (no intervals) or >= 2 (1000 is customary)")
-    if not 0 <= args.bootstrap_seed < 2 ** 32:
-        parser.error("--bootstrap-seed must be in [0, 2**32)")
+    try:
+        bootstrap.check_num_resamples(args.bootstrap, "--bootstrap", zero_allowed=True)
+        bootstrap.check_seed(args.bootstrap_seed, "--bootstrap-seed")
+    except ValueError as e:
+        parser.error(str(e))
     if args.checkpoint not in (None, "final", "best", "latest") and \
             not args.checkpoint.isdigit():
         parser.error("--checkpoint must be final, best, latest or an epoch number")

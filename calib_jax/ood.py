@@ -23,7 +23,7 @@ import numpy as np
 
 from calib_jax import validation
 
-__all__ = ["RocCurve", "SCORES", "auroc", "auroc_from_scores", "confidence", "entropy",
+__all__ = ["RocCurve", "SCORES", "auroc", "auroc_from_scores", "aurocs", "confidence", "entropy",
            "roc_curve"]
 
 SCORES = ("entropy", "confidence")
@@ -138,6 +138,19 @@ def auroc(in_logits, out_logits, *, score: str = "entropy"):
     """
     positive, negative = _oriented_scores(in_logits, out_logits, score)
     return _auroc_from_scores(positive, negative)
+
+
+def aurocs(in_logits, out_logits) -> dict:
+    """:func:`auroc` with every score of :data:`SCORES`, ``{score: AUROC}`` (jittable: e.g. the
+    metric of a two-sample :func:`calib_jax.bootstrap.bootstrap`).
+
+    >>> import jax.numpy as jnp
+    >>> sure = jnp.array([[5.0, 0.0], [0.0, 4.0]])
+    >>> unsure = jnp.array([[0.1, 0.0], [0.0, 0.2]])
+    >>> {k: float(v) for k, v in aurocs(sure, unsure).items()}
+    {'entropy': 1.0, 'confidence': 1.0}
+    """
+    return {score: auroc(in_logits, out_logits, score=score) for score in SCORES}
 
 
 class RocCurve(NamedTuple):

@@ -32,8 +32,9 @@ together to ``build_tables.py --workroot``. ``--set seeds=...`` and ``--set loss
 refused: a cell is one run.
 
 ``--bootstrap N`` evaluates with bootstrap intervals (``calib_jax.evaluate --bootstrap N``:
-``results.json``'s ``test_intervals``); a cell evaluated without intervals of ``N`` resamples is
-then not done: its finished training is resumed (nothing to train) and evaluated again.
+``results.json``'s ``test_intervals``); a cell evaluated without intervals of ``N`` resamples
+(or, by an earlier version, without OOD AUROC's) is then not done: its finished training is
+resumed (nothing to train) and evaluated again.
 
 Every run's config is validated before the first run trains (and in ``--dry-run``): a bad
 ``--set`` value or seed is refused at once, naming the field.
@@ -125,7 +126,8 @@ def finished(workdir, config, bootstrap: int = 0) -> tuple[bool, str]:
     """``(done, why not)``: a run is done when the evaluation of its ``eval_checkpoint`` exists
     and its ``config.json`` computes what ``config`` does (``num_epochs`` included; a changed
     ``eval_checkpoint`` is not done either, its results are of the other checkpoint), and, with
-    ``bootstrap`` > 0, the evaluation holds intervals of that many resamples."""
+    ``bootstrap`` > 0, the evaluation holds intervals of that many resamples, for OOD AUROC
+    too."""
     from calib_jax import evaluate, train
 
     which = evaluate.table_checkpoint(config)  # final; best for the text data sets
@@ -137,9 +139,15 @@ def finished(workdir, config, bootstrap: int = 0) -> tuple[bool, str]:
         return False, " (results without a config.json)"
     if changed:
         return False, f" (its results are of another config: {'; '.join(changed)})"
-    if bootstrap and json.loads(results.read_text()).get("test_intervals", {}).get(
-            "num_resamples") != bootstrap:
-        return False, f" (its results have no bootstrap intervals of {bootstrap} resamples)"
+    if bootstrap:
+        saved = json.loads(results.read_text())
+        intervals = saved.get("test_intervals", {})
+        if intervals.get("num_resamples") != bootstrap:
+            return False, f" (its results have no bootstrap intervals of {bootstrap} resamples)"
+        if set(saved["test"]["before"]["ood_auroc"]) - set(
+                intervals["before"].get("ood_auroc", {})):
+            return False, " (its results have no bootstrap intervals of OOD AUROC: evaluated " \
+                          "by an earlier version)"
     return True, ""
 
 
@@ -167,8 +175,12 @@ def main(argv=None):
                              "in <loss>/, any other seed s in <loss>-seed<s>/ (default: the "
                              "recipe's seed alone)")
     args = parser.parse_args(argv)
-    if args.bootstrap < 0 or args.bootstrap == 1:
-        parser.error("--bootstrap must be 0 (no intervals) or >= 2 (1000 is customary)")
+    from calib_jax import bootstrap
+
+    try:
+        bootstrap.check_num_resamples(args.bootstrap, "--bootstrap", zero_allowed=True)
+    except ValueError as e:
+        parser.error(str(e))
     cells = selected(args.cells.split(","))
     if not cells:
         parser.error(f"no cell matches {args.cells!r}")

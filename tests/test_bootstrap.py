@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import numpy_reference as ref
-from calib_jax import bootstrap, metrics
+from calib_jax import bootstrap, metrics, ood
 
 
 def data(n=60, c=4, seed=0, scale=3.0):
@@ -81,6 +81,92 @@ def test_a_pytree_metric_and_paired_arrays():
     np.testing.assert_allclose(scaled.samples, full.samples - half.samples, atol=1e-6)
 
 
+def entropy_auroc(in_logits, out_logits):
+    return ood.auroc(in_logits, out_logits, score="entropy")
+
+
+def test_groups_resample_each_sample_on_its_own_and_group_0_as_without_groups():
+    """Two samples of different sizes (test and OOD logits): each resample is the metric on
+    each group's own drawn indices; group 0's indices are those of a bootstrap without groups,
+    and the groups' indices differ."""
+    test_logits, labels = data(n=40)
+    out_logits, _ = data(n=25, seed=1, scale=1.0)
+    key = jax.random.key(4)
+    result = bootstrap.bootstrap(entropy_auroc, test_logits, out_logits, key=key,
+                                 num_resamples=30, groups=(0, 1))
+    index_in = np.asarray(bootstrap.resample_indices(key, 40, 30))
+    index_out = np.asarray(bootstrap.resample_indices(key, 25, 30, group=1))
+    assert index_out.shape == (30, 25) and index_out.max() < 25
+    assert not np.array_equal(index_out, np.asarray(bootstrap.resample_indices(key, 25, 30)))
+    z_in, z_out = np.asarray(test_logits, np.float64), np.asarray(out_logits, np.float64)
+    want = [ref.auroc(ref.entropy(z_out[o]), ref.entropy(z_in[i]))
+            for i, o in zip(index_in, index_out)]
+    np.testing.assert_allclose(result.samples, want, atol=1e-5)
+    assert result.value == pytest.approx(ref.auroc(ref.entropy(z_out), ref.entropy(z_in)),
+                                         abs=1e-5)
+    # Group 0 of a grouped bootstrap draws what an ungrouped one draws: the test set's own
+    # metrics and its AUROC are resampled alike.
+    alone = bootstrap.bootstrap(metrics.ece, test_logits, labels, key=key, num_resamples=30)
+    grouped = bootstrap.bootstrap(lambda z, y, _: metrics.ece(z, y), test_logits, labels,
+                                  out_logits, key=key, num_resamples=30, groups=(0, 0, 1))
+    np.testing.assert_array_equal(alone.samples, grouped.samples)
+    np.testing.assert_array_equal(
+        bootstrap.bootstrap(metrics.ece, test_logits, labels, key=key, num_resamples=30,
+                            groups=[0, 0]).samples, alone.samples)
+
+
+def test_a_two_sample_auroc_interval_has_the_sampling_spread_and_covers():
+    """Scores N(1, 1) (100 OOD) against N(0, 1) (150 in-distribution): AUROC = Phi(1 /
+    sqrt 2) = 0.760. The bootstrap std matches the AUROC's sampling spread (4,000 simulated
+    pairs of samples in NumPy: 0.0308) within 12 % (median over 60 pairs; measured 0.99),
+    and 95 % intervals hold 0.760 about 95 % of the time (measured 54 of 60). Holding the
+    OOD sample fixed (resampling the other alone) held it 41 times: this test fails on it."""
+    true_auroc = 0.7602499389065233  # scipy.stats.norm.cdf(1 / np.sqrt(2))
+    n_in, n_out, stds, held = 150, 100, [], 0
+    rng = np.random.default_rng(12345)
+
+    def numpy_auroc(negative, positive):
+        below = np.sort(negative)
+        return np.mean(np.searchsorted(below, positive, "left")
+                       + np.searchsorted(below, positive, "right")) / 2 / len(negative)
+
+    sampling_std = np.std([numpy_auroc(rng.standard_normal(n_in),
+                                       rng.standard_normal(n_out) + 1.0)
+                           for _ in range(4000)], ddof=1)
+
+    def score_auroc(negative, positive):
+        return ood.auroc_from_scores(positive, negative)
+
+    for trial in range(60):
+        rng = np.random.default_rng(500 + trial)
+        negative = jnp.asarray(rng.standard_normal(n_in), jnp.float32)
+        positive = jnp.asarray(rng.standard_normal(n_out) + 1.0, jnp.float32)
+        r = bootstrap.bootstrap(score_auroc, negative, positive, key=jax.random.key(trial),
+                                num_resamples=300, groups=(0, 1))
+        stds.append(float(r.std))
+        held += bool(r.low <= true_auroc <= r.high)
+    assert 52 <= held <= 60, held
+    assert 0.88 < np.median(stds) / sampling_std < 1.12, (np.median(stds), sampling_std)
+
+
+def test_seed_and_resample_count_checks():
+    assert jax.random.key_data(bootstrap.seed_key(7)).tolist() == \
+        jax.random.key_data(jax.random.key(7)).tolist()
+    for seed in (-1, 2 ** 32, 1.0, True, "3"):
+        with pytest.raises(ValueError, match=r"`s` must be an int in \[0, 2\*\*32\)"):
+            bootstrap.seed_key(seed, "s")
+    bootstrap.check_seed(np.int64(2 ** 32 - 1))
+    bootstrap.check_num_resamples(2)
+    bootstrap.check_num_resamples(0, zero_allowed=True)
+    for value in (0, 1, -3, 2.0, True):
+        with pytest.raises(ValueError, match="`n` must be an int >= 2 \\(1000 is customary"):
+            bootstrap.check_num_resamples(value, "n")
+    with pytest.raises(ValueError, match=r"`n` must be 0 \(no intervals\) or an int >= 2"):
+        bootstrap.check_num_resamples(1, "n", zero_allowed=True)
+    with pytest.raises(ValueError, match="`group` must be an int >= 0"):
+        bootstrap.resample_indices(jax.random.key(0), 5, 2, group=-1)
+
+
 def test_interval_of_a_mean_covers_and_its_std_is_the_standard_error():
     """Accuracy of a classifier right with probability 0.7: the bootstrap standard error is
     sqrt(p (1 - p) / N) to within 15 %, and 95 % intervals over 60 independent test sets hold
@@ -129,7 +215,8 @@ def test_a_metric_undefined_on_some_resamples_warns_and_gives_nan_ends():
     (dict(key=0), None, TypeError, "`key` must be a JAX PRNG key, e.g. jax.random.key"),
     (dict(key=jnp.zeros(3, jnp.uint32)), None, TypeError, "got dtype uint32 shape"),
     (dict(key=jax.random.split(jax.random.key(0), 2)), None, ValueError, "a single key"),
-    (dict(num_resamples=1), None, ValueError, "`num_resamples` must be a Python int >= 2"),
+    (dict(num_resamples=1), None, ValueError,
+     r"`num_resamples` must be an int >= 2 \(1000 is customary\), got 1\."),
     (dict(num_resamples=10.0), None, ValueError, "`num_resamples`"),
     (dict(chunk_size=0), None, ValueError, "`chunk_size` must be a positive Python int"),
     (dict(confidence=95), None, ValueError, r"`confidence` must be a number in \(0, 1\)"),
@@ -139,12 +226,21 @@ def test_a_metric_undefined_on_some_resamples_warns_and_gives_nan_ends():
     ({}, "scalar", ValueError, r"`arrays\[1\]` is a scalar"),
     ({}, "none", TypeError, "at least one array"),
     ({}, "empty", ValueError, "the arrays are empty"),
+    (dict(groups=(0,)), None, ValueError, "`groups` must give each of the 2 arrays"),
+    (dict(groups=(0, -1)), None, ValueError, "`groups` must give each"),
+    (dict(groups="01"), None, ValueError, "`groups` must give each"),
+    (dict(groups=(0, 2)), None, ValueError, "`groups` must number the samples 0, 1, ... "),
+    (dict(groups=(1, 1)), None, ValueError, "without gaps"),
+    (dict(groups=(0, 1, 1)), "grouped", ValueError,
+     r"the arrays of group 1 have \[60, 5\] examples .* need `groups=`"),
+    (dict(groups=(0, 1)), "empty_group", ValueError, "the arrays of group 1 are empty"),
 ])
 def test_bad_input_names_the_argument(kwargs, args, error, match):
     logits, labels = data()
     arrays = {None: (logits, labels), "short": (logits, labels[:5]),
               "scalar": (logits, jnp.float32(1.0)), "none": (),
-              "empty": (logits[:0], labels[:0])}[args]
+              "empty": (logits[:0], labels[:0]), "grouped": (logits, logits, labels[:5]),
+              "empty_group": (logits, logits[:0])}[args]
     options = {"key": jax.random.key(0), "num_resamples": 10, **kwargs}
     with pytest.raises(error, match=match):
         bootstrap.bootstrap(metrics.ece, *arrays, **options)

@@ -15,7 +15,7 @@ def test_the_table_rows_and_timing_run_and_are_recorded(tmp_path, capsys):
     out = tmp_path / "coverage.json"
     bootstrap_coverage.main(["--trials", "2", "--test-size", "40", "--resamples", "8",
                              "--population", "2000", "--time-size", "50", "--time-resamples", "4",
-                             "--json", str(out)])
+                             "--time-ood-size", "30", "--json", str(out)])
     report = json.loads(out.read_text())
     rows = report["coverage"]
     assert [r["row"] for r in rows[:4]] == [name for name, _, _ in bootstrap_coverage.ROWS]
@@ -26,7 +26,8 @@ def test_the_table_rows_and_timing_run_and_are_recorded(tmp_path, capsys):
     # Over-confident logits (x1.2) have the larger population ECE.
     assert rows[1]["population"] > rows[0]["population"] >= 0
     assert rows[4]["width"] > 0
-    assert [t["metric"] for t in report["timing"]] == ["ece", "summary"]
+    assert [t["metric"] for t in report["timing"]] == ["ece", "summary", "aurocs"]
+    assert [t["examples"] for t in report["timing"]] == [[50], [50], [50, 30]]
     assert all(t["later_call_s"] > 0 and t["resamples"] == 4 for t in report["timing"])
     assert "| calibrated |" in capsys.readouterr().out
 

@@ -21,14 +21,14 @@ def two_evaluations(evaluated_runs, tmp_path_factory):
     with np.load(other / evaluate.LOGITS_FILE) as saved:
         arrays = {k: saved[k] for k in saved.files}
     halved = arrays["test_logits"] / 2
+    ood_halved = {"synthetic_c": arrays["ood_logits_synthetic_c"] / 2}
     evaluate.write_logits(other / evaluate.LOGITS_FILE, val_logits=arrays["val_logits"],
                           val_labels=arrays["val_labels"], test_logits=halved,
                           test_labels=arrays["test_labels"],
-                          temperature=float(arrays["temperature"]),
-                          ood_logits={"synthetic_c": arrays["ood_logits_synthetic_c"]})
+                          temperature=float(arrays["temperature"]), ood_logits=ood_halved)
     results = json.loads((other / "results.json").read_text())
     results["test"] = evaluate.test_report(halved, arrays["test_labels"],
-                                           float(arrays["temperature"]), {})
+                                           float(arrays["temperature"]), ood_halved)
     (other / "results.json").write_text(json.dumps(results))
     return run, base, other
 
@@ -83,6 +83,54 @@ def test_differences_are_the_reported_metrics_differences_with_paired_intervals(
     assert "of 20 |" in printed and json.loads(out.read_text())["num_resamples"] == 20
 
 
+def test_ood_auroc_differences_resample_the_ood_set_on_its_own(two_evaluations, tmp_path,
+                                                               capsys):
+    """OOD AUROC rows: the reported AUROCs' difference, with the interval of the two-sample
+    bootstrap (test set: the other metrics' resamples; OOD set: its own); an OOD set only one
+    evaluation holds, or held with another size, is named as left out."""
+    _, base, other = two_evaluations
+    report = compare.compare(base, other, num_resamples=40, seed=5)
+    assert report["ood_left_out"] == {}
+    with np.load(base / evaluate.LOGITS_FILE) as saved:
+        z, z_out = saved["test_logits"], saved["ood_logits_synthetic_c"]
+        t = float(saved["temperature"])
+    direct = bootstrap.bootstrap(compare.auroc_difference, *(
+        calibration.apply_temperature(a, t) for a in (z, z / 2, z_out, z_out / 2)),
+        key=jax.random.key(5), num_resamples=40, groups=(0, 0, 1, 1), method="basic")
+    for tag in ("before", "after"):
+        for score in ("entropy", "confidence"):
+            row = report[tag]["ood_auroc"]["synthetic_c"][score]
+            assert row["difference"] == pytest.approx(row["other"] - row["baseline"], abs=1e-5)
+            assert 0 <= row["other_lower"] <= 40
+    np.testing.assert_allclose(report["after"]["ood_auroc"]["synthetic_c"]["entropy"]
+                               ["basic_95"], [direct.low["entropy"], direct.high["entropy"]],
+                               atol=1e-6)
+    # A run against itself: exactly 0 on every resample.
+    same = compare.compare(base, base, num_resamples=10)
+    assert same["before"]["ood_auroc"]["synthetic_c"]["entropy"]["basic_95"] == [0.0, 0.0]
+    printed = compare.markdown_comparison(report)
+    assert "| OOD AUROC synthetic_c (entropy) | 1 |" in printed
+    assert "each OOD set resampled independently" in printed
+
+    smaller, missing = tmp_path / "smaller", tmp_path / "missing"
+    with np.load(other / evaluate.LOGITS_FILE) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    for target, ood_logits in ((smaller, {"synthetic_c": arrays["ood_logits_synthetic_c"][:7]}),
+                               (missing, {})):
+        shutil.copytree(other, target)
+        evaluate.write_logits(target / evaluate.LOGITS_FILE, val_logits=arrays["val_logits"],
+                              val_labels=arrays["val_labels"], test_logits=arrays["test_logits"],
+                              test_labels=arrays["test_labels"],
+                              temperature=float(arrays["temperature"]), ood_logits=ood_logits)
+    n_ood = len(arrays["ood_logits_synthetic_c"])
+    left = compare.compare(base, smaller, num_resamples=10)
+    assert left["ood_left_out"] == {"synthetic_c": f"{n_ood} and 7 examples: not the same set"}
+    assert left["before"]["ood_auroc"] == {}
+    assert "OOD set synthetic_c not compared: " in compare.markdown_comparison(left)
+    assert compare.compare(base, missing, num_resamples=10)["ood_left_out"] == \
+        {"synthetic_c": f"only {base} evaluated it"}
+
+
 def test_refusals_say_what_to_do(two_evaluations, tmp_path, capsys):
     run, base, other = two_evaluations
     shorter = tmp_path / "shorter"
@@ -123,6 +171,6 @@ def test_refusals_say_what_to_do(two_evaluations, tmp_path, capsys):
     for argv in (["--bootstrap", "1"], ["--seed", "-1"]):
         with pytest.raises(SystemExit):
             compare.main(["--baseline", str(base), "--other", str(base), *argv])
-        assert argv[0] in capsys.readouterr().err
+        assert f"`{argv[0]}` must be an int" in capsys.readouterr().err
     with pytest.raises(ValueError, match="`num_resamples` must be an int >= 2"):
         compare.compare(base, base, num_resamples=1)

@@ -75,22 +75,45 @@ def test_bootstrap_intervals_of_the_test_metrics(run_dir, tmp_path, capsys):
                                        atol=1e-5)
     assert intervals["before"]["error"] == intervals["after"]["error"]
     assert intervals["before"]["error"]["std"] > 0
+    # OOD AUROC: a two-sample bootstrap (calib_jax.bootstrap's tests check its resamples).
+    for tag in ("before", "after"):
+        for score in ("entropy", "confidence"):
+            row = intervals[tag]["ood_auroc"]["synthetic_c"][score]
+            value = saved["test"][tag]["ood_auroc"]["synthetic_c"][score]
+            assert row["std"] > 0 and row["percentile"][0] <= row["percentile"][1]
+            np.testing.assert_allclose(row["basic"], [2 * value - row["percentile"][1],
+                                                      2 * value - row["percentile"][0]],
+                                       atol=1e-5)
     report = (out / "results.md").read_text()
     assert "| metric | before T | 95 % interval | after T | 95 % interval |" in report
     low, high = intervals["before"]["ece"]["basic"]
     assert f"| ece | {evaluate.fixed(100 * saved['test']['before']['ece'])} | " \
         f"[{evaluate.fixed(100 * low)}, {evaluate.fixed(100 * high)}] |" in report
-    assert "Intervals: basic bootstrap, 40 resamples of the test set (seed 3)" in printed
+    assert "Intervals: basic bootstrap, 40 resamples of the test set (seed 3; OOD AUROC: and " \
+        "of the OOD set, independently)" in printed
+    low, high = intervals["after"]["ood_auroc"]["synthetic_c"]["entropy"]["basic"]
+    value = saved["test"]["after"]["ood_auroc"]["synthetic_c"]["entropy"]
+    assert f"| {evaluate.fixed(100 * value)} | [{evaluate.fixed(100 * low)}, " \
+        f"{evaluate.fixed(100 * high)}] |" in report
+    # An evaluation of an earlier version (intervals without OOD AUROC): empty OOD cells.
+    older = {**saved, "test_intervals": {
+        **intervals, **{tag: {k: v for k, v in intervals[tag].items() if k != "ood_auroc"}
+                        for tag in ("before", "after")}}}
+    assert "| OOD AUROC synthetic_c (entropy) | " in evaluate.markdown_report(older)
+    assert " |  | " in evaluate.markdown_report(older)
     plain = evaluate.markdown_report({k: v for k, v in saved.items() if k != "test_intervals"})
     assert "| metric | before T | after T |" in plain and "interval" not in plain.lower()
     for argv in (["--bootstrap", "1"], ["--bootstrap", "-5"], ["--bootstrap-seed", "-1"],
                  ["--bootstrap-seed", str(2 ** 32)]):
         with pytest.raises(SystemExit):
             evaluate.main(["--workdir", str(run_dir), *argv])
-        assert "--bootstrap" in capsys.readouterr().err
-    for kwargs, match in ((dict(bootstrap_resamples=1), "0 \\(no intervals\\) or >= 2"),
-                          (dict(bootstrap_resamples=2.5), "`bootstrap_resamples` must be an int"),
-                          (dict(bootstrap_seed=2 ** 32), "`bootstrap_seed` must be below 2")):
+        assert f"`{argv[0]}` must be " in capsys.readouterr().err
+    for kwargs, match in (
+            (dict(bootstrap_resamples=1), "`bootstrap_resamples` must be 0 \\(no intervals\\) "
+                                          "or an int >= 2 \\(1000 is customary\\), got 1"),
+            (dict(bootstrap_resamples=2.5), "`bootstrap_resamples` must be 0 .* got 2.5"),
+            (dict(bootstrap_seed=2 ** 32), r"`bootstrap_seed` must be an int in \[0, 2\*\*32\)"),
+            (dict(bootstrap_seed=-1), "`bootstrap_seed` must be an int in")):
         with pytest.raises(ValueError, match=match):
             evaluate.evaluate_run(run_dir, which="final", out=tmp_path / "refused", **kwargs)
     assert not (tmp_path / "refused").exists()

@@ -97,9 +97,19 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     assert json.loads(results.read_text())["test_intervals"]["num_resamples"] == 20
     assert sweep.main(args + ["--bootstrap", "20"]) == 0
     assert "done  cell=cifar10/resnet50/ce" in capsys.readouterr().out
+    # Intervals without OOD AUROC's (an earlier version's evaluation): evaluated again.
+    saved = json.loads(results.read_text())
+    assert set(saved["test_intervals"]["before"]["ood_auroc"]) == {"synthetic_c"}
+    for tag in ("before", "after"):
+        del saved["test_intervals"][tag]["ood_auroc"]
+    results.write_text(json.dumps(saved))
+    assert sweep.main(args + ["--bootstrap", "20"]) == 0
+    assert "(its results have no bootstrap intervals of OOD AUROC" in capsys.readouterr().out
+    assert "synthetic_c" in json.loads(results.read_text())["test_intervals"]["after"][
+        "ood_auroc"]
     with pytest.raises(SystemExit):
         sweep.main(args + ["--bootstrap", "1"])
-    assert "--bootstrap must be 0 (no intervals) or >= 2" in capsys.readouterr().err
+    assert "`--bootstrap` must be 0 (no intervals) or an int >= 2" in capsys.readouterr().err
     # Asked for longer, the cell is not done: it trains on from its last epoch and is
     # evaluated again.
     longer = args[:-1] + [args[-1].replace("num_epochs=1", "num_epochs=2")]

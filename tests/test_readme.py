@@ -59,3 +59,5 @@ def test_readme_python_examples_run_in_order(monkeypatch):
     assert isinstance(namespace["err"], jax.experimental.checkify.Error)
     assert namespace["result"].low <= namespace["result"].high
     assert namespace["gap"].samples.shape == (1000,)
+    detection = namespace["detection"]
+    assert detection.low <= detection.value <= detection.high and detection.std > 0

@@ -230,25 +230,28 @@ plots.roc_curves(curves, title="simulated OOD, entropy score");"""),
     ("md", """## How sure are these AUROCs?
 
 A two-sample bootstrap: the in-distribution and the OOD logits are resampled, each on its
-own (`groups=(0, 1)`), 1,000 times. The change that temperature scaling makes is a paired
-difference: the same resamples at both temperatures (`compare.auroc_difference`, the
-function `python -m calib_jax.compare` bootstraps)."""),
+own (`groups`: the two in-distribution arrays share their indices, as do the two OOD ones),
+1,000 times, in one compiled call. The AUROCs at both temperatures and the change that
+temperature scaling makes all come from the same resamples, so the change is a paired
+difference (what `python -m calib_jax.compare` does for two runs)."""),
     ("code", """import jax
-from calib_jax import bootstrap, compare
+from calib_jax import bootstrap
 
-key = jax.random.key(0)
-for tag, scale in (("T = 1", 1.0), (f"T = {t:.1f}", t)):
-    zi = calibration.apply_temperature(in_logits, scale)
-    zo = calibration.apply_temperature(out_logits, scale)
-    r = bootstrap.bootstrap(ood.aurocs, zi, zo, key=key, groups=(0, 1))
-    print(tag, "  ".join(f"{score} {100 * r.value[score]:.2f}% [{100 * r.low[score]:.2f}, "
-                         f"{100 * r.high[score]:.2f}]" for score in ood.SCORES))
-scaled = [calibration.apply_temperature(z, t) for z in (in_logits, out_logits)]
-gain = bootstrap.bootstrap(compare.auroc_difference, in_logits, scaled[0], out_logits, scaled[1],
-                           key=key, groups=(0, 0, 1, 1), method="basic")
-for score in ood.SCORES:
-    print(f"AUROC {score} at T = {t:.1f} minus at T = 1: {100 * gain.value[score]:+.2f} points "
-          f"[{100 * gain.low[score]:+.2f}, {100 * gain.high[score]:+.2f}]")"""),
+def aurocs_and_change(in_1, in_t, out_1, out_t):
+    at_1, at_t = ood.aurocs(in_1, out_1), ood.aurocs(in_t, out_t)
+    return {"T = 1": at_1, "T = t": at_t, "change": {s: at_t[s] - at_1[s] for s in at_1}}
+
+r = bootstrap.bootstrap(aurocs_and_change, in_logits, calibration.apply_temperature(in_logits, t),
+                        out_logits, calibration.apply_temperature(out_logits, t),
+                        key=jax.random.key(0), groups=(0, 0, 1, 1))
+for tag in ("T = 1", "T = t"):
+    print(tag.replace("t", f"{t:.1f}"), "  ".join(
+        f"{s} {100 * r.value[tag][s]:.2f}% [{100 * r.low[tag][s]:.2f}, {100 * r.high[tag][s]:.2f}]"
+        for s in ood.SCORES))
+low, high = bootstrap.interval(r.value, r.samples, method="basic")  # basic: for a difference
+for s in ood.SCORES:
+    print(f"AUROC {s} at T = {t:.1f} minus at T = 1: {100 * r.value['change'][s]:+.2f} points "
+          f"[{100 * low['change'][s]:+.2f}, {100 * high['change'][s]:+.2f}]")"""),
 ]
 
 

@@ -21,6 +21,10 @@ original's).
 Beside the markdown goes ``<out>.json`` (default ``tables.json``): every evaluated cell's
 numbers over its runs, mean and sample standard deviation (:func:`cell_summary`).
 
+Runs evaluated with bootstrap intervals (``sweep.py --bootstrap N``) get a last table, one
+row per run: error, ECE before / after scaling, NLL and OOD AUROC (entropy) after, each with
+its basic 95 % interval over resamples of the test set (:func:`interval_table`).
+
 **Replicates (error bars over seeds).** A cell's runs with other seeds -- ``<loss>-seed<s>/``
 beside ``<loss>/``, as ``sweep.py --seeds 1,2,3`` trains them, or the same cell in several work
 roots, each the sweep trained with another seed (``sweep.py --workroot runs/paper-seed2 --set
@@ -173,7 +177,9 @@ def cell_summary(workroot) -> dict:
     ``main`` also writes as JSON beside the tables): ``{"dataset/model/loss": {"runs": n,
     "seeds": [...], "temperature": {"mean", "std"}, "test": {"before" | "after": {metric:
     {"mean", "std"}, "ood_auroc": {set: {score: {"mean", "std"}}}}}}}``, metrics as fractions
-    (the tables' percentages / 100), ``std`` the sample standard deviation (None for one run).
+    (the tables' percentages / 100), ``std`` the sample standard deviation (None for one run);
+    and, where a run was evaluated with bootstrap intervals, ``"test_intervals"``: each run's
+    (``results.json``'s; None for a run without).
     ``workroot``: one work root or a list of them, as :func:`build`."""
     return _summary(load_replicates(_workroots(workroot)))
 
@@ -200,6 +206,8 @@ def _summary(results) -> dict:
         out["/".join(cell)] = {
             "runs": len(runs), "seeds": [r.get("config", {}).get("seed") for r in runs],
             "temperature": summary([r["temperature"]["value"] for r in runs]), "test": test}
+        if any(r.get("test_intervals") for r in runs):
+            out["/".join(cell)]["test_intervals"] = [r.get("test_intervals") for r in runs]
     return out
 
 
@@ -289,6 +297,46 @@ def other_metrics_table(results, paper, off=()):
     return "\n".join(lines)
 
 
+def _with_interval(value, entry, scale, digits, mark):
+    """``"value [low, high]"`` (the basic interval); the value alone without ``entry``."""
+    shown = f"{evaluate.fixed(scale * value, digits)}{mark}"
+    if not entry:
+        return shown
+    low, high = entry["basic"]
+    return (f"{shown} [{evaluate.fixed(scale * low, digits)}, "
+            f"{evaluate.fixed(scale * high, digits)}]")
+
+
+def interval_table(results, off=()):
+    """The runs evaluated with bootstrap intervals (``evaluate --bootstrap N``, ``sweep.py
+    --bootstrap N``), one row each: error, ECE before / after scaling, NLL after, and OOD
+    AUROC (entropy) after, each with its basic 95 % interval over resamples of the test set
+    (OOD AUROC: and of the OOD set). None when no run has them."""
+    order = {cell: i for i, cell in enumerate(paper_configs.cells())}
+    lines = ["| dataset | model | loss | seed | resamples | error | ECE | ECE (T) | NLL (T) | "
+             "OOD AUROC (T), entropy |", "|" + "---|" * 10]
+    for key in sorted(results, key=lambda k: (order.get(k, len(order)), k)):
+        mark = OFF_RECIPE if key in off else ""
+        for r in results[key]:
+            intervals = r.get("test_intervals")
+            if not intervals:
+                continue
+            test, before, after = r["test"], intervals["before"], intervals["after"]
+            ood_cells = "; ".join(
+                f"{name} " + _with_interval(scores["entropy"],
+                                            after.get("ood_auroc", {}).get(name, {}).get(
+                                                "entropy"), 100.0, 2, mark)
+                for name, scores in sorted(test["after"]["ood_auroc"].items())) or "-"
+            cells = [_with_interval(test["before"]["error"], before.get("error"), 100.0, 2, mark),
+                     _with_interval(test["before"]["ece"], before.get("ece"), 100.0, 2, mark),
+                     _with_interval(test["after"]["ece"], after.get("ece"), 100.0, 2, mark),
+                     _with_interval(test["after"]["nll"], after.get("nll"), 1.0, 4, mark),
+                     ood_cells]
+            lines.append(f"| {' | '.join(key)} | {r.get('config', {}).get('seed', '-')} | "
+                         f"{intervals['num_resamples']:,} | {' | '.join(cells)} |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
 def _replicate_notes(results, workroots) -> list:
     """What ``±`` means, the seeds and the work roots, and the cells with fewer runs than the
     most; nothing when every cell has one run."""
@@ -331,6 +379,7 @@ def _tables(results, workroots) -> str:
                      f"comparable with its numbers:")
         notes.append("\n".join(f"- {'/'.join(cell)}: {'; '.join(why)}"
                                for cell, why in sorted(off.items())))
+    intervals = interval_table(results, off)
     return "\n\n".join([
         f"# Our results beside the paper's ({len(results)} cells evaluated)", *notes,
         "## Test ECE (%), before / after temperature scaling", ece_table(results, paper, off),
@@ -339,7 +388,13 @@ def _tables(results, workroots) -> str:
         ood_table(results, paper, off),
         "## Test AdaECE (%), classwise ECE (%) and NLL, before / after temperature scaling "
         "(ours only: the paper's appendix tables are not in our docs)",
-        other_metrics_table(results, paper, off)])
+        other_metrics_table(results, paper, off),
+        *(["## Bootstrap 95 % intervals of single runs (%; NLL as is)",
+           "Each run evaluated with intervals (`sweep.py --bootstrap N`): its number and the "
+           "basic interval over N resamples of its test set (OOD AUROC: and of the OOD set), "
+           "T fixed. The spread of one run's estimate over test sets of this size -- not over "
+           "seeds, which `±` above gives; see calib_jax.bootstrap on what an interval of a "
+           "calibration error covers.", intervals] if intervals else [])])
 
 
 def main(argv=None):

@@ -105,8 +105,14 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     results.write_text(json.dumps(saved))
     assert sweep.main(args + ["--bootstrap", "20"]) == 0
     assert "(its results have no bootstrap intervals of OOD AUROC" in capsys.readouterr().out
-    assert "synthetic_c" in json.loads(results.read_text())["test_intervals"]["after"][
-        "ood_auroc"]
+    saved = json.loads(results.read_text())
+    assert "synthetic_c" in saved["test_intervals"]["after"]["ood_auroc"]
+    # The tables list the run with its intervals.
+    low, high = saved["test_intervals"]["before"]["ece"]["basic"]
+    row = _row(build_tables.build(tmp_path).split("## Bootstrap 95 % intervals")[1],
+               "| cifar10 | resnet50 | ce | 1 | 20 | ")
+    assert f"| {100 * saved['test']['before']['ece']:.2f}* [{100 * low:.2f}, {100 * high:.2f}] |" \
+        in row and "synthetic_c " in row
     with pytest.raises(SystemExit):
         sweep.main(args + ["--bootstrap", "1"])
     assert "`--bootstrap` must be 0 (no intervals) or an int >= 2" in capsys.readouterr().err
@@ -223,6 +229,37 @@ def test_tables_mark_only_the_cells_off_the_papers_recipe(tmp_path):
     assert "- cifar10/resnet110/ce: learning_rate 0.2 (paper's recipe: 0.1)" in text
     assert "cifar10/resnet110/brier:" not in text
     assert "Test data: cifar10 from /data/cifar10 (2 runs)." in text
+
+
+def test_tables_list_the_runs_evaluated_with_bootstrap_intervals(tmp_path):
+    """Each run with intervals gets a row (its seed, resamples, values with basic intervals);
+    a run without adds none; no run with intervals, no section; tables.json keeps them."""
+    def entry(low, high):
+        return {"std": 0.001, "percentile": [low, high], "basic": [low, high]}
+
+    cell = "cifar10/resnet110/ce"
+    for root, seed in ((tmp_path / "a", 1), (tmp_path / "b", 2)):
+        _write_results(root, cell, paper.get_config(f"cell={cell},seed={seed}"), ece=0.03,
+                       nll=0.2, ood_auroc={"svhn": {"entropy": 0.9, "confidence": 0.8}})
+    assert "Bootstrap" not in build_tables.build([tmp_path / "a", tmp_path / "b"])
+    path = tmp_path / "a" / "cifar10" / "resnet110" / "ce" / "eval_final" / "results.json"
+    saved = json.loads(path.read_text())
+    scored = {"error": entry(0.04, 0.06), "ece": entry(0.02, 0.041), "nll": entry(0.15, 0.25)}
+    saved["test_intervals"] = {
+        "num_resamples": 1000, "seed": 0, "confidence": 0.95, "before": scored,
+        "after": {**scored, "ood_auroc": {"svhn": {"entropy": entry(0.88, 0.92)}}}}
+    path.write_text(json.dumps(saved))
+    text = build_tables.build([tmp_path / "a", tmp_path / "b"])
+    section = text.split("## Bootstrap 95 % intervals of single runs (%; NLL as is)")[1]
+    assert section.count("| cifar10 | resnet110 | ce |") == 1  # seed 2 has none
+    assert "| cifar10 | resnet110 | ce | 1 | 1,000 | 5.00 [4.00, 6.00] | 3.00 [2.00, 4.10] | " \
+        "3.00 [2.00, 4.10] | 0.2000 [0.1500, 0.2500] | svhn 90.00 [88.00, 92.00] |" in section
+    out = tmp_path / "tables.md"
+    assert build_tables.main(["--workroot", f"{tmp_path / 'a'},{tmp_path / 'b'}",
+                              "--out", str(out)]) == 0
+    summary = json.loads(out.with_suffix(".json").read_text())[cell]
+    assert summary["test_intervals"][0]["num_resamples"] == 1000
+    assert summary["test_intervals"][1] is None
 
 
 def test_tables_and_sweep_read_the_checkpoint_each_recipe_reports(tmp_path):

@@ -99,11 +99,13 @@ def auroc_difference(baseline_in, other_in, baseline_out, other_out) -> dict:
 
 def compare(baseline, other, *, num_resamples: int = 1000, seed: int = 0) -> dict:
     """The comparison (see the module docstring) as a dict: ``{"baseline", "other",
-    "num_resamples", "seed", "before": {metric: {"baseline", "other", "difference",
-    "basic_95": [low, high], "percentile_95": [low, high], "other_lower": count}}, "after":
-    ...}``; ``baseline`` and ``other`` are evaluation or run directories."""
+    "num_resamples", "seed", "temperature", "ood_left_out": {set: why}, "before": {metric:
+    {"baseline", "other", "difference", "basic_95": [low, high], "percentile_95": [low,
+    high], "other_lower": count}, "ood_auroc": {set: {score: {...}}}}, "after": ...}``;
+    ``baseline`` and ``other`` are evaluation or run directories."""
     bootstrap.check_num_resamples(num_resamples)
     key = bootstrap.seed_key(seed)
+    num_resamples, seed = int(num_resamples), int(seed)  # NumPy ints too: the report is JSON
     dirs = [evaluation_dir(baseline), evaluation_dir(other)]
     (base_results, base), (other_results, oth) = (_load(d) for d in dirs)
     labels_a, labels_b = base["test_labels"], oth["test_labels"]

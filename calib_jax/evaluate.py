@@ -146,13 +146,11 @@ def test_report(test_logits, test_labels, temperature: float, ood_logits: dict) 
     return report
 
 
-def _interval_entry(result, name_path, basic) -> dict:
-    def pick(tree):
-        for name in name_path:
-            tree = tree[name]
-        return float(tree)
-    return {"std": pick(result.std), "percentile": [pick(result.low), pick(result.high)],
-            "basic": [pick(basic[0]), pick(basic[1])]}
+def _interval_entry(result, basic, name) -> dict:
+    """results.json's entry for metric ``name`` of a bootstrap result and its basic ends."""
+    return {"std": float(result.std[name]),
+            "percentile": [float(result.low[name]), float(result.high[name])],
+            "basic": [float(basic[0][name]), float(basic[1][name])]}
 
 
 def test_intervals(test_logits, test_labels, temperature: float, *, num_resamples: int,
@@ -168,14 +166,15 @@ def test_intervals(test_logits, test_labels, temperature: float, *, num_resample
     those indices and each OOD set independently (a two-sample bootstrap, ``groups=(0, 1)``)."""
     key = bootstrap.seed_key(seed)
     ood_logits = ood_logits or {}
-    report = {"num_resamples": num_resamples, "seed": seed, "confidence": confidence}
+    bootstrap.check_num_resamples(num_resamples)
+    report = {"num_resamples": int(num_resamples), "seed": int(seed), "confidence": confidence}
     for tag, scale in (("before", 1.0), ("after", temperature)):
         z = calibration.apply_temperature(test_logits, scale)
         result = bootstrap.bootstrap(metrics.summary, z, test_labels, key=key,
                                      num_resamples=num_resamples, confidence=confidence)
         basic = bootstrap.interval(result.value, result.samples, confidence=confidence,
                                    method="basic")
-        report[tag] = {name: _interval_entry(result, [name], basic)
+        report[tag] = {name: _interval_entry(result, basic, name)
                        for name in sorted(result.value)}
         report[tag]["ood_auroc"] = {}
         for ood_name, logits in ood_logits.items():
@@ -184,7 +183,7 @@ def test_intervals(test_logits, test_labels, temperature: float, *, num_resample
                 num_resamples=num_resamples, confidence=confidence, groups=(0, 1))
             basic = bootstrap.interval(result.value, result.samples, confidence=confidence,
                                        method="basic")
-            report[tag]["ood_auroc"][ood_name] = {score: _interval_entry(result, [score], basic)
+            report[tag]["ood_auroc"][ood_name] = {score: _interval_entry(result, basic, score)
                                                   for score in ood.SCORES}
     return report
 
@@ -203,6 +202,8 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
         raise ValueError(f"`criterion` must be one of {calibration.CRITERIA}, got {criterion!r}.")
     bootstrap.check_num_resamples(bootstrap_resamples, "bootstrap_resamples", zero_allowed=True)
     bootstrap.check_seed(bootstrap_seed, "bootstrap_seed")
+    # NumPy ints pass the checks; results.json needs Python ones (it is written last).
+    bootstrap_resamples, bootstrap_seed = int(bootstrap_resamples), int(bootstrap_seed)
     workdir = Path(workdir)
     config = load_run_config(workdir)
     if data_dir:

@@ -105,8 +105,9 @@ def test_ood_auroc_differences_resample_the_ood_set_on_its_own(two_evaluations, 
     np.testing.assert_allclose(report["after"]["ood_auroc"]["synthetic_c"]["entropy"]
                                ["basic_95"], [direct.low["entropy"], direct.high["entropy"]],
                                atol=1e-6)
-    # A run against itself: exactly 0 on every resample.
-    same = compare.compare(base, base, num_resamples=10)
+    # A run against itself: exactly 0 on every resample (NumPy ints as counts: a JSON report).
+    same = compare.compare(base, base, num_resamples=np.int64(10), seed=np.uint32(1))
+    assert json.loads(json.dumps(same))["num_resamples"] == 10
     assert same["before"]["ood_auroc"]["synthetic_c"]["entropy"]["basic_95"] == [0.0, 0.0]
     printed = compare.markdown_comparison(report)
     assert "| OOD AUROC synthetic_c (entropy) | 1 |" in printed

@@ -6,8 +6,11 @@ logits are ``z`` is calibrated and one with ``s z`` (``s > 1``) over-confident. 
 population ECE of each model (and of each paired difference) is its ECE on
 ``--population`` examples; then, for each of ``--trials`` test sets of ``--test-size``
 examples, a 95 % interval from ``--resamples`` resamples, by both methods, is checked for
-holding it. Last, the time of one ``bootstrap`` of ``metrics.ece``, of
-``metrics.summary`` (every metric) over ``--time-size`` 10-class examples and
+holding it; the same for ``metrics.ece_sweep`` (monotonic sweep, against the population's
+15-bin ECE: both estimate the model's true calibration error), with each row's mean test
+estimate beside the population value (the estimators' bias). Last, the time of one
+``bootstrap`` of ``metrics.ece``, of ``metrics.summary`` (every metric) over ``--time-size``
+10-class examples and
 ``--time-resamples`` resamples (1,000), and of ``ood.aurocs`` (both OOD scores) of those
 examples against ``--time-ood-size`` others (26,032: SVHN's test set), each resampled on its
 own (``groups=(0, 1)``), after the compiling call.
@@ -51,20 +54,26 @@ def ece_gap(better, worse, labels):
     return metrics.ece(worse, labels) - metrics.ece(better, labels)
 
 
-# (row, metric_fn, scales of the logits it is given)
-ROWS = (("calibrated", metrics.ece, (CALIBRATED,)),
-        ("over-confident", metrics.ece, (OVERCONFIDENT,)),
-        ("difference, over-confident - calibrated", ece_gap, (CALIBRATED, OVERCONFIDENT)),
-        ("difference, over-confident - less so", ece_gap, (LESS_OVERCONFIDENT, OVERCONFIDENT)))
+# (row, metric_fn, scales of the logits it is given, the population value's function). The
+# sweep rows are measured against the population's 15-bin ECE, as the ECE rows: both
+# estimate the same true calibration error, which that number approximates best.
+ROWS = (("calibrated", metrics.ece, (CALIBRATED,), metrics.ece),
+        ("over-confident", metrics.ece, (OVERCONFIDENT,), metrics.ece),
+        ("difference, over-confident - calibrated", ece_gap, (CALIBRATED, OVERCONFIDENT),
+         ece_gap),
+        ("difference, over-confident - less so", ece_gap, (LESS_OVERCONFIDENT, OVERCONFIDENT),
+         ece_gap),
+        ("ECE_sweep, calibrated", metrics.ece_sweep, (CALIBRATED,), metrics.ece),
+        ("ECE_sweep, over-confident", metrics.ece_sweep, (OVERCONFIDENT,), metrics.ece))
 
 
 def coverage(args) -> list[dict]:
     z_pop, y_pop = draw(args.population, seed=10_000)
     rows = []
-    for name, fn, scales in ROWS:
-        population = float(fn(*(s * z_pop for s in scales), y_pop))
+    for name, fn, scales, target in ROWS:
+        population = float(target(*(s * z_pop for s in scales), y_pop))
         held = {m: 0 for m in bootstrap.METHODS}
-        widths = []
+        widths, estimates = [], []
         for trial in range(args.trials):
             z, y = draw(args.test_size, seed=trial)
             for method in bootstrap.METHODS:
@@ -73,9 +82,11 @@ def coverage(args) -> list[dict]:
                                         num_resamples=args.resamples, method=method)
                 held[method] += bool(r.low <= population <= r.high)
             widths.append(float(r.high - r.low))
+            estimates.append(float(r.value))
         rows.append({"row": name, "population": population, "held": held,
-                     "trials": args.trials, "mean_width": float(np.mean(widths))})
-        print(f"| {name} | {100 * population:.2f} | "
+                     "trials": args.trials, "mean_width": float(np.mean(widths)),
+                     "mean_estimate": float(np.mean(estimates))})
+        print(f"| {name} | {100 * population:.2f} | {100 * np.mean(estimates):.2f} | "
               + " | ".join(f"{held[m]} / {args.trials}" for m in bootstrap.METHODS)
               + f" | {100 * np.mean(widths):.2f} |", flush=True)
     # The unpaired comparison of the last row: the two models' intervals, each on its own.
@@ -133,8 +144,9 @@ def main(argv=None):
         if getattr(args, field) < least:
             parser.error(f"--{field.replace('_', '-')} must be >= {least}")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {platform.processor() or ''}")
-    print("| row | population ECE (%) | percentile held | basic held | mean basic width (%) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| row | population ECE (%) | mean test estimate (%) | percentile held | basic held | "
+          "mean basic width (%) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     report = {"coverage": coverage(args), "timing": timing(args), "args": vars(args)}
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2))

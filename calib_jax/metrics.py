@@ -1,4 +1,4 @@
-"""Calibration metrics: ECE, MCE, AdaECE, classwise ECE, NLL, accuracy, Brier.
+"""Calibration metrics: ECE, MCE, AdaECE, classwise ECE, NLL, accuracy, Brier, ECE_sweep.
 
 Every metric maps ``(logits [N, C], labels [N])`` to a float32 scalar
 **fraction** (the paper's tables print percentages). All are jittable (the bin
@@ -62,6 +62,7 @@ __all__ = [
     "brier",
     "classwise_ece",
     "ece",
+    "ece_sweep",
     "init_stats",
     "mce",
     "merge_stats",
@@ -70,6 +71,7 @@ __all__ = [
     "psum_stats",
     "reliability_bins",
     "summary",
+    "sweep_num_bins",
     "top_label_confidence",
     "update_stats",
 ]
@@ -602,6 +604,118 @@ def brier(logits, labels):
     """
     logits, labels = validation.check_logits_and_labels(logits, labels)
     return _nll_acc_brier(logits, labels)[2]
+
+
+def _equal_mass_bin_ids(num_samples: int, num_bins):
+    """Bin of each sorted position when ``num_samples`` are split into ``num_bins`` (traced,
+    ``1 <= num_bins <= num_samples``) equal-mass bins as ``np.array_split`` splits: the
+    first ``num_samples % num_bins`` bins hold one more."""
+    i = jnp.arange(num_samples)
+    size, extra = num_samples // num_bins, num_samples % num_bins
+    big = extra * (size + 1)  # positions in the larger bins
+    return jnp.where(i < big, i // (size + 1), extra + (i - big) // jnp.maximum(size, 1))
+
+
+@functools.partial(jax.jit, static_argnames=("order",))
+def _ece_sweep_impl(logits, labels, order):
+    _, _, conf, pred, ok = _softmax_parts(logits, labels)
+    n = labels.shape[0]
+    sort = jnp.argsort(conf, stable=True)  # ties keep their input order
+    conf = conf[sort].astype(jnp.float32)
+    hits = (pred == labels)[sort].astype(jnp.float32)
+    ones = jnp.ones_like(hits)
+
+    def bins(b):
+        ids = _equal_mass_bin_ids(n, b)
+        return (jax.ops.segment_sum(ones, ids, num_segments=n),
+                jax.ops.segment_sum(hits, ids, num_segments=n), ids)
+
+    def monotone(b):
+        count, hit, _ = bins(b)
+        acc = hit / jnp.maximum(count, 1.0)  # equal fractions divide to equal floats
+        return jnp.all((acc[1:] >= acc[:-1]) | (jnp.arange(1, n) >= b))
+
+    def next_count(state):
+        b, _ = state
+        ok_next = monotone(b + 1)
+        return jnp.where(ok_next, b + 1, b), ok_next
+
+    # The sweep: add bins while the bins' accuracies stay non-decreasing in confidence.
+    b_star, _ = jax.lax.while_loop(lambda state: state[1] & (state[0] < n), next_count,
+                                   (jnp.int32(1), jnp.bool_(True)))
+    count, hit, ids = bins(b_star)
+    conf_sum = jax.ops.segment_sum(conf, ids, num_segments=n)
+    safe = jnp.maximum(count, 1.0)
+    gap = jnp.abs(conf_sum / safe - hit / safe) ** order
+    value = jnp.sum(count / n * gap) ** (1.0 / order)
+    return jnp.where(ok, value, jnp.nan), b_star
+
+
+def _check_order(order):
+    if isinstance(order, bool) or not isinstance(order, (int, float, np.integer,
+                                                         np.floating)) or not order >= 1:
+        raise ValueError(f"`order` must be a number >= 1 (1: the mean absolute gap, as ece; "
+                         f"2: the root mean squared gap), got {order!r}.")
+    return float(order)
+
+
+def ece_sweep(logits, labels, *, order: float = 1):
+    r"""Monotonic-sweep ECE: the ECE of equal-mass bins, as many as keep the bins'
+    accuracies non-decreasing in confidence ("ECE_sweep", Roelofs et al.).
+
+    .. math:: \mathrm{ECE_{sweep}} = \Big(\sum_{b \le b^*} \frac{n_b}{N}
+              \left|\overline{\mathrm{conf}}_b - \overline{\mathrm{acc}}_b\right|^p
+              \Big)^{1/p}, \quad b^* = \max\{b : \text{every } b' \le b
+              \text{ gives } \overline{\mathrm{acc}}_1 \le \dots \le
+              \overline{\mathrm{acc}}_{b'}\}
+
+    A fixed bin count measures noise as miscalibration: with 15 bins a calibrated model's
+    test ECE is well above 0 (see :mod:`calib_jax.bootstrap`'s table). A true calibration
+    curve rises with confidence, so the sweep adds equal-mass bins while the bins'
+    accuracies still do, and stops before the first count at which they fall: the finest
+    binning the data support. Roelofs et al. measured it the least biased of the binned
+    estimators they compared. Measured here (``benchmarks/bootstrap_coverage.py``: 40
+    simulated test sets of 2,000 examples, 10 classes): a calibrated model's mean test
+    estimate 2.17 % against 15-bin ECE's 2.63 % (population 0.15 %), an over-confident one's
+    6.11 % against 6.20 % (population 6.03 %). Not a reference metric (the paper reports
+    :func:`ece` and :func:`adaptive_ece`): an extra, for judging a nearly calibrated model.
+
+    Bins: the top-label confidences sorted (ties in input order), split as
+    ``np.array_split`` splits (the first ``N % b`` bins one larger). :func:`sweep_num_bins`
+    gives ``b*``.
+
+    Args:
+      logits: ``[N, C]`` unnormalised scores; labels: ``[N]`` integers.
+      order: ``p`` of the formula, >= 1 (static): 1 (default) is :func:`ece`'s mean
+        absolute gap, 2 the root mean squared gap.
+
+    Returns:
+      float32 scalar in ``[0, 1]`` (NaN for logits that are not finite). Jittable and
+      vmappable; the sweep is a ``while_loop`` of ``b*`` passes over the ``N`` examples.
+
+    >>> import jax.numpy as jnp
+    >>> logits = jnp.log(jnp.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.8, 0.2]]))
+    >>> labels = jnp.array([0, 1, 0, 0])  # by confidence: 0.6 wrong, 0.7, 0.8, 0.9 right
+    >>> int(sweep_num_bins(logits, labels)), round(float(ece_sweep(logits, labels)), 4)
+    (4, 0.3)
+    >>> labels = jnp.array([0, 1, 0, 1])  # 0.8 wrong: three bins' accuracies 0.5, 0, 1
+    >>> int(sweep_num_bins(logits, labels)), round(float(ece_sweep(logits, labels)), 4)
+    (2, 0.25)
+
+    References:
+      Roelofs, Cain, Shlens, Mozer, *Mitigating Bias in Calibration Error Estimation*,
+      AISTATS 2022 (Algorithm 1, Eq. 8).
+    """
+    order = _check_order(order)
+    logits, labels = validation.check_logits_and_labels(logits, labels)
+    return _ece_sweep_impl(logits, labels, order)[0]
+
+
+def sweep_num_bins(logits, labels):
+    """``b*`` of :func:`ece_sweep`: the number of equal-mass bins its sweep settled on (int32;
+    1 when two bins already break the accuracies' order)."""
+    logits, labels = validation.check_logits_and_labels(logits, labels)
+    return _ece_sweep_impl(logits, labels, 1.0)[1]
 
 
 @functools.partial(jax.jit, static_argnames=("num_bins", "convention"))

@@ -215,3 +215,20 @@ def auroc(pos, neg):
     pos = np.asarray(pos, np.float64)[:, None]
     neg = np.asarray(neg, np.float64)[None, :]
     return float(np.mean((pos > neg) + 0.5 * (pos == neg)))
+
+
+def ece_sweep(conf, hits, order=1.0):
+    """Roelofs et al.'s Algorithm 1 by brute force: (ECE_sweep, b*) of top-label confidences
+    ``conf`` and 0/1 ``hits``; bins by np.array_split of the stably sorted confidences."""
+    sort = np.argsort(np.asarray(conf), kind="stable")
+    conf = np.asarray(conf, np.float64)[sort]
+    hits = np.asarray(hits, np.float64)[sort]
+    n, best = len(conf), 1
+    for b in range(2, n + 1):
+        acc = [h.sum() / len(h) for h in np.array_split(hits, b)]
+        if any(later < earlier for earlier, later in zip(acc, acc[1:])):
+            break
+        best = b
+    gaps = [len(c) / n * abs(c.mean() - h.mean()) ** order
+            for c, h in zip(np.array_split(conf, best), np.array_split(hits, best))]
+    return sum(gaps) ** (1.0 / order), best

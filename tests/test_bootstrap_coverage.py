@@ -18,14 +18,16 @@ def test_the_table_rows_and_timing_run_and_are_recorded(tmp_path, capsys):
                              "--time-ood-size", "30", "--json", str(out)])
     report = json.loads(out.read_text())
     rows = report["coverage"]
-    assert [r["row"] for r in rows[:4]] == [name for name, _, _ in bootstrap_coverage.ROWS]
-    for row in rows[:4]:
+    assert [r["row"] for r in rows[:6]] == [row[0] for row in bootstrap_coverage.ROWS]
+    for row in rows[:6]:
         assert set(row["held"]) == {"percentile", "basic"} and row["trials"] == 2
         assert all(0 <= held <= 2 for held in row["held"].values())
         assert row["mean_width"] > 0
     # Over-confident logits (x1.2) have the larger population ECE.
     assert rows[1]["population"] > rows[0]["population"] >= 0
-    assert rows[4]["width"] > 0
+    assert rows[6]["width"] > 0
+    # The sweep rows are measured against the same population value as the ECE rows.
+    assert rows[4]["population"] == rows[0]["population"] and rows[4]["mean_estimate"] >= 0
     assert [t["metric"] for t in report["timing"]] == ["ece", "summary", "aurocs"]
     assert [t["examples"] for t in report["timing"]] == [[50], [50], [50, 30]]
     assert all(t["later_call_s"] > 0 and t["resamples"] == 4 for t in report["timing"])

@@ -319,10 +319,91 @@ def test_property_matches_numpy_oracle(p):
     assert abs(float(metrics.adaptive_ece(logits, labels)) - ref.adaptive_ece(logits, labels)) <= tol
 
 
+# ---------------------------------------------------------------- monotonic sweep
+
+
+def _top_label(logits, labels):
+    conf = np.asarray(metrics.top_label_confidence(logits))
+    hits = np.asarray(jnp.argmax(jax.nn.softmax(jnp.asarray(logits), -1), -1)) == \
+        np.asarray(labels)
+    return conf, hits
+
+
+@given(problems, st.sampled_from([1.0, 2.0]), st.booleans())
+def test_property_ece_sweep_is_the_brute_force_sweep(p, order, coarse):
+    """Value and bin count equal Algorithm 1 run in NumPy on the same confidences, also with
+    many tied confidences (logits rounded to integers)."""
+    n, c, scale, seed = p
+    logits, labels = random_problem(n=n, c=c, scale=scale, seed=seed)
+    if coarse:
+        logits = np.round(logits)
+    want, bins = ref.ece_sweep(*_top_label(logits, labels), order=order)
+    assert int(metrics.sweep_num_bins(logits, labels)) == bins
+    np.testing.assert_allclose(float(metrics.ece_sweep(logits, labels, order=order)), want,
+                               atol=2e-6)
+    assert 0 <= want <= 1
+
+
+def test_ece_sweep_at_its_extremes():
+    # Accuracy rising with confidence at every example: one bin per example, the mean gap.
+    conf = np.array([0.55, 0.6, 0.7, 0.8, 0.9, 0.95])
+    logits = np.log(np.stack([conf, 1 - conf], 1)).astype(np.float32)
+    labels = np.array([1, 1, 0, 0, 0, 0])  # wrong below 0.7, right from there
+    assert int(metrics.sweep_num_bins(logits, labels)) == 6
+    np.testing.assert_allclose(float(metrics.ece_sweep(logits, labels)),
+                               np.mean(np.abs(conf - (labels == 0))), atol=1e-6)
+    # The most confident example wrong: two bins already fall; one bin, |mean conf - acc|.
+    labels = np.array([0, 0, 0, 0, 0, 1])
+    assert int(metrics.sweep_num_bins(logits, labels)) == 1
+    np.testing.assert_allclose(float(metrics.ece_sweep(logits, labels)),
+                               abs(conf.mean() - 5 / 6), atol=1e-6)
+    np.testing.assert_allclose(float(metrics.ece_sweep(logits, labels, order=2)),
+                               abs(conf.mean() - 5 / 6), atol=1e-6)
+
+
+def test_ece_sweep_is_less_biased_than_fixed_bins():
+    """Simulated 10-class models whose true calibration error is known from 200,000
+    examples: over 20 test sets of 1,000, the sweep's mean error from it is below 15-bin
+    ECE's, for a calibrated and an over-confident model (measured: calibrated, ECE 3.61 %
+    against 2.78 % for the sweep, population 0.26 %; x1.2, 6.68 % and 6.25 %, population
+    5.96 %). A sweep that used too many bins (noise) or too few would not be."""
+    def draw(n, seed):
+        rng = np.random.default_rng(seed)
+        z = 2 * rng.standard_normal((n, 10)).astype(np.float32)
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        y = np.minimum((rng.random((n, 1)) > np.cumsum(p, 1)).sum(1), 9)
+        return jnp.asarray(z), jnp.asarray(y)
+
+    population = draw(200_000, 99)
+    for scale in (1.0, 1.2):
+        truth = float(metrics.ece(scale * population[0], population[1]))
+        tests = [draw(1000, k) for k in range(20)]
+        fixed = np.mean([float(metrics.ece(scale * z, y)) for z, y in tests]) - truth
+        sweep = np.mean([float(metrics.ece_sweep(scale * z, y)) for z, y in tests]) - truth
+        assert abs(sweep) < abs(fixed), (scale, sweep, fixed)
+
+
+def test_ece_sweep_jits_vmaps_and_bootstraps():
+    from calib_jax import bootstrap
+    logits, labels = random_problem(n=40, c=5, scale=3.0, seed=1)
+    scales = jnp.array([0.5, 1.0, 2.0])
+    batched = jax.vmap(lambda s: metrics.ece_sweep(s * logits, labels))(scales)
+    np.testing.assert_allclose(batched, [metrics.ece_sweep(s * logits, labels) for s in scales],
+                               atol=1e-6)
+    r = bootstrap.bootstrap(metrics.ece_sweep, logits, labels, key=jax.random.key(0),
+                            num_resamples=20)
+    assert r.samples.shape == (20,) and np.all(np.isfinite(r.samples))
+    for order in (0.5, True, "2"):
+        with pytest.raises(ValueError, match="`order` must be a number >= 1"):
+            metrics.ece_sweep(logits, labels, order=order)
+
+
 # ---------------------------------------------------------------- bad input
 
 METRIC_FNS = [metrics.ece, metrics.mce, metrics.adaptive_ece, metrics.classwise_ece,
-              metrics.nll, metrics.accuracy, metrics.brier, metrics.reliability_bins]
+              metrics.nll, metrics.accuracy, metrics.brier, metrics.ece_sweep,
+              metrics.reliability_bins, metrics.sweep_num_bins]
 
 
 @pytest.mark.parametrize("fn", METRIC_FNS)
@@ -342,7 +423,7 @@ def test_metric_bad_inputs(fn):
         fn(jnp.full((3, 4), 0.25), jnp.array([0, 1, 2]))
 
 
-@pytest.mark.parametrize("fn", METRIC_FNS[:7])
+@pytest.mark.parametrize("fn", METRIC_FNS[:8])
 def test_metric_under_jit_is_nan_on_bad_values(fn):
     z = jnp.zeros((3, 4))
     assert np.isnan(float(jax.jit(fn)(z, jnp.array([0, 1, 7]))))

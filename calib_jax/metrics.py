@@ -691,7 +691,10 @@ def ece_sweep(logits, labels, *, order: float = 1):
 
     Returns:
       float32 scalar in ``[0, 1]`` (NaN for logits that are not finite). Jittable and
-      vmappable; the sweep is a ``while_loop`` of ``b*`` passes over the ``N`` examples.
+      vmappable; the sweep is a ``while_loop`` of ``b*`` passes over the ``N`` examples,
+      so its cost grows with ``b*`` (2-core CPU, N = 10,000: 7 ms at b* = 11; 0.56 s for
+      a 99.98 %-accurate model, whose accuracies stay at 1 down to b* = 3,332 bins of 3;
+      1.5 s at the worst, b* = N) -- mind it inside a 1,000-resample bootstrap.
 
     >>> import jax.numpy as jnp
     >>> logits = jnp.log(jnp.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.8, 0.2]]))

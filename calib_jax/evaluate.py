@@ -18,7 +18,8 @@ such), picks the temperature on the validation split (the reference's
 100-point grid by ECE by default; the NLL grid and the continuous NLL fit are
 reported too), and reports on the test split before and after scaling:
 error, NLL, ECE, AdaECE, classwise ECE, MCE, and OOD AUROC with the entropy
-and confidence scores. Writes ``results.json``, ``results.md``, ``logits.npz`` (the
+and confidence scores, and beside them the less biased monotonic-sweep ECE
+(:func:`calib_jax.metrics.ece_sweep`, not one of the paper's metrics). Writes ``results.json``, ``results.md``, ``logits.npz`` (the
 validation, test and OOD logits with their labels and the chosen T: what
 :mod:`calib_jax.compare` and a notebook need, without the model), reliability
 diagrams, confidence histograms, temperature curves and ROC curves (PNG) to
@@ -135,11 +136,15 @@ def _ood_scores(test_logits, ood_logits):
 def test_report(test_logits, test_labels, temperature: float, ood_logits: dict) -> dict:
     """Every metric of :func:`calib_jax.metrics.summary` plus OOD AUROC (entropy and
     confidence, per OOD set) on the test logits, ``{"before": ..., "after": ...}``
-    temperature scaling."""
+    temperature scaling; and, beside the paper's metrics, the less biased
+    :func:`calib_jax.metrics.ece_sweep` with its bin count (``ece_sweep``,
+    ``sweep_num_bins``)."""
     report = {}
     for tag, scale in (("before", 1.0), ("after", temperature)):
         z = calibration.apply_temperature(test_logits, scale)
         values = {k: float(v) for k, v in metrics.summary(z, test_labels).items()}
+        values["ece_sweep"] = float(metrics.ece_sweep(z, test_labels))
+        values["sweep_num_bins"] = int(metrics.sweep_num_bins(z, test_labels))
         values["ood_auroc"] = {name: _ood_scores(z, calibration.apply_temperature(o, scale))
                                for name, o in ood_logits.items()}
         report[tag] = values
@@ -408,6 +413,12 @@ def markdown_report(results: dict) -> str:
                 low, high = intervals[tag][name]["basic"]
                 cells.append(f"[{fixed(scale * low, digits)}, {fixed(scale * high, digits)}]")
         lines.append(f"| {name} | {' | '.join(cells)} |")
+    if "ece_sweep" in before:  # evaluations of an earlier version lack it
+        cells = [f"{fixed(100 * values['ece_sweep'])} ({values['sweep_num_bins']} bins)"
+                 for values in (before, after)]
+        if intervals:  # not resampled (its sweep can take b* passes per resample)
+            cells = [cells[0], "", cells[1], ""]
+        lines.append(f"| ece_sweep (not the paper's) | {' | '.join(cells)} |")
     for ood_name, scores in before["ood_auroc"].items():
         for score in ("entropy", "confidence"):
             cells = []

@@ -44,11 +44,21 @@ def test_evaluation_pass_writes_report(run_dir):
         for key in evaluate.METRIC_NAMES:
             assert 0 <= values[key] < 10 and np.isfinite(values[key])
         assert set(values["ood_auroc"]["synthetic_c"]) == {"entropy", "confidence"}
+        assert 0 <= values["ece_sweep"] <= 1 and values["sweep_num_bins"] >= 1
     assert saved["test"]["before"]["error"] == saved["test"]["after"]["error"]
     t = saved["temperature"]["value"]
     assert 0.1 <= t <= 10 and saved["temperature"]["nll_fit"] > 0
     assert results["test"]["after"]["ece"] <= results["test"]["before"]["ece"] + 0.05
-    assert "| ece |" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert "| ece |" in report
+    after = saved["test"]["after"]
+    assert f"| {evaluate.fixed(100 * after['ece_sweep'])} ({after['sweep_num_bins']} bins) |" \
+        in report
+    # An earlier version's results (no ece_sweep): the report leaves the row out.
+    older = json.loads(json.dumps(saved))
+    for tag in ("before", "after"):
+        del older["test"][tag]["ece_sweep"], older["test"][tag]["sweep_num_bins"]
+    assert "ece_sweep" not in evaluate.markdown_report(older)
 
 
 def test_bootstrap_intervals_of_the_test_metrics(run_dir, tmp_path, capsys):

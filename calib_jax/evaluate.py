@@ -19,8 +19,9 @@ such), picks the temperature on the validation split (the reference's
 reported too), and reports on the test split before and after scaling:
 error, NLL, ECE, AdaECE, classwise ECE, MCE, and OOD AUROC with the entropy
 and confidence scores, and beside them the less biased monotonic-sweep ECE
-(:func:`calib_jax.metrics.ece_sweep`, not one of the paper's metrics). Writes ``results.json``, ``results.md``, ``logits.npz`` (the
-validation, test and OOD logits with their labels and the chosen T: what
+(:func:`calib_jax.metrics.ece_sweep`, not one of the paper's metrics). Writes
+``results.json``, ``results.md``, ``logits.npz`` (the validation, test and OOD logits with
+their labels and the chosen T: what
 :mod:`calib_jax.compare` and a notebook need, without the model), reliability
 diagrams, confidence histograms, temperature curves and ROC curves (PNG) to
 ``--out`` (default ``<workdir>/eval_<checkpoint>``, and ``eval_<checkpoint>_nll`` with

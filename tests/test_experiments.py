@@ -97,16 +97,8 @@ def test_sweep_and_tables_end_to_end(tmp_path, capsys):
     assert json.loads(results.read_text())["test_intervals"]["num_resamples"] == 20
     assert sweep.main(args + ["--bootstrap", "20"]) == 0
     assert "done  cell=cifar10/resnet50/ce" in capsys.readouterr().out
-    # Intervals without OOD AUROC's (an earlier version's evaluation): evaluated again.
     saved = json.loads(results.read_text())
     assert set(saved["test_intervals"]["before"]["ood_auroc"]) == {"synthetic_c"}
-    for tag in ("before", "after"):
-        del saved["test_intervals"][tag]["ood_auroc"]
-    results.write_text(json.dumps(saved))
-    assert sweep.main(args + ["--bootstrap", "20"]) == 0
-    assert "(its results have no bootstrap intervals of OOD AUROC" in capsys.readouterr().out
-    saved = json.loads(results.read_text())
-    assert "synthetic_c" in saved["test_intervals"]["after"]["ood_auroc"]
     # The tables list the run with its intervals.
     low, high = saved["test_intervals"]["before"]["ece"]["basic"]
     row = _row(build_tables.build(tmp_path).split("## Bootstrap 95 % intervals")[1],
@@ -260,6 +252,32 @@ def test_tables_list_the_runs_evaluated_with_bootstrap_intervals(tmp_path):
     summary = json.loads(out.with_suffix(".json").read_text())[cell]
     assert summary["test_intervals"][0]["num_resamples"] == 1000
     assert summary["test_intervals"][1] is None
+
+
+def test_sweep_bootstrap_needs_ood_auroc_intervals_too(tmp_path):
+    """A cell evaluated with intervals of N resamples but none of OOD AUROC (an earlier
+    version's evaluation) is not done under --bootstrap N: the sweep evaluates it again."""
+    cell = "cifar10/resnet110/ce"
+    config = paper.get_config(f"cell={cell}")
+    run_dir = tmp_path.joinpath(*cell.split("/"))
+    _write_results(tmp_path, cell, config,
+                   ood_auroc={"svhn": {"entropy": 0.9, "confidence": 0.8}})
+    (run_dir / "config.json").write_text(config.to_json())
+    path = run_dir / "eval_final" / "results.json"
+    saved = json.loads(path.read_text())
+    entry = {"std": 0.01, "percentile": [0.0, 0.1], "basic": [0.0, 0.1]}
+    saved["test_intervals"] = {"num_resamples": 20, "seed": 0, "confidence": 0.95,
+                               "before": {"ece": entry}, "after": {"ece": entry}}
+    path.write_text(json.dumps(saved))
+    assert sweep.finished(run_dir, config) == (True, "")
+    assert sweep.finished(run_dir, config, 20) == (
+        False, " (its results have no bootstrap intervals of OOD AUROC: evaluated by an "
+               "earlier version)")
+    for tag in ("before", "after"):
+        saved["test_intervals"][tag]["ood_auroc"] = {"svhn": {"entropy": entry}}
+    path.write_text(json.dumps(saved))
+    assert sweep.finished(run_dir, config, 20) == (True, "")
+    assert sweep.finished(run_dir, config, 30)[0] is False
 
 
 def test_tables_and_sweep_read_the_checkpoint_each_recipe_reports(tmp_path):

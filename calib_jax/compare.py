@@ -123,9 +123,10 @@ def compare(baseline, other, *, num_resamples: int = 1000, seed: int = 0) -> dic
               "ood_left_out": ood_left_out}
     labels = jnp.asarray(labels_a)
     for tag in ("before", "after"):
-        z = [calibration.apply_temperature(saved["test_logits"],
-                                           float(saved["temperature"]) if tag == "after" else 1.0)
-             for saved in (base, oth)]
+        # Each run's own T after scaling, as its evaluation reports it.
+        scales = [float(saved["temperature"]) if tag == "after" else 1.0 for saved in (base, oth)]
+        z = [calibration.apply_temperature(saved["test_logits"], scale)
+             for saved, scale in zip((base, oth), scales)]
         result = bootstrap.bootstrap(summary_difference, z[0], z[1], labels, key=key,
                                      num_resamples=num_resamples)
         report[tag] = {name: _row(result, name, base_results["test"][tag][name],
@@ -133,9 +134,8 @@ def compare(baseline, other, *, num_resamples: int = 1000, seed: int = 0) -> dic
                        for name in evaluate.METRIC_NAMES}
         report[tag]["ood_auroc"] = {}
         for name in ood_names:
-            z_out = [calibration.apply_temperature(
-                saved[f"ood_logits_{name}"], float(saved["temperature"]) if tag == "after" else 1.0)
-                for saved in (base, oth)]
+            z_out = [calibration.apply_temperature(saved[f"ood_logits_{name}"], scale)
+                     for saved, scale in zip((base, oth), scales)]
             # The test set drawn with the indices above (group 0), the OOD set on its own.
             result = bootstrap.bootstrap(auroc_difference, z[0], z[1], z_out[0], z_out[1],
                                          key=key, num_resamples=num_resamples,
@@ -188,8 +188,8 @@ def markdown_comparison(report: dict) -> str:
         low, high = row["basic_95"]
         return (f"| {name} | {label} | {show(row['baseline'])} | {show(row['other'])} | "
                 f"{'+' if row['difference'] > 0 else ''}{show(row['difference'])} | "
-                f"[{show(low)}, {show(high)}] | {row['other_lower']:,} of "
-                f"{report['num_resamples']:,} |")
+                f"{evaluate.fixed_interval(scale * low, scale * high, digits)} | "
+                f"{row['other_lower']:,} of {report['num_resamples']:,} |")
 
     for tag, label in (("before", "1"), ("after", "each run's")):
         for name in evaluate.METRIC_NAMES:

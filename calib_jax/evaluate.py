@@ -54,8 +54,9 @@ from calib_jax.files import (atomic_save_figure, atomic_write_bytes, atomic_writ
                              unwritable_reason)
 
 __all__ = ["EvaluationRefused", "LOGITS_FILE", "check_finished", "default_out_name",
-           "evaluate_run", "fixed", "markdown_report", "main", "member_dirs", "table_checkpoint",
-           "table_evaluation_dir", "test_intervals", "test_report", "write_logits"]
+           "evaluate_run", "fixed", "fixed_interval", "markdown_report", "main", "member_dirs",
+           "table_checkpoint", "table_evaluation_dir", "test_intervals", "test_report",
+           "write_logits"]
 
 OOD_SETS = {"cifar10": ("svhn", "cifar10_c"), "cifar100": ("svhn", "cifar10_c"),
             "synthetic": ("synthetic_c",)}
@@ -392,6 +393,15 @@ def fixed(value: float, digits: int = 2) -> str:
     return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
+def fixed_interval(low: float, high: float, digits: int = 2) -> str:
+    """An interval's ends as the reports print them: ``"[low, high]"``, each :func:`fixed`.
+
+    >>> fixed_interval(1.234, 5.0)
+    '[1.23, 5.00]'
+    """
+    return f"[{fixed(low, digits)}, {fixed(high, digits)}]"
+
+
 def markdown_report(results: dict) -> str:
     """The results as a markdown table (percent; NLL as is)."""
     before, after = results["test"]["before"], results["test"]["after"]
@@ -412,7 +422,7 @@ def markdown_report(results: dict) -> str:
             cells.append(fixed(scale * values[name], digits))
             if intervals:
                 low, high = intervals[tag][name]["basic"]
-                cells.append(f"[{fixed(scale * low, digits)}, {fixed(scale * high, digits)}]")
+                cells.append(fixed_interval(scale * low, scale * high, digits))
         lines.append(f"| {name} | {' | '.join(cells)} |")
     if "ece_sweep" in before:  # evaluations of an earlier version lack it
         cells = [f"{fixed(100 * values['ece_sweep'])} ({values['sweep_num_bins']} bins)"
@@ -428,8 +438,8 @@ def markdown_report(results: dict) -> str:
                 if intervals:
                     # Evaluations of an earlier version have no OOD intervals: empty cells.
                     entry = intervals[tag].get("ood_auroc", {}).get(ood_name, {}).get(score)
-                    cells.append(f"[{fixed(100 * entry['basic'][0])}, "
-                                 f"{fixed(100 * entry['basic'][1])}]" if entry else "")
+                    cells.append(fixed_interval(100 * entry["basic"][0], 100 * entry["basic"][1])
+                                 if entry else "")
             lines.append(f"| OOD AUROC {ood_name} ({score}) | {' | '.join(cells)} |")
     if intervals:
         lines.append(f"\nIntervals: basic bootstrap, {intervals['num_resamples']} resamples of the "

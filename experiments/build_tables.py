@@ -303,8 +303,7 @@ def _with_interval(value, entry, scale, digits, mark):
     if not entry:
         return shown
     low, high = entry["basic"]
-    return (f"{shown} [{evaluate.fixed(scale * low, digits)}, "
-            f"{evaluate.fixed(scale * high, digits)}]")
+    return f"{shown} {evaluate.fixed_interval(scale * low, scale * high, digits)}"
 
 
 def interval_table(results, off=()):

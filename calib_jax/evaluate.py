@@ -145,8 +145,8 @@ def test_report(test_logits, test_labels, temperature: float, ood_logits: dict) 
     for tag, scale in (("before", 1.0), ("after", temperature)):
         z = calibration.apply_temperature(test_logits, scale)
         values = {k: float(v) for k, v in metrics.summary(z, test_labels).items()}
-        values["ece_sweep"] = float(metrics.ece_sweep(z, test_labels))
-        values["sweep_num_bins"] = int(metrics.sweep_num_bins(z, test_labels))
+        sweep, num_bins = metrics.ece_sweep(z, test_labels, return_num_bins=True)
+        values["ece_sweep"], values["sweep_num_bins"] = float(sweep), int(num_bins)
         values["ood_auroc"] = {name: _ood_scores(z, calibration.apply_temperature(o, scale))
                                for name, o in ood_logits.items()}
         report[tag] = values

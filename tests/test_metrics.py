@@ -394,6 +394,9 @@ def test_ece_sweep_jits_vmaps_and_bootstraps():
     r = bootstrap.bootstrap(metrics.ece_sweep, logits, labels, key=jax.random.key(0),
                             num_resamples=20)
     assert r.samples.shape == (20,) and np.all(np.isfinite(r.samples))
+    value, bins = metrics.ece_sweep(logits, labels, return_num_bins=True)
+    assert value == metrics.ece_sweep(logits, labels)
+    assert bins == metrics.sweep_num_bins(logits, labels)
     for order in (0.5, True, "2"):
         with pytest.raises(ValueError, match="`order` must be a number >= 1"):
             metrics.ece_sweep(logits, labels, order=order)

@@ -652,10 +652,12 @@ def _ece_sweep_impl(logits, labels, order):
 
 
 def _check_order(order):
+    # Finite: p = inf (a max norm) would raise the sum to the power 0, i.e. give 1.
     if isinstance(order, bool) or not isinstance(order, (int, float, np.integer,
-                                                         np.floating)) or not order >= 1:
-        raise ValueError(f"`order` must be a number >= 1 (1: the mean absolute gap, as ece; "
-                         f"2: the root mean squared gap), got {order!r}.")
+                                                         np.floating)) \
+            or not 1 <= order < float("inf"):
+        raise ValueError(f"`order` must be a finite number >= 1 (1: the mean absolute gap, as "
+                         f"ece; 2: the root mean squared gap), got {order!r}.")
     return float(order)
 
 
@@ -686,8 +688,8 @@ def ece_sweep(logits, labels, *, order: float = 1, return_num_bins: bool = False
 
     Args:
       logits: ``[N, C]`` unnormalised scores; labels: ``[N]`` integers.
-      order: ``p`` of the formula, >= 1 (static): 1 (default) is :func:`ece`'s mean
-        absolute gap, 2 the root mean squared gap.
+      order: ``p`` of the formula, finite and >= 1 (static): 1 (default) is :func:`ece`'s
+        mean absolute gap, 2 the root mean squared gap.
       return_num_bins: also return ``b*`` (as :func:`sweep_num_bins`, from the same sweep).
 
     Returns:

@@ -397,8 +397,8 @@ def test_ece_sweep_jits_vmaps_and_bootstraps():
     value, bins = metrics.ece_sweep(logits, labels, return_num_bins=True)
     assert value == metrics.ece_sweep(logits, labels)
     assert bins == metrics.sweep_num_bins(logits, labels)
-    for order in (0.5, True, "2"):
-        with pytest.raises(ValueError, match="`order` must be a number >= 1"):
+    for order in (0.5, True, "2", float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="`order` must be a finite number >= 1"):
             metrics.ece_sweep(logits, labels, order=order)
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Usage: bash benchmarks/gpu_check.sh [table|profile|batch1024|models|init|all]   (default: all)
 # Results in $OUT (or ./gpu_results). On a lent machine (at most 10 minutes per command) run
-# the parts as separate calls on the warm machine, `table` first (6 min), then `profile`
-# (~7 min), then `batch1024` if the session has time left (~3 min), `models` after that
+# the parts as separate calls on the warm machine, `table` first (5.5 min), then `profile`
+# (~4 min), then `batch1024` if the session has time left (~3.5 min), `models` after that
 # (~5.5 min), `init` last (~2 min); they share one persistent compilation cache
 # (JAX_COMPILATION_CACHE_DIR; init_bench.py's processes run without it).
 #
@@ -17,28 +17,20 @@
 #    gpu_profile.py likewise for a variant, a trace or the rounds that failed). (On an H200: a ResNet-50 row compiles in
 #    15-40 s, the six-member program in ~90 s; the first five rows, through the six-loss
 #    sequential row, take ~290 s; all nine but the vmapped row took 450 s.)
-# profile (at most PROFILE_S, then GRAPHS_S seconds):
-#    1. gpu_profile.py: a kernel breakdown of the headline call by part of the step, the
-#    gzipped trace and optimised HLO; images/s of XLA options and earlier code, each against
-#    the default in the same process (graph_conv: cuDNN's convolutions recorded into the
-#    CUDA graphs; before_bytes: BatchNorm without the fourth session's byte cuts;
-#    fewer_kernels, two candidates together: BatchNorm's sums in two stages written out and
-#    the loop over a flat parameter vector, 860.5 -> 686.5 kernels per step statically, same
-#    bytes; lean: fewer_kernels in graph_conv's graphs, the candidate to adopt whole),
-#    then each timed again in 5 interleaved rounds (medians vs the
-#    default's: the machine's drift cancels), and last a trace of lean (what is left
-#    once the gaps and the small kernels go). Five variants, as each compile of the unrolled
-#    loop takes up to ~40 s on an H200;
-#    2. train_throughput.py under XLA_FLAGS=$GRAPH_FLAGS (graph_conv_concurrent for every
-#    compile: graph_conv, and the graph's nodes ordered by data dependencies only, so
-#    independent kernels may overlap): the headline row (against the table's) and the
-#    six-loss row (sequential members, which the concurrent graph may run side by side), in
-#    $OUT/graphs.
+# profile (at most PROFILE_S seconds): gpu_profile.py: a kernel breakdown of the headline call
+#    by part of the step, the gzipped trace and optimised HLO; then images/s of the training
+#    loop's GPU defaults taken away, each against the default in the same process
+#    (before_lean: all three, the library before the third GPU session; separate_sums:
+#    BatchNorm's sums without the per-image stage; tree_params: the loop over the
+#    parameters' tree, not one vector; no_graph_conv: cuDNN's convolutions launched outside
+#    XLA's CUDA graphs), each then timed again in 5 interleaved rounds (medians vs the
+#    default's: the machine's drift cancels), and last a trace of before_lean. (On an
+#    H200 the third session measured the three together against before_lean's code:
+#    +4.8%, ranges apart; which of the three gives what is this part's question.) The
+#    graph_conv_concurrent rows the part ran before failed on an H200 (cuDNN status 5003
+#    while tracing a convolution into a graph) and were dropped.
 # batch1024 (gpu_profile.py at batch 1024, at most PROFILE_1024_S seconds, untraced, 3
-#    rounds, in $OUT/batch1024): the fourth session's three byte cuts together and apart
-#    (before_bytes, convert_residual, mask_from_y; static: -11.7% of the bytes in all),
-#    graph_conv, and autodiff_bn (BatchNorm's gradient by autodiff), where the row fell from
-#    24,649 img/s (commit 1949c9d) to 20,015 (commit cae96e9).
+#    rounds, in $OUT/batch1024): the same variants at batch 1024 (unmeasured there).
 # models (train_throughput.py, at most MODELS_S seconds, in $OUT/models): the paper's other
 #    CIFAR models, ResNet-110, Wide-ResNet-26-10 and DenseNet-121, at batch 128 bfloat16 with
 #    cross-entropy (one row each, in that order: the time a run of each takes; unmeasured on a
@@ -80,33 +72,16 @@ if [ "$PART" = table ] || [ "$PART" = all ]; then
     echo "exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/train_throughput.txt"
 fi
 if [ "$PART" = profile ] || [ "$PART" = all ]; then
-    timeout -k 10 "${PROFILE_S:-200}" "$PYTHON" benchmarks/gpu_profile.py --out "$OUT" \
-        --variants default,graph_conv,before_bytes,fewer_kernels,lean \
-        --trace-variants lean \
+    timeout -k 10 "${PROFILE_S:-240}" "$PYTHON" benchmarks/gpu_profile.py --out "$OUT" \
+        --variants default,before_lean,separate_sums,tree_params,no_graph_conv \
+        --trace-variants before_lean \
         2>&1 | tee "$OUT/gpu_profile_log.txt"
     echo "profile exit status: ${PIPESTATUS[0]}"
-    mkdir -p "$OUT/graphs"
-    # gpu_profile.py's graph_conv_concurrent variant, as flags for the whole process.
-    GRAPH_FLAGS="$(cd benchmarks && "$PYTHON" -c \
-        'from gpu_profile import xla_flags; print(xla_flags("graph_conv_concurrent"))')"
-    if [ -z "$GRAPH_FLAGS" ]; then  # never time the default under the graphs' name
-        echo "graphs rows skipped: no flags from gpu_profile.xla_flags" \
-            | tee "$OUT/graphs/train_throughput.txt"
-    else
-        echo "XLA_FLAGS for the graphs rows: $GRAPH_FLAGS"
-        XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$GRAPH_FLAGS" timeout -k 10 "${GRAPHS_S:-200}" \
-            "$PYTHON" benchmarks/train_throughput.py --models resnet50 --batch-sizes 128 \
-            --dtypes bfloat16 --losses ce --steps-per-call 39 --calls 2 \
-            --multi ce,brier,mmce_weighted,label_smoothing,focal,flsd53 --multi-modes sequential \
-            --json "$OUT/graphs/train_throughput.json" 2>&1 \
-            | tee "$OUT/graphs/train_throughput.txt"
-        echo "graphs exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/graphs/train_throughput.txt"
-    fi
 fi
 if [ "$PART" = batch1024 ] || [ "$PART" = all ]; then
-    timeout -k 10 "${PROFILE_1024_S:-180}" "$PYTHON" benchmarks/gpu_profile.py --batch 1024 \
+    timeout -k 10 "${PROFILE_1024_S:-200}" "$PYTHON" benchmarks/gpu_profile.py --batch 1024 \
         --no-profile --rounds 3 --out "$OUT/batch1024" \
-        --variants default,before_bytes,convert_residual,mask_from_y,graph_conv,autodiff_bn \
+        --variants default,before_lean,separate_sums,tree_params,no_graph_conv \
         2>&1 | tee "$OUT/gpu_profile_1024_log.txt"
     echo "batch-1024 variants exit status: ${PIPESTATUS[0]}"
 fi

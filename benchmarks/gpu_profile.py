@@ -8,11 +8,13 @@ i.e. the headline row of ``train_throughput.py``):
    restart, so the convolution autotuning of the first compile is reused), or a code option
    (``unroll1`` / ``unroll2``: the scan's unroll, where ``default`` takes the training loop's
    own, ``train.default_unroll``; earlier code swapped in while lowering,
-   :func:`variant_code`: ``autodiff_bn``, ``unfused_relu``, ``per_leaf_norm``, ...; or a
-   candidate not yet the library's: ``partial_sums``, ``flat_params``, ``fewer_kernels``
-   (both), ``lean`` (both, with ``graph_conv``'s options)) -- and prints
-   its images/s, compile time, and how far its first call's losses are from the default
-   variant's (same state, same batches);
+   :func:`variant_code`: ``autodiff_bn``, ``unfused_relu``, ``per_leaf_norm``, ...; or the
+   training loop's GPU defaults taken away: ``separate_sums``, ``tree_params``,
+   ``no_graph_conv``, all three: ``before_lean``) -- and prints its images/s, compile
+   time, and how far its first call's losses are from the default variant's (same state,
+   same batches). Every variant starts from what the training loop compiles
+   (``train.loop_functions``: the XLA options of ``train.loop_compiler_options``, the flat
+   parameter vector of ``train.default_flat_params``) and changes one thing;
 2. (unless ``--no-profile``) traces one call of the default variant with ``jax.profiler`` and prints
    where the device time goes (device busy share of the traced window; top kernels; kernels
    by kind: convolutions, matrix products, XLA's own fusions, copies; XLA ops), per step.
@@ -21,7 +23,7 @@ i.e. the headline row of ``train_throughput.py``):
 3. ``--rounds``: times the compiled variants again, one call each per round, in turn, and
    prints each one's median against the default's (the comparison that the machine's drift
    does not bias);
-4. (unless ``--no-profile``) traces ``--trace-variants`` too (default: ``graph_conv`` where
+4. (unless ``--no-profile``) traces ``--trace-variants`` too (default: ``before_lean`` where
    it runs), last: ``trace_<name>.xplane.pb.gz``, ``gpu_profile_<name>.txt``.
 
 On an H200 with jax 0.11.2 XLA kept its command buffers (CUDA graphs) while tracing: the
@@ -29,10 +31,12 @@ kernels carry graph ids, so the trace shows the real execution, with the gaps wh
 ends (the traced call ran ~9% slower than untraced ones).
 By default XLA records cuDNN's convolution calls outside its graphs (each one splits the
 step's graph: ~70 graphs and ~290 single launches per step at batch 128, ``hlo_static.py
---launches``); ``graph_conv`` records them too (half a graph per step: one per loop trip
-of two steps), ``graph_conv_while`` the whole call as one graph, ``graph_conv_concurrent``
-lets the graph run independent kernels side by side (XLA's default keeps the schedule's
-order: ``xla_gpu_command_buffer_scheduling_mode=LHS``).
+--launches``); the training loop records them too on GPU (``train.GPU_GRAPH_CONVOLUTIONS``:
+half a graph per step, one per loop trip of two steps; ``no_graph_conv`` takes that away),
+``graph_conv_while`` makes the whole call one graph, ``graph_conv_concurrent`` lets the
+graph run independent kernels side by side (XLA's default keeps the schedule's order:
+``xla_gpu_command_buffer_scheduling_mode=LHS``; on an H200 with jax 0.11.2 it failed at the
+first call, ``<unknown cudnn status: 5003>``, benchmarks/NOTES.md).
 
 Usage (GPU): python benchmarks/gpu_profile.py --out gpu_results
 Usage (CPU smoke): python benchmarks/gpu_profile.py --model resnet8 --batch 16 \
@@ -56,9 +60,7 @@ import warnings
 from unittest.mock import patch
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from calib_jax import models, train
 from calib_jax.models import layers
@@ -69,31 +71,31 @@ from train_throughput import (DTYPES, IMAGE_MODELS, MEAN, NUM_TRAIN, STD,  # noq
                               _agreement_text, loss_agreement, model_and_optimizer, optimizer,
                               require_at_least_one, synthetic_train_data)
 
-# XLA's default command-buffer kinds (read from the DebugOptions that jaxlib 0.11.2 dumps),
-# to which the graph variants add WHILE: the whole lax.scan as one CUDA graph.
+# XLA's default command-buffer kinds (read from the DebugOptions that jaxlib 0.11.2 dumps):
+# the training loop's GPU option (train.GPU_GRAPH_CONVOLUTIONS) adds CONVOLUTION to them.
 _DEFAULT_GRAPH_KINDS = "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,DYNAMIC_SLICE_FUSION,CONDITIONAL"
-# graph_conv's options (below), shared by the variants that build on it.
 _GRAPH_CONV = {"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS + ",CONVOLUTION"}
-# Earlier code put back for a before/after, or a candidate (variant_code): no XLA options of
-# their own.
+# Earlier code put back for a before/after (variant_code): no XLA options of their own.
 CODE_VARIANTS = ("autodiff_bn", "unfused_relu", "per_leaf_norm", "convert_residual", "mask_from_y",
-                 "before_bytes", "partial_sums", "flat_params", "fewer_kernels")
-# name -> (XLA compiler options, the scan's unroll: None = the training loop's default for
-# the platform compiled for, train.default_unroll).
+                 "before_bytes", "separate_sums", "tree_params")
+# name -> (XLA compiler options over the training loop's own, the scan's unroll: None = the
+# training loop's default for the platform compiled for, train.default_unroll).
 VARIANTS = {
     "default": ({}, None),
+    # Convolutions launched outside the graphs again (XLA's default kinds).
+    "no_graph_conv": ({"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS}, None),
+    # The loop's code and options before the third GPU session (f1febd2): separate sums,
+    # the parameters' tree, convolutions outside the graphs.
+    "before_lean": ({"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS}, None),
     "graph_while": ({"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS + ",WHILE"}, None),
     "graph_while_unrolled": ({"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS + ",WHILE",
                               "xla_gpu_command_buffer_unroll_loops": True}, None),
-    # cuDNN's convolution calls recorded into the graphs too (XLA does not by default: each
-    # convolution splits the step's graph, 0.93 ms of gaps per step on the H200), and with
-    # WHILE then the whole scan as one graph.
-    "graph_conv": (_GRAPH_CONV, None),
+    # With WHILE the whole scan as one graph.
     "graph_conv_while": ({"xla_gpu_enable_command_buffer":
                           _DEFAULT_GRAPH_KINDS + ",CONVOLUTION,WHILE"}, None),
     # ... and the graph's nodes ordered by their data dependencies only (XLA's default, LHS,
     # keeps the schedule's order), so independent kernels may run at once: a step's weight
-    # and input gradients, its per-leaf optimiser updates, the members of a sequential group.
+    # and input gradients, the members of a sequential group.
     "graph_conv_concurrent": ({**_GRAPH_CONV,
                                "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}, None),
     "graph_min1": ({"xla_gpu_graph_min_graph_size": 1}, None),
@@ -102,15 +104,16 @@ VARIANTS = {
     # XLA keeps every bfloat16 rounding the program writes (its default lets it compute some
     # in float32 instead): what layers._upcast_exactly does for the shortcut alone.
     "no_excess_precision": ({"xla_allow_excess_precision": False}, None),
-    # The candidates together: fewer kernels (per-image sums, a flat parameter vector) in
-    # graph_conv's graphs (each run of kernels between convolutions otherwise launched alone).
-    "lean": (_GRAPH_CONV, None),
     "unroll1": ({}, 1),
     "unroll2": ({}, 2),
     **{name: ({}, None) for name in CODE_VARIANTS},
 }
 # Variants with XLA options and a code variant's code.
-_CODE_OF = {"lean": "fewer_kernels"}
+_CODE_OF = {"before_lean": "separate_sums"}
+# Variants whose loop runs over the parameters' tree (else the loop's default layout).
+_TREE_PARAMS = ("tree_params", "before_lean")
+
+
 # Kernel kinds by name (cuDNN / CUTLASS / cuBLAS kernel names, XLA's fusion names).
 KINDS = (
     ("convolution (cuDNN)", r"conv|fprop|dgrad|wgrad|cudnn|implicit|winograd|xmma_(?!gemm)"),
@@ -151,11 +154,12 @@ def variant_code(name, tx):
       saved output ``y`` (before it recomputed the mask from ``x`` where no shortcut was
       added, and saved it as bits where one was);
     * ``before_bytes``: both of the last two (the code before they cut the bytes);
-    * ``partial_sums``: not earlier code but a candidate: BatchNorm's per-channel sums in two
-      stages written out (:func:`_channel_sums_by_image`) instead of left to XLA;
-    * ``flat_params``: a candidate: the loop over a flat parameter vector
-      (:func:`_flat_params_train_steps`);
-    * ``fewer_kernels``: both candidates (``lean``: with ``graph_conv``'s options)."""
+    * ``separate_sums``: BatchNorm's per-channel sums as one reduction per term on every
+      platform (``layers._separate_sums``; the library sums per image first on CUDA);
+    * ``tree_params``: no code of its own: :func:`lower_variant` lowers it over the
+      parameters' tree (``flat_params=False``);
+    * ``before_lean``: ``separate_sums`` and ``tree_params``, with ``no_graph_conv``'s
+      options (the library before the third GPU session)."""
     name = _CODE_OF.get(name, name)
     if name == "autodiff_bn":
         def autodiff(x, scale, bias, epsilon, axis_name, dtype, *, residual=None, relu=False):
@@ -177,12 +181,9 @@ def variant_code(name, tx):
         with patch.object(train, "clip_by_global_norm", optax.clip_by_global_norm):
             per_leaf_tx = optimizer()
         yield train.train_steps, per_leaf_tx
-    elif name in ("partial_sums", "flat_params", "fewer_kernels"):
-        with contextlib.ExitStack() as stack:
-            if name != "flat_params":
-                stack.enter_context(patch.object(layers, "_channel_sums", _channel_sums_by_image))
-            yield (_fresh_train_steps() if name == "partial_sums"
-                   else _flat_params_train_steps()), tx
+    elif name == "separate_sums":
+        with patch.object(layers, "_channel_sums", layers._separate_sums):
+            yield _fresh_train_steps(), tx
     elif name in ("convert_residual", "mask_from_y", "before_bytes"):
         with contextlib.ExitStack() as stack:
             if name != "mask_from_y":
@@ -194,69 +195,6 @@ def variant_code(name, tx):
             yield _fresh_train_steps(), tx
     else:
         yield train.train_steps, tx
-
-
-def _flat_params(state):
-    """``(flat state, restore)``: ``state`` with its parameters raveled into one vector (and
-    every part of the optimiser state shaped like them: SGD's momentum), and the function
-    that puts a flat state's results back into ``state``'s structure. The flat state's
-    ``apply_fn`` unravels the vector, so a step of it is the step of ``state``: the same
-    arithmetic element by element, with the gradient of the vector (the leaves' gradients
-    concatenated, in ``tree_leaves`` order, as ``train.global_norm`` concatenates them)."""
-    treedef = jax.tree_util.tree_structure(state.params)
-
-    def like_params(node):
-        return jax.tree_util.tree_structure(node) == treedef
-
-    flat, unravel = ravel_pytree(state.params)
-    opt_state = jax.tree_util.tree_map(lambda t: ravel_pytree(t)[0] if like_params(t) else t,
-                                       state.opt_state, is_leaf=like_params)
-    apply_fn = state.apply_fn
-
-    def flat_apply(variables, *args, **kwargs):
-        return apply_fn({**variables, "params": unravel(variables["params"])}, *args, **kwargs)
-
-    def restore(flat_state):
-        opt = jax.tree_util.tree_map(lambda old, new: unravel(new) if like_params(old) else new,
-                                     state.opt_state, flat_state.opt_state, is_leaf=like_params)
-        return flat_state.replace(params=unravel(flat_state.params), opt_state=opt,
-                                  apply_fn=apply_fn)
-
-    return state.replace(params=flat, opt_state=opt_state, apply_fn=flat_apply), restore
-
-
-def _flat_params_train_steps():
-    """``train.train_steps`` over a flat parameter vector (:func:`_flat_params`): the state
-    is raveled before the loop and put back after it, so the optimiser updates one vector
-    per step (one kernel instead of one per leaf) and the gradient arrives as one
-    concatenation. The state in and out is the library's (checkpoints unchanged)."""
-    def train_steps(state, *args, **kwargs):
-        flat_state, restore = _flat_params(state)
-        flat_state, metrics = train.train_steps.__wrapped__(flat_state, *args, **kwargs)
-        return restore(flat_state), metrics
-    return jax.jit(train_steps, static_argnames=("loss_name",) + train._LOOP_STATIC,
-                   donate_argnums=(0,))
-
-
-# The library's sums as imported (the partial_sums variant patches the module's name).
-_library_channel_sums = layers._channel_sums
-
-
-def _channel_sums_by_image(*terms):
-    """``layers._channel_sums`` in two stages written out: each term summed per image
-    (``[N, H*W, C] -> [N, C]``, the terms' sums in one multi-output kernel), then the
-    per-image sums of all terms stacked (tiny) and summed over the batch in one kernel. XLA
-    splits each large sum in two stages itself, with one second-stage kernel per term: on
-    the deviceless H200 compile (ResNet-50, bfloat16) this form has 860.5 -> 755.5 kernels
-    per step at batch 128 with the same bytes (+0.1%), 946.5 -> 850.5 at batch 1024 (-0.9%
-    bytes). The batch axis stays whole, so a batch sharded over devices stays sharded.
-    Layers of fewer than 64 positions per image keep XLA's single reduction (the per-image
-    sums would be a large share of their traffic)."""
-    shape = terms[0].shape
-    if len(shape) < 3 or np.prod(shape[1:-1]) < 64:
-        return _library_channel_sums(*terms)
-    per_image = [jnp.sum(t.reshape(shape[0], -1, shape[-1]), axis=1) for t in terms]
-    return tuple(jnp.sum(jnp.stack(per_image), axis=1))
 
 
 def _closed_form_saving_y(layers):
@@ -272,10 +210,16 @@ def _closed_form_saving_y(layers):
     return closed_form
 
 
-def xla_flags(name: str) -> str:
-    """Variant ``name``'s XLA options as ``XLA_FLAGS`` for a whole process (how
-    ``gpu_check.sh`` runs ``train_throughput.py`` under a variant)."""
-    options = VARIANTS[name][0]
+def variant_options(name: str, platform: str) -> dict:
+    """The XLA options variant ``name`` compiles with for ``platform``: the training loop's
+    (``train.loop_compiler_options``), updated with the variant's own."""
+    return {**train.loop_compiler_options(platform), **VARIANTS[name][0]}
+
+
+def xla_flags(name: str, platform: str = "gpu") -> str:
+    """Variant ``name``'s XLA options (:func:`variant_options`) as ``XLA_FLAGS`` for a whole
+    process."""
+    options = variant_options(name, platform)
     return " ".join(f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
                     for k, v in options.items())
 
@@ -290,13 +234,15 @@ def lower_variant(name, state_fn, data, *, num_steps, loss, batch, dtype, tx, pl
     """``(Lowered, compiler options, optimiser)`` of ``train_steps`` for variant ``name``
     compiled for ``platform`` ("gpu", "cpu": it picks the default unroll); ``state_fn(tx)``
     makes the state (concrete, or abstract for a compile without a GPU)."""
-    options = VARIANTS[name][0]
+    options = variant_options(name, platform)
     unroll = variant_unroll(name, platform)
+    flat_params = name not in _TREE_PARAMS and train.default_flat_params(platform)
     x_dev, y_dev, order = data
     with variant_code(name, tx) as (steps, variant_tx):
         lowered = steps.lower(state_fn(variant_tx), x_dev, y_dev, order, 0, 0, 0,
                               num_steps=num_steps, loss_name=loss, batch_size=batch, mean=MEAN,
-                              std=STD, dtype=DTYPES[dtype], unroll=unroll)
+                              std=STD, dtype=DTYPES[dtype], unroll=unroll,
+                              flat_params=flat_params)
     return lowered, options, variant_tx
 
 
@@ -462,8 +408,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--calls", type=int, default=3, help="timed calls per variant")
     parser.add_argument("--rounds", type=int, default=5,
                         help="then this many rounds of one call per variant, in turn (0: none)")
-    parser.add_argument("--variants", default="default,graph_conv,graph_conv_concurrent,"
-                        "graph_conv_while,unroll1,before_bytes,"
+    parser.add_argument("--variants", default="default,before_lean,separate_sums,tree_params,"
+                        "no_graph_conv,graph_conv_while,unroll1,before_bytes,"
                         "autodiff_bn,unfused_relu,per_leaf_norm,conv_fusion,no_graph",
                         help=f"comma-separated, in order, from {sorted(VARIANTS)} (a name may "
                         "come twice)")
@@ -471,7 +417,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trace-variants", default=None,
                         help="comma-separated variants (of --variants) traced too, after the "
                         "rounds (the default's trace comes first, right after it runs); "
-                        "by default graph_conv where it is among --variants")
+                        "by default before_lean where it is among --variants")
     parser.add_argument("--plane-prefix", default="/device:GPU",
                         help="trace planes to summarise ('/host:CPU' for a CPU smoke run)")
     parser.add_argument("--out", default="gpu_results")
@@ -489,7 +435,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
     trace_names = ([v for v in args.trace_variants.split(",") if v]
                    if args.trace_variants is not None
-                   else [v for v in ("graph_conv",) if v in names])
+                   else [v for v in ("before_lean",) if v in names])
     if "default" in trace_names or not set(trace_names) <= set(names):
         parser.error(f"--trace-variants: {trace_names} must be other variants of --variants "
                      f"({names}); the default is traced anyway (unless --no-profile)")
@@ -567,7 +513,8 @@ def main(argv=None) -> int:
     timed = []  # [row, compiled, state] of each variant that ran, for the rounds
     print("| variant | img/s | compile (s) | losses vs default |", flush=True)
     for name in names:
-        options, unroll = VARIANTS[name][0], variant_unroll(name, device.platform)
+        options = variant_options(name, device.platform)
+        unroll = variant_unroll(name, device.platform)
         try:
             start = time.perf_counter()
             compiled, variant_tx = compile_variant(name)

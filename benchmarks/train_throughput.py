@@ -4,7 +4,11 @@ augmentation.
 Each row times ``calib_jax.train.train_steps`` -- the unit ``train_and_evaluate``
 runs: ``--steps-per-call`` steps in one compiled call, each batch gathered from
 device-resident uint8 data, cropped and flipped per example, normalised, then
-forward + backward + clipped SGD -- for one model x batch size x dtype x loss.
+forward + backward + clipped SGD -- for one model x batch size x dtype x loss, compiled
+as the training loop compiles it on this device (``train.loop_functions``: on GPU with
+cuDNN's convolutions in XLA's CUDA graphs, ``--no-graph-convolutions`` without; the
+parameters as one vector on GPU, ``train.default_flat_params``, ``--param-layout`` to
+choose).
 Compile time (the first call) is reported apart. Optional rows:
 
 * ``--per-step``: the old loop (``pipeline.train_batch`` + ``train.train_step``
@@ -132,6 +136,22 @@ def _steps_per_call(args, batch_size):
     return max(1, min(args.steps_per_call, NUM_TRAIN // batch_size))
 
 
+def _loop(args):
+    """``(train_steps, multi_train_steps, flat_params)`` as the training loop runs them on
+    this device, with ``--param-layout`` and ``--graph-convolutions``."""
+    platform = jax.devices()[0].platform
+    steps, multi_steps = train.loop_functions(platform,
+                                              graph_convolutions=args.graph_convolutions)
+    return steps, multi_steps, train._param_layout_is_flat(args.param_layout, platform)
+
+
+def _loop_fields(args, flat_params):
+    """What a row records of how its call was compiled."""
+    platform = jax.devices()[0].platform
+    return {"flat_params": flat_params, "compiler_options": train.loop_compiler_options(
+        platform, graph_convolutions=args.graph_convolutions)}
+
+
 def _unroll(args, members=1):
     """``--unroll``, or (0) the training loop's own default for this device and member
     count (``train.default_unroll``), so each row times what ``train_and_evaluate`` runs."""
@@ -164,16 +184,18 @@ def bench_model(args, name, batch_size, dtype, loss, data):
     x_dev, y_dev, order = data
     _, _, state = _state(name, dtype)
     n, unroll = _steps_per_call(args, batch_size), _unroll(args)
+    steps, _, flat_params = _loop(args)
 
     def call(s):
-        return train.train_steps(s, x_dev, y_dev, order, 0, 0, 0, num_steps=n, loss_name=loss,
-                                 batch_size=batch_size, mean=MEAN, std=STD, dtype=DTYPES[dtype],
-                                 unroll=unroll)
+        return steps(s, x_dev, y_dev, order, 0, 0, 0, num_steps=n, loss_name=loss,
+                     batch_size=batch_size, mean=MEAN, std=STD, dtype=DTYPES[dtype],
+                     unroll=unroll, flat_params=flat_params)
 
     compile_s, per_call, first = _timed_calls(call, state, args.calls)
     rate = n * batch_size / per_call
     return {"model": name, "batch": batch_size, "dtype": dtype, "loss": loss,
-            "steps_per_call": n, "unroll": unroll, "img_per_s": rate, "compile_s": compile_s,
+            "steps_per_call": n, "unroll": unroll, **_loop_fields(args, flat_params),
+            "img_per_s": rate, "compile_s": compile_s,
             "first_call_losses": [float(v) for v in first["loss"]],
             "full_run_min": EPOCHS * (NUM_TRAIN // batch_size) * batch_size / rate / 60}
 
@@ -214,13 +236,13 @@ def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
     orders = jnp.stack([order] * len(losses))
     seeds = jnp.zeros(len(losses), jnp.int32)
     n, unroll = _steps_per_call(args, batch_size), _unroll(args, len(losses))
+    _, multi_steps, flat_params = _loop(args)
 
     def call(s):
-        return train.multi_train_steps(s, x_dev, y_dev, orders, 0, 0, seeds, num_steps=n,
-                                       losses_=tuple(losses), shared_batch=True,
-                                       batch_size=batch_size, mean=MEAN, std=STD,
-                                       dtype=DTYPES[dtype], members=mode,
-                                       unroll=unroll)
+        return multi_steps(s, x_dev, y_dev, orders, 0, 0, seeds, num_steps=n,
+                           losses_=tuple(losses), shared_batch=True, batch_size=batch_size,
+                           mean=MEAN, std=STD, dtype=DTYPES[dtype], members=mode,
+                           unroll=unroll, flat_params=flat_params)
 
     compile_s, per_call, first = _timed_calls(call, stacked, args.calls)
     rate = n * batch_size / per_call  # images per second seen by each member
@@ -244,6 +266,7 @@ def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
         member_losses = [float(v) for v in member_losses]
     return {"model": name, "batch": batch_size, "dtype": dtype, "loss": "+".join(losses),
             "runs": len(losses), "members": mode, "unroll": unroll,
+            **_loop_fields(args, flat_params),
             "img_per_s": rate,
             "losses_vs_single_run": agreement, "member_losses": member_losses,
             "compile_s": compile_s,
@@ -333,6 +356,8 @@ def _print_row(r):
                      f"{_agreement_text(r['losses_vs_train_steps'])})")
         else:
             unrolled = f", unroll {r['unroll']}" if r.get("unroll", 1) > 1 else ""
+            unrolled += ", flat params" if r.get("flat_params") else ""
+            unrolled += ", graph convs" if r.get("compiler_options") else ""
             extra = (f" ({r['steps_per_call']}/call{unrolled}; "
                      f"350 epochs: {r['full_run_min']:.1f} min)")
         print(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['loss']}{extra} | "
@@ -353,6 +378,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--unroll", type=int, default=0,
                         help="lax.scan unroll of each call's steps (0 = train.default_unroll: "
                              "the training loop's default for this device)")
+    parser.add_argument("--param-layout", default="auto", choices=train.PARAM_LAYOUTS,
+                        help="the parameters in the loop: auto (the training loop's default, "
+                             "train.default_flat_params), flat or tree")
+    parser.add_argument("--graph-convolutions", action=argparse.BooleanOptionalAction,
+                        default=True, help="on GPU, cuDNN's convolutions in XLA's CUDA graphs "
+                        "(the training loop's default, train.loop_compiler_options)")
     parser.add_argument("--per-step", action="store_true",
                         help="also time the per-step Python loop at the first configuration")
     parser.add_argument("--multi", default="", help="losses of a vmapped multi-run at the first "

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from calib_jax import losses
 from calib_jax.data import pipeline
@@ -57,16 +58,19 @@ from calib_jax.files import (DirectoryInUseError, atomic_write_text, hold_direct
 from calib_jax.models.text import NodeLogits
 from calib_jax.validation import is_concrete
 
-__all__ = ["ConfigError", "EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "LOSS_NAMES",
-           "LossSpec", "RESUMABLE_FIELDS", "TrainState", "TrainingDivergedError",
+__all__ = ["ConfigError", "EVAL_CHECKPOINTS", "EXECUTION_FIELDS", "GPU_GRAPH_CONVOLUTIONS",
+           "LOSS_NAMES", "LossSpec", "PARAM_LAYOUTS", "RESUMABLE_FIELDS", "TrainState",
+           "TrainingDivergedError",
            "abstract_state_for_config", "batch_loss", "batch_sharding",
            "check_resumable", "clip_by_global_norm", "concise_warnings", "config_differences",
-           "create_train_state", "default_device", "default_member_mode",
+           "create_train_state", "default_device", "default_flat_params", "default_member_mode",
            "default_steps_per_call", "default_unroll", "exit_on_sigterm",
-           "field_differences", "global_norm", "host_init_device", "make_optimizer", "member_dir",
+           "field_differences", "global_norm", "host_init_device", "loop_compiler_options",
+           "loop_functions", "make_optimizer", "member_dir",
            "multi_train_steps", "piecewise_lr", "predict", "predict_members",
            "replicate", "replicated", "stack_states", "table_checkpoint",
-           "train_and_evaluate", "train_step", "train_steps", "unstack_state"]
+           "train_and_evaluate", "train_step", "train_steps", "unstack_state",
+           "with_flat_params"]
 
 LOSS_NAMES = ("ce", "focal", "flsd53", "flsd52", "flsc531", "brier", "mmce_weighted",
               "label_smoothing")
@@ -448,13 +452,87 @@ def _scan_steps(body, state, first_step, num_steps, unroll):
 
 
 _LOOP_STATIC = ("num_steps", "batch_size", "augment", "mean", "std", "dtype", "sharding",
-                "unroll")
+                "unroll", "flat_params")
+
+
+def _like_params(node, params) -> bool:
+    """Whether ``node`` (a part of an optimiser state) is shaped like ``params``: the same
+    tree, leaf shapes and dtypes (SGD's momentum, Adam's moments, Adagrad's sums)."""
+    if jax.tree_util.tree_structure(node) != jax.tree_util.tree_structure(params):
+        return False
+    return all(jnp.shape(a) == jnp.shape(b) and jnp.result_type(a) == jnp.result_type(b)
+               for a, b in zip(jax.tree_util.tree_leaves(node), jax.tree_util.tree_leaves(params)))
+
+
+def with_flat_params(state: TrainState, *, stacked: bool = False):
+    """``(flat state, restore)``: ``state`` with its parameters raveled into one vector, and
+    every part of its optimiser state shaped like them too (:func:`_like_params`); and the
+    function that puts a flat state back into ``state``'s structure.
+
+    The flat state's ``apply_fn`` unravels the vector (slices of it, each fused into its
+    first consumer), so a step of it is the step of ``state``: the gradient of the vector is
+    the leaves' gradients concatenated in ``tree_leaves`` order, and the optimiser updates
+    one vector with one kernel instead of one kernel (or more) per leaf. That is exact only
+    for an optimiser that treats every parameter element alike and never looks at the
+    leaves' shapes: :func:`make_optimizer`'s (clipping by the global norm, weight decay, SGD
+    momentum, Adam, Adagrad) are; optax's ``masked``, ``multi_transform``, LARS / LAMB or
+    factored Adafactor are not (a mask would see one vector and, e.g., decay every weight).
+    ``stacked=True``: a :func:`stack_states` state, raveled member by member (``[K, P]``).
+
+    Raises ValueError when the parameters are not all of one dtype (the vector would
+    convert some of them).
+    """
+    params = state.params
+    leaves = jax.tree_util.tree_leaves(params)
+    dtypes = sorted({str(jnp.result_type(x)) for x in leaves})
+    if len(dtypes) != 1:
+        raise ValueError(f"`flat_params=True` needs parameters of one dtype, got {dtypes}; "
+                         "pass flat_params=False (config.param_layout='tree').")
+    one = jax.tree_util.tree_map(lambda x: x[0], params) if stacked else params
+    unravel_one = ravel_pytree(one)[1]
+
+    def ravel_one(tree):
+        return ravel_pytree(tree)[0]
+
+    ravel, unravel = ((jax.vmap(ravel_one), jax.vmap(unravel_one)) if stacked
+                      else (ravel_one, unravel_one))
+
+    def like(node):
+        return _like_params(node, params)
+
+    apply_fn = state.apply_fn
+
+    def flat_apply(variables, *args, **kwargs):  # called per member (vmapped or unstacked)
+        return apply_fn({**variables, "params": unravel_one(variables["params"])}, *args,
+                        **kwargs)
+
+    def restore(flat_state):
+        opt_state = jax.tree_util.tree_map(lambda old, new: unravel(new) if like(old) else new,
+                                           state.opt_state, flat_state.opt_state, is_leaf=like)
+        return flat_state.replace(params=unravel(flat_state.params), opt_state=opt_state,
+                                  apply_fn=apply_fn)
+
+    flat_opt_state = jax.tree_util.tree_map(lambda t: ravel(t) if like(t) else t,
+                                            state.opt_state, is_leaf=like)
+    return state.replace(params=ravel(params), opt_state=flat_opt_state,
+                         apply_fn=flat_apply), restore
+
+
+def _scan_steps_flat(body, state, first_step, num_steps, unroll, flat_params, stacked=False):
+    """:func:`_scan_steps`, over :func:`with_flat_params`' state when ``flat_params``; the
+    state returned is in the caller's structure either way (checkpoints unchanged)."""
+    if not flat_params:
+        return _scan_steps(body, state, first_step, num_steps, unroll)
+    flat_state, restore = with_flat_params(state, stacked=stacked)
+    flat_state, metrics = _scan_steps(body, flat_state, first_step, num_steps, unroll)
+    return restore(flat_state), metrics
 
 
 @functools.partial(jax.jit, static_argnames=("loss_name",) + _LOOP_STATIC, donate_argnums=(0,))
 def train_steps(state: TrainState, images, labels, order, first_step, epoch, seed, *,
                 num_steps: int, loss_name, batch_size: int, augment: bool = True, mean, std,
-                dtype=jnp.float32, sharding=None, unroll: int | bool = 1):
+                dtype=jnp.float32, sharding=None, unroll: int | bool = 1,
+                flat_params: bool = False):
     """``num_steps`` optimiser steps in one compiled call, batches built on the device.
 
     Step ``first_step + i`` trains on ``pipeline.train_batch(images, labels, order,
@@ -478,6 +556,10 @@ def train_steps(state: TrainState, images, labels, order, first_step, epoch, see
         through a slow path (about 15x slower, jax-ml/jax#12868), so on CPU use
         ``num_steps=1`` (no loop at all) or a full unroll; on GPU / TPU a rolled
         loop of many steps.
+      flat_params: run the steps over one parameter vector (:func:`with_flat_params`:
+        exact for :func:`make_optimizer`'s optimisers, not for masked or shape-aware
+        ones); the state comes back in its own structure. On an H200 it saves ~170
+        kernels per ResNet-50 step (:func:`default_flat_params`); on CPU it is slower.
 
     Returns:
       ``(state, {"loss": [num_steps] batch losses, "correct": [num_steps] counts})``.
@@ -489,7 +571,7 @@ def train_steps(state: TrainState, images, labels, order, first_step, epoch, see
                                    dtype)
         return state, {"loss": m["loss"].astype(jnp.float32), "correct": m["correct"]}
 
-    return _scan_steps(body, state, first_step, num_steps, unroll)
+    return _scan_steps_flat(body, state, first_step, num_steps, unroll, flat_params)
 
 
 MEMBER_MODES = ("vmap", "sequential")
@@ -510,7 +592,8 @@ def default_member_mode(platform: str) -> str:
 def multi_train_steps(stacked: TrainState, images, labels, orders, first_step, epoch, seeds, *,
                       num_steps: int, losses_, shared_batch: bool, batch_size: int,
                       augment: bool = True, mean, std, dtype=jnp.float32, sharding=None,
-                      unroll: int | bool = 1, members: str = "vmap"):
+                      unroll: int | bool = 1, members: str = "vmap",
+                      flat_params: bool = False):
     """:func:`train_steps` for K runs at once: one program over stacked states.
 
     Member ``k`` trains with ``losses_[k]`` on the batches of seed ``seeds[k]``
@@ -527,6 +610,7 @@ def multi_train_steps(stacked: TrainState, images, labels, orders, first_step, e
         becomes one grouped convolution over K weight sets); ``"sequential"`` runs
         the K steps one after another inside the program (plain convolutions). On
         CPU and on an H200 sequential is the faster (:func:`default_member_mode`).
+      flat_params: each member's steps over one parameter vector, as :func:`train_steps`.
 
     Returns:
       ``(stacked, {"loss": [num_steps, K], "correct": [num_steps, K]})``.
@@ -580,7 +664,8 @@ def multi_train_steps(stacked: TrainState, images, labels, orders, first_step, e
         return stacked, {"loss": m["loss"].astype(jnp.float32), "correct": m["correct"]}
 
     body = sequential_body if members == "sequential" else vmapped_body
-    return _scan_steps(body, stacked, first_step, num_steps, unroll)
+    return _scan_steps_flat(body, stacked, first_step, num_steps, unroll, flat_params,
+                            stacked=True)
 
 
 def _eval_logits(apply_fn, params, batch_stats, x):
@@ -758,7 +843,8 @@ def table_checkpoint(config) -> str:
 #: (results agree to float rounding whatever their values).
 EXECUTION_FIELDS = frozenset({
     "eval_batch_size", "data_dir", "multi_mode", "checkpoint_every_epochs", "keep_checkpoints",
-    "log_every_steps", "steps_per_call", "scan_unroll"})
+    "log_every_steps", "steps_per_call", "scan_unroll", "param_layout",
+    "gpu_graph_convolutions"})
 #: Config fields a resumed run may change: the execution fields, ``num_epochs``, which
 #: lengthens or shortens the run (the learning-rate and gamma schedules are in epochs, not
 #: fractions of the run; not below the epochs already checkpointed, see check_resumable),
@@ -945,6 +1031,11 @@ def validate_config(config, num_devices: int) -> None:
     scan_unroll = config.get("scan_unroll", 0)
     if isinstance(scan_unroll, bool) or not isinstance(scan_unroll, int) or scan_unroll < 0:
         bad("scan_unroll", "must be an integer >= 0 (0 = automatic, see default_unroll)")
+    if config.get("param_layout", "auto") not in PARAM_LAYOUTS:
+        bad("param_layout", f"must be one of {PARAM_LAYOUTS} (auto = flat on GPU, see "
+                            "default_flat_params)")
+    if not isinstance(config.get("gpu_graph_convolutions", True), bool):
+        bad("gpu_graph_convolutions", "must be True or False")
     if not _increasing_epochs(tuple(config.lr_boundaries), first=1):
         bad("lr_boundaries", "must be increasing epochs >= 1 (each decays the learning rate "
                              "once: two equal epochs would decay it once)")
@@ -1142,6 +1233,95 @@ def default_unroll(platform: str, members: int = 1) -> int:
     six-member body would compile for minutes, its speed unmeasured); TPU is unmeasured.
     """
     return 2 if platform == "gpu" and members == 1 else 1
+
+
+#: ``config.param_layout``: ``auto`` (:func:`default_flat_params`), ``flat`` (the steps run
+#: over one parameter vector, :func:`with_flat_params`) or ``tree`` (over the parameters'
+#: own tree). Checkpoints hold the tree either way.
+PARAM_LAYOUTS = ("auto", "flat", "tree")
+
+
+def default_flat_params(platform: str) -> bool:
+    """``config.param_layout="auto"``: the flat parameter vector on GPU, the tree elsewhere.
+
+    Measured (benchmarks/NOTES.md, "GPU: NVIDIA H200, third session"): on an H200, flat
+    parameters with the two-stage BatchNorm sums (``models.layers._channel_sums``) and the
+    convolutions in XLA's CUDA graphs (:func:`loop_compiler_options`) ran ResNet-50 at batch
+    128 bfloat16 at 17,047 img/s against 16,260 (medians of 5 interleaved rounds, +4.8%;
+    the ranges did not overlap; 751 instead of 928 kernels per step). On CPU the vector
+    costs a copy of the parameters per call and slowed ResNet-8 training by ~30% (one step
+    per call); TPU is unmeasured."""
+    return platform == "gpu"
+
+
+def _param_layout_is_flat(layout: str, platform: str, params=None) -> bool:
+    """Whether the loop runs over the flat vector for ``config.param_layout``; ``auto`` keeps
+    the tree for ``params`` of several dtypes (which :func:`with_flat_params` refuses)."""
+    if layout not in PARAM_LAYOUTS:
+        raise ValueError(f"`param_layout` must be one of {PARAM_LAYOUTS}, got {layout!r}.")
+    if layout != "auto":
+        return layout == "flat"
+    one_dtype = params is None or len(
+        {jnp.result_type(x) for x in jax.tree_util.tree_leaves(params)}) <= 1
+    return default_flat_params(platform) and one_dtype
+
+
+#: XLA:GPU's default command-buffer (CUDA graph) kinds in jaxlib 0.11.2, plus
+#: ``CONVOLUTION``: cuDNN's convolution calls recorded into the graphs too. By default XLA
+#: launches each convolution on its own, which splits a ResNet-50 step into ~100 graphs with
+#: gaps between them (3.9 ms of a traced 11.2 ms step on an H200; 0.5 ms with this option
+#: and :func:`default_flat_params`' changes: benchmarks/NOTES.md).
+GPU_GRAPH_CONVOLUTIONS = {"xla_gpu_enable_command_buffer":
+                          "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,DYNAMIC_SLICE_FUSION,"
+                          "CONDITIONAL,CONVOLUTION"}
+
+
+def loop_compiler_options(platform: str, *, graph_convolutions: bool = True) -> dict:
+    """The XLA options the training loop compiles with on ``platform``
+    (``config.gpu_graph_convolutions``): :data:`GPU_GRAPH_CONVOLUTIONS` on GPU, none
+    elsewhere, and none when ``XLA_FLAGS`` already sets ``xla_gpu_enable_command_buffer``
+    (a compile option would override the user's own choice of graphs)."""
+    if platform != "gpu" or not graph_convolutions:
+        return {}
+    if "xla_gpu_enable_command_buffer" in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    return dict(GPU_GRAPH_CONVOLUTIONS)
+
+
+_STATIC_ARGNAMES = {"train_steps": ("loss_name",) + _LOOP_STATIC,
+                    "multi_train_steps": ("losses_", "shared_batch", "members") + _LOOP_STATIC}
+
+
+@functools.cache
+def _jit_with_options(name: str, options: tuple) -> Callable:
+    base = {"train_steps": train_steps, "multi_train_steps": multi_train_steps}[name]
+    return jax.jit(base.__wrapped__, static_argnames=_STATIC_ARGNAMES[name], donate_argnums=(0,),
+                   compiler_options=dict(options))
+
+
+def loop_functions(platform: str, *, graph_convolutions: bool = True):
+    """``(train_steps, multi_train_steps)`` as :func:`train_and_evaluate` runs them on
+    ``platform``: the module's own functions where :func:`loop_compiler_options` gives no
+    options (CPU, TPU), else the same functions jitted with the options (one jit per set of
+    options, cached)."""
+    options = tuple(sorted(loop_compiler_options(
+        platform, graph_convolutions=graph_convolutions).items()))
+    if not options:
+        return train_steps, multi_train_steps
+    return (_jit_with_options("train_steps", options),
+            _jit_with_options("multi_train_steps", options))
+
+
+def _graph_failure_hint(error: Exception, options: dict) -> str | None:
+    """What to do when a training call fails while XLA records cuDNN's convolutions into its
+    CUDA graphs: the option is new and measured on one card (an H200); on an H200 its
+    concurrent variant failed with ``<unknown cudnn status: 5003>`` (benchmarks/NOTES.md)."""
+    text = str(error).lower()
+    if not options or not ("cudnn" in text or "command buffer" in text or "cuda graph" in text):
+        return None
+    return ("the training call failed while XLA recorded cuDNN's convolutions into CUDA "
+            "graphs (config.gpu_graph_convolutions=True); run again with "
+            "--config.gpu_graph_convolutions=False (the run resumes from its last checkpoint)")
 
 
 def _lock_run_directories(workdir: Path, member_dirs) -> contextlib.ExitStack:
@@ -1445,7 +1625,11 @@ def train_and_evaluate(config, workdir):
     (:func:`train_steps`: batches built on the device, no per-step host work;
     0 = :func:`default_steps_per_call`: a divisor of the epoch's steps near
     ``log_every_steps`` on GPU / TPU, 1 on CPU). Checkpoints are written in the
-    background while training goes on.
+    background while training goes on. On GPU the calls run over one flat parameter
+    vector (``config.param_layout``, :func:`default_flat_params`) and compile with
+    cuDNN's convolutions in XLA's CUDA graphs (``config.gpu_graph_convolutions``,
+    :func:`loop_compiler_options`); a call that fails under the graphs raises a
+    RuntimeError that names the switch.
 
     **Several runs in one program**: when ``config.loss`` lists losses
     (``"[ce,brier,mmce_weighted,label_smoothing,focal,flsd53]"``, ``focal<g>`` for
@@ -1509,7 +1693,13 @@ def train_and_evaluate(config, workdir):
                             augment=config.augment and mean is not None,
                             mean=mean, std=std, dtype=dtype, sharding=batch_sharding(mesh),
                             unroll=config.get("scan_unroll", 0) or default_unroll(platform,
-                                                                                  len(members)))
+                                                                                  len(members)),
+                            flat_params=_param_layout_is_flat(
+                                config.get("param_layout", "auto"), platform, state.params))
+        graph_convolutions = config.get("gpu_graph_convolutions", True)
+        steps_fn, multi_steps_fn = loop_functions(platform,
+                                                  graph_convolutions=graph_convolutions)
+        compiler_options = loop_compiler_options(platform, graph_convolutions=graph_convolutions)
         eval_options = dict(mean=mean, std=std, dtype=dtype, batch_size=config.eval_batch_size)
         per_call = config.get("steps_per_call", 0) or default_steps_per_call(
             steps, config.log_every_steps, platform)
@@ -1518,13 +1708,18 @@ def train_and_evaluate(config, workdir):
             member_mode = default_member_mode(platform)
 
         def run_chunk(state, orders, first, count, epoch):
-            if len(members) == 1:
-                return train_steps(state, x_dev, y_dev, orders[0], first, epoch, seeds[0],
-                                   num_steps=count, loss_name=specs[0], **loop_options)
-            return multi_train_steps(state, x_dev, y_dev, orders, first, epoch,
-                                     jnp.asarray(seeds, jnp.int32), num_steps=count, losses_=specs,
-                                     shared_batch=len(set(seeds)) == 1, members=member_mode,
-                                     **loop_options)
+            try:
+                if len(members) == 1:
+                    return steps_fn(state, x_dev, y_dev, orders[0], first, epoch, seeds[0],
+                                    num_steps=count, loss_name=specs[0], **loop_options)
+                return multi_steps_fn(state, x_dev, y_dev, orders, first, epoch,
+                                      jnp.asarray(seeds, jnp.int32), num_steps=count,
+                                      losses_=specs, shared_batch=len(set(seeds)) == 1,
+                                      members=member_mode, **loop_options)
+            except Exception as error:
+                if hint := _graph_failure_hint(error, compiler_options):
+                    raise RuntimeError(hint) from error
+                raise
 
         # Checkpoints are written in the background (RunCheckpoints): closing waits for them,
         # also when training stops with an exception or a SIGTERM (a scheduler preempting the

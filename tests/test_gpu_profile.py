@@ -8,7 +8,6 @@ import re
 import shlex
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,18 +19,6 @@ import init_bench  # noqa: E402  (gpu_profile's siblings, on the path above)
 import train_throughput  # noqa: E402
 
 from calib_jax.models import layers  # noqa: E402
-
-
-@pytest.mark.parametrize("shape", [(4, 9, 9, 8), (4, 3, 3, 8), (50, 8)])
-def test_channel_sums_by_image_equal_the_library_sums(shape):
-    x = jax.random.normal(jax.random.PRNGKey(0), shape)
-    terms = (x, jnp.square(x), x * 0.5 - 1)
-    got = jax.jit(gpu_profile._channel_sums_by_image)(*terms)
-    want = layers._channel_sums(*terms)
-    assert len(got) == 3
-    for g, w in zip(got, want):
-        assert g.shape == (shape[-1],)
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_closed_form_saving_y_has_the_library_gradient():
@@ -54,50 +41,48 @@ def test_closed_form_saving_y_has_the_library_gradient():
 
 
 def test_xla_flags_spell_a_variants_options():
-    assert gpu_profile.xla_flags("default") == ""
-    assert gpu_profile.xla_flags("no_excess_precision") == "--xla_allow_excess_precision=false"
+    assert gpu_profile.xla_flags("default", "cpu") == ""
+    assert gpu_profile.xla_flags("no_excess_precision", "cpu") == \
+        "--xla_allow_excess_precision=false"
+    assert gpu_profile.xla_flags("default") == (
+        "--xla_gpu_enable_command_buffer=" + train_throughput.train.GPU_GRAPH_CONVOLUTIONS[
+            "xla_gpu_enable_command_buffer"])
     flags = gpu_profile.xla_flags("graph_conv_concurrent")
     assert "--xla_gpu_enable_command_buffer=" in flags and ",CONVOLUTION" in flags
     assert "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT" in flags
 
 
-class _ConvBatchNorm(nn.Module):
-    """Convolution, BatchNorm, dense: parameters of three shapes, batch statistics."""
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.Conv(8, (3, 3), strides=(2, 2), use_bias=False)(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
-        return nn.Dense(4)(jnp.mean(x, axis=(1, 2)))
-
-
-def test_flat_params_loop_equals_the_library_loop():
-    # The flat_params candidate: the same steps over one parameter vector, the state in and
-    # out in the library's structure (its checkpoints unchanged).
+def test_variants_start_from_the_training_loops_gpu_defaults():
+    """Each variant is the loop's GPU compile (its options, its flat parameters) with one
+    thing changed; before_lean takes all three GPU defaults away."""
     from calib_jax import train
-    from calib_jax.data import pipeline
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (32, 32, 32, 3)).astype(np.uint8)
-    x, y = pipeline.put_on_device(images, rng.integers(0, 4, 32))
-    order = pipeline.epoch_order(0, 0, 32)
-    model, tx = _ConvBatchNorm(), train.make_optimizer(0.05)
+    assert gpu_profile.variant_options("default", "gpu") == train.GPU_GRAPH_CONVOLUTIONS
+    assert gpu_profile.variant_options("default", "cpu") == {}
+    for name in ("no_graph_conv", "before_lean"):
+        kinds = gpu_profile.variant_options(name, "gpu")["xla_gpu_enable_command_buffer"]
+        assert "CUDNN" in kinds and "CONVOLUTION" not in kinds
+    concurrent = gpu_profile.variant_options("graph_conv_concurrent", "gpu")
+    assert ",CONVOLUTION" in concurrent["xla_gpu_enable_command_buffer"]
+    assert concurrent["xla_gpu_command_buffer_scheduling_mode"] == "CONCURRENT"
+    assert gpu_profile._TREE_PARAMS == ("tree_params", "before_lean")
+    assert gpu_profile._CODE_OF["before_lean"] == "separate_sums"
 
-    def fresh():
-        return train.create_train_state(jax.random.PRNGKey(0), model, tx, (1, 32, 32, 3))
-    flat_state, restore = gpu_profile._flat_params(fresh())
-    assert [v.shape for v in jax.tree_util.tree_leaves(flat_state.params)] == [
-        (sum(v.size for v in jax.tree_util.tree_leaves(fresh().params)),)]
-    kwargs = dict(num_steps=2, loss_name="flsd53", batch_size=8, mean=(0.5,) * 3,
-                  std=(0.25,) * 3, unroll=True)
-    want, want_metrics = train.train_steps(fresh(), x, y, order, 0, 0, 0, **kwargs)
-    with gpu_profile.variant_code("flat_params", tx) as (steps, variant_tx):
-        assert variant_tx is tx
-        got, got_metrics = steps(fresh(), x, y, order, 0, 0, 0, **kwargs)
-    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
-    np.testing.assert_allclose(got_metrics["loss"], want_metrics["loss"], rtol=1e-6)
-    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)  # measured: within 4e-9
-    assert int(got.step) == 2
+
+def test_separate_sums_variant_lowers_no_per_image_stage_for_cuda():
+    """The before of the per-image sums, checked where it matters (a CUDA lowering, here
+    without a GPU): the library's stage is there, the variant's is not."""
+    from calib_jax import train
+    from calib_jax.models import layers
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 9, 9, 4))
+
+    def cuda_text():
+        return jax.jit(lambda t: layers._channel_sums(t, t * t)).trace(x).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "tensor<8x4xf32>" in cuda_text()
+    with gpu_profile.variant_code("separate_sums", None) as (steps, _):
+        assert "tensor<8x4xf32>" not in cuda_text()
+        assert steps is not train.train_steps  # a fresh jit: its own trace
+    assert "tensor<8x4xf32>" in cuda_text()
 
 
 def _gpu_check_script() -> str:
@@ -112,7 +97,8 @@ def test_gpu_check_script_names_only_known_variants_models_and_losses():
     script = _gpu_check_script()
     variants = [v for m in re.findall(r"--(?:trace-)?variants (\S+)", script)
                 for v in m.split(",")] + re.findall(r'xla_flags\("(\w+)"\)', script)
-    assert {"default", "lean", "graph_conv_concurrent", "autodiff_bn"} <= set(variants)
+    assert {"default", "before_lean", "separate_sums", "tree_params", "no_graph_conv"} <= \
+        set(variants)
     assert set(variants) <= set(gpu_profile.VARIANTS), set(variants) - set(gpu_profile.VARIANTS)
     names = [n for m in re.findall(r"--models (\S+)", script) for n in m.split(",")]
     assert {"resnet50", "resnet110", "wide_resnet_26_10", "densenet121"} == set(names)
@@ -134,7 +120,7 @@ def test_gpu_check_command_lines_parse():
     only show on the lent machine."""
     lines = _gpu_check_command_lines()
     assert sorted(collections.Counter(name for name, _ in lines).items()) == \
-        [("gpu_profile", 2), ("init_bench", 1), ("train_throughput", 3)]
+        [("gpu_profile", 2), ("init_bench", 1), ("train_throughput", 2)]
     parsers = {"gpu_profile": gpu_profile.parse_args, "train_throughput": train_throughput.parse_args,
                "init_bench": init_bench.parse_args}
     for name, argv in lines:
@@ -168,7 +154,7 @@ def test_profile_part_runs_and_a_failed_variant_sets_the_exit_status(tmp_path, m
     status = gpu_profile.main([
         "--model", "resnet8", "--batch", "8", "--steps-per-call", "1", "--calls", "1",
         "--rounds", "1", "--plane-prefix", "/host:CPU", "--out", str(out),
-        "--variants", "default,before_bytes,fewer_kernels", "--trace-variants", "fewer_kernels"])
+        "--variants", "default,before_bytes,before_lean", "--trace-variants", "before_lean"])
     printed = capsys.readouterr().out
     assert status == 1, printed[-2000:]
     assert "failed: variant before_bytes" in printed
@@ -179,17 +165,18 @@ def test_profile_part_runs_and_a_failed_variant_sets_the_exit_status(tmp_path, m
     for row in (default, candidate):
         assert "error" not in row and row["img_per_s"] > 0
         assert len(row["interleaved_img_per_s"]) == 1
-    assert candidate["variant"] == "fewer_kernels"
-    assert "profile" in report and "fewer_kernels" in report["profiles"]
+    assert candidate["variant"] == "before_lean"
+    assert "profile" in report and "before_lean" in report["profiles"]
     assert (out / "trace.xplane.pb.gz").exists()
-    assert (out / "trace_fewer_kernels.xplane.pb.gz").exists()
+    assert (out / "trace_before_lean.xplane.pb.gz").exists()
     assert not [w for w in recwarn if "has no __module__" in str(w.message)]
 
 
 @pytest.mark.parametrize("argv,why", [
     (["--rounds", "-1"], "--rounds must be >= 0"),
     (["--variants", "default,lena"], "--variants: unknown ['lena']"),
-    (["--variants", "default,lean", "--trace-variants", "graph_conv"], "--trace-variants"),
+    (["--variants", "default,before_lean", "--trace-variants", "tree_params"],
+     "--trace-variants"),
     (["--model", "resnet5"], "--model: unknown resnet5"),
     (["--loss", "flsd35"], "--loss: unknown flsd35"),
     (["--batch", "0"], "--batch must be >= 1"),

@@ -289,9 +289,139 @@ def test_steps_in_one_call_equal_the_per_step_loop():
     np.testing.assert_allclose(float(m1["loss"][0]), losses_[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_flat_parameter_steps_equal_the_tree_steps(optimizer):
+    """flat_params=True (the GPU default): the same steps over one parameter vector. The
+    state comes back in its own structure (checkpoints unchanged); losses and parameters
+    equal the tree's (measured on CPU: bitwise with SGD, the update being elementwise and
+    the gradient the leaves' gradients concatenated; with Adam two of 216 elements of a
+    kernel 3.6e-6 apart, its division fused differently)."""
+    n, bs = 32, 16
+    images, labels = toy_task(n, seed=2)
+    x, y = pipeline.put_on_device(images, labels)
+    order = pipeline.epoch_order(0, 0, n)
+
+    def fresh():
+        return train.create_train_state(jax.random.PRNGKey(0), TinyCNN(),
+                                        train.make_optimizer(0.05, name=optimizer),
+                                        (1, 32, 32, 3))
+    kwargs = dict(num_steps=3, loss_name="flsd53", batch_size=bs, mean=MEAN, std=STD,
+                  unroll=True)
+    tree, tree_m = train.train_steps(fresh(), x, y, order, 0, 0, 0, **kwargs)
+    vector, vector_m = train.train_steps(fresh(), x, y, order, 0, 0, 0, flat_params=True,
+                                         **kwargs)
+    for part in ("params", "batch_stats", "opt_state"):
+        got, want = getattr(vector, part), getattr(tree, part)
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+        assert [v.shape for v in jax.tree_util.tree_leaves(got)] == [
+            v.shape for v in jax.tree_util.tree_leaves(want)]
+    np.testing.assert_allclose(vector_m["loss"], tree_m["loss"], rtol=1e-6)
+    for got, want in zip(jax.tree_util.tree_leaves(vector), jax.tree_util.tree_leaves(tree)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert relative_error(vector.params, tree.params) < 1e-6
+    # The optimiser state (compared above) was flat inside and moved: not the initial zeros.
+    assert np.abs(flat(vector.opt_state)).max() > 1e-4
+    assert int(vector.step) == 3
+
+
+def test_flat_parameter_members_equal_the_tree_members():
+    """multi_train_steps(flat_params=True): each member raveled on its own ([K, P]), vmapped
+    or one after another, equal to the tree's members."""
+    n, bs = 32, 16
+    images, labels = toy_task(n, seed=3)
+    x, y = pipeline.put_on_device(images, labels)
+    names, seeds = ("ce", "flsd53"), (0, 1)
+    orders = jnp.stack([pipeline.epoch_order(seed, 0, n) for seed in seeds])
+    for members in ("sequential", "vmap"):
+        results = []
+        for flat_params in (False, True):
+            stacked = train.stack_states([fresh_state(seed) for seed in seeds])
+            stacked, m = train.multi_train_steps(
+                stacked, x, y, orders, 0, 0, jnp.asarray(seeds), num_steps=2, losses_=names,
+                shared_batch=False, batch_size=bs, mean=MEAN, std=STD, members=members,
+                unroll=True, flat_params=flat_params)
+            results.append((stacked, m))
+        (tree, tree_m), (vector, vector_m) = results
+        assert jax.tree_util.tree_structure(vector.params) == \
+            jax.tree_util.tree_structure(tree.params)
+        np.testing.assert_allclose(vector_m["loss"], tree_m["loss"], rtol=1e-6)
+        for k in range(len(names)):
+            assert relative_error(train.unstack_state(vector, k).params,
+                                  train.unstack_state(tree, k).params) < 1e-6, (members, k)
+
+
+def test_with_flat_params_ravels_what_is_shaped_like_the_parameters():
+    state = train.create_train_state(jax.random.PRNGKey(0), TinyCNN(),
+                                     train.make_optimizer(0.05, name="adam"), (1, 32, 32, 3))
+    flat_state, restore = train.with_flat_params(state)
+    size = sum(v.size for v in jax.tree_util.tree_leaves(state.params))
+    assert jax.tree_util.tree_leaves(flat_state.params)[0].shape == (size,)
+    # Adam's two moments are raveled; its step count (a scalar int) is not.
+    shapes = [v.shape for v in jax.tree_util.tree_leaves(flat_state.opt_state)]
+    assert sorted(shapes) == [(), (size,), (size,)]
+    back = restore(flat_state)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(state)
+    assert relative_error(back.params, state.params) == 0
+    # The flat state's model unravels the vector: the same logits.
+    x = jnp.ones((2, 32, 32, 3))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    np.testing.assert_array_equal(
+        flat_state.apply_fn({**variables, "params": flat_state.params}, x),
+        state.apply_fn(variables, x))
+    # Parameters of two dtypes would be converted by the vector: refused, naming the fix.
+    mixed = state.replace(params=jax.tree_util.tree_map(lambda v: v, state.params))
+    mixed.params["Dense_0"]["bias"] = mixed.params["Dense_0"]["bias"].astype(jnp.bfloat16)
+    with pytest.raises(ValueError, match="param_layout='tree'"):
+        train.with_flat_params(mixed)
+
+
+def test_loop_compiler_options_are_for_gpu_and_yield_to_the_users_flags(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert train.loop_compiler_options("gpu") == train.GPU_GRAPH_CONVOLUTIONS
+    assert "CONVOLUTION" in train.GPU_GRAPH_CONVOLUTIONS["xla_gpu_enable_command_buffer"]
+    assert train.loop_compiler_options("gpu", graph_convolutions=False) == {}
+    assert train.loop_compiler_options("cpu") == train.loop_compiler_options("tpu") == {}
+    assert train.loop_functions("cpu") == (train.train_steps, train.multi_train_steps)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=FUSION")
+    assert train.loop_compiler_options("gpu") == {}
+    assert train.loop_functions("gpu") == (train.train_steps, train.multi_train_steps)
+
+
+def test_the_gpu_options_reach_the_training_loops_compile(monkeypatch):
+    """loop_functions("gpu") compiles with the options (here on CPU, which parses and
+    ignores them): the real ones give the module function's result; a value XLA does not
+    know fails the compile, naming it, so the options do reach it."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    n, bs = 16, 8
+    images, labels = toy_task(n, seed=4)
+    x, y = pipeline.put_on_device(images, labels)
+    order = pipeline.epoch_order(0, 0, n)
+    kwargs = dict(num_steps=1, loss_name="ce", batch_size=bs, mean=MEAN, std=STD)
+    steps, multi_steps = train.loop_functions("gpu")
+    assert steps is not train.train_steps and multi_steps is not train.multi_train_steps
+    got, got_m = steps(fresh_state(0), x, y, order, 0, 0, 0, **kwargs)
+    want, want_m = train.train_steps(fresh_state(0), x, y, order, 0, 0, 0, **kwargs)
+    np.testing.assert_array_equal(got_m["loss"], want_m["loss"])
+    monkeypatch.setattr(train, "GPU_GRAPH_CONVOLUTIONS",
+                        {"xla_gpu_enable_command_buffer": "FUSION,NO_SUCH_KIND"})
+    steps, _ = train.loop_functions("gpu")
+    with pytest.raises(Exception, match="NO_SUCH_KIND"):
+        steps(fresh_state(0), x, y, order, 0, 0, 0, **kwargs)
+
+
+def test_a_failure_under_graph_convolutions_says_how_to_turn_them_off():
+    options = train.GPU_GRAPH_CONVOLUTIONS
+    error = RuntimeError("UNKNOWN: <unknown cudnn status: 5003> [executable_name='jit_train_steps']")
+    assert "--config.gpu_graph_convolutions=False" in train._graph_failure_hint(error, options)
+    assert train._graph_failure_hint(error, {}) is None  # the option was not in use
+    assert train._graph_failure_hint(RuntimeError("RESOURCE_EXHAUSTED: out of memory"),
+                                     options) is None
+
+
 def test_data_parallel_step_equals_single_device():
     """jit + NamedSharding: replicated state, batch split over 4 CPU devices. Gradients,
-    BatchNorm statistics (global batch) and MMCE (global batch) must match one device."""
+    BatchNorm statistics (global batch) and MMCE (global batch) must match one device; so
+    must the sharded steps over the flat parameter vector (the GPU default)."""
     n_dev = len(jax.devices())
     assert n_dev >= 2
     rng = np.random.default_rng(1)
@@ -301,7 +431,7 @@ def test_data_parallel_step_equals_single_device():
     model = TinyCNN()
     mesh = pipeline.data_mesh()
     results = []
-    for sharded in (False, True):
+    for sharded, flat_params in ((False, False), (True, False), (True, True)):
         tx = train.make_optimizer(0.05)
         state = train.create_train_state(jax.random.PRNGKey(0), model, tx, (1, 32, 32, 3))
         if sharded:
@@ -315,13 +445,17 @@ def test_data_parallel_step_equals_single_device():
         for step in range(2):  # the training loop's call: batch built inside, one step
             state, m = train.train_steps(state, x, y, order, step, 0, 0, num_steps=1,
                                          loss_name="mmce_weighted", batch_size=bs, mean=MEAN,
-                                         std=STD, sharding=batch_sharding)
+                                         std=STD, sharding=batch_sharding,
+                                         flat_params=flat_params)
             m = jax.device_get(m)  # wait for each sharded step (2-core CPU collectives)
         results.append((jax.device_get(state.params), jax.device_get(state.batch_stats), m))
-    (p1, b1, m1), (p2, b2, m2) = results
-    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves((p1, b1)), jax.tree_util.tree_leaves((p2, b2))):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+    (p1, b1, m1), *sharded_results = results
+    for p2, b2, m2 in sharded_results:
+        np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+        assert jax.tree_util.tree_structure(p2) == jax.tree_util.tree_structure(p1)
+        for a, b in zip(jax.tree_util.tree_leaves((p1, b1)),
+                        jax.tree_util.tree_leaves((p2, b2))):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
 
 
 def test_data_parallel_phrase_training_equals_single_device():
@@ -505,7 +639,7 @@ def json_epochs(lines):
 @pytest.mark.parametrize("override,field", [
     ("loss=focal_loss", "loss"), ("model=resnet51", "model"), ("learning_rate=-0.1", "learning_rate"),
     ("batch_size=6", "batch_size"), ("dtype=float16", "dtype"), ("num_epochs=0", "num_epochs"),
-    ("scan_unroll=-1", "scan_unroll"),
+    ("scan_unroll=-1", "scan_unroll"), ("param_layout=leaves", "param_layout"),
     # Each of these used to train, or fail only after compiling, with config.json written:
     ("keep_checkpoints=0", "keep_checkpoints"),  # trained, then kept no checkpoint at all
     ("loss=mmce_weighted,mmce_lambda=-1", "mmce_lambda"),  # trained, rewarding miscalibration
@@ -1013,14 +1147,15 @@ def test_several_steps_per_call_train_like_one_step_per_call(tmp_path, evaluated
     from calib_jax import checkpoints
     calls = _record_loop_calls(monkeypatch, "train_steps")
     config = load_config(SMOKE.replace("num_epochs=2", "num_epochs=1")
-                         + ",steps_per_call=3,scan_unroll=3")
+                         + ",steps_per_call=3,scan_unroll=3,param_layout=flat")
     train.train_and_evaluate(config, tmp_path)
     whole = evaluated_runs / "cifar10" / "resnet50" / "ce"
     template = train.state_for_config(config, 4, (32, 32, 3))
     expected, _ = checkpoints.RunCheckpoints(whole).restore(template, 1)
     got, meta = checkpoints.RunCheckpoints(tmp_path).restore(template)
     assert meta["epoch"] == 1 and meta["final"]
-    assert [(c["num_steps"], c["unroll"]) for c in calls] == [(3, 3), (3, 3), (2, 3)]
+    assert [(c["num_steps"], c["unroll"], c["flat_params"]) for c in calls] == [
+        (3, 3, True), (3, 3, True), (2, 3, True)]
     error = relative_error(got.params, expected.params)
     one_step = relative_error(expected.params, template.params) / 8  # template: initial
     assert one_step > 5e-3 and error < one_step / 4, (error, one_step)
@@ -1056,6 +1191,22 @@ def test_default_steps_per_call(steps, log_every, platform, expected):
 ])
 def test_default_unroll(platform, members, expected):
     assert train.default_unroll(platform, members) == expected
+
+
+@pytest.mark.parametrize("layout,platform,expected", [
+    ("auto", "gpu", True),   # measured on an H200 (with the GPU sums and graph options)
+    ("auto", "cpu", False),  # ~30% slower on CPU
+    ("auto", "tpu", False),  # unmeasured
+    ("flat", "cpu", True), ("tree", "gpu", False),
+])
+def test_param_layout(layout, platform, expected):
+    assert train._param_layout_is_flat(layout, platform) is expected
+    one_dtype = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    assert train._param_layout_is_flat(layout, platform, one_dtype) is expected
+    # auto keeps the tree for parameters of two dtypes (the vector would convert some).
+    two_dtypes = {"w": jnp.ones(3), "b": jnp.ones(2, jnp.bfloat16)}
+    assert train._param_layout_is_flat(layout, platform, two_dtypes) is (
+        expected and layout != "auto")
 
 
 def test_members_restart_from_their_newest_common_checkpoint(tmp_path, capsys):
@@ -1156,7 +1307,7 @@ def test_a_row_of_losses_trains_as_one_program_into_member_run_directories(
     # Two steps per call: the epoch's 8 steps are four calls of one compiled program (a tail
     # call, compiled apart, is the single-run test's above, and would cost ~8 s more here).
     config = load_config(SMOKE + ",num_epochs=1,loss=[ce,flsd53],multi_mode=sequential,"
-                         "steps_per_call=2,scan_unroll=2")
+                         "steps_per_call=2,scan_unroll=2,param_layout=flat")
     assert [name for name, _ in train.run_members(config)] == ["ce", "flsd53"]
     train.train_and_evaluate(config, tmp_path)
     assert json.loads((tmp_path / "members.json").read_text())["members"] == ["ce", "flsd53"]
@@ -1169,7 +1320,8 @@ def test_a_row_of_losses_trains_as_one_program_into_member_run_directories(
         template, 1)
     member, meta = checkpoints.RunCheckpoints(tmp_path / "ce").restore(template)
     assert meta["epoch"] == 1 and meta["final"]
-    assert len(calls) == 4 and all(c["unroll"] == 2 and c["num_steps"] == 2 for c in calls)
+    assert len(calls) == 4 and all(c["unroll"] == 2 and c["num_steps"] == 2 and c["flat_params"]
+                                   for c in calls)
     # Measured 0 at the test session's XLA level 0 and 4.0e-7 at XLA's default level (vmapped
     # members: 3.5e-3, the rounding of grouped convolutions after eight steps at lr 0.1,
     # where a stem activation at ~0 lands on the other side of its ReLU; another seed or
@@ -1343,3 +1495,30 @@ def test_divergence_message_names_the_members():
                                                           r"finite.*--workdir <workdir>/<member>"):
         train._check_finite_epoch(config, 3, ["ce", "brier"], np.array([np.nan, 2.0]),
                                   [finite, finite], 0)
+
+
+def test_a_training_call_failing_under_the_graph_option_names_the_switch(tmp_path,
+                                                                        monkeypatch):
+    """What a GPU user sees if cuDNN refuses to be traced into a CUDA graph (the error an
+    H200 gave for the concurrent graph mode), simulated on CPU: the loop's first call fails,
+    the error names --config.gpu_graph_convolutions=False and keeps XLA's error as its
+    cause; nothing is logged or saved. Another error passes through unchanged."""
+    def failing(message):
+        def steps(*args, **kwargs):
+            raise RuntimeError(message)
+        return lambda platform, graph_convolutions=True: (steps, steps)
+
+    monkeypatch.setattr(train, "loop_compiler_options",
+                        lambda platform, graph_convolutions=True: dict(
+                            train.GPU_GRAPH_CONVOLUTIONS) if graph_convolutions else {})
+    config = load_config(SMOKE)
+    cudnn = "UNKNOWN: <unknown cudnn status: 5003> [executable_name='jit_train_steps']"
+    monkeypatch.setattr(train, "loop_functions", failing(cudnn))
+    with pytest.raises(RuntimeError, match="--config.gpu_graph_convolutions=False") as info:
+        train.train_and_evaluate(config, tmp_path / "a")
+    assert "5003" in str(info.value.__cause__)
+    assert not (tmp_path / "a" / "log.jsonl").exists() or \
+        not (tmp_path / "a" / "log.jsonl").read_text()
+    monkeypatch.setattr(train, "loop_functions", failing("RESOURCE_EXHAUSTED: out of memory"))
+    with pytest.raises(RuntimeError, match="^RESOURCE_EXHAUSTED: out of memory$"):
+        train.train_and_evaluate(config, tmp_path / "b")

@@ -23,6 +23,7 @@ def test_the_table_parts_rows_run_and_are_recorded(tmp_path, capsys, monkeypatch
     status = train_throughput.main([
         "--models", "resnet8", "--batch-sizes", "8", "--dtypes", "bfloat16", "--losses", "ce",
         "--steps-per-call", "2", "--unroll", "2", "--calls", "1", "--epoch-overhead",
+        "--param-layout", "flat",  # the GPU default's path, here on CPU
         "--multi", "ce,flsd53",
         "--multi-modes", "sequential", "--eval", "--json", str(out)])
     assert status == 0, capsys.readouterr().out[-2000:]
@@ -34,6 +35,9 @@ def test_the_table_parts_rows_run_and_are_recorded(tmp_path, capsys, monkeypatch
     assert (train_row["model"], train_row["batch"], train_row["dtype"], train_row["loss"]) == \
         ("resnet8", 8, "bfloat16", "ce")
     assert train_row["img_per_s"] > 0 and train_row["compile_s"] > 0
+    # How the rows were compiled: flat parameters as asked; no XLA options on CPU.
+    for row in (train_row, multi):
+        assert row["flat_params"] is True and row["compiler_options"] == {}
     assert overhead["epoch_overhead"] and overhead["val_images"] == 500
     assert overhead["full_run_min_ckpt_every_epoch"]["async"] > 0
     # The benchmark's own correctness check: the CE member's first step is the single run's
@@ -41,7 +45,7 @@ def test_the_table_parts_rows_run_and_are_recorded(tmp_path, capsys, monkeypatch
     assert (multi["runs"], multi["members"]) == (2, "sequential")
     assert multi["losses_vs_single_run"]["first_step_rel_diff"] < 1e-5
     table = capsys.readouterr().out
-    assert "| resnet8 | 8 | bfloat16 | ce (2/call, unroll 2;" in table and "2 runs (sequential)" in table
+    assert "| resnet8 | 8 | bfloat16 | ce (2/call, unroll 2, flat params;" in table and "2 runs (sequential)" in table
 
 
 def test_a_failed_row_is_recorded_the_others_run_and_the_status_says_so(

@@ -102,15 +102,45 @@ class TorchDense(nn.Module):
 
 
 def _channel_sums(*terms):
-    """Per-channel sums (over every axis but the last) of same-shaped ``terms``, one
-    reduction each: XLA fuses sibling reductions of the same rows into one multi-output
-    kernel that reads the shared inputs once.
+    """Per-channel sums (over every axis but the last) of same-shaped ``terms``: on CUDA
+    GPUs in two stages written out (:func:`_channel_sums_by_image`), elsewhere one reduction
+    each (:func:`_separate_sums`). The choice is made per lowering platform
+    (``lax.platform_dependent``), so a program holds one of the two.
 
-    Not one reduction over ``jnp.stack(terms)``: that saves a kernel per BatchNorm layer on
-    XLA:GPU, but each slice of the stack recomputes (and re-reads) the shared inputs, and
-    it measured slower on an H200 (ResNet-50 batch 128 bf16: 13,799 stacked vs 14,882
-    img/s separate) and on CPU (~20%): benchmarks/NOTES.md."""
+    Why per platform (benchmarks/NOTES.md): on an H200 the two-stage sums, with the loop
+    over a flat parameter vector (``train.train_steps(flat_params=True)``) and cuDNN's
+    convolutions in XLA's CUDA graphs (``train.loop_compiler_options``), ran ResNet-50 at
+    batch 128 bfloat16 4.8% faster (medians of 5 interleaved rounds, 17,047 vs 16,260
+    img/s; the ranges did not overlap). On CPU they slowed ResNet-8 training by ~6% (batch
+    128, float32); TPU is unmeasured and keeps the separate sums.
+
+    Never one reduction over ``jnp.stack(terms)`` of the full terms: each slice of such a
+    stack recomputes (and re-reads) the shared inputs; it measured slower on an H200
+    (ResNet-50 batch 128 bf16: 13,799 stacked vs 14,882 img/s separate) and on CPU (~20%)."""
+    return jax.lax.platform_dependent(*terms, cuda=_channel_sums_by_image,
+                                      default=_separate_sums)
+
+
+def _separate_sums(*terms):
+    """One reduction per term: XLA fuses sibling reductions of the same rows into one
+    multi-output kernel that reads the shared inputs once (XLA:GPU then adds one small
+    second-stage kernel per term)."""
     return tuple(jnp.sum(t, axis=tuple(range(t.ndim - 1))) for t in terms)
+
+
+def _channel_sums_by_image(*terms):
+    """The per-channel sums in two stages written out: each term summed per image
+    (``[N, ..., C] -> [N, C]``, the terms' sums in one multi-output kernel), then the
+    per-image sums of all terms stacked (tiny: ``[T, N, C]``) and summed over the batch in
+    one kernel, where XLA's own two-stage split has one second-stage kernel per term. The
+    batch axis stays whole, so a batch sharded over devices stays sharded. Terms of fewer
+    than 64 positions per image (or without spatial axes) take :func:`_separate_sums` (the
+    per-image sums would be a large share of their traffic)."""
+    shape = terms[0].shape
+    if len(shape) < 3 or np.prod(shape[1:-1]) < 64:
+        return _separate_sums(*terms)
+    per_image = [jnp.sum(t.reshape(shape[0], -1, shape[-1]), axis=1) for t in terms]
+    return tuple(jnp.sum(jnp.stack(per_image), axis=1))
 
 
 def _batch_statistics(x32, axis_name):

@@ -71,10 +71,10 @@ from train_throughput import (DTYPES, IMAGE_MODELS, MEAN, NUM_TRAIN, STD,  # noq
                               _agreement_text, loss_agreement, model_and_optimizer, optimizer,
                               require_at_least_one, synthetic_train_data)
 
-# XLA's default command-buffer kinds (read from the DebugOptions that jaxlib 0.11.2 dumps):
-# the training loop's GPU option (train.GPU_GRAPH_CONVOLUTIONS) adds CONVOLUTION to them.
-_DEFAULT_GRAPH_KINDS = "FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,DYNAMIC_SLICE_FUSION,CONDITIONAL"
-_GRAPH_CONV = {"xla_gpu_enable_command_buffer": _DEFAULT_GRAPH_KINDS + ",CONVOLUTION"}
+# The training loop's GPU option (train.GPU_GRAPH_CONVOLUTIONS): XLA's default command-buffer
+# kinds (read from the DebugOptions that jaxlib 0.11.2 dumps) and CONVOLUTION.
+_GRAPH_CONV = dict(train.GPU_GRAPH_CONVOLUTIONS)
+_DEFAULT_GRAPH_KINDS = _GRAPH_CONV["xla_gpu_enable_command_buffer"].removesuffix(",CONVOLUTION")
 # Earlier code put back for a before/after (variant_code): no XLA options of their own.
 CODE_VARIANTS = ("autodiff_bn", "unfused_relu", "per_leaf_norm", "convert_residual", "mask_from_y",
                  "before_bytes", "separate_sums", "tree_params")

@@ -131,7 +131,7 @@ def _fresh_train_steps():
     ``hlo_static.py --launches`` looks for in XLA's dump)."""
     def train_steps(*args, **kwargs):
         return train.train_steps.__wrapped__(*args, **kwargs)
-    return jax.jit(train_steps, static_argnames=("loss_name",) + train._LOOP_STATIC,
+    return jax.jit(train_steps, static_argnames=train._TRAIN_STEPS_STATIC,
                    donate_argnums=(0,))
 
 

@@ -137,19 +137,15 @@ def _steps_per_call(args, batch_size):
 
 
 def _loop(args):
-    """``(train_steps, multi_train_steps, flat_params)`` as the training loop runs them on
-    this device, with ``--param-layout`` and ``--graph-convolutions``."""
+    """``(train_steps, multi_train_steps, fields)`` as the training loop runs them on this
+    device, with ``--param-layout`` and ``--graph-convolutions``; ``fields``: what a row
+    records of how its call was compiled (``flat_params``, ``compiler_options``)."""
     platform = jax.devices()[0].platform
-    steps, multi_steps = train.loop_functions(platform,
-                                              graph_convolutions=args.graph_convolutions)
-    return steps, multi_steps, train._param_layout_is_flat(args.param_layout, platform)
-
-
-def _loop_fields(args, flat_params):
-    """What a row records of how its call was compiled."""
-    platform = jax.devices()[0].platform
-    return {"flat_params": flat_params, "compiler_options": train.loop_compiler_options(
-        platform, graph_convolutions=args.graph_convolutions)}
+    options = train.loop_compiler_options(platform, graph_convolutions=args.graph_convolutions)
+    steps, multi_steps = train._loop_jits(options)
+    return steps, multi_steps, {
+        "flat_params": train._param_layout_is_flat(args.param_layout, platform),
+        "compiler_options": options}
 
 
 def _unroll(args, members=1):
@@ -184,17 +180,17 @@ def bench_model(args, name, batch_size, dtype, loss, data):
     x_dev, y_dev, order = data
     _, _, state = _state(name, dtype)
     n, unroll = _steps_per_call(args, batch_size), _unroll(args)
-    steps, _, flat_params = _loop(args)
+    steps, _, loop_fields = _loop(args)
 
     def call(s):
         return steps(s, x_dev, y_dev, order, 0, 0, 0, num_steps=n, loss_name=loss,
                      batch_size=batch_size, mean=MEAN, std=STD, dtype=DTYPES[dtype],
-                     unroll=unroll, flat_params=flat_params)
+                     unroll=unroll, flat_params=loop_fields["flat_params"])
 
     compile_s, per_call, first = _timed_calls(call, state, args.calls)
     rate = n * batch_size / per_call
     return {"model": name, "batch": batch_size, "dtype": dtype, "loss": loss,
-            "steps_per_call": n, "unroll": unroll, **_loop_fields(args, flat_params),
+            "steps_per_call": n, "unroll": unroll, **loop_fields,
             "img_per_s": rate, "compile_s": compile_s,
             "first_call_losses": [float(v) for v in first["loss"]],
             "full_run_min": EPOCHS * (NUM_TRAIN // batch_size) * batch_size / rate / 60}
@@ -236,13 +232,13 @@ def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
     orders = jnp.stack([order] * len(losses))
     seeds = jnp.zeros(len(losses), jnp.int32)
     n, unroll = _steps_per_call(args, batch_size), _unroll(args, len(losses))
-    _, multi_steps, flat_params = _loop(args)
+    _, multi_steps, loop_fields = _loop(args)
 
     def call(s):
         return multi_steps(s, x_dev, y_dev, orders, 0, 0, seeds, num_steps=n,
                            losses_=tuple(losses), shared_batch=True, batch_size=batch_size,
                            mean=MEAN, std=STD, dtype=DTYPES[dtype], members=mode,
-                           unroll=unroll, flat_params=flat_params)
+                           unroll=unroll, flat_params=loop_fields["flat_params"])
 
     compile_s, per_call, first = _timed_calls(call, stacked, args.calls)
     rate = n * batch_size / per_call  # images per second seen by each member
@@ -266,7 +262,7 @@ def bench_multi(args, name, batch_size, dtype, losses, data, single_row, mode):
         member_losses = [float(v) for v in member_losses]
     return {"model": name, "batch": batch_size, "dtype": dtype, "loss": "+".join(losses),
             "runs": len(losses), "members": mode, "unroll": unroll,
-            **_loop_fields(args, flat_params),
+            **loop_fields,
             "img_per_s": rate,
             "losses_vs_single_run": agreement, "member_losses": member_losses,
             "compile_s": compile_s,

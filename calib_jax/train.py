@@ -453,6 +453,15 @@ def _scan_steps(body, state, first_step, num_steps, unroll):
 
 _LOOP_STATIC = ("num_steps", "batch_size", "augment", "mean", "std", "dtype", "sharding",
                 "unroll", "flat_params")
+# The static arguments of train_steps and multi_train_steps (their jits here, the jits with
+# XLA options of _jit_with_options, the benchmarks' fresh jits).
+_TRAIN_STEPS_STATIC = ("loss_name",) + _LOOP_STATIC
+_MULTI_STEPS_STATIC = ("losses_", "shared_batch", "members") + _LOOP_STATIC
+
+
+def _param_dtypes(params) -> list[str]:
+    """The dtypes of ``params``' leaves, sorted names (one: the flat vector converts none)."""
+    return sorted({str(jnp.result_type(x)) for x in jax.tree_util.tree_leaves(params)})
 
 
 def _like_params(node, params) -> bool:
@@ -483,8 +492,7 @@ def with_flat_params(state: TrainState, *, stacked: bool = False):
     convert some of them).
     """
     params = state.params
-    leaves = jax.tree_util.tree_leaves(params)
-    dtypes = sorted({str(jnp.result_type(x)) for x in leaves})
+    dtypes = _param_dtypes(params)
     if len(dtypes) != 1:
         raise ValueError(f"`flat_params=True` needs parameters of one dtype, got {dtypes}; "
                          "pass flat_params=False (config.param_layout='tree').")
@@ -528,7 +536,7 @@ def _scan_steps_flat(body, state, first_step, num_steps, unroll, flat_params, st
     return restore(flat_state), metrics
 
 
-@functools.partial(jax.jit, static_argnames=("loss_name",) + _LOOP_STATIC, donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=_TRAIN_STEPS_STATIC, donate_argnums=(0,))
 def train_steps(state: TrainState, images, labels, order, first_step, epoch, seed, *,
                 num_steps: int, loss_name, batch_size: int, augment: bool = True, mean, std,
                 dtype=jnp.float32, sharding=None, unroll: int | bool = 1,
@@ -587,8 +595,7 @@ def default_member_mode(platform: str) -> str:
     return "vmap" if platform == "tpu" else "sequential"
 
 
-@functools.partial(jax.jit, static_argnames=("losses_", "shared_batch", "members")
-                   + _LOOP_STATIC, donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=_MULTI_STEPS_STATIC, donate_argnums=(0,))
 def multi_train_steps(stacked: TrainState, images, labels, orders, first_step, epoch, seeds, *,
                       num_steps: int, losses_, shared_batch: bool, batch_size: int,
                       augment: bool = True, mean, std, dtype=jnp.float32, sharding=None,
@@ -1261,8 +1268,7 @@ def _param_layout_is_flat(layout: str, platform: str, params=None) -> bool:
         raise ValueError(f"`param_layout` must be one of {PARAM_LAYOUTS}, got {layout!r}.")
     if layout != "auto":
         return layout == "flat"
-    one_dtype = params is None or len(
-        {jnp.result_type(x) for x in jax.tree_util.tree_leaves(params)}) <= 1
+    one_dtype = params is None or len(_param_dtypes(params)) <= 1
     return default_flat_params(platform) and one_dtype
 
 
@@ -1288,28 +1294,27 @@ def loop_compiler_options(platform: str, *, graph_convolutions: bool = True) -> 
     return dict(GPU_GRAPH_CONVOLUTIONS)
 
 
-_STATIC_ARGNAMES = {"train_steps": ("loss_name",) + _LOOP_STATIC,
-                    "multi_train_steps": ("losses_", "shared_batch", "members") + _LOOP_STATIC}
-
-
 @functools.cache
-def _jit_with_options(name: str, options: tuple) -> Callable:
-    base = {"train_steps": train_steps, "multi_train_steps": multi_train_steps}[name]
-    return jax.jit(base.__wrapped__, static_argnames=_STATIC_ARGNAMES[name], donate_argnums=(0,),
-                   compiler_options=dict(options))
+def _jit_with_options(options: tuple) -> tuple[Callable, Callable]:
+    return tuple(jax.jit(fn.__wrapped__, static_argnames=static, donate_argnums=(0,),
+                         compiler_options=dict(options))
+                 for fn, static in ((train_steps, _TRAIN_STEPS_STATIC),
+                                    (multi_train_steps, _MULTI_STEPS_STATIC)))
+
+
+def _loop_jits(options: dict):
+    """``(train_steps, multi_train_steps)`` compiled with XLA ``options``: the module's own
+    functions without options, else the same functions jitted with them (cached)."""
+    if not options:
+        return train_steps, multi_train_steps
+    return _jit_with_options(tuple(sorted(options.items())))
 
 
 def loop_functions(platform: str, *, graph_convolutions: bool = True):
     """``(train_steps, multi_train_steps)`` as :func:`train_and_evaluate` runs them on
-    ``platform``: the module's own functions where :func:`loop_compiler_options` gives no
-    options (CPU, TPU), else the same functions jitted with the options (one jit per set of
-    options, cached)."""
-    options = tuple(sorted(loop_compiler_options(
-        platform, graph_convolutions=graph_convolutions).items()))
-    if not options:
-        return train_steps, multi_train_steps
-    return (_jit_with_options("train_steps", options),
-            _jit_with_options("multi_train_steps", options))
+    ``platform``: compiled with :func:`loop_compiler_options` (none on CPU and TPU: the
+    module's own functions)."""
+    return _loop_jits(loop_compiler_options(platform, graph_convolutions=graph_convolutions))
 
 
 def _graph_failure_hint(error: Exception, options: dict) -> str | None:
@@ -1696,10 +1701,9 @@ def train_and_evaluate(config, workdir):
                                                                                   len(members)),
                             flat_params=_param_layout_is_flat(
                                 config.get("param_layout", "auto"), platform, state.params))
-        graph_convolutions = config.get("gpu_graph_convolutions", True)
-        steps_fn, multi_steps_fn = loop_functions(platform,
-                                                  graph_convolutions=graph_convolutions)
-        compiler_options = loop_compiler_options(platform, graph_convolutions=graph_convolutions)
+        compiler_options = loop_compiler_options(
+            platform, graph_convolutions=config.get("gpu_graph_convolutions", True))
+        steps_fn, multi_steps_fn = _loop_jits(compiler_options)
         eval_options = dict(mean=mean, std=std, dtype=dtype, batch_size=config.eval_batch_size)
         per_call = config.get("steps_per_call", 0) or default_steps_per_call(
             steps, config.log_every_steps, platform)

@@ -1507,19 +1507,19 @@ def test_a_training_call_failing_under_the_graph_option_names_the_switch(tmp_pat
     def failing(message):
         def steps(*args, **kwargs):
             raise RuntimeError(message)
-        return lambda platform, graph_convolutions=True: (steps, steps)
+        return lambda options: (steps, steps)
 
     monkeypatch.setattr(train, "loop_compiler_options",
                         lambda platform, graph_convolutions=True: dict(
                             train.GPU_GRAPH_CONVOLUTIONS) if graph_convolutions else {})
     config = load_config(SMOKE)
     cudnn = "UNKNOWN: <unknown cudnn status: 5003> [executable_name='jit_train_steps']"
-    monkeypatch.setattr(train, "loop_functions", failing(cudnn))
+    monkeypatch.setattr(train, "_loop_jits", failing(cudnn))
     with pytest.raises(RuntimeError, match="--config.gpu_graph_convolutions=False") as info:
         train.train_and_evaluate(config, tmp_path / "a")
     assert "5003" in str(info.value.__cause__)
     assert not (tmp_path / "a" / "log.jsonl").exists() or \
         not (tmp_path / "a" / "log.jsonl").read_text()
-    monkeypatch.setattr(train, "loop_functions", failing("RESOURCE_EXHAUSTED: out of memory"))
+    monkeypatch.setattr(train, "_loop_jits", failing("RESOURCE_EXHAUSTED: out of memory"))
     with pytest.raises(RuntimeError, match="^RESOURCE_EXHAUSTED: out of memory$"):
         train.train_and_evaluate(config, tmp_path / "b")

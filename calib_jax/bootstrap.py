@@ -141,7 +141,7 @@ def resample_indices(key, num_examples: int, num_resamples: int, *,
     key = _check_key(key)
     validation.check_count(num_examples, "num_examples")
     validation.check_count(num_resamples, "num_resamples")
-    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 0:
+    if not validation.is_int(group) or group < 0:
         raise ValueError(f"`group` must be an int >= 0, got {group!r}.")
     return jax.vmap(_indices, in_axes=(None, 0, None))(
         _group_key(key, int(group)), jnp.arange(num_resamples), num_examples)
@@ -150,8 +150,7 @@ def resample_indices(key, num_examples: int, num_resamples: int, *,
 def check_num_resamples(value, name: str = "num_resamples", *, zero_allowed: bool = False):
     """Raises ``ValueError`` naming ``name`` unless ``value`` is an int >= 2 (a bootstrap
     needs two resamples for a spread), or 0 where ``zero_allowed`` (meaning: no intervals)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
-            not (value >= 2 or (zero_allowed and value == 0)):
+    if not validation.is_int(value) or not (value >= 2 or (zero_allowed and value == 0)):
         what = "0 (no intervals) or an int >= 2" if zero_allowed else "an int >= 2"
         raise ValueError(f"`{name}` must be {what} (1000 is customary), got {value!r}.")
 
@@ -159,8 +158,7 @@ def check_num_resamples(value, name: str = "num_resamples", *, zero_allowed: boo
 def check_seed(seed, name: str = "seed") -> None:
     """Raises ``ValueError`` naming ``name`` unless ``seed`` is an int in ``[0, 2**32)``
     (:data:`SEED_LIMIT`: ``jax.random.key`` would wrap a larger one around silently)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or \
-            not 0 <= seed < SEED_LIMIT:
+    if not validation.is_int(seed) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"`{name}` must be an int in [0, 2**32) (jax.random.key keeps a "
                          f"seed's low 32 bits only), got {seed!r}.")
 
@@ -195,9 +193,8 @@ def _check_groups(groups, num_arrays: int) -> tuple:
     if groups is None:
         return (0,) * num_arrays
     if isinstance(groups, (str, bytes)) or not hasattr(groups, "__len__") or \
-            len(groups) != num_arrays or any(
-                isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 0
-                for g in groups):
+            len(groups) != num_arrays or any(not validation.is_int(g) or g < 0
+                                             for g in groups):
         raise ValueError(f"`groups` must give each of the {num_arrays} arrays its sample's "
                          f"number (ints >= 0, e.g. (0, 0, 1) for test logits, test labels, "
                          f"OOD logits), got {groups!r}.")
@@ -221,14 +218,13 @@ def _check_arrays(arrays, groups) -> dict:
                              f"first axis (the examples), so it needs one.")
         lengths.setdefault(group, []).append(shape[0])
     for group, counts in lengths.items():
+        where = "" if len(lengths) == 1 else f" of group {group}"
         if len(set(counts)) > 1:
-            where = "" if len(lengths) == 1 else f" of group {group}"
             raise ValueError(f"the arrays{where} have {counts} examples (first axis); they are "
                              f"resampled with the same indices, so all need the same number "
                              f"(arrays of different samples, e.g. test and OOD sets, need "
                              f"`groups=`).")
         if counts[0] < 1:
-            where = "" if len(lengths) == 1 else f" of group {group}"
             raise ValueError(f"the arrays{where} are empty (0 examples); pass at least one "
                              f"example.")
     return {group: counts[0] for group, counts in sorted(lengths.items())}

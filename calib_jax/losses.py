@@ -282,7 +282,7 @@ def focal_gamma_schedule(epoch, *, boundaries: Sequence[int] = (100, 250),
         raise ValueError(f"`boundaries` must be strictly increasing, got {boundaries}.")
     if any(not np.isfinite(g) or g < 0 for g in gammas):
         raise ValueError(f"`gammas` must be finite and >= 0, got {gammas}.")
-    if isinstance(epoch, (int, np.integer)) and not isinstance(epoch, bool):
+    if validation.is_int(epoch):
         if epoch < 0:
             raise ValueError(f"`epoch` must be >= 0, got {epoch}.")
         return gammas[bisect.bisect_right(boundaries, int(epoch))]

@@ -43,10 +43,16 @@ def is_concrete(*arrays: Any) -> bool:
     return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
+def is_int(value) -> bool:
+    """Whether ``value`` is a Python / NumPy integer and not a bool (``True`` is an int to
+    Python, never a count, seed or index to a user)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_count(value, name: str, *, minimum: int = 1) -> None:
     """Raises ``ValueError`` unless ``value`` is a Python / NumPy int (not a bool) >= ``minimum``:
     a static size (bins, classes) that shapes arrays, so a float or a bool is refused too."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if not is_int(value) or value < minimum:
         kind = "a positive Python int" if minimum == 1 else f"a Python int >= {minimum}"
         raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
 

@@ -13,7 +13,8 @@ estimate beside the population value (the estimators' bias). Last, the time of o
 10-class examples and
 ``--time-resamples`` resamples (1,000), and of ``ood.aurocs`` (both OOD scores) of those
 examples against ``--time-ood-size`` others (26,032: SVHN's test set), each resampled on its
-own (``groups=(0, 1)``), after the compiling call.
+own (``groups=(0, 1)``; a sort per resample), and of ``ood.bootstrap_aurocs`` (the same
+resamples counted, one sort), after the compiling call.
 
 Usage:
   python benchmarks/bootstrap_coverage.py [--trials 40] [--test-size 2000]
@@ -105,22 +106,33 @@ def timing(args) -> list[dict]:
     z, y = draw(args.time_size, seed=1)
     z_ood, _ = draw(args.time_ood_size, seed=2)
     out = []
-    for module, fn, arrays, groups, examples in (
-            ("metrics", metrics.ece, (1.2 * z, y), None, [args.time_size]),
-            ("metrics", metrics.summary, (1.2 * z, y), None, [args.time_size]),
-            ("ood", ood.aurocs, (1.2 * z, 0.3 * z_ood), (0, 1),
-             [args.time_size, args.time_ood_size])):
+
+    def generic(fn, arrays, groups):
+        def run(key):
+            return bootstrap.bootstrap(fn, *arrays, key=key, num_resamples=args.time_resamples,
+                                       groups=groups)
+        return run
+
+    def counted_aurocs(key):
+        return ood.bootstrap_aurocs(1.2 * z, 0.3 * z_ood, key=key,
+                                    num_resamples=args.time_resamples)
+
+    both = [args.time_size, args.time_ood_size]
+    for name, run, examples in (
+            ("metrics.ece", generic(metrics.ece, (1.2 * z, y), None), [args.time_size]),
+            ("metrics.summary", generic(metrics.summary, (1.2 * z, y), None), [args.time_size]),
+            ("ood.aurocs", generic(ood.aurocs, (1.2 * z, 0.3 * z_ood), (0, 1)), both),
+            ("ood.bootstrap_aurocs", counted_aurocs, both)):
         times = []
         for call in range(3):
             start = time.perf_counter()
-            r = bootstrap.bootstrap(fn, *arrays, key=jax.random.key(call),
-                                    num_resamples=args.time_resamples, groups=groups)
+            r = run(jax.random.key(call))
             jax.block_until_ready(r.samples)
             times.append(time.perf_counter() - start)
-        row = {"metric": fn.__name__, "examples": examples, "resamples": args.time_resamples,
+        row = {"metric": name, "examples": examples, "resamples": args.time_resamples,
                "first_call_s": times[0], "later_call_s": float(np.median(times[1:]))}
-        print(f"bootstrap of {module}.{fn.__name__}, {' and '.join(map(str, examples))} x "
-              f"{NUM_CLASSES}, "
+        what = name if name.startswith("ood.bootstrap") else f"bootstrap of {name}"
+        print(f"{what}, {' and '.join(map(str, examples))} x {NUM_CLASSES}, "
               f"{args.time_resamples:,} resamples: first call {times[0]:.2f} s, then "
               f"{row['later_call_s']:.2f} s")
         out.append(row)

@@ -97,6 +97,18 @@ def auroc_difference(baseline_in, other_in, baseline_out, other_out) -> dict:
     return {score: other[score] - base[score] for score in base}
 
 
+def _ranked_pair(baseline_in, other_in, baseline_out, other_out):
+    # auroc_difference's arguments, each run's scores ordered once (bootstrap_by_counts).
+    return (ood.ranked_scores(baseline_in, baseline_out),
+            ood.ranked_scores(other_in, other_out))
+
+
+def _auroc_difference_from_counts(ranked_pair, in_counts, out_counts) -> dict:
+    """:func:`auroc_difference` of the resample with these counts (no sort per resample)."""
+    base, other = (ood.aurocs_from_counts(r, in_counts, out_counts) for r in ranked_pair)
+    return {score: other[score] - base[score] for score in base}
+
+
 def compare(baseline, other, *, num_resamples: int = 1000, seed: int = 0) -> dict:
     """The comparison (see the module docstring) as a dict: ``{"baseline", "other",
     "num_resamples", "seed", "temperature", "ood_left_out": {set: why}, "before": {metric:
@@ -136,10 +148,11 @@ def compare(baseline, other, *, num_resamples: int = 1000, seed: int = 0) -> dic
         for name in ood_names:
             z_out = [calibration.apply_temperature(saved[f"ood_logits_{name}"], scale)
                      for saved, scale in zip((base, oth), scales)]
-            # The test set drawn with the indices above (group 0), the OOD set on its own.
-            result = bootstrap.bootstrap(auroc_difference, z[0], z[1], z_out[0], z_out[1],
-                                         key=key, num_resamples=num_resamples,
-                                         groups=(0, 0, 1, 1))
+            # The test set drawn with the indices above (group 0), the OOD set on its own;
+            # auroc_difference's resamples, counted (one sort per run, not per resample).
+            result = bootstrap.bootstrap_by_counts(
+                _ranked_pair, _auroc_difference_from_counts, z[0], z[1], z_out[0], z_out[1],
+                key=key, num_resamples=num_resamples, groups=(0, 0, 1, 1))
             report[tag]["ood_auroc"][name] = {
                 score: _row(result, score, base_results["test"][tag]["ood_auroc"][name][score],
                             other_results["test"][tag]["ood_auroc"][name][score])

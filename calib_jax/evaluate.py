@@ -170,7 +170,8 @@ def test_intervals(test_logits, test_labels, temperature: float, *, num_resample
     "after": ...}``. Before and after use the same ``num_resamples`` resamples of the test set
     (:func:`calib_jax.bootstrap.resample_indices` of :func:`calib_jax.bootstrap.seed_key`
     ``(seed)``), so their differences are paired too; OOD AUROC resamples the test set with
-    those indices and each OOD set independently (a two-sample bootstrap, ``groups=(0, 1)``)."""
+    those indices and each OOD set independently (a two-sample bootstrap,
+    :func:`calib_jax.ood.bootstrap_aurocs`)."""
     key = bootstrap.seed_key(seed)
     ood_logits = ood_logits or {}
     bootstrap.check_num_resamples(num_resamples)
@@ -185,9 +186,9 @@ def test_intervals(test_logits, test_labels, temperature: float, *, num_resample
                        for name in sorted(result.value)}
         report[tag]["ood_auroc"] = {}
         for ood_name, logits in ood_logits.items():
-            result = bootstrap.bootstrap(
-                ood.aurocs, z, calibration.apply_temperature(logits, scale), key=key,
-                num_resamples=num_resamples, confidence=confidence, groups=(0, 1))
+            result = ood.bootstrap_aurocs(z, calibration.apply_temperature(logits, scale),
+                                          key=key, num_resamples=num_resamples,
+                                          confidence=confidence)
             basic = bootstrap.interval(result.value, result.samples, confidence=confidence,
                                        method="basic")
             report[tag]["ood_auroc"][ood_name] = {score: _interval_entry(result, basic, score)

@@ -11,6 +11,11 @@ AUROC follows scikit-learn's ``roc_auc_score``: the probability that a random
 positive scores above a random negative, **ties counting 1/2**. It is computed
 exactly (sorting and counting) and is jittable; :func:`roc_curve` returns the
 plotting points on the host.
+
+Bootstrap intervals of AUROC (:func:`bootstrap_aurocs`) resample the test and OOD sets each on
+its own and compute each resample's AUROC from how often it draws each example
+(:func:`aurocs_from_counts` over :func:`ranked_scores`): one sort of all the scores instead
+of one per resample, the same values as resampling the logits.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calib_jax import validation
+from calib_jax import bootstrap, validation
 
-__all__ = ["RocCurve", "SCORES", "auroc", "auroc_from_scores", "aurocs", "confidence", "entropy",
-           "roc_curve"]
+__all__ = ["RocCurve", "SCORES", "auroc", "auroc_from_scores", "aurocs", "aurocs_from_counts",
+           "bootstrap_aurocs", "confidence", "entropy", "ranked_scores", "roc_curve"]
 
 SCORES = ("entropy", "confidence")
 
@@ -151,6 +156,114 @@ def aurocs(in_logits, out_logits) -> dict:
     {'entropy': 1.0, 'confidence': 1.0}
     """
     return {score: auroc(in_logits, out_logits, score=score) for score in SCORES}
+
+
+def _joint_order(positive, negative):
+    """``(order, start, end, finite)`` of the positive and negative scores together: the
+    stable ascending order of ``concatenate([positive, negative])``, and per position of that
+    order the first and one-past-last position of its run of equal scores."""
+    scores = jnp.concatenate([positive, negative])
+    order = jnp.argsort(scores, stable=True)
+    ordered = scores[order]
+    start = jnp.searchsorted(ordered, ordered, side="left")
+    end = jnp.searchsorted(ordered, ordered, side="right")
+    return order, start, end, jnp.all(jnp.isfinite(scores))
+
+
+def _auroc_from_order(joint, positive_counts, negative_counts):
+    """AUROC of the multiset that holds each positive ``positive_counts[i]`` times and each
+    negative ``negative_counts[j]`` times: per positive, the negatives below it plus half
+    those tied, from prefix sums of the negatives' counts along the joint order."""
+    order, start, end, finite = joint
+    pos = jnp.concatenate([positive_counts, jnp.zeros_like(negative_counts)])[order]
+    neg = jnp.concatenate([jnp.zeros_like(positive_counts), negative_counts])[order]
+    neg_before = jnp.concatenate([jnp.zeros((1,), neg.dtype), jnp.cumsum(neg)])
+    below = neg_before[start]
+    tied = neg_before[end] - below
+    f32 = jnp.float32
+    wins = jnp.sum(pos.astype(f32) * (below.astype(f32) + 0.5 * tied.astype(f32)))
+    pairs = jnp.sum(positive_counts).astype(f32) * jnp.sum(negative_counts).astype(f32)
+    return jnp.where(finite, wins / pairs, jnp.nan)
+
+
+@jax.jit
+def _ranked_scores(in_logits, out_logits):
+    return {"entropy": _joint_order(_entropy(out_logits), _entropy(in_logits)),
+            "confidence": _joint_order(_confidence(in_logits), _confidence(out_logits))}
+
+
+def ranked_scores(in_logits, out_logits) -> dict:
+    """Each score of :data:`SCORES` of the test and OOD examples in one order, ``{score:
+    (order, start, end, finite)}`` (jittable): what :func:`aurocs_from_counts` needs to give
+    the AUROC of any resample of the two sets without sorting again.
+
+    >>> import jax.numpy as jnp
+    >>> sure = jnp.array([[5.0, 0.0], [0.0, 4.0]])
+    >>> unsure = jnp.array([[0.1, 0.0], [0.0, 0.2]])
+    >>> ranked = ranked_scores(sure, unsure)
+    >>> ones = jnp.ones(2, jnp.int32)
+    >>> {k: float(v) for k, v in aurocs_from_counts(ranked, ones, ones).items()}
+    {'entropy': 1.0, 'confidence': 1.0}
+    """
+    _oriented_scores(in_logits, out_logits, SCORES[0])  # the logits' checks
+    return _ranked_scores(in_logits, out_logits)
+
+
+def aurocs_from_counts(ranked, in_counts, out_counts) -> dict:
+    """:func:`aurocs` of the multiset holding test example ``i`` ``in_counts[i]`` times and
+    OOD example ``j`` ``out_counts[j]`` times (all ones: :func:`aurocs` itself), from
+    :func:`ranked_scores` of the two sets; jittable, ``O(N_in + N_out)``, no sort.
+
+    The by-counts form of :func:`aurocs` for
+    :func:`calib_jax.bootstrap.bootstrap_by_counts` (``prepare=ranked_scores``): ties count
+    1/2, a non-finite score makes the AUROC NaN, as in :func:`auroc`. Exact up to float32
+    rounding of the sum over pairs (within ~2e-7 of :func:`aurocs` of the gathered resamples
+    over 10,000 and 26,032 examples, ``tests/test_ood.py``).
+
+    Args:
+      ranked: :func:`ranked_scores` ``(in_logits, out_logits)``.
+      in_counts, out_counts: ``[N_in]``, ``[N_out]`` non-negative int32 multiplicities.
+    """
+    return {"entropy": _auroc_from_order(ranked["entropy"], out_counts, in_counts),
+            "confidence": _auroc_from_order(ranked["confidence"], in_counts, out_counts)}
+
+
+def bootstrap_aurocs(in_logits, out_logits, *, key, num_resamples: int = 1000,
+                     confidence: float = 0.95, method: str = "percentile",
+                     chunk_size: int = 64) -> bootstrap.BootstrapResult:
+    """:func:`aurocs` with bootstrap intervals, the test and OOD sets resampled each on its
+    own (a two-sample bootstrap).
+
+    The same resamples and values as ``bootstrap.bootstrap(aurocs, in_logits, out_logits,
+    key=key, groups=(0, 1))`` (up to float32 rounding), so its test resamples are those of
+    a :func:`calib_jax.bootstrap.bootstrap` of the test set's other metrics with ``key``;
+    but each resample's AUROC comes from its counts (:func:`aurocs_from_counts`) instead of a
+    sort of its scores: 1,000 resamples of 10,000 against 26,032 examples took 2.2 s instead
+    of 11.9 s on this project's 2-core CPU (``benchmarks/bootstrap_coverage.py``). Scores
+    that differ only in their last bit (rows of equal logits in another order) may compare
+    otherwise in the two programs, as in any two programs.
+
+    Args:
+      in_logits, out_logits: ``[N_in, C]`` test and ``[N_out, C]`` OOD logits.
+      key, num_resamples, confidence, method, chunk_size: as for
+        :func:`calib_jax.bootstrap.bootstrap`.
+
+    Returns:
+      :class:`calib_jax.bootstrap.BootstrapResult` whose fields are ``{score: ...}`` dicts.
+
+    >>> import jax, jax.numpy as jnp
+    >>> sure = jnp.array([[5.0, 0.0], [0.0, 4.0], [3.0, 0.5]])
+    >>> unsure = jnp.array([[0.1, 0.0], [0.0, 0.2], [4.0, 0.0]])
+    >>> result = bootstrap_aurocs(sure, unsure, key=jax.random.key(0), num_resamples=100)
+    >>> [round(float(v), 6) for v in (result.value["entropy"], aurocs(sure, unsure)["entropy"])]
+    [0.833333, 0.833333]
+    >>> bool(result.low["entropy"] <= result.value["entropy"] <= result.high["entropy"])
+    True
+    """
+    return bootstrap.bootstrap_by_counts(
+        ranked_scores, aurocs_from_counts, in_logits, out_logits, key=key,
+        num_resamples=num_resamples, confidence=confidence, method=method,
+        chunk_size=chunk_size, groups=(0, 1))
 
 
 class RocCurve(NamedTuple):

@@ -256,3 +256,82 @@ def test_bad_metric_fn_and_the_metrics_own_checks():
                             num_resamples=10)
     with pytest.raises(ValueError, match="`method` must be one of"):
         bootstrap.interval(jnp.float32(0.1), jnp.zeros(5), method="bca")
+
+
+def _correct(logits, labels):
+    return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+
+
+def _accuracy_from_counts(correct, counts):
+    return jnp.sum(correct * counts) / jnp.sum(counts)
+
+
+def _nll_gap(test_logits, test_labels, out_logits):
+    # Per-example NLL of the test set and max log-probability of the other sample.
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(test_logits), test_labels[:, None], 1)[:, 0]
+    return nll, jnp.max(jax.nn.log_softmax(out_logits), -1)
+
+
+def _nll_gap_from_counts(per_example, test_counts, out_counts):
+    nll, top = per_example
+    return {"nll": jnp.sum(nll * test_counts) / jnp.sum(test_counts),
+            "gap": jnp.sum(top * out_counts) / jnp.sum(out_counts)
+            - jnp.sum(nll * test_counts) / jnp.sum(test_counts)}
+
+
+def test_by_counts_draws_bootstraps_resamples_and_gives_its_metric():
+    """bootstrap_by_counts counts the very indices bootstrap gathers: the same samples of the
+    same metric (one group; two groups of different sizes, the arrays of group 0 paired),
+    the counts summing to each group's size; the full-data value is the metric with unit
+    counts."""
+    logits, labels = data(n=50)
+    key = jax.random.key(11)
+    counted = bootstrap.bootstrap_by_counts(_correct, _accuracy_from_counts, logits, labels,
+                                            key=key, num_resamples=25, chunk_size=7)
+    gathered = bootstrap.bootstrap(metrics.accuracy, logits, labels, key=key,
+                                   num_resamples=25)
+    np.testing.assert_allclose(counted.samples, gathered.samples, atol=1e-6)
+    assert float(counted.value) == pytest.approx(float(metrics.accuracy(logits, labels)))
+    assert float(jnp.std(counted.samples)) > 0
+
+    out_logits, _ = data(n=33, seed=2, scale=1.0)
+    counted = bootstrap.bootstrap_by_counts(_nll_gap, _nll_gap_from_counts, logits, labels,
+                                            out_logits, key=key, num_resamples=20,
+                                            groups=(0, 0, 1))
+
+    def nll_gap(z, y, o):
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(z), y[:, None], 1)[:, 0]
+        return {"nll": jnp.mean(nll), "gap": jnp.mean(jnp.max(jax.nn.log_softmax(o), -1))
+                - jnp.mean(nll)}
+
+    gathered = bootstrap.bootstrap(nll_gap, logits, labels, out_logits, key=key,
+                                   num_resamples=20, groups=(0, 0, 1))
+    for name in ("nll", "gap"):
+        np.testing.assert_allclose(counted.samples[name], gathered.samples[name], rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_allclose(counted.high[name], gathered.high[name], rtol=1e-5)
+
+
+def test_by_counts_bad_input_and_nan_warning():
+    logits, labels = data(n=8)
+    with pytest.raises(TypeError, match="`prepare` must be a function"):
+        bootstrap.bootstrap_by_counts(None, _accuracy_from_counts, logits, labels,
+                                      key=jax.random.key(0))
+    with pytest.raises(TypeError, match="`metric_from_counts` must be a function"):
+        bootstrap.bootstrap_by_counts(_correct, "accuracy", logits, labels,
+                                      key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"the arrays have \[8, 5\] examples"):
+        bootstrap.bootstrap_by_counts(_correct, _accuracy_from_counts, logits, labels[:5],
+                                      key=jax.random.key(0))
+    with pytest.raises(ValueError, match="`groups` must number the samples"):
+        bootstrap.bootstrap_by_counts(_correct, _accuracy_from_counts, logits, labels,
+                                      key=jax.random.key(0), groups=(0, 2))
+
+    def first_example_share(correct, counts):  # NaN where a resample misses example 0
+        return jnp.where(counts[0] > 0, jnp.sum(correct * counts) / counts[0], jnp.nan)
+
+    with pytest.warns(RuntimeWarning, match="`metric_from_counts` gave .* NaN or infinite"):
+        result = bootstrap.bootstrap_by_counts(
+            _correct, first_example_share, logits, jnp.argmax(logits, -1),
+            key=jax.random.key(0), num_resamples=30)
+    assert np.isnan(result.low) and np.isfinite(result.value)

@@ -28,8 +28,9 @@ def test_the_table_rows_and_timing_run_and_are_recorded(tmp_path, capsys):
     assert rows[6]["width"] > 0
     # The sweep rows are measured against the same population value as the ECE rows.
     assert rows[4]["population"] == rows[0]["population"] and rows[4]["mean_estimate"] >= 0
-    assert [t["metric"] for t in report["timing"]] == ["ece", "summary", "aurocs"]
-    assert [t["examples"] for t in report["timing"]] == [[50], [50], [50, 30]]
+    assert [t["metric"] for t in report["timing"]] == [
+        "metrics.ece", "metrics.summary", "ood.aurocs", "ood.bootstrap_aurocs"]
+    assert [t["examples"] for t in report["timing"]] == [[50], [50], [50, 30], [50, 30]]
     assert all(t["later_call_s"] > 0 and t["resamples"] == 4 for t in report["timing"])
     assert "| calibrated |" in capsys.readouterr().out
 

@@ -102,3 +102,76 @@ def test_bad_inputs():
     with pytest.warns(UserWarning, match="probabilities"):
         ood.entropy(jnp.full((2, 4), 0.25))
     assert np.isnan(float(jax.jit(ood.auroc)(z, z.at[0, 0].set(jnp.nan))))
+
+
+def tied_logits_pair(n_in=300, n_out=500, seed=3):
+    """Test and OOD logits drawn from 30 rows (the first 20 for the test set, the last 20 for
+    the OOD set): many examples share a score, across the two sets and within each. (Exact
+    copies: rows equal only up to a permutation can differ in their scores' last bit.)"""
+    z_in, z_out = logits_pair(20, 10, c=4, seed=seed)
+    rows = np.concatenate([z_in, z_out])
+    rng = np.random.default_rng(seed)
+    return rows[rng.integers(0, 20, n_in)], rows[rng.integers(10, 30, n_out)]
+
+
+def test_bootstrap_aurocs_are_the_aurocs_of_the_gathered_resamples():
+    """The counted resamples (one sort) equal resampling the logits and sorting each: the same
+    test / OOD indices (a grouped bootstrap's), the same AUROCs to float32 rounding, ties
+    included; the chunking changes nothing; the full-data value is aurocs'."""
+    from calib_jax import bootstrap
+    z_in, z_out = tied_logits_pair()
+    key = jax.random.key(7)
+    counted = ood.bootstrap_aurocs(z_in, z_out, key=key, num_resamples=40, chunk_size=16)
+    gathered = bootstrap.bootstrap(ood.aurocs, z_in, z_out, key=key, num_resamples=40,
+                                   groups=(0, 1))
+    index_in = np.asarray(bootstrap.resample_indices(key, len(z_in), 40))
+    index_out = np.asarray(bootstrap.resample_indices(key, len(z_out), 40, group=1))
+    want = [ref.auroc(ref.entropy(z_out[o]), ref.entropy(z_in[i]))
+            for i, o in zip(index_in, index_out)]
+    for score in ood.SCORES:
+        np.testing.assert_allclose(counted.samples[score], gathered.samples[score], atol=1e-6)
+        np.testing.assert_allclose(counted.value[score], ood.aurocs(z_in, z_out)[score],
+                                   atol=1e-6)
+        np.testing.assert_allclose(counted.low[score], gathered.low[score], atol=1e-6)
+        assert float(counted.std[score]) > 0.005  # a real spread, not a constant
+    np.testing.assert_allclose(counted.samples["entropy"], want, atol=1e-5)
+    assert len(set(np.asarray(ood.entropy(np.concatenate([z_in, z_out]))))) == 30  # ties
+    again = ood.bootstrap_aurocs(z_in, z_out, key=key, num_resamples=40, chunk_size=40)
+    np.testing.assert_allclose(again.samples["confidence"], counted.samples["confidence"],
+                               atol=1e-7)
+
+
+@given(st.integers(0, 10000), st.sampled_from([1, 5, 12]), st.sampled_from([1, 4, 9]))
+def test_property_aurocs_from_counts_equal_aurocs_of_the_repeated_examples(seed, n_in, n_out):
+    """Any multiplicities (zeros included, at least one example kept per set): the AUROCs of
+    the examples repeated that many times."""
+    rng = np.random.default_rng(seed)
+    z_in = rng.integers(-2, 3, (n_in, 3)).astype(np.float32)  # few distinct scores: ties
+    z_out = rng.integers(-2, 3, (n_out, 3)).astype(np.float32)
+    in_counts, out_counts = rng.integers(0, 4, n_in), rng.integers(0, 4, n_out)
+    in_counts[rng.integers(n_in)] += 1
+    out_counts[rng.integers(n_out)] += 1
+    got = ood.aurocs_from_counts(ood.ranked_scores(z_in, z_out),
+                                 jnp.asarray(in_counts, jnp.int32),
+                                 jnp.asarray(out_counts, jnp.int32))
+    repeated_in, repeated_out = np.repeat(z_in, in_counts, 0), np.repeat(z_out, out_counts, 0)
+    want = ood.aurocs(repeated_in, repeated_out)
+    for score in ood.SCORES:
+        np.testing.assert_allclose(float(got[score]), float(want[score]), atol=1e-6)
+
+
+def test_counted_aurocs_bad_inputs_and_nan_scores():
+    z = jnp.zeros((3, 4)).at[:, 0].set(2.0)
+    with pytest.raises(ValueError, match="same number of classes"):
+        ood.bootstrap_aurocs(z, jnp.zeros((3, 5)), key=jax.random.key(0), num_resamples=5)
+    with pytest.raises(ValueError, match="`out_logits` contains"):
+        ood.ranked_scores(z, z.at[0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match="`num_resamples` must be an int >= 2"):
+        ood.bootstrap_aurocs(z, z, key=jax.random.key(0), num_resamples=1)
+    with pytest.raises(TypeError, match="`key` must be a JAX PRNG key"):
+        ood.bootstrap_aurocs(z, z, key=0)
+    # Traced (no eager check), a NaN row gives NaN AUROCs, as auroc does.
+    ones = jnp.ones(3, jnp.int32)
+    nan = jax.jit(lambda a, b: ood.aurocs_from_counts(ood.ranked_scores(a, b), ones, ones))(
+        z, z.at[0, 0].set(jnp.nan))
+    assert all(np.isnan(float(v)) for v in nan.values())

@@ -329,17 +329,24 @@ def bootstrap(metric_fn: Callable, *arrays, key, num_resamples: int = 1000,
     if not callable(metric_fn):
         raise TypeError(f"`metric_fn` must be a function of the arrays, e.g. metrics.ece, got "
                         f"{type(metric_fn).__name__}.")
+    arrays, groups, sizes, key = _checked(arrays, groups, key, num_resamples, chunk_size,
+                                          confidence, method)
+    value = jax.tree.map(jnp.asarray, metric_fn(*arrays))  # eager: the metric's checks run
+    samples = _resampled(metric_fn, arrays, key, int(num_resamples),
+                         min(chunk_size, num_resamples), groups)
+    return _result(value, samples, sizes, confidence, method, "metric_fn")
+
+
+def _checked(arrays, groups, key, num_resamples, chunk_size, confidence, method):
+    """The arguments :func:`bootstrap` and :func:`bootstrap_by_counts` share, checked:
+    ``(arrays as jax arrays, groups, {group: N}, key)``."""
     groups = _check_groups(groups, len(arrays))
     sizes = _check_arrays(arrays, groups)
     key = _check_key(key)
     check_num_resamples(num_resamples)
     validation.check_count(chunk_size, "chunk_size")
     _check_interval_options(confidence, method)
-    arrays = tuple(jnp.asarray(a) for a in arrays)
-    value = jax.tree.map(jnp.asarray, metric_fn(*arrays))  # eager: the metric's checks run
-    samples = _resampled(metric_fn, arrays, key, int(num_resamples),
-                         min(chunk_size, num_resamples), groups)
-    return _result(value, samples, sizes, confidence, method, "metric_fn")
+    return tuple(jnp.asarray(a) for a in arrays), groups, sizes, key
 
 
 def _result(value, samples, sizes, confidence, method, name) -> BootstrapResult:
@@ -428,13 +435,8 @@ def bootstrap_by_counts(prepare: Callable, metric_from_counts: Callable, *arrays
     for name, fn in (("prepare", prepare), ("metric_from_counts", metric_from_counts)):
         if not callable(fn):
             raise TypeError(f"`{name}` must be a function, got {type(fn).__name__}.")
-    groups = _check_groups(groups, len(arrays))
-    sizes = _check_arrays(arrays, groups)
-    key = _check_key(key)
-    check_num_resamples(num_resamples)
-    validation.check_count(chunk_size, "chunk_size")
-    _check_interval_options(confidence, method)
-    arrays = tuple(jnp.asarray(a) for a in arrays)
+    arrays, groups, sizes, key = _checked(arrays, groups, key, num_resamples, chunk_size,
+                                          confidence, method)
     ones = (jnp.ones((n,), jnp.int32) for n in sizes.values())
     # Eager, as bootstrap's: the functions' own checks run on the data.
     value = jax.tree.map(jnp.asarray, metric_from_counts(prepare(*arrays), *ones))

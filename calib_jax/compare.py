@@ -7,16 +7,20 @@ runs/paper/cifar10/resnet50/flsd53 [--bootstrap 1000] [--seed 0] [--json FILE]``
 Each side is an evaluation directory (``eval_final/``, ...: one holding ``results.json`` and
 ``logits.npz``, which ``python -m calib_jax.evaluate`` writes) or a run directory, whose
 table evaluation (``eval_<config.eval_checkpoint>``) is taken. The two must hold the same
-test set (their test labels are compared). For every metric of the evaluation report (error,
+test set (their test labels are compared, and the fingerprints of their test sets where both
+evaluations recorded them: :func:`calib_jax.data.datasets.fingerprint`). For every metric of the evaluation report (error,
 NLL, ECE, AdaECE, classwise ECE, MCE), before and after each run's own temperature, it prints
 ``other - baseline`` with the basic 95 % interval of ``--bootstrap`` resamples of the test
 set, the same resamples for both runs (paired: the test set's shared difficulty cancels, so
 the interval is narrower than the two runs' own intervals together), and how many resamples
 put ``other`` below ``baseline``. OOD AUROC (entropy and confidence) is compared on every OOD
 set both evaluations hold with as many examples: the test set with the same resamples, the
-OOD set resampled independently of it (the same OOD resamples for both runs); the others are
-named as left out. The temperatures are held fixed (chosen on the validation
-split), as the evaluation reports them. See :mod:`calib_jax.bootstrap` on what an interval
+OOD set resampled independently of it (the same OOD resamples for both runs); an OOD set
+whose fingerprints differ (e.g. CIFAR-10-C from the release's files in one evaluation and
+generated in the other: one name, one size, other images) is left out, and one that an
+evaluation from before fingerprints holds is compared by name and size alone and named as
+unverified (``ood_unverified``); the others are named as left out. The temperatures are
+held fixed (chosen on the validation split), as the evaluation reports them. See :mod:`calib_jax.bootstrap` on what an interval
 of a calibration error's difference means (measured coverage).
 """
 
@@ -111,7 +115,8 @@ def _auroc_difference_from_counts(ranked_pair, in_counts, out_counts) -> dict:
 
 def compare(baseline, other, *, num_resamples: int = 1000, seed: int = 0) -> dict:
     """The comparison (see the module docstring) as a dict: ``{"baseline", "other",
-    "num_resamples", "seed", "temperature", "ood_left_out": {set: why}, "before": {metric:
+    "num_resamples", "seed", "temperature", "ood_left_out": {set: why}, "ood_unverified":
+    {set: why}, "before": {metric:
     {"baseline", "other", "difference", "basic_95": [low, high], "percentile_95": [low,
     high], "other_lower": count}, "ood_auroc": {set: {score: {...}}}}, "after": ...}``;
     ``baseline`` and ``other`` are evaluation or run directories."""
@@ -128,11 +133,19 @@ def compare(baseline, other, *, num_resamples: int = 1000, seed: int = 0) -> dic
                 f"test examples")
         raise ComparisonRefused(f"{dirs[0]} and {dirs[1]} were evaluated on different test "
                                 f"sets ({what}); compare runs of one data set and split")
-    ood_names, ood_left_out = _common_ood_sets(base, oth, dirs)
+    data = [results.get("data", {}) for results in (base_results, other_results)]
+    fingerprints = [d.get("fingerprints", {}) for d in data]
+    if None not in (tests := [f.get("test") for f in fingerprints]) and tests[0] != tests[1]:
+        raise ComparisonRefused(
+            f"{dirs[0]} and {dirs[1]} were evaluated on different test sets (the same labels, "
+            f"other inputs: fingerprints {tests[0][:19]}... and {tests[1][:19]}...; from "
+            f"{data[0].get('test')} and {data[1].get('test')}); compare runs evaluated on one "
+            f"copy of the data set")
+    ood_names, ood_left_out, ood_unverified = _common_ood_sets(base, oth, dirs, data)
     report = {"baseline": str(dirs[0]), "other": str(dirs[1]), "num_resamples": num_resamples,
               "seed": seed, "temperature": {"baseline": float(base["temperature"]),
                                             "other": float(oth["temperature"])},
-              "ood_left_out": ood_left_out}
+              "ood_left_out": ood_left_out, "ood_unverified": ood_unverified}
     labels = jnp.asarray(labels_a)
     for tag in ("before", "after"):
         # Each run's own T after scaling, as its evaluation reports it.
@@ -169,12 +182,14 @@ def _row(result, name, baseline_value, other_value) -> dict:
             "other_lower": int(np.sum(np.asarray(result.samples[name]) < 0))}
 
 
-def _common_ood_sets(base, other, dirs) -> tuple[list, dict]:
-    """OOD sets both evaluations hold with as many examples, and why the others are left out
-    (an OOD set has no labels to compare: its name and size stand for it)."""
+def _common_ood_sets(base, other, dirs, data) -> tuple[list, dict, dict]:
+    """``(compared, left out, unverified)``: the OOD sets both evaluations hold with as many
+    examples and, where both recorded them, the same fingerprint; why each other set is left
+    out; which compared sets an evaluation without fingerprints (an earlier version) leaves
+    identified by name and size alone."""
     names = [{k[len("ood_logits_"):] for k in saved if k.startswith("ood_logits_")}
              for saved in (base, other)]
-    common, left_out = [], {}
+    common, left_out, unverified = [], {}, {}
     for name in sorted(names[0] | names[1]):
         if name not in names[0] or name not in names[1]:
             left_out[name] = f"only {dirs[0 if name in names[0] else 1]} evaluated it"
@@ -183,8 +198,19 @@ def _common_ood_sets(base, other, dirs) -> tuple[list, dict]:
         if sizes[0] != sizes[1]:
             left_out[name] = f"{sizes[0]} and {sizes[1]} examples: not the same set"
             continue
+        prints = [d.get("fingerprints", {}).get("ood", {}).get(name) for d in data]
+        if None not in prints and prints[0] != prints[1]:
+            where = [d.get("ood_sources", {}).get(name, "?") for d in data]
+            left_out[name] = (f"other examples under one name and size (fingerprints differ; "
+                              f"from {where[0]} and {where[1]})")
+            continue
+        if None in prints:
+            old = [str(d) for d, p in zip(dirs, prints) if p is None]
+            unverified[name] = (f"compared by name and size alone: {' and '.join(old)} "
+                                f"recorded no fingerprint of it (evaluated by an earlier "
+                                f"version; evaluate again to check)")
         common.append(name)
-    return common, left_out
+    return common, left_out, unverified
 
 
 def markdown_comparison(report: dict) -> str:
@@ -216,6 +242,8 @@ def markdown_comparison(report: dict) -> str:
                      "independently (the same OOD resamples for both runs); higher is better.")
     for name, why in report.get("ood_left_out", {}).items():
         lines.append(f"\nOOD set {name} not compared: {why}.")
+    for name, why in report.get("ood_unverified", {}).items():
+        lines.append(f"\nOOD set {name} {why}.")
     return "\n".join(lines)
 
 

@@ -22,7 +22,9 @@ and confidence scores, and beside them the less biased monotonic-sweep ECE
 (:func:`calib_jax.metrics.ece_sweep`, not one of the paper's metrics). Writes
 ``results.json``, ``results.md``, ``logits.npz`` (the validation, test and OOD logits with
 their labels and the chosen T: what
-:mod:`calib_jax.compare` and a notebook need, without the model), reliability
+:mod:`calib_jax.compare` and a notebook need, without the model; ``results.json`` records
+each data set's source and content fingerprint, :func:`calib_jax.data.datasets.fingerprint`,
+which compare checks before pairing two runs' examples), reliability
 diagrams, confidence histograms, temperature curves and ROC curves (PNG) to
 ``--out`` (default ``<workdir>/eval_<checkpoint>``, and ``eval_<checkpoint>_nll`` with
 ``--criterion nll``, so that the default, ECE-picked results that ``build_tables.py`` and the
@@ -256,7 +258,7 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
 
     val_logits = logits_of(val, "train")  # val is part of the training images
     test_logits = logits_of(test, "test")
-    ood_logits, skipped = {}, {}
+    ood_logits, skipped, ood_sets = {}, {}, {}
     for name in OOD_SETS.get(config.dataset, ()):
         try:
             ood_ds = datasets.load(name, "test", data_dir=data_dir)
@@ -264,6 +266,7 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
             skipped[name] = str(e).splitlines()[0][:300]
             continue
         ood_logits[name] = logits_of(ood_ds, "test")
+        ood_sets[name] = ood_ds
 
     search = calibration.temperature_grid_search(val_logits, val.labels, criterion=criterion)
     search_other = calibration.temperature_grid_search(
@@ -275,7 +278,13 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
         "workdir": str(workdir), "checkpoint": which, "epoch": meta["epoch"],
         "config": json.loads(config.to_json()),
         "data": {"val": val.source, "test": test.source, "val_is_test": val.val_is_test,
-                 "ood_skipped": skipped},
+                 "ood_skipped": skipped,
+                 "ood_sources": {name: ds.source for name, ds in ood_sets.items()},
+                 # What compare checks before pairing two runs' examples.
+                 "fingerprints": {"val": datasets.fingerprint(val),
+                                  "test": datasets.fingerprint(test),
+                                  "ood": {name: datasets.fingerprint(ds)
+                                          for name, ds in ood_sets.items()}}},
         "temperature": {"criterion": criterion, "value": t, "grid_index": int(search.index),
                         f"grid_{'nll' if criterion == 'ece' else 'ece'}":
                             float(search_other.temperature),

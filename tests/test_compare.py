@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -130,6 +131,58 @@ def test_ood_auroc_differences_resample_the_ood_set_on_its_own(two_evaluations, 
     assert "OOD set synthetic_c not compared: " in compare.markdown_comparison(left)
     assert compare.compare(base, missing, num_resamples=10)["ood_left_out"] == \
         {"synthetic_c": f"only {base} evaluated it"}
+
+
+def _with_data_record(source: Path, target: Path, change) -> Path:
+    """A copy of evaluation ``source`` at ``target`` whose results.json's ``data`` record
+    ``change`` (a function of it) has edited."""
+    shutil.copytree(source, target)
+    results = json.loads((target / "results.json").read_text())
+    change(results["data"])
+    (target / "results.json").write_text(json.dumps(results))
+    return target
+
+
+def test_fingerprints_keep_other_examples_from_being_paired(two_evaluations, tmp_path):
+    """An OOD set of one name and size but another fingerprint (e.g. CIFAR-10-C from the
+    release's files against a generated one) is left out, naming both sources; one an
+    evaluation from before fingerprints holds is compared and named as unverified; a test set
+    with the same labels but another fingerprint is refused."""
+    _, base, other = two_evaluations
+    saved = json.loads((base / "results.json").read_text())["data"]
+    assert saved["fingerprints"]["ood"]["synthetic_c"].startswith("sha256:")
+    assert compare.compare(base, other, num_resamples=10)["ood_unverified"] == {}
+
+    def regenerated(data):
+        data["fingerprints"]["ood"]["synthetic_c"] = "sha256:" + "0" * 64
+        data["ood_sources"]["synthetic_c"] = "generated elsewhere"
+
+    moved = _with_data_record(other, tmp_path / "regenerated", regenerated)
+    report = compare.compare(base, moved, num_resamples=10)
+    assert report["before"]["ood_auroc"] == {} and report["after"]["ood_auroc"] == {}
+    assert report["ood_left_out"] == {"synthetic_c": (
+        f"other examples under one name and size (fingerprints differ; from "
+        f"{saved['ood_sources']['synthetic_c']} and generated elsewhere)")}
+    assert "OOD set synthetic_c not compared: other examples" in \
+        compare.markdown_comparison(report)
+
+    older = _with_data_record(other, tmp_path / "older",
+                              lambda data: (data.pop("fingerprints"), data.pop("ood_sources")))
+    report = compare.compare(base, older, num_resamples=10)
+    assert set(report["before"]["ood_auroc"]) == {"synthetic_c"}
+    assert report["ood_unverified"] == {"synthetic_c": (
+        f"compared by name and size alone: {older} recorded no fingerprint of it (evaluated "
+        f"by an earlier version; evaluate again to check)")}
+    assert f"OOD set synthetic_c compared by name and size alone: {older}" in \
+        compare.markdown_comparison(report)
+
+    def other_test_images(data):
+        data["fingerprints"]["test"] = "sha256:" + "1" * 64
+
+    copy = _with_data_record(other, tmp_path / "copy", other_test_images)
+    with pytest.raises(compare.ComparisonRefused, match="different test sets \\(the same "
+                                                        "labels, other inputs: fingerprints"):
+        compare.compare(base, copy, num_resamples=10)
 
 
 def test_refusals_say_what_to_do(two_evaluations, tmp_path, capsys):

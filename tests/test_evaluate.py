@@ -46,6 +46,17 @@ def test_evaluation_pass_writes_report(run_dir):
         assert set(values["ood_auroc"]["synthetic_c"]) == {"entropy", "confidence"}
         assert 0 <= values["ece_sweep"] <= 1 and values["sweep_num_bins"] >= 1
     assert saved["test"]["before"]["error"] == saved["test"]["after"]["error"]
+    # What compare checks before pairing examples: each data set's content fingerprint.
+    config = evaluate.load_run_config(run_dir)
+    prints, options = saved["data"]["fingerprints"], train.dataset_options(config)
+    assert prints["test"] == datasets.fingerprint(datasets.load(config.dataset, "test",
+                                                                **options))
+    assert prints["val"] == datasets.fingerprint(datasets.load(config.dataset, "val",
+                                                               **options))
+    assert prints["ood"] == {"synthetic_c": datasets.fingerprint(datasets.load("synthetic_c",
+                                                                               "test"))}
+    assert prints["test"] != prints["val"] and saved["data"]["ood_sources"] == {
+        "synthetic_c": datasets.load("synthetic_c", "test").source}
     t = saved["temperature"]["value"]
     assert 0.1 <= t <= 10 and saved["temperature"]["nll_fit"] > 0
     assert results["test"]["after"]["ece"] <= results["test"]["before"]["ece"] + 0.05

@@ -27,6 +27,7 @@ import collections
 import dataclasses
 import functools
 import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from calib_jax.data import sources
 from calib_jax.data.sources import DamagedDataError, DataNotFoundError
 
 __all__ = ["Dataset", "DamagedDataError", "DataNotFoundError", "cifar_split_indices",
-           "gaussian_noise", "load", "names", "normalization", "word_vectors"]
+           "fingerprint", "gaussian_noise", "load", "names", "normalization", "word_vectors"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +147,28 @@ _NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10, "cifar10_c": 10,
 
 def names() -> list[str]:
     return sorted(_NUM_CLASSES)
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """``"sha256:<hex>"`` of a split's content: its inputs' and labels' dtypes, shapes and
+    bytes, in order (not its name or source: the same images from TFDS or from local files
+    match; the same images in another order, or one pixel changed, do not). Evaluations record
+    it (``results.json``'s ``data.fingerprints``), so that ``calib_jax.compare`` pairs two runs'
+    examples only where they are the same examples (CIFAR-10-C's 10,000 images are the
+    release's where its files are found, else generated: two such sets have one name and
+    size). About 0.1 s for CIFAR-10's test set.
+
+    >>> import numpy as np
+    >>> a = Dataset("x", "test", np.zeros((2, 1, 1, 3), np.uint8), np.array([0, 1]), 2, "here")
+    >>> b = Dataset("y", "test", a.inputs.copy(), a.labels.copy(), 2, "there")
+    >>> fingerprint(a) == fingerprint(b), fingerprint(a)[:7]
+    (True, 'sha256:')
+    """
+    digest = hashlib.sha256()
+    for array in (np.asarray(dataset.inputs), np.asarray(dataset.labels)):
+        digest.update(f"{array.dtype.str}{array.shape};".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def _images(folder: str | tuple[str, ...], tfds_name: str | None, split: str, data_dir,

@@ -156,7 +156,7 @@ def fingerprint(dataset: Dataset) -> str:
     it (``results.json``'s ``data.fingerprints``), so that ``calib_jax.compare`` pairs two runs'
     examples only where they are the same examples (CIFAR-10-C's 10,000 images are the
     release's where its files are found, else generated: two such sets have one name and
-    size). About 0.1 s for CIFAR-10's test set.
+    size). 0.03 s for CIFAR-10's test set (30 MB; this project's 2-core CPU).
 
     >>> import numpy as np
     >>> a = Dataset("x", "test", np.zeros((2, 1, 1, 3), np.uint8), np.array([0, 1]), 2, "here")

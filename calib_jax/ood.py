@@ -111,16 +111,22 @@ def auroc_from_scores(positive_scores, negative_scores):
     return _auroc_from_scores(positive, negative)
 
 
-def _oriented_scores(in_logits, out_logits, score):
-    """(positive scores, negative scores) under the reference's orientation."""
-    if score not in SCORES:
-        raise ValueError(f"`score` must be one of {SCORES}, got {score!r}.")
+def _checked_pair(in_logits, out_logits):
+    """The test and OOD logits, checked (each, and their class counts against each other)."""
     in_logits = validation.check_logits(in_logits, name="in_logits")
     out_logits = validation.check_logits(out_logits, name="out_logits")
     if in_logits.shape[-1] != out_logits.shape[-1]:
         raise ValueError(
             f"`in_logits` and `out_logits` must have the same number of classes, got "
             f"{in_logits.shape[-1]} and {out_logits.shape[-1]}.")
+    return in_logits, out_logits
+
+
+def _oriented_scores(in_logits, out_logits, score):
+    """(positive scores, negative scores) under the reference's orientation."""
+    if score not in SCORES:
+        raise ValueError(f"`score` must be one of {SCORES}, got {score!r}.")
+    in_logits, out_logits = _checked_pair(in_logits, out_logits)
     if score == "entropy":
         return _entropy(out_logits), _entropy(in_logits)
     return _confidence(in_logits), _confidence(out_logits)
@@ -205,8 +211,7 @@ def ranked_scores(in_logits, out_logits) -> dict:
     >>> {k: float(v) for k, v in aurocs_from_counts(ranked, ones, ones).items()}
     {'entropy': 1.0, 'confidence': 1.0}
     """
-    _oriented_scores(in_logits, out_logits, SCORES[0])  # the logits' checks
-    return _ranked_scores(in_logits, out_logits)
+    return _ranked_scores(*_checked_pair(in_logits, out_logits))
 
 
 def aurocs_from_counts(ranked, in_counts, out_counts) -> dict:

@@ -8,19 +8,20 @@ Each side is an evaluation directory (``eval_final/``, ...: one holding ``result
 ``logits.npz``, which ``python -m calib_jax.evaluate`` writes) or a run directory, whose
 table evaluation (``eval_<config.eval_checkpoint>``) is taken. The two must hold the same
 test set (their test labels are compared, and the fingerprints of their test sets where both
-evaluations recorded them: :func:`calib_jax.data.datasets.fingerprint`). For every metric of the evaluation report (error,
-NLL, ECE, AdaECE, classwise ECE, MCE), before and after each run's own temperature, it prints
-``other - baseline`` with the basic 95 % interval of ``--bootstrap`` resamples of the test
-set, the same resamples for both runs (paired: the test set's shared difficulty cancels, so
-the interval is narrower than the two runs' own intervals together), and how many resamples
-put ``other`` below ``baseline``. OOD AUROC (entropy and confidence) is compared on every OOD
-set both evaluations hold with as many examples: the test set with the same resamples, the
-OOD set resampled independently of it (the same OOD resamples for both runs); an OOD set
-whose fingerprints differ (e.g. CIFAR-10-C from the release's files in one evaluation and
-generated in the other: one name, one size, other images) is left out, and one that an
-evaluation from before fingerprints holds is compared by name and size alone and named as
-unverified (``ood_unverified``); the others are named as left out. The temperatures are
-held fixed (chosen on the validation split), as the evaluation reports them. See :mod:`calib_jax.bootstrap` on what an interval
+evaluations recorded them: :func:`calib_jax.data.datasets.fingerprint`). For every metric of
+the evaluation report (error, NLL, ECE, AdaECE, classwise ECE, MCE), before and after each
+run's own temperature, it prints ``other - baseline`` with the basic 95 % interval of
+``--bootstrap`` resamples of the test set, the same resamples for both runs (paired: the test
+set's shared difficulty cancels, so the interval is narrower than the two runs' own intervals
+together), and how many resamples put ``other`` below ``baseline``. OOD AUROC (entropy and
+confidence) is compared on every OOD set both evaluations hold with as many examples: the
+test set with the same resamples, the OOD set resampled independently of it (the same OOD
+resamples for both runs); an OOD set whose fingerprints differ (e.g. CIFAR-10-C from the
+release's files in one evaluation and generated in the other: one name, one size, other
+images) is left out, and one that an evaluation from before fingerprints holds is compared by
+name and size alone and named as unverified (``ood_unverified``); the others are named as
+left out. The temperatures are held fixed (chosen on the validation split), as the
+evaluation reports them. See :mod:`calib_jax.bootstrap` on what an interval
 of a calibration error's difference means (measured coverage).
 """
 
@@ -116,9 +117,9 @@ def _auroc_difference_from_counts(ranked_pair, in_counts, out_counts) -> dict:
 def compare(baseline, other, *, num_resamples: int = 1000, seed: int = 0) -> dict:
     """The comparison (see the module docstring) as a dict: ``{"baseline", "other",
     "num_resamples", "seed", "temperature", "ood_left_out": {set: why}, "ood_unverified":
-    {set: why}, "before": {metric:
-    {"baseline", "other", "difference", "basic_95": [low, high], "percentile_95": [low,
-    high], "other_lower": count}, "ood_auroc": {set: {score: {...}}}}, "after": ...}``;
+    {set: why}, "before": {metric: {"baseline", "other", "difference", "basic_95": [low,
+    high], "percentile_95": [low, high], "other_lower": count}, "ood_auroc": {set: {score:
+    {...}}}}, "after": ...}``;
     ``baseline`` and ``other`` are evaluation or run directories."""
     bootstrap.check_num_resamples(num_resamples)
     key = bootstrap.seed_key(seed)

@@ -151,7 +151,7 @@ def names() -> list[str]:
 
 def fingerprint(dataset: Dataset) -> str:
     """``"sha256:<hex>"`` of a split's content: its inputs' and labels' dtypes, shapes and
-    bytes, in order (not its name or source: the same images from TFDS or from local files
+    bytes, in order (not its name, source or ``extra``: the same images from TFDS or from files
     match; the same images in another order, or one pixel changed, do not). Evaluations record
     it (``results.json``'s ``data.fingerprints``), so that ``calib_jax.compare`` pairs two runs'
     examples only where they are the same examples (CIFAR-10-C's 10,000 images are the

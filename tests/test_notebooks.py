@@ -1,5 +1,6 @@
 """Every notebook runs top to bottom, headless (nbclient), on data it generates."""
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,10 +25,14 @@ def test_notebooks_are_generated_from_make_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path, monkeypatch, evaluated_runs):
-    # 02 explores a results directory: give it the shared tiny one instead of letting it
-    # train its own (which it does, and which the README documents, when run by hand).
-    monkeypatch.setenv("RESULTS_ROOT", str(evaluated_runs))
+def test_notebook_runs(path, monkeypatch, evaluated_runs, tmp_path):
+    # 02 explores a results directory: give it the shared tiny run instead of letting it train
+    # its own (which it does, and which the README documents, when run by hand), twice (as
+    # ce and flsd53), so that its paired comparison of two runs of one row runs too.
+    row = tmp_path / "results" / "cifar10" / "resnet50"
+    for loss in ("ce", "flsd53"):
+        shutil.copytree(evaluated_runs / "cifar10" / "resnet50" / "ce", row / loss)
+    monkeypatch.setenv("RESULTS_ROOT", str(tmp_path / "results"))
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(path.parent)}})
@@ -38,6 +43,12 @@ def test_notebook_runs(path, monkeypatch, evaluated_runs):
     images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert images, "every notebook draws at least one figure"
+    if path.stem == "02_explore_results":
+        shown = [o["data"].get("text/markdown", "") for cell in nb.cells
+                 if cell.cell_type == "code" for o in cell.get("outputs", [])
+                 if "data" in o]
+        assert any("`other` = " in text and "| ece | 1 |" in text for text in shown), \
+            "notebook 02 compares the two runs of its row"
 
 
 def test_explore_results_says_when_its_root_holds_no_evaluated_run(tmp_path, monkeypatch):

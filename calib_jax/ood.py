@@ -243,8 +243,8 @@ def bootstrap_aurocs(in_logits, out_logits, *, key, num_resamples: int = 1000,
     key=key, groups=(0, 1))`` (up to float32 rounding), so its test resamples are those of
     a :func:`calib_jax.bootstrap.bootstrap` of the test set's other metrics with ``key``;
     but each resample's AUROC comes from its counts (:func:`aurocs_from_counts`) instead of a
-    sort of its scores: 1,000 resamples of 10,000 against 26,032 examples took 2.2 s instead
-    of 11.9 s on this project's 2-core CPU (``benchmarks/bootstrap_coverage.py``). Scores
+    sort of its scores: 1,000 resamples of 10,000 against 26,032 examples took 1.8 s instead
+    of 12.6 s on this project's 2-core CPU (``benchmarks/bootstrap_coverage.py``). Scores
     that differ only in their last bit (rows of equal logits in another order) may compare
     otherwise in the two programs, as in any two programs.
 

@@ -10,8 +10,9 @@ holding it; the same for ``metrics.ece_sweep`` (monotonic sweep, against the pop
 15-bin ECE: both estimate the model's true calibration error), with each row's mean test
 estimate beside the population value (the estimators' bias). Last, the time of one
 ``bootstrap`` of ``metrics.ece``, of ``metrics.summary`` (every metric) over ``--time-size``
-10-class examples and
-``--time-resamples`` resamples (1,000), and of ``ood.aurocs`` (both OOD scores) of those
+examples of ``--time-classes`` classes (10; 100 for CIFAR-100's size) and
+``--time-resamples`` resamples (1,000), of ``metrics.bootstrap_summary`` (the same resamples
+counted: one softmax and sort), and of ``ood.aurocs`` (both OOD scores) of those
 examples against ``--time-ood-size`` others (26,032: SVHN's test set), each resampled on its
 own (``groups=(0, 1)``; a sort per resample), and of ``ood.bootstrap_aurocs`` (the same
 resamples counted, one sort), after the compiling call.
@@ -19,7 +20,7 @@ resamples counted, one sort), after the compiling call.
 Usage:
   python benchmarks/bootstrap_coverage.py [--trials 40] [--test-size 2000]
       [--resamples 500] [--population 400000] [--time-size 10000] [--time-resamples 1000]
-      [--time-ood-size 26032] [--json out.json]
+      [--time-ood-size 26032] [--time-classes 10] [--json out.json]
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ NUM_CLASSES = 10
 CALIBRATED, LESS_OVERCONFIDENT, OVERCONFIDENT = 1.0, 1.1, 1.2
 
 
-def draw(num_examples: int, seed: int):
+def draw(num_examples: int, seed: int, num_classes: int = NUM_CLASSES):
     """``(true logits [N, C] float32, labels [N])``: labels drawn from the logits' softmax."""
     rng = np.random.default_rng(seed)
-    z = 2.0 * rng.standard_normal((num_examples, NUM_CLASSES))
+    z = 2.0 * rng.standard_normal((num_examples, num_classes))
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     labels = (p.cumsum(1) > rng.random((num_examples, 1))).argmax(1)
@@ -103,8 +104,8 @@ def coverage(args) -> list[dict]:
 
 
 def timing(args) -> list[dict]:
-    z, y = draw(args.time_size, seed=1)
-    z_ood, _ = draw(args.time_ood_size, seed=2)
+    z, y = draw(args.time_size, seed=1, num_classes=args.time_classes)
+    z_ood, _ = draw(args.time_ood_size, seed=2, num_classes=args.time_classes)
     out = []
 
     def generic(fn, arrays, groups):
@@ -112,6 +113,9 @@ def timing(args) -> list[dict]:
             return bootstrap.bootstrap(fn, *arrays, key=key, num_resamples=args.time_resamples,
                                        groups=groups)
         return run
+
+    def counted_summary(key):
+        return metrics.bootstrap_summary(1.2 * z, y, key=key, num_resamples=args.time_resamples)
 
     def counted_aurocs(key):
         return ood.bootstrap_aurocs(1.2 * z, 0.3 * z_ood, key=key,
@@ -121,6 +125,7 @@ def timing(args) -> list[dict]:
     for name, run, examples in (
             ("metrics.ece", generic(metrics.ece, (1.2 * z, y), None), [args.time_size]),
             ("metrics.summary", generic(metrics.summary, (1.2 * z, y), None), [args.time_size]),
+            ("metrics.bootstrap_summary", counted_summary, [args.time_size]),
             ("ood.aurocs", generic(ood.aurocs, (1.2 * z, 0.3 * z_ood), (0, 1)), both),
             ("ood.bootstrap_aurocs", counted_aurocs, both)):
         times = []
@@ -129,10 +134,11 @@ def timing(args) -> list[dict]:
             r = run(jax.random.key(call))
             jax.block_until_ready(r.samples)
             times.append(time.perf_counter() - start)
-        row = {"metric": name, "examples": examples, "resamples": args.time_resamples,
+        row = {"metric": name, "examples": examples, "classes": args.time_classes,
+               "resamples": args.time_resamples,
                "first_call_s": times[0], "later_call_s": float(np.median(times[1:]))}
-        what = name if name.startswith("ood.bootstrap") else f"bootstrap of {name}"
-        print(f"{what}, {' and '.join(map(str, examples))} x {NUM_CLASSES}, "
+        what = name if ".bootstrap_" in name else f"bootstrap of {name}"
+        print(f"{what}, {' and '.join(map(str, examples))} x {args.time_classes}, "
               f"{args.time_resamples:,} resamples: first call {times[0]:.2f} s, then "
               f"{row['later_call_s']:.2f} s")
         out.append(row)
@@ -148,11 +154,12 @@ def main(argv=None):
     parser.add_argument("--time-size", type=int, default=10_000)
     parser.add_argument("--time-resamples", type=int, default=1000)
     parser.add_argument("--time-ood-size", type=int, default=26_032)
+    parser.add_argument("--time-classes", type=int, default=NUM_CLASSES)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     for field in ("trials", "test_size", "resamples", "population", "time_size",
-                  "time_resamples", "time_ood_size"):
-        least = 2 if field.endswith("resamples") else 1
+                  "time_resamples", "time_ood_size", "time_classes"):
+        least = 2 if field.endswith(("resamples", "classes")) else 1
         if getattr(args, field) < least:
             parser.error(f"--{field.replace('_', '-')} must be >= {least}")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {platform.processor() or ''}")

@@ -95,6 +95,19 @@ def summary_difference(baseline_logits, other_logits, labels) -> dict:
     return {name: other[name] - base[name] for name in base}
 
 
+def _summary_pair(baseline_logits, other_logits, labels):
+    # summary_difference's arguments, each run's softmax, bins and order computed once.
+    return (metrics.summary_context(baseline_logits, labels),
+            metrics.summary_context(other_logits, labels))
+
+
+def _summary_difference_from_counts(summary_pair, counts) -> dict:
+    """:func:`summary_difference` of the resample with these counts (no softmax or sort per
+    resample)."""
+    base, other = (metrics.summary_from_counts(context, counts) for context in summary_pair)
+    return {name: other[name] - base[name] for name in base}
+
+
 def auroc_difference(baseline_in, other_in, baseline_out, other_out) -> dict:
     """Each OOD score's AUROC of ``other`` minus ``baseline``'s (in-distribution test logits,
     OOD logits; jittable)."""
@@ -153,8 +166,10 @@ def compare(baseline, other, *, num_resamples: int = 1000, seed: int = 0) -> dic
         scales = [float(saved["temperature"]) if tag == "after" else 1.0 for saved in (base, oth)]
         z = [calibration.apply_temperature(saved["test_logits"], scale)
              for saved, scale in zip((base, oth), scales)]
-        result = bootstrap.bootstrap(summary_difference, z[0], z[1], labels, key=key,
-                                     num_resamples=num_resamples)
+        # summary_difference's resamples, counted.
+        result = bootstrap.bootstrap_by_counts(_summary_pair, _summary_difference_from_counts,
+                                               z[0], z[1], labels, key=key,
+                                               num_resamples=num_resamples)
         report[tag] = {name: _row(result, name, base_results["test"][tag][name],
                                   other_results["test"][tag][name])
                        for name in evaluate.METRIC_NAMES}

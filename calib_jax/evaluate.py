@@ -171,7 +171,8 @@ def test_intervals(test_logits, test_labels, temperature: float, *, num_resample
     "percentile": [low, high], "basic": [low, high]}, "ood_auroc": {name: {score: {...}}}},
     "after": ...}``. Before and after use the same ``num_resamples`` resamples of the test set
     (:func:`calib_jax.bootstrap.resample_indices` of :func:`calib_jax.bootstrap.seed_key`
-    ``(seed)``), so their differences are paired too; OOD AUROC resamples the test set with
+    ``(seed)``, counted: :func:`calib_jax.metrics.bootstrap_summary`), so their differences
+    are paired too; OOD AUROC resamples the test set with
     those indices and each OOD set independently (a two-sample bootstrap,
     :func:`calib_jax.ood.bootstrap_aurocs`)."""
     key = bootstrap.seed_key(seed)
@@ -180,8 +181,8 @@ def test_intervals(test_logits, test_labels, temperature: float, *, num_resample
     report = {"num_resamples": int(num_resamples), "seed": int(seed), "confidence": confidence}
     for tag, scale in (("before", 1.0), ("after", temperature)):
         z = calibration.apply_temperature(test_logits, scale)
-        result = bootstrap.bootstrap(metrics.summary, z, test_labels, key=key,
-                                     num_resamples=num_resamples, confidence=confidence)
+        result = metrics.bootstrap_summary(z, test_labels, key=key,
+                                           num_resamples=num_resamples, confidence=confidence)
         basic = bootstrap.interval(result.value, result.samples, confidence=confidence,
                                    method="basic")
         report[tag] = {name: _interval_entry(result, basic, name)

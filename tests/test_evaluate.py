@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import experiment_configs
-from calib_jax import evaluate, train
+from calib_jax import bootstrap, evaluate, metrics, train
 from calib_jax.data import datasets
 
 
@@ -96,6 +96,14 @@ def test_bootstrap_intervals_of_the_test_metrics(run_dir, tmp_path, capsys):
                                        atol=1e-5)
     assert intervals["before"]["error"] == intervals["after"]["error"]
     assert intervals["before"]["error"]["std"] > 0
+    # The resamples (counted) are bootstrap's of the saved test logits, seed 3.
+    with np.load(out / evaluate.LOGITS_FILE) as saved_logits:
+        test_logits, test_labels = saved_logits["test_logits"], saved_logits["test_labels"]
+    gathered = bootstrap.bootstrap(metrics.summary, test_logits, test_labels,
+                                   key=bootstrap.seed_key(3), num_resamples=40)
+    for name in ("ece", "adaptive_ece", "classwise_ece", "nll"):
+        np.testing.assert_allclose(intervals["before"][name]["percentile"],
+                                   [gathered.low[name], gathered.high[name]], atol=2e-6)
     # OOD AUROC: a two-sample bootstrap (calib_jax.bootstrap's tests check its resamples).
     for tag in ("before", "after"):
         for score in ("entropy", "confidence"):

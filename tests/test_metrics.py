@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import numpy_reference as ref
-from calib_jax import metrics
+from calib_jax import bootstrap, metrics
 
 
 def random_problem(n=500, c=10, scale=3.0, seed=0):
@@ -400,6 +400,109 @@ def test_ece_sweep_jits_vmaps_and_bootstraps():
     for order in (0.5, True, "2", float("inf"), float("nan")):
         with pytest.raises(ValueError, match="`order` must be a finite number >= 1"):
             metrics.ece_sweep(logits, labels, order=order)
+
+
+# ---------------------------------------------------------------- counted (bootstrap)
+
+
+def _resample(logits, labels, index):
+    index = np.asarray(index)
+    return np.asarray(logits)[index], np.asarray(labels)[index]
+
+
+# Two shapes only (each shape and convention compiles three programs, ~1.6 s).
+counted_problems = st.tuples(st.sampled_from([1, 40]), st.just(5), st.floats(0.1, 8.0),
+                             st.integers(0, 2 ** 16))
+
+
+@given(counted_problems, st.booleans(), st.sampled_from([1.0, 0.2]),
+       st.sampled_from(metrics.CONVENTIONS))
+def test_property_counted_summary_is_the_summary_of_the_resample(p, coarse, spread, convention):
+    """summary_from_counts of a resample's counts equals summary of the gathered resample,
+    every metric, either convention: resamples that repeat a few examples many times
+    (``spread`` 0.2) and leave most out, and tied confidences (logits rounded to
+    integers), where AdaECE's edges land on repeated values."""
+    n, c, scale, seed = p
+    logits, labels = random_problem(n=n, c=c, scale=scale, seed=seed)
+    if coarse:
+        logits = np.round(logits)
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, max(1, int(spread * n)), n)
+    counts = np.bincount(index, minlength=n).astype(np.int32)
+    context = metrics.summary_context(logits, labels, convention=convention)
+    got = metrics.summary_from_counts(context, counts)
+    want = metrics.summary(*_resample(logits, labels, np.sort(index)), convention=convention)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_allclose(float(got[name]), float(want[name]), rtol=2e-6, atol=2e-6,
+                                   err_msg=name)
+
+
+def test_counted_summary_of_any_multiset_and_of_all_ones():
+    """Counts that do not sum to N (a multiset of another size, AdaECE's edges at its own
+    quantiles), unit counts (summary itself), another bin count, zero counts (NaN)."""
+    logits, labels = random_problem(n=60, c=7, seed=3)
+    counts = np.zeros(60, np.int32)
+    counts[[0, 5, 9, 30, 59]] = [4, 1, 7, 2, 3]
+    for options in ({}, {"num_bins": 10, "convention": "clean"}):
+        context = metrics.summary_context(logits, labels, **options)
+        got = metrics.summary_from_counts(context, counts)
+        want = metrics.summary(*_resample(logits, labels, np.repeat(np.arange(60), counts)),
+                               **options)
+        ones = metrics.summary_from_counts(context, np.ones(60, np.int32))
+        full = metrics.summary(logits, labels, **options)
+        for name in want:
+            np.testing.assert_allclose(float(got[name]), float(want[name]), rtol=2e-6,
+                                       atol=2e-6, err_msg=f"{name} {options}")
+            np.testing.assert_allclose(float(ones[name]), float(full[name]), rtol=2e-6,
+                                       atol=2e-6, err_msg=f"{name} {options}")
+    assert all(np.isnan(float(v)) for v in
+               metrics.summary_from_counts(context, np.zeros(60, np.int32)).values())
+
+
+def test_bootstrap_summary_has_bootstraps_resamples_and_values():
+    """The same resamples as bootstrap(summary) (group 0's indices), whatever the chunking;
+    the highest class absent (classwise ECE's K from each resample's labels)."""
+    logits, labels = random_problem(n=300, c=12, seed=4)
+    labels = np.where(labels == 11, 0, labels).astype(np.int32)
+    key = jax.random.key(5)
+    counted = metrics.bootstrap_summary(logits, labels, key=key, num_resamples=12,
+                                        chunk_size=5)
+    gathered = bootstrap.bootstrap(metrics.summary, logits, labels, key=key, num_resamples=12)
+    for name in gathered.value:
+        np.testing.assert_allclose(counted.samples[name], gathered.samples[name], rtol=2e-6,
+                                   atol=2e-6, err_msg=name)
+        np.testing.assert_allclose(float(counted.value[name]), float(gathered.value[name]),
+                                   rtol=2e-6, atol=2e-6)
+    assert float(jnp.std(counted.samples["ece"])) > 0
+
+
+def test_counted_summary_bad_rows_and_bad_input(monkeypatch):
+    """Under jit a bad row makes NaN exactly the resamples that draw it; on concrete arrays
+    summary_context raises as summary does; a set too large to count exactly is refused."""
+    logits, labels = random_problem(n=20, c=4, seed=6)
+    bad = jnp.asarray(logits).at[3, 1].set(jnp.nan)
+    context = jax.jit(metrics.summary_context)(bad, labels)
+    without, drawn = np.ones(20, np.int32), np.ones(20, np.int32)
+    without[3] = 0
+    clean = metrics.summary_from_counts(context, without)
+    keep = np.arange(20) != 3
+    want = metrics.summary(logits[keep], labels[keep])
+    np.testing.assert_allclose(float(clean["ece"]), float(want["ece"]), atol=2e-6)
+    assert np.isnan(float(metrics.summary_from_counts(context, drawn)["ece"]))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        metrics.summary_context(bad, labels)
+    with pytest.raises(ValueError, match="`num_bins`"):
+        metrics.bootstrap_summary(logits, labels, key=jax.random.key(0), num_bins=0)
+    with pytest.raises(TypeError, match="`context` must be a metrics.SummaryContext"):
+        metrics.summary_from_counts({"order": None}, without)
+    with pytest.raises(ValueError, match=r"`counts` must be integers of shape \(20,\)"):
+        metrics.summary_from_counts(context, without[:5])
+    with pytest.raises(ValueError, match="`counts` must be integers"):
+        metrics.summary_from_counts(context, without.astype(np.float32))
+    monkeypatch.setattr(metrics, "MAX_COUNTED_EXAMPLES", 10)
+    with pytest.raises(ValueError, match="20 examples; counted metrics .* exact up to 10"):
+        metrics.summary_context(logits, labels)
 
 
 # ---------------------------------------------------------------- bad input

@@ -919,7 +919,8 @@ def summary_from_counts(context: SummaryContext, counts) -> dict:
 
     Returns:
       :func:`summary`'s dict; NaN everywhere when the counts draw a row with non-finite
-      logits or a label out of range, or sum to 0.
+      logits or a label out of range, or sum to 0 (under tracing also when a count is
+      negative or they sum beyond 2**24, which concrete counts raise for).
 
     >>> import jax.numpy as jnp
     >>> logits = jnp.log(jnp.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]]))
@@ -939,6 +940,12 @@ def summary_from_counts(context: SummaryContext, counts) -> dict:
         raise ValueError(f"`counts` must be integers of shape {context.order.shape} (one "
                          f"multiplicity per example of the context), got {counts.dtype} "
                          f"{counts.shape}.")
+    if not isinstance(counts, jax.core.Tracer):
+        concrete = np.asarray(counts, np.int64)
+        if concrete.min() < 0 or concrete.sum() > MAX_COUNTED_EXAMPLES:
+            raise ValueError(f"`counts` must be >= 0 and sum to at most {MAX_COUNTED_EXAMPLES} "
+                             f"(2**24), got a minimum of {concrete.min()} and a sum of "
+                             f"{concrete.sum()}.")
     return _summary_from_counts_impl(context, counts)
 
 
@@ -977,7 +984,9 @@ def _summary_from_counts_impl(context: SummaryContext, counts) -> dict:
         "error": 1.0 - acc,
         "brier": brier_sum / total,
     }
-    ok = jnp.all(context.row_ok | (counts == 0)) & (n > 0)
+    # Under tracing, counts that could not be checked poison the result instead.
+    ok = (jnp.all(context.row_ok | (counts == 0)) & (n > 0) & jnp.all(counts >= 0)
+          & (n <= MAX_COUNTED_EXAMPLES))
     return {k: jnp.where(ok, v.astype(jnp.float32), jnp.nan) for k, v in values.items()}
 
 
@@ -1011,15 +1020,10 @@ def bootstrap_summary(logits, labels, *, key, num_resamples: int = 1000,
     (0.75, True)
     """
     _check_options(num_bins, convention)
+    prepare = functools.partial(summary_context, num_bins=int(num_bins), convention=convention)
     return bootstrap.bootstrap_by_counts(
-        _summary_context_for(int(num_bins), convention), summary_from_counts, logits, labels,
-        key=key, num_resamples=num_resamples, confidence=confidence, method=method,
-        chunk_size=chunk_size)
-
-
-@functools.lru_cache(maxsize=None)
-def _summary_context_for(num_bins: int, convention: str):
-    return functools.partial(summary_context, num_bins=num_bins, convention=convention)
+        prepare, summary_from_counts, logits, labels, key=key, num_resamples=num_resamples,
+        confidence=confidence, method=method, chunk_size=chunk_size)
 
 
 class ReliabilityBins(NamedTuple):

@@ -500,6 +500,11 @@ def test_counted_summary_bad_rows_and_bad_input(monkeypatch):
         metrics.summary_from_counts(context, without[:5])
     with pytest.raises(ValueError, match="`counts` must be integers"):
         metrics.summary_from_counts(context, without.astype(np.float32))
+    negative = without.copy()
+    negative[5] = -1  # the bad row 3 not drawn: NaN for the negative count alone
+    with pytest.raises(ValueError, match="`counts` must be >= 0 .* a minimum of -1"):
+        metrics.summary_from_counts(context, negative)
+    assert np.isnan(float(jax.jit(metrics.summary_from_counts)(context, negative)["ece"]))
     monkeypatch.setattr(metrics, "MAX_COUNTED_EXAMPLES", 10)
     with pytest.raises(ValueError, match="20 examples; counted metrics .* exact up to 10"):
         metrics.summary_context(logits, labels)

@@ -88,11 +88,15 @@ def _load(eval_dir: Path) -> tuple[dict, dict]:
     return results, arrays
 
 
+def _minus(other: dict, base: dict) -> dict:
+    """``other - base``, key by key."""
+    return {name: other[name] - base[name] for name in base}
+
+
 def summary_difference(baseline_logits, other_logits, labels) -> dict:
     """``metrics.summary(other) - metrics.summary(baseline)``, metric by metric (jittable:
     :func:`compare` bootstraps it)."""
-    base, other = metrics.summary(baseline_logits, labels), metrics.summary(other_logits, labels)
-    return {name: other[name] - base[name] for name in base}
+    return _minus(metrics.summary(other_logits, labels), metrics.summary(baseline_logits, labels))
 
 
 def _summary_pair(baseline_logits, other_logits, labels):
@@ -105,14 +109,13 @@ def _summary_difference_from_counts(summary_pair, counts) -> dict:
     """:func:`summary_difference` of the resample with these counts (no softmax or sort per
     resample)."""
     base, other = (metrics.summary_from_counts(context, counts) for context in summary_pair)
-    return {name: other[name] - base[name] for name in base}
+    return _minus(other, base)
 
 
 def auroc_difference(baseline_in, other_in, baseline_out, other_out) -> dict:
     """Each OOD score's AUROC of ``other`` minus ``baseline``'s (in-distribution test logits,
     OOD logits; jittable)."""
-    base, other = ood.aurocs(baseline_in, baseline_out), ood.aurocs(other_in, other_out)
-    return {score: other[score] - base[score] for score in base}
+    return _minus(ood.aurocs(other_in, other_out), ood.aurocs(baseline_in, baseline_out))
 
 
 def _ranked_pair(baseline_in, other_in, baseline_out, other_out):
@@ -124,7 +127,7 @@ def _ranked_pair(baseline_in, other_in, baseline_out, other_out):
 def _auroc_difference_from_counts(ranked_pair, in_counts, out_counts) -> dict:
     """:func:`auroc_difference` of the resample with these counts (no sort per resample)."""
     base, other = (ood.aurocs_from_counts(r, in_counts, out_counts) for r in ranked_pair)
-    return {score: other[score] - base[score] for score in base}
+    return _minus(other, base)
 
 
 def compare(baseline, other, *, num_resamples: int = 1000, seed: int = 0) -> dict:

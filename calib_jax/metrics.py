@@ -150,11 +150,12 @@ class _BinSums(NamedTuple):
     acc_sum: jax.Array    # float32 [..., B]
 
 
-def _bin_sums(values, hits, index, mask, num_bins):
+def _bin_sums(values, hits, index, mask, num_bins, weights=None):
     """Per-bin count / value sum / hit sum over the leading axis of ``values``.
 
     ``values``, ``hits``, ``index``: ``[N]`` (result ``[B]``) or ``[N, K]``
-    (result ``[K, B]``); ``index`` -1 means "in no bin"; ``mask`` broadcasts.
+    (result ``[K, B]``); ``index`` -1 means "in no bin"; ``mask`` broadcasts;
+    ``weights`` (optional int ``[N]``): how many times each example counts.
     One scatter-add (``segment_sum``) over ``K * B`` segments plus a drop
     segment: measured 20x faster on CPU than one masked reduction per bin.
     """
@@ -165,10 +166,17 @@ def _bin_sums(values, hits, index, mask, num_bins):
     dump = num_groups * num_bins
     keep = (index >= 0) & mask
     ids = jnp.where(keep, index + group, dump).reshape(-1)
-    data = jnp.stack([values.astype(jnp.float32), hits.astype(jnp.float32)], -1).reshape(-1, 2)
-    sums = jax.ops.segment_sum(data, ids, num_segments=dump + 1)[:dump]
+    data = jnp.stack([values.astype(jnp.float32), hits.astype(jnp.float32)], -1)
+    if weights is None:
+        each = jnp.ones(ids.shape, jnp.int32)
+    else:
+        each = jnp.broadcast_to(weights.reshape(weights.shape + (1,) * len(extra)),
+                                values.shape).astype(jnp.int32)
+        data = data * each[..., None].astype(jnp.float32)
+        each = each.reshape(-1)
+    sums = jax.ops.segment_sum(data.reshape(-1, 2), ids, num_segments=dump + 1)[:dump]
     # Counts as int32 in their own scatter: exact beyond float32's 2**24.
-    count = jax.ops.segment_sum(jnp.ones(ids.shape, jnp.int32), ids, num_segments=dump + 1)[:dump]
+    count = jax.ops.segment_sum(each, ids, num_segments=dump + 1)[:dump]
     shape = extra + (num_bins,)
     return _BinSums(count.reshape(shape), sums[:, 0].reshape(shape), sums[:, 1].reshape(shape))
 
@@ -255,10 +263,10 @@ def _softmax_parts(logits, labels, mask=None):
     return log_probs, probs, conf, pred, jnp.all(row_ok)
 
 
-def _top_label_bin_sums(conf, hits, edges, convention, mask):
-    """Top-label bins of the confidences under ``edges``."""
+def _top_label_bin_sums(conf, hits, edges, convention, mask, weights=None):
+    """Top-label bins of the confidences under ``edges`` (each example ``weights`` times)."""
     return _bin_sums(conf.astype(jnp.float32), hits, _bin_index(conf, edges, convention), mask,
-                     edges.shape[-1] - 1)
+                     edges.shape[-1] - 1, weights)
 
 
 def _classwise_bin_sums(probs, one_hot, num_bins, convention, mask):
@@ -811,10 +819,11 @@ class SummaryContext:
     once by :func:`summary_context` (a pytree; ``num_bins`` and ``convention`` are static).
 
     Attributes:
-      per_example: ``[N, 3 B + C + 3]`` float32: each example's equal-width top-label bin as
-        one-hot rows of its count (1), confidence and hit, its label one-hot, its NLL, Brier
-        score and hit (a resample's sums are one product with its counts).
-      class_probs, class_labels: ``[N, C]`` float32 probabilities and one-hot labels.
+      per_example: ``[N, 3 B + 3]`` float32: each example's equal-width top-label bin as
+        one-hot rows of its count (1), confidence and hit, and its NLL, Brier score and hit (a
+        resample's sums are one product with its counts).
+      class_probs, class_labels: ``[N, C]`` float32 probabilities and one-hot labels (the
+        labels' product with the counts is each class's count).
       class_bins: ``[N, C]`` int32 classwise bin of each probability (-1: in no bin).
       order: ``[N]`` int32 examples by ascending top-label confidence (stable).
       sorted_conf, sorted_hit: ``[N]`` confidences (compute dtype) and hits in that order.
@@ -845,7 +854,7 @@ def _summary_context_impl(logits, labels, num_bins, convention):
     top = jax.nn.one_hot(_bin_index(conf, edges, convention), num_bins, dtype=jnp.float32)
     conf32 = conf.astype(jnp.float32)
     per_example = jnp.concatenate(
-        [top, top * conf32[:, None], top * hits[:, None], one_hot,
+        [top, top * conf32[:, None], top * hits[:, None],
          jnp.stack([nll_each, brier_each, hits], -1).astype(jnp.float32)], axis=1)
     # A bad row's features are zeroed (0 x NaN would poison every resample, drawn or not);
     # its confidence becomes 0, so it sorts first and lies below every edge.
@@ -876,14 +885,6 @@ def summary_context(logits, labels, *, num_bins: int = 15,
                          f"counts in float32, exact up to {MAX_COUNTED_EXAMPLES} (2**24): use "
                          f"bootstrap.bootstrap(metrics.summary, ...) for more.")
     return _summary_context_impl(logits, labels, int(num_bins), convention)
-
-
-def _counted_bin_sums(weights, values, hits, index, num_bins):
-    """``[B]`` bin sums (:class:`_BinSums`) of examples drawn ``weights`` (float32) times."""
-    data = jnp.stack([weights, weights * values.astype(jnp.float32), weights * hits], -1)
-    sums = jax.ops.segment_sum(data, jnp.where(index >= 0, index, num_bins),
-                               num_segments=num_bins + 1)[:num_bins]
-    return _BinSums(jnp.round(sums[:, 0]).astype(jnp.int32), sums[:, 1], sums[:, 2])
 
 
 def _counted_classwise_sums(context: SummaryContext, weights):
@@ -935,17 +936,8 @@ def summary_from_counts(context: SummaryContext, counts) -> dict:
         raise TypeError(f"`context` must be a metrics.SummaryContext (from "
                         f"metrics.summary_context(logits, labels)), got "
                         f"{type(context).__name__}.")
-    counts = jnp.asarray(counts)
-    if counts.shape != context.order.shape or not jnp.issubdtype(counts.dtype, jnp.integer):
-        raise ValueError(f"`counts` must be integers of shape {context.order.shape} (one "
-                         f"multiplicity per example of the context), got {counts.dtype} "
-                         f"{counts.shape}.")
-    if not isinstance(counts, jax.core.Tracer):
-        concrete = np.asarray(counts, np.int64)
-        if concrete.min() < 0 or concrete.sum() > MAX_COUNTED_EXAMPLES:
-            raise ValueError(f"`counts` must be >= 0 and sum to at most {MAX_COUNTED_EXAMPLES} "
-                             f"(2**24), got a minimum of {concrete.min()} and a sum of "
-                             f"{concrete.sum()}.")
+    counts = validation.check_multiplicities(counts, context.order.shape[0],
+                                             max_total=MAX_COUNTED_EXAMPLES)
     return _summary_from_counts_impl(context, counts)
 
 
@@ -955,10 +947,9 @@ def _summary_from_counts_impl(context: SummaryContext, counts) -> dict:
     n = jnp.sum(counts)
     weights = counts.astype(jnp.float32)
     sums = jnp.dot(weights, context.per_example, precision=jax.lax.Precision.HIGHEST)
-    num_classes = context.class_probs.shape[-1]
     top = _BinSums(jnp.round(sums[:num_bins]).astype(jnp.int32),
                    sums[num_bins:2 * num_bins], sums[2 * num_bins:3 * num_bins])
-    label_count = sums[3 * num_bins:3 * num_bins + num_classes]
+    label_count = jnp.dot(weights, context.class_labels, precision=jax.lax.Precision.HIGHEST)
     nll_sum, brier_sum, hit_sum = sums[-3], sums[-2], sums[-1]
     weighted, gap = _weighted_gap(top, n)
     # AdaECE: position p of the resample's sorted confidences is the first example (in
@@ -968,9 +959,8 @@ def _summary_from_counts_impl(context: SummaryContext, counts) -> dict:
     edges = _equal_mass_edges(
         lambda p: context.sorted_conf[jnp.searchsorted(running, p, side="right")],
         jnp.maximum(n, 1), num_bins, context.sorted_conf.dtype)
-    ada = _counted_bin_sums(sorted_counts.astype(jnp.float32), context.sorted_conf,
-                            context.sorted_hit, _bin_index(context.sorted_conf, edges, convention),
-                            num_bins)
+    ada = _top_label_bin_sums(context.sorted_conf, context.sorted_hit, edges, convention, True,
+                              sorted_counts)
     cls = _counted_classwise_sums(context, weights)
     total = jnp.maximum(n, 1).astype(jnp.float32)
     acc = hit_sum / total

@@ -227,8 +227,17 @@ def aurocs_from_counts(ranked, in_counts, out_counts) -> dict:
 
     Args:
       ranked: :func:`ranked_scores` ``(in_logits, out_logits)``.
-      in_counts, out_counts: ``[N_in]``, ``[N_out]`` non-negative int32 multiplicities.
+      in_counts, out_counts: ``[N_in]``, ``[N_out]`` non-negative int32 multiplicities
+        (refused otherwise, as :func:`calib_jax.metrics.summary_from_counts` refuses them;
+        traced counts are checked by shape only).
     """
+    in_counts = validation.check_multiplicities(in_counts, None, "in_counts")
+    out_counts = validation.check_multiplicities(out_counts, None, "out_counts")
+    total = ranked["entropy"][0].shape[0]
+    if in_counts.shape[0] + out_counts.shape[0] != total:
+        raise ValueError(f"`in_counts` and `out_counts` must hold one multiplicity per test and "
+                         f"OOD example of `ranked` ({total} together), got {in_counts.shape[0]} "
+                         f"and {out_counts.shape[0]}.")
     return {"entropy": _auroc_from_order(ranked["entropy"], out_counts, in_counts),
             "confidence": _auroc_from_order(ranked["confidence"], in_counts, out_counts)}
 

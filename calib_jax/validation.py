@@ -28,6 +28,7 @@ import numpy as np
 from jax.experimental import checkify
 
 __all__ = [
+    "check_multiplicities",
     "check_logits",
     "check_logits_and_labels",
     "check_count",
@@ -55,6 +56,28 @@ def check_count(value, name: str, *, minimum: int = 1) -> None:
     if not is_int(value) or value < minimum:
         kind = "a positive Python int" if minimum == 1 else f"a Python int >= {minimum}"
         raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
+
+
+def check_multiplicities(counts, num_examples: int | None, name: str = "counts", *,
+                         max_total: int | None = None):
+    """``counts`` as an array of each example's multiplicity in a multiset (a bootstrap
+    resample's counts): raises ``ValueError`` naming ``name`` unless it holds integers of shape
+    ``[num_examples]`` (any length for None) and, when concrete, none negative and (with
+    ``max_total``) their sum at most ``max_total``. Traced counts are checked by shape only."""
+    counts = jnp.asarray(counts)
+    shape = "[N]" if num_examples is None else f"({num_examples},)"
+    if counts.ndim != 1 or (num_examples is not None and counts.shape[0] != num_examples) \
+            or not jnp.issubdtype(counts.dtype, jnp.integer):
+        raise ValueError(f"`{name}` must be integers of shape {shape} (one multiplicity per "
+                         f"example), got {counts.dtype} {counts.shape}.")
+    if is_concrete(counts):
+        concrete = np.asarray(counts, np.int64)
+        if concrete.size and (concrete.min() < 0 or
+                              (max_total is not None and concrete.sum() > max_total)):
+            bound = "" if max_total is None else f" and sum to at most {max_total}"
+            raise ValueError(f"`{name}` must be >= 0{bound}, got a minimum of {concrete.min()} "
+                             f"and a sum of {concrete.sum()}.")
+    return counts
 
 
 def compute_dtype(dtype) -> jnp.dtype:

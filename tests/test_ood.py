@@ -179,8 +179,15 @@ def test_counted_aurocs_bad_inputs_and_nan_scores():
         ood.bootstrap_aurocs(z, z, key=jax.random.key(0), num_resamples=1)
     with pytest.raises(TypeError, match="`key` must be a JAX PRNG key"):
         ood.bootstrap_aurocs(z, z, key=0)
+    ranked, ones = ood.ranked_scores(z, z), jnp.ones(3, jnp.int32)
+    with pytest.raises(ValueError, match=r"`out_counts` must be integers of shape \[N\]"):
+        ood.aurocs_from_counts(ranked, ones, ones.astype(jnp.float32))
+    with pytest.raises(ValueError, match="`in_counts` must be >= 0, got a minimum of -1"):
+        ood.aurocs_from_counts(ranked, ones.at[1].set(-1), ones)
+    with pytest.raises(ValueError, match=r"one multiplicity per test and OOD example of "
+                                         r"`ranked` \(6 together\), got 3 and 2"):
+        ood.aurocs_from_counts(ranked, ones, ones[:2])
     # Traced (no eager check), a NaN row gives NaN AUROCs, as auroc does.
-    ones = jnp.ones(3, jnp.int32)
     nan = jax.jit(lambda a, b: ood.aurocs_from_counts(ood.ranked_scores(a, b), ones, ones))(
         z, z.at[0, 0].set(jnp.nan))
     assert all(np.isnan(float(v)) for v in nan.values())

@@ -12,8 +12,13 @@ import pytest
 
 from calib_jax.data import pipeline
 
-#: What jax records once per XLA compilation (jax/_src/dispatch.py, jax 0.10 - 0.12).
+#: What jax records once per XLA compilation (jax/_src/dispatch.py, jax 0.10 - 0.12), also
+#: when the program is loaded from a persistent compilation cache (the test session keeps one,
+#: conftest.py): a loop that asks for its program again each epoch is the same bug whether
+#: XLA compiles it or the cache loads it (test_train.py checks that both are counted).
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+#: What jax records besides when the program came from the persistent cache.
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 @contextlib.contextmanager

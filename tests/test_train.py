@@ -550,6 +550,37 @@ def test_later_epochs_compile_nothing(tiny_run):
     assert second == 0
 
 
+def test_the_compile_counter_counts_programs_from_the_persistent_cache():
+    """The session's workers share a persistent compilation cache (conftest.py): a loop that
+    asked for its program again each epoch (say a new `jax.jit` per epoch) would load it from
+    there instead of compiling it, and must still be counted."""
+    import compile_counter
+    if not jax.config.jax_compilation_cache_dir:
+        pytest.skip("no persistent compilation cache in this session (conftest.py)")
+
+    def fresh_jit():  # a new jit of the same function: a miss in memory, the same program
+        return jax.jit(lambda x: jnp.tanh(x) * 3.25 + 0.5)
+
+    x = jnp.arange(7.0)
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    hits = []
+
+    def listener(name, *args, **kwargs):
+        if name == compile_counter.CACHE_HIT_EVENT:
+            hits.append(name)
+
+    jax.monitoring.register_event_listener(listener)
+    try:
+        fresh_jit()(x).block_until_ready()  # compiled (or loaded) and written to the cache
+        with compile_counter.compiles_per_epoch() as compiles:
+            fresh_jit()(x).block_until_ready()
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
+        jax.monitoring.unregister_event_listener(listener)
+    assert hits and compiles == [1]
+
+
 def test_sigkill_and_restart_gives_exactly_the_uninterrupted_parameters(tmp_path,
                                                                        evaluated_runs):
     # The uninterrupted run: the session fixture's (same config, same four devices).

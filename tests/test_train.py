@@ -555,7 +555,7 @@ def test_the_compile_counter_counts_programs_from_the_persistent_cache():
     asked for its program again each epoch (say a new `jax.jit` per epoch) would load it from
     there instead of compiling it, and must still be counted."""
     import compile_counter
-    if not jax.config.jax_compilation_cache_dir:
+    if not (jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache):
         pytest.skip("no persistent compilation cache in this session (conftest.py)")
 
     def fresh_jit():  # a new jit of the same function: a miss in memory, the same program

@@ -34,10 +34,11 @@ jax.config.update("jax_num_cpu_devices", 4)
 # cores: they keep every program (threshold 0 s). The pytest processes keep only the programs
 # that took over jax's default 1 s to compile (the train steps and other large ones), which
 # are then compiled once for the suite instead of once per xdist worker and again after each
-# fresh `jax.jit` of the same function or `jax.clear_caches`. Measured, two runs each way of
-# `make test` on a 2-core CPU: without it for the workers 629 s / 712 s (1,215 s / 1,374 s of
-# CPU), with it 585 s / 631 s (1,133 s / 1,212 s); keeping all of the workers' thousands of
-# small programs instead made the suite slower (832 s -> 1,231 s). The first process of the
+# fresh `jax.jit` of the same function or `jax.clear_caches`. Measured, three pairs of
+# `make test` runs on a 2-core CPU whose speed changed over the day, without it for the
+# workers -> with it: 629 -> 585 s, 712 -> 631 s, 780 -> 743 s (CPU time 1,215 -> 1,133 s,
+# 1,374 -> 1,212 s, 1,491 -> 1,441 s); keeping all of the workers' thousands of small
+# programs instead made the suite slower (832 s -> 1,231 s). The first process of the
 # session makes the cache (the xdist workers and the processes the tests start inherit its
 # variables) and removes it at the end; a cache the caller set is used and kept. The size
 # limit turns on jax's file lock around each entry's read and write (the `filelock` test

@@ -22,12 +22,6 @@ TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0"
 if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
-import jax  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
-
-# Four CPU devices for the multi-device tests (set before the backend starts).
-jax.config.update("jax_num_cpu_devices", 4)
-
 # One persistent XLA compilation cache for the session. The processes the tests start
 # (training CLIs, the multi-process group, the demo, the sweep, the benchmarks' parts) compile
 # the same tiny programs as each other, ~60 of them, ~15 s of a ~25 s process on CI's two
@@ -39,23 +33,26 @@ jax.config.update("jax_num_cpu_devices", 4)
 # workers -> with it: 629 -> 585 s, 712 -> 631 s, 780 -> 743 s (CPU time 1,215 -> 1,133 s,
 # 1,374 -> 1,212 s, 1,491 -> 1,441 s); keeping all of the workers' thousands of small
 # programs instead made the suite slower (832 s -> 1,231 s). The first process of the
-# session makes the cache (the xdist workers and the processes the tests start inherit its
-# variables) and removes it at the end; a cache the caller set is used and kept. The size
-# limit turns on jax's file lock around each entry's read and write (the `filelock` test
-# extra): without it one process could read an entry another is still writing; where it is
-# not installed nothing is cached (only slower). A program loaded from the cache still counts
-# as compiled for compile_counter. Tests that must compile afresh (init_bench's timings)
-# remove the variable from their processes' environment.
+# session makes the cache before its jax import (it, the xdist workers and the processes the
+# tests start read the variables) and removes it at the end; a cache the caller set is used
+# and kept. The size limit turns on jax's file lock around each entry's read and write (the
+# `filelock` test extra): without it one process could read an entry another is still
+# writing; where it is not installed nothing is cached (only slower). A program loaded from
+# the cache still counts as compiled for compile_counter. Tests that must compile afresh
+# (init_bench's timings) remove the variable from their processes' environment.
 _OWN_COMPILATION_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ and importlib.util.find_spec("filelock"):
     _OWN_COMPILATION_CACHE = tempfile.mkdtemp(prefix="calib_jax_test_xla_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_COMPILATION_CACHE
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    # This process read the environment at its jax import, before the variables were set.
-    jax.config.update("jax_compilation_cache_dir", _OWN_COMPILATION_CACHE)
-    jax.config.update("jax_compilation_cache_max_size",
-                      int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+
+import jax  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Four CPU devices for the multi-device tests (set before the backend starts).
+jax.config.update("jax_num_cpu_devices", 4)
+# The pytest processes keep only the programs that took over 1 s to compile (see above).
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 

@@ -226,6 +226,14 @@ def _check_arrays(arrays, groups) -> dict:
                         "e.g. bootstrap(metrics.ece, logits, labels, key=key).")
     lengths = {}
     for i, (a, group) in enumerate(zip(arrays, groups)):
+        if isinstance(a, (tuple, list)) and any(np.ndim(e) >= 1 for e in a
+                                                if hasattr(e, "shape")):
+            # e.g. bootstrap(fn, (logits, labels), ...): two arrays of one length would be
+            # read as one array with 2 examples, and resampled so: a silent wrong interval.
+            raise TypeError(f"`arrays[{i}]` is a {type(a).__name__} of {len(a)} arrays; pass "
+                            f"each array as an argument of its own, e.g. "
+                            f"bootstrap(metrics.ece, logits, labels, key=key) (unpack a tuple "
+                            f"with *).")
         shape = np.shape(a)
         if len(shape) < 1:
             raise ValueError(f"`arrays[{i}]` is a scalar; every array is resampled along its "

@@ -225,6 +225,11 @@ def test_a_metric_undefined_on_some_resamples_warns_and_gives_nan_ends():
     ({}, "short", ValueError, r"the arrays have \[60, 5\] examples"),
     ({}, "scalar", ValueError, r"`arrays\[1\]` is a scalar"),
     ({}, "none", TypeError, "at least one array"),
+    # A tuple of the arrays instead of the arrays: refused, also where their lengths agree
+    # (NumPy would read two [N] arrays as one [2, N] array: 2 examples, silently).
+    ({}, "tuple", TypeError, r"`arrays\[0\]` is a tuple of 2 arrays; pass each array as an "
+                             r"argument of its own"),
+    ({}, "list", TypeError, r"`arrays\[0\]` is a list of 2 arrays"),
     ({}, "empty", ValueError, "the arrays are empty"),
     (dict(groups=(0,)), None, ValueError, "`groups` must give each of the 2 arrays"),
     (dict(groups=(0, -1)), None, ValueError, "`groups` must give each"),
@@ -239,6 +244,7 @@ def test_bad_input_names_the_argument(kwargs, args, error, match):
     logits, labels = data()
     arrays = {None: (logits, labels), "short": (logits, labels[:5]),
               "scalar": (logits, jnp.float32(1.0)), "none": (),
+              "tuple": ((logits, labels),), "list": ([labels, labels],),
               "empty": (logits[:0], labels[:0]), "grouped": (logits, logits, labels[:5]),
               "empty_group": (logits, logits[:0])}[args]
     options = {"key": jax.random.key(0), "num_resamples": 10, **kwargs}

@@ -12,6 +12,7 @@ continuously over ``log T`` with optax's L-BFGS.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -23,9 +24,12 @@ from calib_jax import metrics, validation
 
 __all__ = [
     "FitTemperatureResult",
+    "NLL_OPTIMA",
+    "NO_FINITE_NLL_OPTIMUM",
     "TemperatureSearchResult",
     "apply_temperature",
     "fit_temperature",
+    "nll_optimum",
     "reference_temperature_grid",
     "temperature_grid_search",
 ]
@@ -216,7 +220,42 @@ def _fit(logits, labels, log_t0, max_steps, tol):
     nan = jnp.float32(jnp.nan)
     return FitTemperatureResult(
         jnp.where(ok, jnp.exp(log_t), nan), jnp.where(ok, final_nll, nan),
-        optax.tree_utils.tree_get(state, "count"), jnp.abs(final_grad))
+        optax.tree_utils.tree_get(state, "count"), jnp.abs(final_grad)), _nll_optimum(
+            logits, labels)
+
+
+#: :func:`_nll_optimum`'s cases, and :func:`nll_optimum`'s names for them.
+_FINITE, _AT_ZERO, _AT_INFINITY = 0, 1, 2
+NLL_OPTIMA = ("finite", "zero", "infinity")
+#: Why the NLL has no minimum at a finite temperature, per :data:`NLL_OPTIMA` name.
+NO_FINITE_NLL_OPTIMUM = {
+    "zero": "every prediction is right: the NLL falls as T -> 0",
+    "infinity": "the labels' logits are on average no higher than their rows' mean logit "
+                "(no better than chance): the NLL falls as T -> infinity"}
+
+
+def _nll_optimum(logits, labels):
+    """Where the NLL of ``logits / T`` has its infimum: ``_FINITE``, ``_AT_ZERO`` or
+    ``_AT_INFINITY`` (int32).
+
+    Why these three and no other: the NLL is convex in ``b = 1 / T`` (a log-sum-exp minus a
+    linear term), with slope ``mean(E_softmax(b z)[z] - z_label)``. Where every label's logit
+    is a maximum of its row (every prediction right, ties allowed) that slope is negative
+    for every ``b`` (T -> 0). Else it is positive for large ``b``, and the minimum is finite
+    exactly when the slope at ``b = 0`` (uniform softmax), ``mean(mean_c z - z_label)``, is
+    negative; at or above 0 the NLL only falls as T grows (T -> infinity). Rows whose
+    logits are all equal do not depend on T; where every row is so, the case is ``_FINITE``
+    (any T is optimal)."""
+    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    row_max = jnp.max(logits, axis=-1)
+    all_flat = jnp.all(row_max == jnp.min(logits, axis=-1))
+    all_right = jnp.all(label_logit >= row_max)
+    slope_at_infinite_t = jnp.mean(jnp.mean(logits, axis=-1) - label_logit)
+    return jnp.where(all_flat, _FINITE, jnp.where(
+        all_right, _AT_ZERO, jnp.where(slope_at_infinite_t >= 0, _AT_INFINITY, _FINITE)))
+
+
+_nll_optimum_jit = jax.jit(_nll_optimum)
 
 
 def fit_temperature(logits, labels, *, init: float = 1.0, max_steps: int = 100,
@@ -224,10 +263,20 @@ def fit_temperature(logits, labels, *, init: float = 1.0, max_steps: int = 100,
     """The NLL-optimal temperature, found continuously (L-BFGS over ``log T``).
 
     Optimising ``log T`` keeps ``T > 0`` without constraints and makes the
-    problem well scaled. NLL is smooth in ``log T`` with a single minimum for
-    any classifier that is not perfectly separable; when the data is
-    separable (all predictions right) the optimum is ``T -> 0`` and the fit
-    stops at ``max_steps`` with a small temperature.
+    problem well scaled. The NLL is convex in ``1 / T``, so it has at most one minimum,
+    and it has none in two cases, where this function warns (``RuntimeWarning``, when
+    called outside ``jit``) and returns the temperature at which the fit stopped, not an
+    optimum:
+
+    * every prediction is right (each label's logit a maximum of its row): the NLL falls
+      as ``T -> 0``; the fit stops at a small temperature;
+    * the labels' logits are on average no higher than their rows' mean logit (a model no
+      better than chance, e.g. barely trained or diverged): the NLL falls as
+      ``T -> infinity``; the fit stops at a large temperature (e.g. ~5e5 for 8 rows of random
+      logits), where the NLL is that of uniform predictions.
+
+    In both cases the fit ends because the gradient vanishes, so ``grad_norm`` does not
+    tell them apart from an optimum. :func:`temperature_grid_search` stays within its grid.
 
     Args:
       logits: ``[N, C]`` validation logits; labels: ``[N]``.
@@ -246,4 +295,33 @@ def fit_temperature(logits, labels, *, init: float = 1.0, max_steps: int = 100,
         raise ValueError(f"`max_steps` must be >= 1, got {max_steps!r}.")
     logits, labels = validation.check_logits_and_labels(logits, labels)
     log_t0 = jnp.asarray(np.log(init), jnp.float32)
-    return _fit(logits, labels, log_t0, int(max_steps), jnp.float32(tol))
+    result, optimum = _fit(logits, labels, log_t0, int(max_steps), jnp.float32(tol))
+    if validation.is_concrete(optimum) and int(optimum) != _FINITE:
+        warnings.warn(
+            f"fit_temperature: the NLL has no minimum at a finite temperature "
+            f"({NO_FINITE_NLL_OPTIMUM[NLL_OPTIMA[int(optimum)]]}); the fit stopped at "
+            f"T = {float(result.temperature):.4g}, which is not an optimum. Check that these "
+            f"are a trained model's validation logits, or use temperature_grid_search, which "
+            f"stays within its grid (calibration.nll_optimum tells this case beforehand).",
+            RuntimeWarning, stacklevel=2)
+    return result
+
+
+def nll_optimum(logits, labels) -> str:
+    """Where the NLL-optimal temperature of ``logits`` lies: ``"finite"``, ``"zero"`` or
+    ``"infinity"`` (see :func:`fit_temperature` for why these are all the cases, and
+    :data:`NO_FINITE_NLL_OPTIMUM` for the last two in words).
+
+    For callers that report a fitted temperature (``calib_jax.evaluate`` records none where
+    there is no finite optimum, with the reason, instead of where the fit stopped). Not
+    jittable: it returns a Python string.
+
+    >>> import jax.numpy as jnp
+    >>> nll_optimum(jnp.array([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), jnp.array([0, 1, 1]))
+    'finite'
+    >>> nll_optimum(jnp.array([[2.0, 0.0], [0.0, 1.0]]), jnp.array([0, 1]))
+    'zero'
+    """
+    logits, labels = validation.check_logits_and_labels(logits, labels)
+    return NLL_OPTIMA[int(_nll_optimum_jit(
+        logits.astype(validation.compute_dtype(logits.dtype)), labels))]

@@ -16,7 +16,8 @@ logits on the validation, test and OOD sets (SVHN test and CIFAR-10-C Gaussian
 noise for CIFAR runs; a set that is not available is skipped and recorded as
 such), picks the temperature on the validation split (the reference's
 100-point grid by ECE by default; the NLL grid and the continuous NLL fit are
-reported too), and reports on the test split before and after scaling:
+reported too, the fit only where the NLL has a minimum at a finite T: else ``nll_fit`` is
+null and ``nll_fit_none`` says why, e.g. every validation prediction right), and reports on the test split before and after scaling:
 error, NLL, ECE, AdaECE, classwise ECE, MCE, and OOD AUROC with the entropy
 and confidence scores, and beside them the less biased monotonic-sweep ECE
 (:func:`calib_jax.metrics.ece_sweep`, not one of the paper's metrics). Writes
@@ -57,7 +58,7 @@ from calib_jax.files import (atomic_save_figure, atomic_write_bytes, atomic_writ
 
 __all__ = ["EvaluationRefused", "LOGITS_FILE", "check_finished", "default_out_name",
            "evaluate_run", "fixed", "fixed_interval", "markdown_report", "main", "member_dirs",
-           "table_checkpoint", "table_evaluation_dir", "test_intervals", "test_report",
+           "nll_fit_phrase", "table_checkpoint", "table_evaluation_dir", "test_intervals", "test_report",
            "write_logits"]
 
 OOD_SETS = {"cifar10": ("svhn", "cifar10_c"), "cifar100": ("svhn", "cifar10_c"),
@@ -272,7 +273,12 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
     search = calibration.temperature_grid_search(val_logits, val.labels, criterion=criterion)
     search_other = calibration.temperature_grid_search(
         val_logits, val.labels, criterion="nll" if criterion == "ece" else "ece")
-    fit = calibration.fit_temperature(val_logits, val.labels)
+    # The NLL-fit temperature is reported beside the grid's, where there is one: a barely
+    # trained or diverged model (or every validation prediction right) has none, and the place
+    # where the fit stops would read as one.
+    nll_optimum = calibration.nll_optimum(val_logits, val.labels)
+    nll_fit = (float(calibration.fit_temperature(val_logits, val.labels).temperature)
+               if nll_optimum == "finite" else None)
     t = float(search.temperature)
     report = test_report(test_logits, test.labels, t, ood_logits)
     results = {
@@ -289,7 +295,8 @@ def evaluate_run(workdir, *, which: str | None = None, criterion: str = "ece", o
         "temperature": {"criterion": criterion, "value": t, "grid_index": int(search.index),
                         f"grid_{'nll' if criterion == 'ece' else 'ece'}":
                             float(search_other.temperature),
-                        "nll_fit": float(fit.temperature)},
+                        "nll_fit": nll_fit, **({} if nll_fit is not None else {
+                            "nll_fit_none": calibration.NO_FINITE_NLL_OPTIMUM[nll_optimum]})},
         "test": report,
     }
     if bootstrap_resamples:
@@ -413,6 +420,20 @@ def fixed_interval(low: float, high: float, digits: int = 2) -> str:
     return f"[{fixed(low, digits)}, {fixed(high, digits)}]"
 
 
+def nll_fit_phrase(temperature: dict) -> str:
+    """The NLL-fit temperature of ``results["temperature"]`` in words: its value, or why there
+    is none.
+
+    >>> nll_fit_phrase({"nll_fit": 2.3456})
+    'NLL-fit T = 2.346'
+    >>> nll_fit_phrase({"nll_fit": None, "nll_fit_none": "every prediction is right: ..."})
+    'no NLL-fit T: every prediction is right: ...'
+    """
+    if temperature.get("nll_fit") is None:
+        return f"no NLL-fit T: {temperature.get('nll_fit_none', 'not recorded')}"
+    return f"NLL-fit T = {temperature['nll_fit']:.3f}"
+
+
 def markdown_report(results: dict) -> str:
     """The results as a markdown table (percent; NLL as is)."""
     before, after = results["test"]["before"], results["test"]["after"]
@@ -420,7 +441,7 @@ def markdown_report(results: dict) -> str:
     intervals = results.get("test_intervals")
     lines = [f"Run `{results['workdir']}`, checkpoint {results['checkpoint']} (epoch "
              f"{results['epoch']}); T = {t['value']:.2f} chosen on the validation split by "
-             f"{t['criterion'].upper()} (NLL-fit T = {t['nll_fit']:.3f}).",
+             f"{t['criterion'].upper()} ({nll_fit_phrase(t)}).",
              "", "| metric | before T | after T |", "| --- | --- | --- |"]
     if intervals:
         share = fixed(100 * intervals["confidence"], 0)

@@ -94,6 +94,77 @@ def test_fit_temperature_minimises_nll():
                                      .temperature), t, rtol=1e-3)
 
 
+def test_fit_temperature_warns_where_the_nll_has_no_finite_minimum():
+    # No better than chance: 8 rows of random logits whose labels' logits lie below their
+    # rows' mean on average. The NLL falls towards uniform predictions as T grows.
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((8, 3)).astype(np.float32)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    assert np.mean(logits.mean(1) - logits[np.arange(8), labels]) > 0
+    with pytest.warns(RuntimeWarning, match=r"no minimum at a finite temperature .*no better "
+                                            r"than chance\): the NLL falls as T -> infinity\); "
+                                            r"the fit stopped at T = 4\.\d+e\+05"):
+        fit = calibration.fit_temperature(logits, labels)
+    assert float(fit.temperature) > 1e5 and float(fit.grad_norm) < 1e-6  # looks converged
+    np.testing.assert_allclose(float(fit.nll), np.log(3), rtol=1e-5)
+    # Every prediction right (one row tied at its top): the NLL falls as T -> 0.
+    right = np.array([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]], np.float32)
+    with pytest.warns(RuntimeWarning, match=r"every prediction is right: the NLL falls as T -> 0"):
+        fit = calibration.fit_temperature(right, np.array([0, 1, 0]))
+    assert float(fit.temperature) < 0.2
+    # nll_optimum tells both cases beforehand, and the finite one.
+    assert calibration.nll_optimum(logits, labels) == "infinity"
+    assert calibration.nll_optimum(right, np.array([0, 1, 0])) == "zero"
+    assert calibration.nll_optimum(*overconfident_problem(n=50, seed=1)) == "finite"
+    with pytest.raises(ValueError, match="NaN"):
+        calibration.nll_optimum(np.where(np.eye(3, 2, dtype=bool), np.nan, right), [0, 1, 0])
+    # Under jit no warning (nothing concrete to look at), the same temperature.
+    jitted = jax.jit(lambda z, y: calibration.fit_temperature(z, y).temperature)
+    assert float(jitted(right, np.array([0, 1, 0]))) == float(fit.temperature)
+    # A finite minimum, and rows that do not depend on T at all: no warning (setup.cfg turns
+    # calib_jax's RuntimeWarnings into errors in the tests).
+    logits, labels = overconfident_problem(n=50, seed=1)
+    calibration.fit_temperature(logits, labels)
+    assert float(calibration.fit_temperature(np.zeros((4, 3), np.float32),
+                                             np.array([0, 1, 2, 0])).temperature) == 1.0
+
+
+@given(st.integers(0, 10_000), st.integers(2, 12), st.integers(2, 5), st.floats(0.0, 3.0))
+def test_property_the_nll_optimum_cases_agree_with_the_nll_over_temperatures(seed, n, c,
+                                                                             signal):
+    """The case ``_nll_optimum`` names matches the NLL over 1e-3 <= T <= 1e3 (float64):
+    falling as T grows where it says T -> infinity (so never below its limit there, the
+    uniform prediction's log C), rising where it says T -> 0, and a grid minimum strictly
+    inside the range only where it says finite. Where it says finite and some prediction is
+    wrong, the NLL dips below log C inside the range, unless the minimum lies beyond T = 1e3
+    (the slope at 1 / T = 0 within 1e-2 of 0: skipped)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, n)
+    logits = rng.standard_normal((n, c))
+    logits[np.arange(n), labels] += signal * rng.choice([-1.0, 1.0, 2.0], n)
+    logits = logits.astype(np.float32)
+    case = int(calibration._nll_optimum(jnp.asarray(logits), jnp.asarray(labels)))
+    temperatures = np.geomspace(1e-3, 1e3, 61)
+    z = logits.astype(np.float64)
+    curve = np.array([ref.nll(z / t, labels) for t in temperatures])
+    steps = np.diff(curve)
+    tol = 1e-9 * np.maximum(1.0, np.abs(curve[:-1]))
+    if case == calibration._AT_INFINITY:
+        assert np.all(steps <= tol), curve
+    elif case == calibration._AT_ZERO:
+        assert np.all(steps >= -tol), curve
+    inside = int(np.argmin(curve))
+    if 0 < inside < len(curve) - 1 and curve[inside] < min(curve[0], curve[-1]) - 1e-9:
+        assert case == calibration._FINITE
+    label_logit = z[np.arange(n), labels]
+    some_wrong = np.any(label_logit < z.max(1))
+    slope_at_zero = np.mean(z.mean(1) - label_logit)
+    if case == calibration._AT_INFINITY:
+        assert curve.min() >= np.log(c) - 1e-9, curve
+    elif case == calibration._FINITE and some_wrong and abs(slope_at_zero) > 1e-2:
+        assert curve.min() < np.log(c), curve
+
+
 @given(st.floats(0.2, 5.0), st.integers(0, 1000))
 def test_property_temperature_one_is_identity(scale, seed):
     logits, labels = overconfident_problem(n=40, seed=seed, sharpness=scale)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import experiment_configs
-from calib_jax import bootstrap, evaluate, metrics, train
+from calib_jax import bootstrap, calibration, evaluate, metrics, train
 from calib_jax.data import datasets
 
 
@@ -58,7 +58,17 @@ def test_evaluation_pass_writes_report(run_dir):
     assert prints["test"] != prints["val"] and saved["data"]["ood_sources"] == {
         "synthetic_c": datasets.load("synthetic_c", "test").source}
     t = saved["temperature"]["value"]
-    assert 0.1 <= t <= 10 and saved["temperature"]["nll_fit"] > 0
+    assert 0.1 <= t <= 10
+    # The NLL-fit temperature where the validation logits' NLL has a finite minimum, else
+    # none and why (this tiny synthetic run's may be either).
+    saved_logits = np.load(out / evaluate.LOGITS_FILE)
+    optimum = calibration.nll_optimum(saved_logits["val_logits"], saved_logits["val_labels"])
+    if optimum == "finite":
+        assert saved["temperature"]["nll_fit"] > 0 and "nll_fit_none" not in saved["temperature"]
+    else:
+        assert saved["temperature"]["nll_fit"] is None
+        assert saved["temperature"]["nll_fit_none"] == calibration.NO_FINITE_NLL_OPTIMUM[optimum]
+    assert f"({evaluate.nll_fit_phrase(saved['temperature'])})." in (out / "results.md").read_text()
     assert results["test"]["after"]["ece"] <= results["test"]["before"]["ece"] + 0.05
     report = (out / "results.md").read_text()
     assert "| ece |" in report

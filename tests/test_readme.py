@@ -31,9 +31,14 @@ def test_readme_python_examples_run_in_order(monkeypatch):
     if not (SHARED / "cifar10").is_dir() and not os.environ.get("CALIB_JAX_DATA_DIR"):
         pytest.skip(f"the data example needs CIFAR-10 (no copy at {SHARED})")
     rng = np.random.default_rng(0)
+    # Validation logits of a model better than chance (its labels' logits raised), as the
+    # examples assume: random ones have no finite NLL-optimal T (fit_temperature warns).
+    val_labels = rng.integers(0, 10, 200)
+    val_logits = rng.normal(size=(200, 10)) * 3
+    val_logits[np.arange(200), val_labels] += 3.0
     namespace = {
-        "val_logits": jnp.asarray(rng.normal(size=(200, 10)) * 3, jnp.float32),
-        "val_labels": jnp.asarray(rng.integers(0, 10, 200)),
+        "val_logits": jnp.asarray(val_logits, jnp.float32),
+        "val_labels": jnp.asarray(val_labels),
         "test_logits": jnp.asarray(rng.normal(size=(100, 10)) * 3, jnp.float32),
         "test_labels": jnp.asarray(rng.integers(0, 10, 100)),
         "in_logits": jnp.asarray(rng.normal(size=(50, 10)) * 4, jnp.float32),
@@ -54,6 +59,7 @@ def test_readme_python_examples_run_in_order(monkeypatch):
     assert namespace["grads"].shape == (2, 3) and bool(jnp.isfinite(namespace["grads"]).all())
     assert namespace["gamma"] == 3.0  # FLSc-531 at epoch 120
     assert 0.1 <= float(namespace["search"].temperature) <= 10.0
+    assert 0.1 <= float(namespace["fit"].temperature) <= 10.0
     assert namespace["logits"].shape == (2, 10)  # the model block's logits replace the toy ones
     assert len(namespace["train"].labels) == 45000 and len(namespace["val"].labels) == 5000
     assert isinstance(namespace["err"], jax.experimental.checkify.Error)

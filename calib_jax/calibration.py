@@ -75,11 +75,25 @@ class TemperatureSearchResult(NamedTuple):
 def apply_temperature(logits, temperature):
     """``logits / temperature`` in the logits' compute dtype (float32 for bf16).
 
+    ``temperature`` is a scalar, or an array whose last axis has size 1 (one temperature per
+    row, ``[N, 1]``, or per stacked set of logits, ``[K, 1, 1]``): a temperature that varied
+    over the classes would be another method (vector scaling), and an array such as
+    ``search.temperatures`` (the whole grid) passed for ``search.temperature`` would
+    otherwise divide each class by another T wherever the grid's length equals the class
+    count (CIFAR-100), silently.
+
     >>> import jax.numpy as jnp
     >>> apply_temperature(jnp.array([[2.0, 1.0]]), 2.0).tolist()
     [[1.0, 0.5]]
     """
     logits = validation.check_logits(logits, rank=None)
+    shape = np.shape(temperature)
+    if shape and shape[-1] != 1:
+        raise ValueError(
+            f"`temperature` must be a scalar or have a last axis of size 1 (one T per row: "
+            f"shape [N, 1]), got shape {shape} for logits of shape {logits.shape}; one T per "
+            f"class is not temperature scaling. For a search's result pass "
+            f"`search.temperature`, not `search.temperatures` (the grid).")
     if validation.is_concrete(temperature):
         t = np.asarray(temperature, dtype=np.float64)
         if not np.all(np.isfinite(t)) or np.any(t <= 0):

@@ -199,6 +199,22 @@ def test_bad_inputs():
         calibration.temperature_grid_search(z, jnp.array([0, 1, 4]))
     with pytest.raises(ValueError, match="`temperature`"):
         calibration.apply_temperature(z, -1.0)
+    # One T per class is refused, also where it would broadcast (the grid passed for the
+    # chosen T, 100 temperatures against 100 classes); one T per row or per stack is not.
+    logits, labels = overconfident_problem(n=20, c=100)
+    search = calibration.temperature_grid_search(logits, labels)
+    with pytest.raises(ValueError, match=r"got shape \(100,\) for logits of shape \(20, 100\)"
+                                         r".*pass `search.temperature`, not `search.temperatures`"):
+        calibration.apply_temperature(logits, search.temperatures)
+    with pytest.raises(ValueError, match="last axis of size 1"):
+        jax.jit(calibration.apply_temperature)(logits, jnp.ones((20, 100)))
+    rows = np.linspace(0.5, 2.0, 20, dtype=np.float32)[:, None]
+    np.testing.assert_allclose(calibration.apply_temperature(logits, rows), logits / rows,
+                               rtol=1e-6)
+    stacked = np.stack([logits, 2 * logits])
+    np.testing.assert_allclose(
+        calibration.apply_temperature(stacked, np.float32([1.0, 2.0])[:, None, None]),
+        np.stack([logits, logits]), rtol=1e-6)
     with pytest.raises(ValueError, match="`init`"):
         calibration.fit_temperature(z, y, init=0.0)
     with pytest.raises(ValueError, match="NaN"):

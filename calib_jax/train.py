@@ -1452,6 +1452,13 @@ def _training_data(config):
         # Drawn with config.seed: members share it (validate_config refuses several seeds).
         subset = np.random.default_rng(config.seed).permutation(len(labels))[:config.train_subset]
         images, labels = images[subset], labels[subset]
+    if config.batch_size > len(labels):
+        # Checked here, with the split's size known, to be stated as the config's error (the
+        # pipeline's own check would stop the run with a traceback).
+        raise ConfigError(f"config.batch_size = {config.batch_size}: larger than the "
+                          f"{len(labels)} training examples"
+                          f"{' of config.train_subset' if config.train_subset else ''}; an "
+                          f"epoch trains full batches only")
     return images, labels, val_split, train_split.num_classes
 
 

@@ -750,6 +750,12 @@ def test_a_train_subset_larger_than_the_split_is_refused(tmp_path):
                                                 r"the training split \(\d+ examples\)"):
         train.train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+    # A batch larger than the (subset of the) split: the config's error, not the pipeline's.
+    config = load_config(SMOKE + ",train_subset=40,batch_size=64")
+    with pytest.raises(train.ConfigError, match=r"config.batch_size = 64: larger than the 40 "
+                                                r"training examples of config.train_subset"):
+        train.train_and_evaluate(config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_a_trained_workdir_refuses_a_config_that_computes_something_else(

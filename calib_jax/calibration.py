@@ -232,10 +232,10 @@ def _fit(logits, labels, log_t0, max_steps, tol):
     final_nll, final_grad = jax.value_and_grad(nll_of)(log_t)
     ok = jnp.all(validation.valid_rows(logits, labels))
     nan = jnp.float32(jnp.nan)
-    return FitTemperatureResult(
+    result = FitTemperatureResult(
         jnp.where(ok, jnp.exp(log_t), nan), jnp.where(ok, final_nll, nan),
-        optax.tree_utils.tree_get(state, "count"), jnp.abs(final_grad)), _nll_optimum(
-            logits, labels)
+        optax.tree_utils.tree_get(state, "count"), jnp.abs(final_grad))
+    return result, _nll_optimum(logits, labels)
 
 
 #: :func:`_nll_optimum`'s cases, and :func:`nll_optimum`'s names for them.

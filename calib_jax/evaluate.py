@@ -17,9 +17,9 @@ noise for CIFAR runs; a set that is not available is skipped and recorded as
 such), picks the temperature on the validation split (the reference's
 100-point grid by ECE by default; the NLL grid and the continuous NLL fit are
 reported too, the fit only where the NLL has a minimum at a finite T: else ``nll_fit`` is
-null and ``nll_fit_none`` says why, e.g. every validation prediction right), and reports on the test split before and after scaling:
-error, NLL, ECE, AdaECE, classwise ECE, MCE, and OOD AUROC with the entropy
-and confidence scores, and beside them the less biased monotonic-sweep ECE
+null and ``nll_fit_none`` says why, e.g. every validation prediction right), and reports on
+the test split before and after scaling: error, NLL, ECE, AdaECE, classwise ECE, MCE, and
+OOD AUROC with the entropy and confidence scores, and beside them the less biased monotonic-sweep ECE
 (:func:`calib_jax.metrics.ece_sweep`, not one of the paper's metrics). Writes
 ``results.json``, ``results.md``, ``logits.npz`` (the validation, test and OOD logits with
 their labels and the chosen T: what
@@ -58,8 +58,8 @@ from calib_jax.files import (atomic_save_figure, atomic_write_bytes, atomic_writ
 
 __all__ = ["EvaluationRefused", "LOGITS_FILE", "check_finished", "default_out_name",
            "evaluate_run", "fixed", "fixed_interval", "markdown_report", "main", "member_dirs",
-           "nll_fit_phrase", "table_checkpoint", "table_evaluation_dir", "test_intervals", "test_report",
-           "write_logits"]
+           "nll_fit_phrase", "table_checkpoint", "table_evaluation_dir", "test_intervals",
+           "test_report", "write_logits"]
 
 OOD_SETS = {"cifar10": ("svhn", "cifar10_c"), "cifar100": ("svhn", "cifar10_c"),
             "synthetic": ("synthetic_c",)}

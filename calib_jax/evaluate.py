@@ -57,9 +57,9 @@ from calib_jax.files import (atomic_save_figure, atomic_write_bytes, atomic_writ
                              unwritable_reason)
 
 __all__ = ["EvaluationRefused", "LOGITS_FILE", "check_finished", "default_out_name",
-           "evaluate_run", "fixed", "fixed_interval", "markdown_report", "main", "member_dirs",
-           "nll_fit_phrase", "table_checkpoint", "table_evaluation_dir", "test_intervals",
-           "test_report", "write_logits"]
+           "evaluate_run", "fixed", "fixed_interval", "grid_edge_note", "markdown_report", "main",
+           "member_dirs", "nll_fit_phrase", "table_checkpoint", "table_evaluation_dir",
+           "test_intervals", "test_report", "write_logits"]
 
 OOD_SETS = {"cifar10": ("svhn", "cifar10_c"), "cifar100": ("svhn", "cifar10_c"),
             "synthetic": ("synthetic_c",)}
@@ -434,14 +434,33 @@ def nll_fit_phrase(temperature: dict) -> str:
     return f"NLL-fit T = {temperature['nll_fit']:.3f}"
 
 
+def grid_edge_note(temperature: dict) -> str:
+    """``""``, or a note that the chosen T of ``results["temperature"]`` is an end of the
+    reference's grid (0.1 or 10), where the criterion may keep falling beyond the grid (the
+    search keeps the reference's grid; a barely trained, diverged or over-fitted model can
+    want a T outside it).
+
+    >>> grid_edge_note({"grid_index": 99, "criterion": "ece"})
+    " (the grid's largest T: the ECE may fall further beyond it)"
+    >>> grid_edge_note({"grid_index": 40, "criterion": "ece"})
+    ''
+    """
+    last = len(calibration.reference_temperature_grid()) - 1
+    index = temperature.get("grid_index")
+    if index not in (0, last):
+        return ""
+    return (f" (the grid's {'smallest' if index == 0 else 'largest'} T: the "
+            f"{temperature['criterion'].upper()} may fall further beyond it)")
+
+
 def markdown_report(results: dict) -> str:
     """The results as a markdown table (percent; NLL as is)."""
     before, after = results["test"]["before"], results["test"]["after"]
     t = results["temperature"]
     intervals = results.get("test_intervals")
     lines = [f"Run `{results['workdir']}`, checkpoint {results['checkpoint']} (epoch "
-             f"{results['epoch']}); T = {t['value']:.2f} chosen on the validation split by "
-             f"{t['criterion'].upper()} ({nll_fit_phrase(t)}).",
+             f"{results['epoch']}); T = {t['value']:.2f}{grid_edge_note(t)} chosen on the "
+             f"validation split by {t['criterion'].upper()} ({nll_fit_phrase(t)}).",
              "", "| metric | before T | after T |", "| --- | --- | --- |"]
     if intervals:
         share = fixed(100 * intervals["confidence"], 0)

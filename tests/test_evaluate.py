@@ -69,6 +69,14 @@ def test_evaluation_pass_writes_report(run_dir):
         assert saved["temperature"]["nll_fit"] is None
         assert saved["temperature"]["nll_fit_none"] == calibration.NO_FINITE_NLL_OPTIMUM[optimum]
     assert f"({evaluate.nll_fit_phrase(saved['temperature'])})." in (out / "results.md").read_text()
+    # A T at an end of the grid is marked as such (the criterion may fall beyond it).
+    at_edge = json.loads(json.dumps(saved))
+    for index, t, end in ((0, 0.1, "smallest"), (99, 10.0, "largest")):
+        at_edge["temperature"].update(grid_index=index, value=t)
+        assert f"T = {t:.2f} (the grid's {end} T: the ECE may fall further beyond it) chosen" \
+            in evaluate.markdown_report(at_edge)
+    assert "the grid's" not in evaluate.markdown_report(saved) or \
+        saved["temperature"]["grid_index"] in (0, 99)
     assert results["test"]["after"]["ece"] <= results["test"]["before"]["ece"] + 0.05
     report = (out / "results.md").read_text()
     assert "| ece |" in report

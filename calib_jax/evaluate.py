@@ -19,8 +19,8 @@ such), picks the temperature on the validation split (the reference's
 reported too, the fit only where the NLL has a minimum at a finite T: else ``nll_fit`` is
 null and ``nll_fit_none`` says why, e.g. every validation prediction right), and reports on
 the test split before and after scaling: error, NLL, ECE, AdaECE, classwise ECE, MCE, and
-OOD AUROC with the entropy and confidence scores, and beside them the less biased monotonic-sweep ECE
-(:func:`calib_jax.metrics.ece_sweep`, not one of the paper's metrics). Writes
+OOD AUROC with the entropy and confidence scores, and beside them the less biased
+monotonic-sweep ECE (:func:`calib_jax.metrics.ece_sweep`, not one of the paper's metrics). Writes
 ``results.json``, ``results.md``, ``logits.npz`` (the validation, test and OOD logits with
 their labels and the chosen T: what
 :mod:`calib_jax.compare` and a notebook need, without the model; ``results.json`` records

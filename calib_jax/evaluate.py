@@ -31,13 +31,13 @@ diagrams, confidence histograms, temperature curves and ROC curves (PNG) to
 ``--criterion nll``, so that the default, ECE-picked results that ``build_tables.py`` and the
 sweep read are never replaced by another criterion's).
 
-``--bootstrap N`` (e.g. 1000) adds 95 % bootstrap intervals of every test metric before and
-after scaling (:func:`test_intervals`: ``N`` resamples of the test set, the same ones before
-and after, T fixed; ``--bootstrap-seed`` picks them): ``results.json``'s ``test_intervals``
-holds the percentile and basic intervals and the standard error of each metric,
-``results.md`` shows the basic ones. OOD AUROC's intervals resample each OOD set too,
-independently of the test set (a two-sample bootstrap). Read :mod:`calib_jax.bootstrap` on
-what an interval of a calibration error can and cannot say.
+``--bootstrap N`` (e.g. 1000) adds 95 % bootstrap intervals of every test metric
+(``ece_sweep`` too) before and after scaling (:func:`test_intervals`: ``N`` resamples of the
+test set, the same ones before and after, T fixed; ``--bootstrap-seed`` picks them):
+``results.json``'s ``test_intervals`` holds the percentile and basic intervals and the
+standard error of each metric, ``results.md`` shows the basic ones. OOD AUROC's intervals
+resample each OOD set too, independently of the test set (a two-sample bootstrap). Read
+:mod:`calib_jax.bootstrap` on what an interval of a calibration error can and cannot say.
 """
 
 from __future__ import annotations
@@ -163,16 +163,22 @@ def _interval_entry(result, basic, name) -> dict:
             "basic": [float(basic[0][name]), float(basic[1][name])]}
 
 
+def _ece_sweep_entry(logits, labels):
+    return {"ece_sweep": metrics.ece_sweep(logits, labels)}
+
+
 def test_intervals(test_logits, test_labels, temperature: float, *, num_resamples: int,
                    seed: int = 0, confidence: float = 0.95, ood_logits=None) -> dict:
-    """Bootstrap intervals of every :func:`calib_jax.metrics.summary` metric on the test
-    logits, and of OOD AUROC (entropy and confidence) per set of ``ood_logits`` (a dict, name
-    to logits), before and after temperature scaling (``temperature`` fixed, as chosen on the
-    validation split): ``{"num_resamples", "seed", "confidence", "before": {metric: {"std",
+    """Bootstrap intervals of every :func:`calib_jax.metrics.summary` metric and of
+    :func:`calib_jax.metrics.ece_sweep` on the test logits, and of OOD AUROC (entropy and
+    confidence) per set of ``ood_logits`` (a dict, name to logits), before and after
+    temperature scaling (``temperature`` fixed, as chosen on the validation split):
+    ``{"num_resamples", "seed", "confidence", "before": {metric: {"std",
     "percentile": [low, high], "basic": [low, high]}, "ood_auroc": {name: {score: {...}}}},
     "after": ...}``. Before and after use the same ``num_resamples`` resamples of the test set
     (:func:`calib_jax.bootstrap.resample_indices` of :func:`calib_jax.bootstrap.seed_key`
-    ``(seed)``, counted: :func:`calib_jax.metrics.bootstrap_summary`), so their differences
+    ``(seed)``, counted: :func:`calib_jax.metrics.bootstrap_summary`; ``ece_sweep``'s
+    gathered: :func:`calib_jax.bootstrap.bootstrap`), so their differences
     are paired too; OOD AUROC resamples the test set with
     those indices and each OOD set independently (a two-sample bootstrap,
     :func:`calib_jax.ood.bootstrap_aurocs`)."""
@@ -188,6 +194,13 @@ def test_intervals(test_logits, test_labels, temperature: float, *, num_resample
                                    method="basic")
         report[tag] = {name: _interval_entry(result, basic, name)
                        for name in sorted(result.value)}
+        # The sweep's b* moves with the resample (no counted form): gathered resamples, the
+        # same indices (bootstrap_by_counts draws bootstrap's).
+        result = bootstrap.bootstrap(_ece_sweep_entry, z, test_labels, key=key,
+                                     num_resamples=num_resamples, confidence=confidence)
+        basic = bootstrap.interval(result.value, result.samples, confidence=confidence,
+                                   method="basic")
+        report[tag]["ece_sweep"] = _interval_entry(result, basic, "ece_sweep")
         report[tag]["ood_auroc"] = {}
         for ood_name, logits in ood_logits.items():
             result = ood.bootstrap_aurocs(z, calibration.apply_temperature(logits, scale),
@@ -411,6 +424,11 @@ def fixed(value: float, digits: int = 2) -> str:
     return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
+def _sweep_interval(intervals, tag) -> str:
+    entry = intervals[tag].get("ece_sweep")
+    return "" if entry is None else fixed_interval(*(100 * end for end in entry["basic"]))
+
+
 def fixed_interval(low: float, high: float, digits: int = 2) -> str:
     """An interval's ends as the reports print them: ``"[low, high]"``, each :func:`fixed`.
 
@@ -478,8 +496,9 @@ def markdown_report(results: dict) -> str:
     if "ece_sweep" in before:  # evaluations of an earlier version lack it
         cells = [f"{fixed(100 * values['ece_sweep'])} ({values['sweep_num_bins']} bins)"
                  for values in (before, after)]
-        if intervals:  # not resampled (its sweep can take b* passes per resample)
-            cells = [cells[0], "", cells[1], ""]
+        if intervals:  # evaluations of an earlier version have no ece_sweep interval
+            cells = [cells[0], _sweep_interval(intervals, "before"),
+                     cells[1], _sweep_interval(intervals, "after")]
         lines.append(f"| ece_sweep (not the paper's) | {' | '.join(cells)} |")
     for ood_name, scores in before["ood_auroc"].items():
         for score in ("entropy", "confidence"):

@@ -635,49 +635,123 @@ def brier(logits, labels):
     return _nll_acc_brier(logits, labels)[2]
 
 
-def _equal_mass_bin_ids(num_samples: int, num_bins):
+def _equal_mass_bin_of(positions, num_samples: int, num_bins):
     """Bin of each sorted position when ``num_samples`` are split into ``num_bins`` (traced,
     ``1 <= num_bins <= num_samples``) equal-mass bins as ``np.array_split`` splits: the
     first ``num_samples % num_bins`` bins hold one more."""
-    i = jnp.arange(num_samples)
     size, extra = num_samples // num_bins, num_samples % num_bins
     big = extra * (size + 1)  # positions in the larger bins
-    return jnp.where(i < big, i // (size + 1), extra + (i - big) // jnp.maximum(size, 1))
+    return jnp.where(positions < big, positions // (size + 1),
+                     extra + (positions - big) // jnp.maximum(size, 1))
 
 
-@functools.partial(jax.jit, static_argnames=("order",))
-def _ece_sweep_impl(logits, labels, order):
-    _, _, conf, pred, ok = _softmax_parts(logits, labels)
-    n = labels.shape[0]
+def _equal_mass_bin_starts(num_samples: int, num_bins, k):
+    """First sorted position of bin ``k`` (``0 <= k <= num_bins``; ``k = num_bins`` gives
+    ``num_samples``) of :func:`_equal_mass_bin_of`'s split."""
+    size, extra = num_samples // num_bins, num_samples % num_bins
+    return k * size + jnp.minimum(k, extra)
+
+
+def _sweep_capacities(num_samples: int) -> list[int]:
+    """Static sizes of the sweep's stages: 8, 32, 128, ... and finally N."""
+    capacities, k = [], 8
+    while k < num_samples:
+        capacities.append(k)
+        k *= 4
+    return capacities + [num_samples]
+
+
+def _sweep_num_bins(correct):
+    """``b*`` of the sweep over ``correct`` ([N] bool, in ascending confidence): the most
+    equal-mass bins such that every count up to it keeps the bins' accuracies
+    non-decreasing (Roelofs et al.'s Algorithm 1, which tries 2, 3, ... bins in turn).
+
+    Each count is checked without a pass over the N examples: a bin's hits are differences
+    of the running hit count at its ends (integers, divided as per-bin sums would be: the
+    same floats), and only some pairs of neighbouring bins are compared. An adjacent pair
+    can fall only into a bin that holds a wrong prediction (a bin without one has accuracy
+    1), and only out of a bin that holds a right one (accuracy above 0). So the pairs
+    compared are all ``b`` pairs while ``b`` is small, or the pairs around the examples of the
+    minority (wrong predictions where they are at most half, else right ones), whichever
+    fits: the stages have static sizes (:func:`_sweep_capacities`), and a stage runs while
+    the next count or the minority fits it. An accurate model's sweep can reach thousands
+    of bins; this keeps each of its steps as small as its few wrong predictions. Hits
+    already in order (every wrong prediction below every right one) keep every count's
+    accuracies in order: ``b* = N`` at once."""
+    n = correct.shape[0]
+    hits_before = jnp.concatenate([jnp.zeros(1, jnp.int32),
+                                   jnp.cumsum(correct.astype(jnp.int32))])
+    num_right = hits_before[-1]
+    few_wrong = 2 * (n - num_right) <= n
+    minority = jnp.where(few_wrong, ~correct, correct)
+    num_minority = jnp.where(few_wrong, n - num_right, num_right)
+
+    def accuracy(b, k):  # of bin k (0 <= k < b) of b bins
+        lo = _equal_mass_bin_starts(n, b, k)
+        hi = _equal_mass_bin_starts(n, b, k + 1)
+        return ((hits_before[hi] - hits_before[lo]).astype(jnp.float32)
+                / jnp.maximum((hi - lo).astype(jnp.float32), 1.0))
+
+    def in_order(b, first, compared):  # accuracy(first) <= accuracy(first + 1) where compared
+        first = jnp.clip(first, 0, jnp.maximum(b - 2, 0))
+        return jnp.all(~compared | (accuracy(b, first) <= accuracy(b, first + 1)))
+
+    def stage(state, capacity):
+        k = jnp.arange(capacity)
+        positions = jnp.nonzero(minority, size=capacity, fill_value=0)[0]
+        listed = k < num_minority
+
+        def fits(b):  # count b can be checked in this stage
+            return (b <= capacity) | (num_minority <= capacity)
+
+        def check(b):  # the accuracies of b bins are in order
+            every_pair = in_order(b, k, k + 1 < b)
+            # Few wrong: the pair into each wrong prediction's bin; few right: the pair out
+            # of each right one's bin.
+            first = _equal_mass_bin_of(positions, n, b) - few_wrong.astype(jnp.int32)
+            near_minority = in_order(b, first, listed & (first >= 0) & (first + 1 < b))
+            return jnp.where(b <= capacity, every_pair, near_minority)
+
+        def going(s):
+            b, not_failed = s
+            return not_failed & (b < n) & fits(b + 1)
+
+        def next_count(s):
+            up = check(s[0] + 1)
+            return jnp.where(up, s[0] + 1, s[0]), up
+
+        return jax.lax.while_loop(going, next_count, state)
+
+    ordered = jnp.all(correct[1:] >= correct[:-1])
+    state = (jnp.where(ordered, jnp.int32(n), jnp.int32(1)), ~ordered)
+    for capacity in _sweep_capacities(n):
+        state = stage(state, capacity)
+    return state[0]
+
+
+def _sweep_of_top_label(conf, correct, ok, order):
+    """``(ECE_sweep, b*)`` of top-label confidences ``conf`` [N] and whether each prediction
+    is right, ``correct`` [N] (in any order); NaN where not ``ok``."""
+    n = conf.shape[0]
     sort = jnp.argsort(conf, stable=True)  # ties keep their input order
     conf = conf[sort].astype(jnp.float32)
-    hits = (pred == labels)[sort].astype(jnp.float32)
-    ones = jnp.ones_like(hits)
-
-    def bins(b):
-        ids = _equal_mass_bin_ids(n, b)
-        return (jax.ops.segment_sum(ones, ids, num_segments=n),
-                jax.ops.segment_sum(hits, ids, num_segments=n), ids)
-
-    def monotone(b):
-        count, hit, _ = bins(b)
-        acc = hit / jnp.maximum(count, 1.0)  # equal fractions divide to equal floats
-        return jnp.all((acc[1:] >= acc[:-1]) | (jnp.arange(1, n) >= b))
-
-    def next_count(state):
-        b, _ = state
-        ok_next = monotone(b + 1)
-        return jnp.where(ok_next, b + 1, b), ok_next
-
-    # The sweep: add bins while the bins' accuracies stay non-decreasing in confidence.
-    b_star, _ = jax.lax.while_loop(lambda state: state[1] & (state[0] < n), next_count,
-                                   (jnp.int32(1), jnp.bool_(True)))
-    count, hit, ids = bins(b_star)
+    correct = correct[sort]
+    b_star = _sweep_num_bins(correct)
+    ids = _equal_mass_bin_of(jnp.arange(n), n, b_star)
+    hits = correct.astype(jnp.float32)
+    count = jax.ops.segment_sum(jnp.ones_like(hits), ids, num_segments=n)
+    hit = jax.ops.segment_sum(hits, ids, num_segments=n)
     conf_sum = jax.ops.segment_sum(conf, ids, num_segments=n)
     safe = jnp.maximum(count, 1.0)
     gap = jnp.abs(conf_sum / safe - hit / safe) ** order
     value = jnp.sum(count / n * gap) ** (1.0 / order)
     return jnp.where(ok, value, jnp.nan), b_star
+
+
+@functools.partial(jax.jit, static_argnames=("order",))
+def _ece_sweep_impl(logits, labels, order):
+    _, _, conf, pred, ok = _softmax_parts(logits, labels)
+    return _sweep_of_top_label(conf, pred == labels, ok, order)
 
 
 def _check_order(order):
@@ -724,10 +798,14 @@ def ece_sweep(logits, labels, *, order: float = 1, return_num_bins: bool = False
     Returns:
       float32 scalar in ``[0, 1]`` (NaN for logits that are not finite); with
       ``return_num_bins``, ``(value, b*)``. Jittable and
-      vmappable; the sweep is a ``while_loop`` of ``b*`` passes over the ``N`` examples,
-      so its cost grows with ``b*`` (2-core CPU, N = 10,000: 7 ms at b* = 11; 0.56 s for
-      a 99.98 %-accurate model, whose accuracies stay at 1 down to b* = 3,332 bins of 3;
-      1.5 s at the worst, b* = N) -- mind it inside a 1,000-resample bootstrap.
+      vmappable. After one sort, each count of bins the sweep tries costs a few operations
+      per bin while the count is small, and per wrong prediction (or right one, whichever
+      are fewer) after, not a pass over the ``N`` examples. 2-core
+      CPU, N = 10,000 x 10 classes: 5-9 ms whether b* is 14, 302, 4,999 or N (it was 6 ms,
+      38 ms, 0.40 s and 0.69 s with a pass per count); 1,000 resamples with
+      :func:`calib_jax.bootstrap.bootstrap`: 4.7 s for a calibrated model (b* = 14), 7-10 s
+      for one with two wrong predictions among its least confident (b* = 302, its resamples'
+      up to N; 136 s with a pass per count).
 
     >>> import jax.numpy as jnp
     >>> logits = jnp.log(jnp.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.8, 0.2]]))

@@ -34,7 +34,9 @@ refused: a cell is one run.
 ``--bootstrap N`` evaluates with bootstrap intervals (``calib_jax.evaluate --bootstrap N``:
 ``results.json``'s ``test_intervals``); a cell evaluated without intervals of ``N`` resamples
 (or, by an earlier version, without OOD AUROC's) is then not done: its finished training is
-resumed (nothing to train) and evaluated again.
+resumed (nothing to train) and evaluated again. One evaluated before ``ece_sweep`` had an
+interval stays done (that metric is in no table; ``calib_jax.evaluate --bootstrap N`` on the
+cell adds it).
 
 Every run's config is validated before the first run trains (and in ``--dry-run``): a bad
 ``--set`` value or seed is refused at once, naming the field.

@@ -122,6 +122,16 @@ def test_bootstrap_intervals_of_the_test_metrics(run_dir, tmp_path, capsys):
     for name in ("ece", "adaptive_ece", "classwise_ece", "nll"):
         np.testing.assert_allclose(intervals["before"][name]["percentile"],
                                    [gathered.low[name], gathered.high[name]], atol=2e-6)
+    # ece_sweep's interval: gathered resamples, the same ones.
+    sweep = bootstrap.bootstrap(metrics.ece_sweep, test_logits, test_labels,
+                                key=bootstrap.seed_key(3), num_resamples=40)
+    np.testing.assert_allclose(intervals["before"]["ece_sweep"]["percentile"],
+                               [sweep.low, sweep.high], atol=1e-7)
+    for tag in ("before", "after"):
+        row, value = intervals[tag]["ece_sweep"], saved["test"][tag]["ece_sweep"]
+        assert row["std"] > 0 and row["percentile"][0] <= row["percentile"][1]
+        np.testing.assert_allclose(row["basic"], [2 * value - row["percentile"][1],
+                                                  2 * value - row["percentile"][0]], atol=1e-5)
     # OOD AUROC: a two-sample bootstrap (calib_jax.bootstrap's tests check its resamples).
     for tag in ("before", "after"):
         for score in ("entropy", "confidence"):
@@ -142,6 +152,15 @@ def test_bootstrap_intervals_of_the_test_metrics(run_dir, tmp_path, capsys):
     value = saved["test"]["after"]["ood_auroc"]["synthetic_c"]["entropy"]
     assert f"| {evaluate.fixed(100 * value)} | [{evaluate.fixed(100 * low)}, " \
         f"{evaluate.fixed(100 * high)}] |" in report
+    low, high = intervals["after"]["ece_sweep"]["basic"]
+    after = saved["test"]["after"]
+    assert f"| {evaluate.fixed(100 * after['ece_sweep'])} ({after['sweep_num_bins']} bins) | " \
+        f"[{evaluate.fixed(100 * low)}, {evaluate.fixed(100 * high)}] |" in report
+    # An evaluation of an earlier version (no ece_sweep interval): empty cells in its row.
+    older = {**saved, "test_intervals": {
+        **intervals, **{tag: {k: v for k, v in intervals[tag].items() if k != "ece_sweep"}
+                        for tag in ("before", "after")}}}
+    assert f"({after['sweep_num_bins']} bins) |  |" in evaluate.markdown_report(older)
     # An evaluation of an earlier version (intervals without OOD AUROC): empty OOD cells.
     older = {**saved, "test_intervals": {
         **intervals, **{tag: {k: v for k, v in intervals[tag].items() if k != "ood_auroc"}

@@ -351,6 +351,61 @@ def test_property_ece_sweep_is_the_brute_force_sweep(p, order, coarse):
     assert 0 <= want <= 1
 
 
+def _two_class_problem(conf, hits):
+    """Logits and labels of a two-class model with top-label confidences ``conf`` (> 0.5)
+    whose predictions (class 0) are right where ``hits``."""
+    conf = np.asarray(conf, np.float64)
+    logits = np.log(np.stack([conf, 1 - conf], 1)).astype(np.float32)
+    return logits, np.where(hits, 0, 1).astype(np.int32)
+
+
+@given(st.sampled_from([9, 70, 300, 700]), st.sampled_from(["wrong", "right"]),
+       st.integers(0, 40), st.sampled_from(["extreme", "anywhere"]), st.integers(0, 2 ** 16))
+def test_property_ece_sweep_of_a_few_exceptions_is_the_brute_force_sweep(n, minority, count,
+                                                                         where, seed):
+    """The sweep's stages (checks of every bin pair while the count of bins is small, of the
+    pairs around the minority's examples after; 8, 32, 128, ... bins) give Algorithm 1's b*
+    where it is large: a few wrong predictions among the least confident (or a few right ones
+    among the most confident), which keep the accuracies in order up to hundreds of bins, or
+    the exceptions anywhere. Sizes past several stages; bit-equal values to the brute force's
+    within float32 rounding."""
+    rng = np.random.default_rng(seed)
+    conf = np.sort(rng.uniform(0.5, 1.0, n))
+    count = min(count, n)
+    if where == "extreme":  # near the low end for wrong ones, the high end for right ones
+        ranks = np.minimum(rng.geometric(0.2, count) - 1, n - 1)
+        at = ranks if minority == "wrong" else n - 1 - ranks
+    else:
+        at = rng.integers(0, n, count)
+    hits = np.full(n, minority == "wrong")
+    hits[at] = minority != "wrong"
+    logits, labels = _two_class_problem(conf, hits)
+    want, bins = ref.ece_sweep(*_top_label(logits, labels))
+    value, num_bins = metrics.ece_sweep(logits, labels, return_num_bins=True)
+    assert int(num_bins) == bins
+    np.testing.assert_allclose(float(value), want, atol=2e-6)
+
+
+def test_ece_sweep_counts_of_bins_past_the_first_stages():
+    # 700 confidences, every prediction right but a few (or wrong but a few right ones):
+    # Algorithm 1 (the brute force) settles on counts of bins in each of the sweep's stages
+    # (8, 32, 128, 512, then 700), through both of its checks (every pair of bins, the pairs
+    # around the minority's examples) and its shortcut (wrong ones all below the right ones).
+    conf = np.linspace(0.51, 0.99, 700)
+    for right, exceptions, b_star in [(True, [699], 1), (True, [20], 34), (True, [10], 69),
+                                      (True, [5], 139), (True, [2], 349), (True, [4, 5], 174),
+                                      (True, [0, 1, 2], 700), (False, [697], 233),
+                                      # 9 wrong: one more than the first stage holds
+                                      (True, [0, 1, 2, 3, 4, 5, 6, 7, 12], 174),
+                                      (False, [690, 699], 140)]:
+        hits = np.full(700, right)
+        hits[exceptions] = not right
+        logits, labels = _two_class_problem(conf, hits)
+        want, bins = ref.ece_sweep(*_top_label(logits, labels))
+        assert bins == b_star and int(metrics.sweep_num_bins(logits, labels)) == b_star, exceptions
+        np.testing.assert_allclose(float(metrics.ece_sweep(logits, labels)), want, atol=2e-6)
+
+
 def test_ece_sweep_at_its_extremes():
     # Accuracy rising with confidence at every example: one bin per example, the mean gap.
     conf = np.array([0.55, 0.6, 0.7, 0.8, 0.9, 0.95])

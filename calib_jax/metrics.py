@@ -667,8 +667,8 @@ def _sweep_num_bins(correct):
     non-decreasing (Roelofs et al.'s Algorithm 1, which tries 2, 3, ... bins in turn).
 
     Each count is checked without a pass over the N examples: a bin's hits are differences
-    of the running hit count at its ends (integers, divided as per-bin sums would be: the
-    same floats), and only some pairs of neighbouring bins are compared. An adjacent pair
+    of the running hit count at its ends (integers: neighbouring bins' accuracies are
+    compared exactly), and only some pairs of neighbouring bins are compared. An adjacent pair
     can fall only into a bin that holds a wrong prediction (a bin without one has accuracy
     1), and only out of a bin that holds a right one (accuracy above 0). So the pairs
     compared are all ``b`` pairs while ``b`` is small, or the pairs around the examples of the
@@ -686,15 +686,16 @@ def _sweep_num_bins(correct):
     minority = jnp.where(few_wrong, ~correct, correct)
     num_minority = jnp.where(few_wrong, n - num_right, num_right)
 
-    def accuracy(b, k):  # of bin k (0 <= k < b) of b bins
-        lo = _equal_mass_bin_starts(n, b, k)
-        hi = _equal_mass_bin_starts(n, b, k + 1)
-        return ((hits_before[hi] - hits_before[lo]).astype(jnp.float32)
-                / jnp.maximum((hi - lo).astype(jnp.float32), 1.0))
-
-    def in_order(b, first, compared):  # accuracy(first) <= accuracy(first + 1) where compared
+    def in_order(b, first, compared):
+        # Bin first's accuracy <= bin first + 1's, wherever compared, exactly: h / (s + 1)
+        # <= h' / s' for hits h, h' and sizes s + 1 >= s' (larger bins come first) holds iff
+        # h <= h' or both bins are all right. (Divided in float32, 5000 / 5001 and
+        # 4999 / 5000 are one float; products of counts would overflow int32 past N = 46,340.)
         first = jnp.clip(first, 0, jnp.maximum(b - 2, 0))
-        return jnp.all(~compared | (accuracy(b, first) <= accuracy(b, first + 1)))
+        lo, mid, hi = (_equal_mass_bin_starts(n, b, first + i) for i in range(3))
+        hit, next_hit = hits_before[mid] - hits_before[lo], hits_before[hi] - hits_before[mid]
+        ordered = (hit <= next_hit) | ((hit == mid - lo) & (next_hit == hi - mid))
+        return jnp.all(~compared | ordered)
 
     def stage(state, capacity):
         k = jnp.arange(capacity)
@@ -786,8 +787,10 @@ def ece_sweep(logits, labels, *, order: float = 1, return_num_bins: bool = False
     :func:`ece` and :func:`adaptive_ece`): an extra, for judging a nearly calibrated model.
 
     Bins: the top-label confidences sorted (ties in input order), split as
-    ``np.array_split`` splits (the first ``N % b`` bins one larger). :func:`sweep_num_bins`
-    gives ``b*``.
+    ``np.array_split`` splits (the first ``N % b`` bins one larger). The bins' accuracies
+    are compared exactly, as fractions of integers (in float32, two accuracies of large bins
+    can round to one float: 5000 / 5001 and 4999 / 5000). :func:`sweep_num_bins` gives
+    ``b*``.
 
     Args:
       logits: ``[N, C]`` unnormalised scores; labels: ``[N]`` integers.

@@ -406,6 +406,20 @@ def test_ece_sweep_counts_of_bins_past_the_first_stages():
         np.testing.assert_allclose(float(metrics.ece_sweep(logits, labels)), want, atol=2e-6)
 
 
+def test_ece_sweep_compares_the_accuracies_exactly():
+    # 10,001 examples, one wrong in each half: at two bins the accuracies are 5000/5001 >
+    # 4999/5000, which float32 rounds to one value; Algorithm 1 (float64 here) stops at one
+    # bin, and so must the sweep.
+    conf = np.linspace(0.51, 0.99, 10_001)
+    hits = np.ones(10_001, bool)
+    hits[[100, 7000]] = False
+    assert np.float32(5000) / np.float32(5001) == np.float32(4999) / np.float32(5000)
+    logits, labels = _two_class_problem(conf, hits)
+    want, bins = ref.ece_sweep(*_top_label(logits, labels))
+    assert bins == 1 and int(metrics.sweep_num_bins(logits, labels)) == 1
+    np.testing.assert_allclose(float(metrics.ece_sweep(logits, labels)), want, atol=2e-6)
+
+
 def test_ece_sweep_at_its_extremes():
     # Accuracy rising with confidence at every example: one bin per example, the mean gap.
     conf = np.array([0.55, 0.6, 0.7, 0.8, 0.9, 0.95])

@@ -653,11 +653,13 @@ def _equal_mass_bin_starts(num_samples: int, num_bins, k):
 
 
 def _sweep_capacities(num_samples: int) -> list[int]:
-    """Static sizes of the sweep's stages: 8, 32, 128, ... and finally N."""
-    capacities, k = [], 8
-    while k < num_samples:
+    """Static sizes of the sweep's stages: 16, 256, 4096, ... below N, and N. Each stage
+    compiles a loop of its own (~0.3 s on a 2-core CPU), so there are few; up to 256
+    examples, one (a check of every pair of bins costs little there)."""
+    capacities, k = [], 16
+    while k < num_samples and num_samples > 256:
         capacities.append(k)
-        k *= 4
+        k *= 16
     return capacities + [num_samples]
 
 
@@ -707,6 +709,8 @@ def _sweep_num_bins(correct):
 
         def check(b):  # the accuracies of b bins are in order
             every_pair = in_order(b, k, k + 1 < b)
+            if capacity == n:  # every count fits: no pairs near the minority needed
+                return every_pair
             # Few wrong: the pair into each wrong prediction's bin; few right: the pair out
             # of each right one's bin.
             first = _equal_mass_bin_of(positions, n, b) - few_wrong.astype(jnp.int32)
@@ -804,9 +808,10 @@ def ece_sweep(logits, labels, *, order: float = 1, return_num_bins: bool = False
       vmappable. After one sort, each count of bins the sweep tries costs a few operations
       per bin while the count is small, and per wrong prediction (or right one, whichever
       are fewer) after, not a pass over the ``N`` examples. 2-core CPU, N = 10,000 x 10
-      classes: 4-11 ms whether b* is 14, 302, 4,999 or N (it was 6 ms, 38 ms, 0.40 s and
-      0.69 s with a pass per count); 1,000 resamples with
-      :func:`calib_jax.bootstrap.bootstrap`: 4.7 s for a calibrated model (b* = 14), 7-10 s
+      classes: 4-14 ms whether b* is 14, 302, 4,999 or N (it was 6 ms, 38 ms, 0.40 s and
+      0.69 s with a pass per count), after a first call of ~2.3 s (0.8 s before: the
+      sweep's stages compile a loop each); 1,000 resamples with
+      :func:`calib_jax.bootstrap.bootstrap`: 4.4 s for a calibrated model (b* = 14), ~11 s
       for one with two wrong predictions among its least confident (b* = 302, its resamples'
       up to N; 136 s with a pass per count).
 

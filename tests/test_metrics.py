@@ -364,7 +364,7 @@ def _two_class_problem(conf, hits):
 def test_property_ece_sweep_of_a_few_exceptions_is_the_brute_force_sweep(n, minority, count,
                                                                          where, seed):
     """The sweep's stages (checks of every bin pair while the count of bins is small, of the
-    pairs around the minority's examples after; 8, 32, 128, ... bins) give Algorithm 1's b*
+    pairs around the minority's examples after; 16, 256, then N bins) give Algorithm 1's b*
     where it is large: a few wrong predictions among the least confident (or a few right ones
     among the most confident), which keep the accuracies in order up to hundreds of bins, or
     the exceptions anywhere. Sizes past several stages; bit-equal values to the brute force's
@@ -387,18 +387,22 @@ def test_property_ece_sweep_of_a_few_exceptions_is_the_brute_force_sweep(n, mino
 
 
 def test_ece_sweep_counts_of_bins_past_the_first_stages():
-    # 700 confidences, every prediction right but a few (or wrong but a few right ones):
-    # Algorithm 1 (the brute force) settles on counts of bins in each of the sweep's stages
-    # (8, 32, 128, 512, then 700), through both of its checks (every pair of bins, the pairs
-    # around the minority's examples) and its shortcut (wrong ones all below the right ones).
-    conf = np.linspace(0.51, 0.99, 700)
-    for right, exceptions, b_star in [(True, [699], 1), (True, [20], 34), (True, [10], 69),
-                                      (True, [5], 139), (True, [2], 349), (True, [4, 5], 174),
-                                      (True, [0, 1, 2], 700), (False, [697], 233),
-                                      # 9 wrong: one more than the first stage holds
-                                      (True, [0, 1, 2, 3, 4, 5, 6, 7, 12], 174),
-                                      (False, [690, 699], 140)]:
-        hits = np.full(700, right)
+    # Every prediction right but a few (or wrong but a few right ones): Algorithm 1 (the
+    # brute force) settles on counts of bins in each of the sweep's stages (16, 256, 4096,
+    # then N), through both of its checks (every pair of bins; the pairs around the minority's
+    # examples, once they fit a stage) and its shortcut (wrong ones all below the right ones).
+    lowest_16 = list(range(16))
+    for n, right, exceptions, b_star in [
+            (700, True, [699], 1), (700, True, [20], 34), (700, True, [10], 69),
+            (700, True, [5], 139), (700, True, [2], 349), (700, True, [4, 5], 174),
+            (700, True, [0, 1, 2], 700), (700, False, [697], 233),
+            (700, False, [690, 699], 140),
+            # 17 wrong, one more than the first stage holds: every pair in the later stages
+            (700, True, lowest_16 + [20], 173), (700, True, lowest_16 + [17], 691),
+            # 300 wrong: every pair of up to 714 bins, in the third stage
+            (5000, True, list(range(299)) + [308], 714)]:
+        conf = np.linspace(0.51, 0.99, n)
+        hits = np.full(n, right)
         hits[exceptions] = not right
         logits, labels = _two_class_problem(conf, hits)
         want, bins = ref.ece_sweep(*_top_label(logits, labels))

@@ -156,11 +156,15 @@ def test_report(test_logits, test_labels, temperature: float, ood_logits: dict) 
     return report
 
 
-def _interval_entry(result, basic, name) -> dict:
-    """results.json's entry for metric ``name`` of a bootstrap result and its basic ends."""
-    return {"std": float(result.std[name]),
-            "percentile": [float(result.low[name]), float(result.high[name])],
-            "basic": [float(basic[0][name]), float(basic[1][name])]}
+def _interval_entries(result, confidence: float, names) -> dict:
+    """results.json's entries for metrics ``names`` of a bootstrap result whose value is a dict:
+    each one's standard error, percentile interval and basic interval."""
+    basic = bootstrap.interval(result.value, result.samples, confidence=confidence,
+                               method="basic")
+    return {name: {"std": float(result.std[name]),
+                   "percentile": [float(result.low[name]), float(result.high[name])],
+                   "basic": [float(basic[0][name]), float(basic[1][name])]}
+            for name in names}
 
 
 def _ece_sweep_entry(logits, labels):
@@ -190,26 +194,20 @@ def test_intervals(test_logits, test_labels, temperature: float, *, num_resample
         z = calibration.apply_temperature(test_logits, scale)
         result = metrics.bootstrap_summary(z, test_labels, key=key,
                                            num_resamples=num_resamples, confidence=confidence)
-        basic = bootstrap.interval(result.value, result.samples, confidence=confidence,
-                                   method="basic")
-        report[tag] = {name: _interval_entry(result, basic, name)
-                       for name in sorted(result.value)}
+        report[tag] = _interval_entries(result, confidence, sorted(result.value))
         # The sweep's b* moves with the resample (no counted form): gathered resamples, the
         # same indices (bootstrap_by_counts draws bootstrap's).
-        result = bootstrap.bootstrap(_ece_sweep_entry, z, test_labels, key=key,
-                                     num_resamples=num_resamples, confidence=confidence)
-        basic = bootstrap.interval(result.value, result.samples, confidence=confidence,
-                                   method="basic")
-        report[tag]["ece_sweep"] = _interval_entry(result, basic, "ece_sweep")
+        report[tag].update(_interval_entries(
+            bootstrap.bootstrap(_ece_sweep_entry, z, test_labels, key=key,
+                                num_resamples=num_resamples, confidence=confidence),
+            confidence, ["ece_sweep"]))
         report[tag]["ood_auroc"] = {}
         for ood_name, logits in ood_logits.items():
             result = ood.bootstrap_aurocs(z, calibration.apply_temperature(logits, scale),
                                           key=key, num_resamples=num_resamples,
                                           confidence=confidence)
-            basic = bootstrap.interval(result.value, result.samples, confidence=confidence,
-                                       method="basic")
-            report[tag]["ood_auroc"][ood_name] = {score: _interval_entry(result, basic, score)
-                                                  for score in ood.SCORES}
+            report[tag]["ood_auroc"][ood_name] = _interval_entries(result, confidence,
+                                                                   ood.SCORES)
     return report
 
 

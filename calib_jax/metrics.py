@@ -734,13 +734,13 @@ def _sweep_num_bins(correct):
     return state[0]
 
 
-def _sweep_of_top_label(conf, correct, ok, order):
-    """``(ECE_sweep, b*)`` of top-label confidences ``conf`` [N] and whether each prediction
-    is right, ``correct`` [N] (in any order); NaN where not ``ok``."""
-    n = conf.shape[0]
+@functools.partial(jax.jit, static_argnames=("order",))
+def _ece_sweep_impl(logits, labels, order):
+    _, _, conf, pred, ok = _softmax_parts(logits, labels)
+    n = labels.shape[0]
     sort = jnp.argsort(conf, stable=True)  # ties keep their input order
     conf = conf[sort].astype(jnp.float32)
-    correct = correct[sort]
+    correct = (pred == labels)[sort]
     b_star = _sweep_num_bins(correct)
     ids = _equal_mass_bin_of(jnp.arange(n), n, b_star)
     hits = correct.astype(jnp.float32)
@@ -751,12 +751,6 @@ def _sweep_of_top_label(conf, correct, ok, order):
     gap = jnp.abs(conf_sum / safe - hit / safe) ** order
     value = jnp.sum(count / n * gap) ** (1.0 / order)
     return jnp.where(ok, value, jnp.nan), b_star
-
-
-@functools.partial(jax.jit, static_argnames=("order",))
-def _ece_sweep_impl(logits, labels, order):
-    _, _, conf, pred, ok = _softmax_parts(logits, labels)
-    return _sweep_of_top_label(conf, pred == labels, ok, order)
 
 
 def _check_order(order):
